@@ -1,0 +1,114 @@
+"""Run an IR model with ONNX Runtime, and capture intermediate values for calibration."""
+
+from __future__ import annotations
+
+import contextlib
+import tempfile
+from collections.abc import Iterable, Iterator, Mapping
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnx_ir as ir
+import onnxruntime as ort
+
+from slimgraph.errors import SlimgraphError
+
+# Protobuf cannot hold a model of 2 GiB or more; past this size we go through a file.
+PROTO_LIMIT_BYTES = 1_800_000_000
+
+Feeds = Mapping[str, np.ndarray]
+
+
+def initializer_bytes(model: ir.Model) -> int:
+    return sum(v.const_value.nbytes for v in model.graph.initializers.values() if v.const_value is not None)
+
+
+def session_options(threads: int | None = None) -> ort.SessionOptions:
+    options = ort.SessionOptions()
+    options.log_severity_level = 3  # errors only: ORT's warnings are noise for our users
+    if threads:
+        options.intra_op_num_threads = threads
+    return options
+
+
+@contextlib.contextmanager
+def serialized(model: ir.Model) -> Iterator[bytes | str]:
+    """The model as protobuf bytes, or as a path to a temporary file when it is too large."""
+    if initializer_bytes(model) < PROTO_LIMIT_BYTES:
+        yield ir.serde.serialize_model(model).SerializeToString()
+        return
+    with tempfile.TemporaryDirectory(prefix="slimgraph-") as tmp:
+        path = Path(tmp) / "model.onnx"
+        ir.save(model, path, external_data="model.onnx.data")
+        yield str(path)
+
+
+def make_session(model: ir.Model, threads: int | None = None) -> ort.InferenceSession:
+    with serialized(model) as blob:
+        try:
+            return ort.InferenceSession(blob, session_options(threads), providers=["CPUExecutionProvider"])
+        except Exception as exc:  # ORT raises its own exception types for invalid graphs
+            raise SlimgraphError(f"ONNX Runtime cannot load the model: {_first_line(exc)}") from exc
+
+
+def check_model(model: ir.Model) -> None:
+    """Structural validity: the ONNX checker, on the serialized model."""
+    with serialized(model) as blob:
+        try:
+            onnx.checker.check_model(blob if isinstance(blob, str) else onnx.load_from_string(blob))
+        except onnx.checker.ValidationError as exc:
+            raise SlimgraphError(f"the model is not valid ONNX: {_first_line(exc)}") from exc
+
+
+def run(model: ir.Model | ort.InferenceSession, feeds: Feeds) -> dict[str, np.ndarray]:
+    """Run once; returns output name → array, in graph output order."""
+    session = model if isinstance(model, ort.InferenceSession) else make_session(model)
+    names = [o.name for o in session.get_outputs()]
+    wanted = {i.name for i in session.get_inputs()}
+    missing = wanted - set(feeds)
+    if missing:
+        raise SlimgraphError(f"missing model inputs: {', '.join(sorted(missing))}")
+    try:
+        values = session.run(names, {k: v for k, v in feeds.items() if k in wanted})
+    except Exception as exc:
+        raise SlimgraphError(f"ONNX Runtime failed to run the model: {_first_line(exc)}") from exc
+    return dict(zip(names, values))
+
+
+def run_all(model: ir.Model, feeds_list: Iterable[Feeds]) -> list[dict[str, np.ndarray]]:
+    session = make_session(model)
+    return [run(session, feeds) for feeds in feeds_list]
+
+
+def capture(model: ir.Model, value_names: Iterable[str], feeds_list: Iterable[Feeds]) -> list[dict[str, np.ndarray]]:
+    """Values of intermediate tensors (e.g. a linear layer's input) for each feed.
+
+    The named values are exposed as extra graph outputs for the duration of one session;
+    the model is left as it was.
+    """
+    values = {v.name: v for node in model.graph for v in node.outputs}
+    values.update({v.name: v for v in model.graph.inputs})
+    names = list(dict.fromkeys(value_names))
+    unknown = [n for n in names if n not in values]
+    if unknown:
+        raise SlimgraphError(f"no value named {unknown[0]!r} in the model")
+    outputs = model.graph.outputs
+    added = [values[n] for n in names if values[n] not in outputs]
+    outputs.extend(added)
+    try:
+        session = make_session(model)
+    finally:
+        for value in added:
+            outputs.remove(value)
+    results = []
+    for feeds in feeds_list:
+        got = run(session, feeds)
+        results.append({n: got[n] for n in names})
+    return results
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip() or type(exc).__name__
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
+    return lines[0] if lines else text

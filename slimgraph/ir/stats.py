@@ -1,0 +1,141 @@
+"""Model statistics: parameters, bytes by dtype, nodes, op histogram, FLOPs estimate."""
+
+from __future__ import annotations
+
+import collections
+import math
+from dataclasses import asdict, dataclass, field
+
+import onnx_ir as ir
+
+# Symbolic dims are bound to these values for the FLOPs estimate.
+FLOPS_BATCH = 1
+FLOPS_SEQUENCE = 128
+
+
+@dataclass(frozen=True)
+class ModelStats:
+    parameters: int
+    bytes: int
+    bytes_by_dtype: dict[str, int]
+    nodes: int
+    op_histogram: dict[str, int]
+    flops: int
+    flops_unknown_nodes: int = 0  # MatMul/Gemm/Conv nodes whose shapes were not known
+    inputs: dict[str, str] = field(default_factory=dict)
+    outputs: dict[str, str] = field(default_factory=dict)
+
+    def to_json(self) -> dict:
+        return asdict(self)
+
+
+def _constant_tensors(model: ir.Model) -> list[ir.TensorProtocol]:
+    tensors = [v.const_value for v in model.graph.initializers.values() if v.const_value is not None]
+    for node in ir.traversal.RecursiveGraphIterator(model.graph):
+        if node.op_type == "Constant" and node.domain in ("", "ai.onnx"):
+            attr = node.attributes.get("value")
+            if attr is not None and attr.type == ir.AttributeType.TENSOR:
+                tensors.append(attr.as_tensor())
+    return tensors
+
+
+def op_key(node: ir.Node) -> str:
+    return node.op_type if node.domain in ("", "ai.onnx") else f"{node.domain}.{node.op_type}"
+
+
+def describe_value(value: ir.Value) -> str:
+    dtype = value.dtype.name.lower() if value.dtype is not None else "?"
+    shape = "?" if value.shape is None else "×".join(str(d) for d in value.shape)
+    return f"{dtype}[{shape}]"
+
+
+def _dim(dim, axis: int) -> int | None:
+    if isinstance(dim, int):
+        return dim
+    return FLOPS_BATCH if axis == 0 else FLOPS_SEQUENCE
+
+
+def _dims(value: ir.Value | None) -> list[int] | None:
+    if value is None or value.shape is None:
+        return None
+    dims = [_dim(d, i) for i, d in enumerate(value.shape)]
+    return None if any(d is None for d in dims) else dims
+
+
+def node_flops(node: ir.Node) -> int | None:
+    """Multiply-adds ×2 for MatMul, Gemm and Conv, from the shapes the graph carries."""
+    if node.op_type == "MatMul" and node.domain in ("", "ai.onnx"):
+        a, b = _dims(node.inputs[0]), _dims(node.inputs[1])
+        if not a or not b:
+            return None
+        k = a[-1]
+        n = b[-1] if len(b) > 1 else 1
+        out = _dims(node.outputs[0])
+        rows = math.prod(out[:-1]) if out and len(b) > 1 else math.prod(a[:-1])
+        return 2 * rows * k * n
+    if node.op_type == "Gemm":
+        a, b = _dims(node.inputs[0]), _dims(node.inputs[1])
+        if not a or not b:
+            return None
+        trans_a = node.attributes.get_int("transA", 0)
+        trans_b = node.attributes.get_int("transB", 0)
+        m, k = (a[1], a[0]) if trans_a else (a[0], a[1])
+        n = b[0] if trans_b else b[1]
+        return 2 * m * k * n
+    if node.op_type == "Conv":
+        w, out = _dims(node.inputs[1]), _dims(node.outputs[0])
+        if not w or not out:
+            return None
+        group = node.attributes.get_int("group", 1)
+        # out: [N, Cout, *spatial]; w: [Cout, Cin/group, *kernel]
+        return 2 * math.prod(out) * math.prod(w[1:])
+    if node.domain == "com.microsoft" and node.op_type == "MatMulNBits":
+        a = _dims(node.inputs[0])
+        if not a:
+            return None
+        return 2 * math.prod(a[:-1]) * node.attributes.get_int("K") * node.attributes.get_int("N")
+    return 0
+
+
+def model_stats(model: ir.Model) -> ModelStats:
+    tensors = _constant_tensors(model)
+    by_dtype: dict[str, int] = collections.Counter()
+    parameters = 0
+    for tensor in tensors:
+        by_dtype[tensor.dtype.name.lower()] += tensor.nbytes
+        parameters += tensor.size
+    histogram = collections.Counter(op_key(node) for node in ir.traversal.RecursiveGraphIterator(model.graph))
+    flops, unknown = 0, 0
+    for node in model.graph:
+        count = node_flops(node)
+        if count is None:
+            unknown += 1
+        else:
+            flops += count
+    return ModelStats(
+        parameters=parameters,
+        bytes=sum(by_dtype.values()),
+        bytes_by_dtype=dict(sorted(by_dtype.items(), key=lambda kv: -kv[1])),
+        nodes=sum(histogram.values()),
+        op_histogram=dict(histogram.most_common()),
+        flops=flops,
+        flops_unknown_nodes=unknown,
+        inputs={v.name: describe_value(v) for v in model.graph.inputs if not v.is_initializer()},
+        outputs={v.name: describe_value(v) for v in model.graph.outputs},
+    )
+
+
+def human_bytes(n: float) -> str:
+    for unit in ("B", "KB", "MB", "GB"):
+        if abs(n) < 1000 or unit == "GB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1000
+    return f"{n:.1f} GB"
+
+
+def human_count(n: float) -> str:
+    for unit in ("", "K", "M", "G", "T"):
+        if abs(n) < 1000 or unit == "T":
+            return f"{n:.0f}" if unit == "" else f"{n:.1f}{unit}"
+        n /= 1000
+    return f"{n:.1f}T"

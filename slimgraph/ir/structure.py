@@ -1,0 +1,640 @@
+"""Structure discovery: linear layers, embeddings, LM heads, FFNs, attention, repeated blocks.
+
+Technique passes work on these structures, not on raw ops. Names come from the PyTorch
+exporter's name scopes (`pkg.torch.onnx.name_scopes`) when the model has them, and from
+initializer names otherwise; the structures themselves are found from graph patterns,
+so a plain `.onnx` file without metadata yields the same answer:
+
+- linear: MatMul/Gemm whose weight is a 2-D constant (optional constant bias Add);
+- embedding: Gather of rows from a 2-D constant table by non-constant indices;
+- attention: Softmax fed by a MatMul of two activations (scores = Q·Kᵀ); heads and head
+  dim from Q's [batch, heads, seq, head_dim] shape; KV heads from K's projection width;
+- FFN: a linear whose input is an elementwise function of one linear (up) or two linears
+  on the same input (gate, up);
+- LM head: a linear whose width is an input embedding's vocabulary;
+- blocks: module paths `prefix.N` repeated (name scopes), else the attention blocks, else
+  residual adds (an Add whose operands are connected: one feeds the other).
+"""
+
+from __future__ import annotations
+
+import ast
+import collections
+import re
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+
+import networkx as nx
+import onnx_ir as ir
+
+NAME_SCOPES_KEY = "pkg.torch.onnx.name_scopes"
+
+# Ops an FFN's activation may be built from (decomposed GELU/SiLU/… included).
+ELEMENTWISE_OPS = {
+    "Add", "Sub", "Mul", "Div", "Pow", "Sqrt", "Neg", "Erf", "Tanh", "Sigmoid", "Gelu", "Relu",
+    "LeakyRelu", "Elu", "Selu", "Softplus", "Softsign", "HardSigmoid", "HardSwish", "Mish",
+    "Exp", "Clip", "Cast", "FastGelu", "BiasGelu", "QuickGelu", "Swish",
+}
+SHAPE_ONLY_OPS = {"Reshape", "Flatten", "Squeeze", "Unsqueeze"}
+# Ops allowed between a projection and the attention scores (bias, RoPE, head split, GQA repeat).
+ATTENTION_PATH_OPS = ELEMENTWISE_OPS | SHAPE_ONLY_OPS | {"Transpose", "Split", "Slice", "Concat", "Expand", "Identity", "Gather"}
+MAX_WALK = 64
+
+
+def is_default_domain(node: ir.Node) -> bool:
+    return node.domain in ("", "ai.onnx")
+
+
+def constant_tensor(value: ir.Value | None) -> ir.TensorProtocol | None:
+    """The constant behind a value: an initializer, or the output of a Constant node."""
+    if value is None:
+        return None
+    if value.const_value is not None:
+        return value.const_value
+    producer = value.producer()
+    if producer is not None and producer.op_type == "Constant" and is_default_domain(producer):
+        attr = producer.attributes.get("value")
+        if attr is not None and attr.type == ir.AttributeType.TENSOR:
+            return attr.as_tensor()
+    return None
+
+
+def weight_tensor(value: ir.Value | None) -> tuple[ir.TensorProtocol, str, bool] | None:
+    """A 2-D linear weight: (tensor, name, transposed). `transposed` marks a tied weight read
+    through Transpose (e.g. an LM head sharing the embedding table)."""
+    tensor = constant_tensor(value)
+    if tensor is not None:
+        return tensor, value.name or "", False
+    producer = value.producer() if value is not None else None
+    if producer is not None and producer.op_type == "Transpose" and is_default_domain(producer):
+        source = constant_tensor(producer.inputs[0])
+        perm = producer.attributes.get_ints("perm", [1, 0])
+        if source is not None and len(source.shape) == 2 and list(perm) == [1, 0]:
+            return source, producer.inputs[0].name or "", True
+    return None
+
+
+def data_inputs(node: ir.Node) -> list[ir.Value]:
+    """The inputs that carry data (not shapes, axes or constants) through a node."""
+    if node.op_type in SHAPE_ONLY_OPS or node.op_type in ("Expand", "Slice", "Split", "Gather", "Transpose"):
+        first = node.inputs[0] if node.inputs else None
+        return [first] if first is not None and constant_tensor(first) is None else []
+    return [v for v in node.inputs if v is not None and constant_tensor(v) is None]
+
+
+def module_path(node: ir.Node) -> str | None:
+    """The innermost PyTorch module a node came from ('' for the root), if recorded."""
+    raw = node.metadata_props.get(NAME_SCOPES_KEY)
+    if not raw:
+        return None
+    try:
+        scopes = ast.literal_eval(raw)
+    except (ValueError, SyntaxError):
+        return None
+    return scopes[-2] if isinstance(scopes, list) and len(scopes) >= 2 else None
+
+
+def _strip_weight_suffix(name: str) -> str:
+    return re.sub(r"[._/]?(weight|w|kernel)(_\d+)?$", "", name, flags=re.IGNORECASE) or name
+
+
+@dataclass(frozen=True)
+class Linear:
+    name: str
+    node: ir.Node = field(repr=False, compare=False)
+    weight: str
+    in_features: int
+    out_features: int
+    bias: str | None = None
+
+    @property
+    def output(self) -> ir.Value:
+        """The layer's output, after the bias Add when there is one."""
+        out = self.node.outputs[0]
+        if self.bias is not None and self.node.op_type == "MatMul":
+            (consumer, _), = out.uses()
+            return consumer.outputs[0]
+        return out
+
+    def to_json(self) -> dict:
+        return {"name": self.name, "op": self.node.op_type, "weight": self.weight,
+                "in_features": self.in_features, "out_features": self.out_features, "bias": self.bias}
+
+
+@dataclass(frozen=True)
+class Embedding:
+    name: str
+    node: ir.Node = field(repr=False, compare=False)
+    table: str
+    num_embeddings: int
+    dim: int
+    from_graph_input: bool
+
+    def to_json(self) -> dict:
+        return {"name": self.name, "table": self.table, "num_embeddings": self.num_embeddings,
+                "dim": self.dim, "from_graph_input": self.from_graph_input}
+
+
+@dataclass(frozen=True)
+class FFN:
+    name: str
+    up: Linear
+    down: Linear
+    gate: Linear | None
+    activation: str
+
+    @property
+    def hidden(self) -> int:
+        return self.up.in_features
+
+    @property
+    def inner(self) -> int:
+        return self.up.out_features
+
+    def to_json(self) -> dict:
+        return {"name": self.name, "hidden": self.hidden, "inner": self.inner, "activation": self.activation,
+                "up": self.up.name, "gate": self.gate.name if self.gate else None, "down": self.down.name}
+
+
+@dataclass(frozen=True)
+class Attention:
+    name: str
+    heads: int
+    head_dim: int
+    kv_heads: int
+    q: Linear | None
+    k: Linear | None
+    v: Linear | None
+    o: Linear | None
+
+    @property
+    def kv_groups(self) -> int:
+        """Query heads per KV head (1: multi-head; >1: grouped-query attention)."""
+        return self.heads // self.kv_heads if self.kv_heads else 1
+
+    def to_json(self) -> dict:
+        names = {k: (getattr(self, k).name if getattr(self, k) else None) for k in "qkvo"}
+        return {"name": self.name, "heads": self.heads, "head_dim": self.head_dim,
+                "kv_heads": self.kv_heads, "kv_groups": self.kv_groups, **names}
+
+
+@dataclass(frozen=True)
+class BlockGroup:
+    """A repeated block: `count` copies, e.g. prefix 'encoder.layer' with 6 layers."""
+
+    prefix: str
+    count: int
+    source: str  # "name scopes", "attention blocks" or "residual adds"
+
+    def to_json(self) -> dict:
+        return {"prefix": self.prefix, "count": self.count, "source": self.source}
+
+
+@dataclass(frozen=True)
+class Structures:
+    linears: list[Linear]
+    embeddings: list[Embedding]
+    ffns: list[FFN]
+    attention: list[Attention]
+    lm_heads: list[Linear]
+    blocks: BlockGroup | None
+    named_from_scopes: bool
+
+    @property
+    def vocab_size(self) -> int | None:
+        sizes = [e.num_embeddings for e in self.embeddings if e.from_graph_input]
+        return max(sizes) if sizes else None
+
+    def to_json(self) -> dict:
+        return {
+            "named_from": "name scopes" if self.named_from_scopes else "initializer names",
+            "blocks": self.blocks.to_json() if self.blocks else None,
+            "vocab_size": self.vocab_size,
+            "linears": [x.to_json() for x in self.linears],
+            "embeddings": [x.to_json() for x in self.embeddings],
+            "ffns": [x.to_json() for x in self.ffns],
+            "attention": [x.to_json() for x in self.attention],
+            "lm_heads": [x.to_json() for x in self.lm_heads],
+        }
+
+
+# --- linears and embeddings -------------------------------------------------------------
+
+
+def _bias_of(node: ir.Node, out_features: int) -> str | None:
+    uses = node.outputs[0].uses()
+    if len(uses) != 1:
+        return None
+    consumer, _ = uses[0]
+    if consumer.op_type != "Add" or not is_default_domain(consumer):
+        return None
+    for operand in consumer.inputs:
+        tensor = constant_tensor(operand)
+        if tensor is not None and tuple(tensor.shape) == (out_features,):
+            return operand.name
+    return None
+
+
+def find_linear(node: ir.Node) -> Linear | None:
+    if not is_default_domain(node) or node.op_type not in ("MatMul", "Gemm") or len(node.inputs) < 2:
+        return None
+    found = weight_tensor(node.inputs[1])
+    if found is None or len(found[0].shape) != 2 or constant_tensor(node.inputs[0]) is not None:
+        return None
+    tensor, weight_name, transposed = found
+    rows, cols = tensor.shape[::-1] if transposed else tensor.shape
+    if node.op_type == "Gemm":
+        if node.attributes.get_int("transA", 0):
+            return None
+        in_f, out_f = (cols, rows) if node.attributes.get_int("transB", 0) else (rows, cols)
+        bias_value = node.inputs[2] if len(node.inputs) > 2 else None
+        bias = bias_value.name if bias_value is not None else None
+    else:
+        in_f, out_f = rows, cols
+        bias = _bias_of(node, out_f)
+    scope = module_path(node)
+    name = scope or _strip_weight_suffix(weight_name) or node.name or "linear"
+    return Linear(name=name, node=node, weight=weight_name, in_features=in_f, out_features=out_f, bias=bias)
+
+
+def find_linears(model: ir.Model) -> list[Linear]:
+    linears = [lin for node in model.graph if (lin := find_linear(node)) is not None]
+    # Disambiguate repeated names (e.g. two MatMuls inside one module).
+    counts = collections.Counter(lin.name for lin in linears)
+    seen: dict[str, int] = collections.Counter()
+    unique = []
+    for lin in linears:
+        if counts[lin.name] > 1:
+            seen[lin.name] += 1
+            lin = Linear(f"{lin.name}#{seen[lin.name]}", lin.node, lin.weight, lin.in_features, lin.out_features, lin.bias)
+        unique.append(lin)
+    return unique
+
+
+def find_embeddings(model: ir.Model) -> list[Embedding]:
+    found = []
+    for node in model.graph:
+        if node.op_type != "Gather" or not is_default_domain(node) or node.attributes.get_int("axis", 0) != 0:
+            continue
+        table = constant_tensor(node.inputs[0])
+        indices = node.inputs[1]
+        if table is None or len(table.shape) != 2 or constant_tensor(indices) is not None:
+            continue
+        if indices.dtype is not None and not indices.dtype.is_integer():
+            continue
+        name = module_path(node) or _strip_weight_suffix(node.inputs[0].name or "") or node.name
+        found.append(Embedding(name=name, node=node, table=node.inputs[0].name or "",
+                               num_embeddings=table.shape[0], dim=table.shape[1],
+                               from_graph_input=_comes_from_graph_input(indices)))
+    return found
+
+
+def _comes_from_graph_input(value: ir.Value) -> bool:
+    """True when `value` is a graph input, possibly reshaped or cast."""
+    for _ in range(8):
+        if value.is_graph_input():
+            return True
+        producer = value.producer()
+        if producer is None or producer.op_type not in SHAPE_ONLY_OPS | {"Cast", "Identity"}:
+            return False
+        value = producer.inputs[0]
+    return False
+
+
+# --- walking the graph ------------------------------------------------------------------
+
+
+def _walk_back(start: ir.Value, allowed: set[str], linear_of: dict[ir.Node, Linear]) -> tuple[list[Linear], bool]:
+    """Linears reachable backwards from `start` through `allowed` ops only.
+
+    Returns (linears, clean): `clean` is False when the walk met anything else (another
+    kind of op or a graph input), i.e. `start` is not a function of those linears alone.
+    """
+    found: list[Linear] = []
+    clean = True
+    seen: set[ir.Value] = set()
+    queue = collections.deque([start])
+    while queue:
+        value = queue.popleft()
+        if value in seen:
+            continue
+        seen.add(value)
+        if len(seen) > MAX_WALK:
+            return found, False
+        if constant_tensor(value) is not None:
+            continue
+        node = value.producer()
+        if node is None:
+            clean = False
+            continue
+        if node in linear_of:
+            if linear_of[node] not in found:
+                found.append(linear_of[node])
+            continue
+        if node.op_type not in allowed:
+            clean = False
+            continue
+        queue.extend(data_inputs(node))
+    return found, clean
+
+
+def _nearest_linear_and_width(start: ir.Value, linear_of: dict[ir.Node, Linear]) -> tuple[Linear | None, int | None]:
+    """The closest linear upstream of an attention operand, and the width it contributes.
+
+    The width is the linear's output width, or, when a Split/Slice lies in between (fused
+    QKV projections), the width of the slice taken from it.
+    """
+    queue = collections.deque([(start, None)])
+    seen: set[ir.Value] = set()
+    while queue:
+        value, width = queue.popleft()
+        if value in seen or len(seen) > MAX_WALK:
+            continue
+        seen.add(value)
+        node = value.producer()
+        if node is None or constant_tensor(value) is not None:
+            continue
+        if node in linear_of:
+            lin = linear_of[node]
+            return lin, width or lin.out_features
+        if node.op_type not in ATTENTION_PATH_OPS:
+            continue
+        if node.op_type in ("Split", "Slice") and value.shape is not None and len(value.shape) == 3:
+            last = value.shape[-1]
+            if isinstance(last, int):
+                width = last
+        queue.extend((operand, width) for operand in data_inputs(node))
+    return None, None
+
+
+def _walk_forward_to_linear(start: ir.Value, linear_of: dict[ir.Node, Linear]) -> Linear | None:
+    queue = collections.deque([start])
+    seen: set[ir.Value] = set()
+    while queue:
+        value = queue.popleft()
+        if value in seen or len(seen) > MAX_WALK:
+            continue
+        seen.add(value)
+        for consumer, _ in value.uses():
+            if consumer in linear_of:
+                return linear_of[consumer]
+            if consumer.op_type in SHAPE_ONLY_OPS | {"Transpose", "Cast", "Identity"}:
+                queue.extend(consumer.outputs)
+    return None
+
+
+def _find_producer(value: ir.Value, target: str, through: set[str]) -> ir.Node | None:
+    """The nearest `target` op upstream of `value`, passing only `through` ops."""
+    queue = collections.deque([value])
+    seen: set[ir.Value] = set()
+    while queue:
+        current = queue.popleft()
+        if current in seen or len(seen) > MAX_WALK:
+            continue
+        seen.add(current)
+        node = current.producer()
+        if node is None:
+            continue
+        if node.op_type == target:
+            return node
+        if node.op_type in through:
+            queue.extend(data_inputs(node))
+    return None
+
+
+def _find_consumer(value: ir.Value, target: str, through: set[str]) -> tuple[ir.Node, ir.Value] | None:
+    queue = collections.deque([value])
+    seen: set[ir.Value] = set()
+    while queue:
+        current = queue.popleft()
+        if current in seen or len(seen) > MAX_WALK:
+            continue
+        seen.add(current)
+        for consumer, _ in current.uses():
+            if consumer.op_type == target:
+                return consumer, current
+            if consumer.op_type in through:
+                queue.extend(consumer.outputs)
+    return None
+
+
+def _heads_from_shape(value: ir.Value) -> tuple[int | None, int | None]:
+    """(heads, head_dim) from a [batch, heads, seq, head_dim] value, looking through scaling.
+
+    Either may be None when the shape does not say (e.g. a Reshape to [0, 0, -1, 32]).
+    """
+    current: ir.Value | None = value
+    for _ in range(4):
+        if current is None:
+            break
+        shape = current.shape
+        if shape is not None and len(shape) == 4:
+            heads, head_dim = shape[1], shape[3]
+            if isinstance(heads, int) or isinstance(head_dim, int):
+                return (heads if isinstance(heads, int) else None, head_dim if isinstance(head_dim, int) else None)
+        producer = current.producer()
+        if producer is None or producer.op_type not in ("Mul", "Div", "Cast"):
+            break
+        current = next(iter(data_inputs(producer)), None)
+    return None, None
+
+
+# --- attention, FFNs, heads, blocks -----------------------------------------------------
+
+
+def find_attention(model: ir.Model, linears: list[Linear]) -> list[Attention]:
+    linear_of = {lin.node: lin for lin in linears}
+    score_path = {"Add", "Mul", "Div", "Where", "Cast", "Sub", "Softcap", "Tanh"}
+    found = []
+    for softmax in model.graph:
+        if softmax.op_type != "Softmax":
+            continue
+        scores = _find_producer(softmax.inputs[0], "MatMul", score_path)
+        if scores is None or any(constant_tensor(v) is not None for v in scores.inputs):
+            continue
+        q_in, k_in = scores.inputs
+        q, q_width = _nearest_linear_and_width(q_in, linear_of)
+        k, k_width = _nearest_linear_and_width(k_in, linear_of)
+        heads, head_dim = _heads_from_shape(q_in)
+        if heads is None and head_dim and q_width and q_width % head_dim == 0:
+            heads = q_width // head_dim
+        if head_dim is None and heads and q_width and q_width % heads == 0:
+            head_dim = q_width // heads
+        if not heads or not head_dim:
+            continue
+        v = o = None
+        weighted = _find_consumer(softmax.outputs[0], "MatMul", {"Cast", "Dropout", "Where", "Identity"})
+        if weighted is not None:
+            matmul, probs = weighted
+            if matmul.inputs[0] is probs:
+                v, _ = _nearest_linear_and_width(matmul.inputs[1], linear_of)
+            o = _walk_forward_to_linear(matmul.outputs[0], linear_of)
+        kv_heads = k_width // head_dim if k_width and k_width % head_dim == 0 else heads
+        name = module_path(scores) or (_common_prefix([x.name for x in (q, k, v) if x]) or scores.name or "attention")
+        found.append(Attention(name=name, heads=heads, head_dim=head_dim, kv_heads=kv_heads, q=q, k=k, v=v, o=o))
+    return found
+
+
+def _activation_name(ops: set[str]) -> str:
+    if "Gelu" in ops or "FastGelu" in ops or "BiasGelu" in ops:
+        return "gelu"
+    if "Erf" in ops:
+        return "gelu"
+    if "Tanh" in ops and "Pow" in ops:
+        return "gelu_tanh"
+    if "Sigmoid" in ops or "Swish" in ops:
+        return "silu"
+    if "Relu" in ops:
+        return "relu"
+    if "Tanh" in ops:
+        return "tanh"
+    return "+".join(sorted(ops)) or "identity"
+
+
+def _ops_between(end: ir.Value, stops: set[ir.Node]) -> set[str]:
+    ops: set[str] = set()
+    queue = collections.deque([end])
+    seen: set[ir.Value] = set()
+    while queue:
+        value = queue.popleft()
+        if value in seen or len(seen) > MAX_WALK:
+            continue
+        seen.add(value)
+        node = value.producer()
+        if node is None or node in stops:
+            continue
+        ops.add(node.op_type)
+        queue.extend(data_inputs(node))
+    return ops
+
+
+def find_ffns(model: ir.Model, linears: list[Linear], attention: list[Attention]) -> list[FFN]:
+    linear_of = {lin.node: lin for lin in linears}
+    attention_linears = {id(x) for a in attention for x in (a.q, a.k, a.v) if x is not None}
+    allowed = ELEMENTWISE_OPS | SHAPE_ONLY_OPS
+    found = []
+    for down in linears:
+        ups, clean = _walk_back(down.node.inputs[0], allowed, linear_of)
+        if not clean or not 1 <= len(ups) <= 2 or any(id(u) in attention_linears for u in ups):
+            continue
+        if len({id(u.node.inputs[0]) for u in ups}) != 1:
+            continue
+        if any(u.out_features != down.in_features for u in ups):
+            continue
+        ops = _ops_between(down.node.inputs[0], {u.node for u in ups})
+        if not ops - {"Add", "Reshape", "Flatten", "Squeeze", "Unsqueeze", "Cast"}:
+            continue  # two linears in a row, no activation: not an FFN
+        gate = None
+        up = ups[0]
+        if len(ups) == 2:
+            # The gate goes through the activation; up only meets it in the product.
+            up, gate = sorted(ups, key=_feeds_activation)
+        name = _common_prefix([down.name, up.name] + ([gate.name] if gate else []))
+        found.append(FFN(name=name or down.name, up=up, down=down, gate=gate, activation=_activation_name(ops)))
+    return found
+
+
+def _feeds_activation(lin: Linear) -> bool:
+    return any(c.op_type != "Mul" for c, _ in lin.output.uses())
+
+
+def find_lm_heads(linears: list[Linear], embeddings: list[Embedding]) -> list[Linear]:
+    vocab = {e.num_embeddings for e in embeddings if e.from_graph_input and e.num_embeddings > 2}
+    return [lin for lin in linears if lin.out_features in vocab and lin.out_features > lin.in_features]
+
+
+def _common_prefix(names: Iterable[str]) -> str:
+    parts = [n.split(".") for n in names if n]
+    if not parts:
+        return ""
+    prefix = []
+    for segments in zip(*parts):
+        if len(set(segments)) != 1:
+            break
+        prefix.append(segments[0])
+    return ".".join(prefix)
+
+
+def blocks_from_scopes(model: ir.Model) -> BlockGroup | None:
+    indices: dict[str, set[int]] = collections.defaultdict(set)
+    nodes_under: collections.Counter[str] = collections.Counter()
+    for node in model.graph:
+        path = module_path(node)
+        if not path:
+            continue
+        for match in re.finditer(r"(?:^|\.)(\d+)(?=\.|$)", path):
+            prefix = path[: match.start()] if match.start() else ""
+            if prefix:
+                indices[prefix].add(int(match.group(1)))
+                nodes_under[prefix] += 1
+    candidates = [(nodes_under[p], p) for p, idx in indices.items() if len(idx) >= 2]
+    if not candidates:
+        return None
+    _, prefix = max(candidates)
+    return BlockGroup(prefix=prefix, count=len(indices[prefix]), source="name scopes")
+
+
+def residual_adds(model: ir.Model, max_span: int = MAX_WALK) -> list[ir.Node]:
+    """Add/Sum nodes that merge two branches forking from one recent value.
+
+    The fork is the latest common ancestor of the two operands; an identity shortcut forks
+    at one operand itself, a projection shortcut (ResNet's first block of a stage) just
+    before both branches. `max_span` (in topological positions) keeps far-apart merges out.
+    """
+    order = {node: i for i, node in enumerate(model.graph)}
+    graph = nx.DiGraph()
+    for node in model.graph:
+        graph.add_node(node)
+        for value in node.inputs:
+            if value is not None and value.producer() is not None:
+                graph.add_edge(value.producer(), node)
+    found = []
+    for node in model.graph:
+        if node.op_type not in ("Add", "Sum") or len(node.inputs) < 2:
+            continue
+        producers = [v.producer() for v in node.inputs if v is not None and constant_tensor(v) is None]
+        if len(producers) != 2 or any(p is None for p in producers) or producers[0] is producers[1]:
+            continue
+        a, b = producers
+        common = (nx.ancestors(graph, a) | {a}) & (nx.ancestors(graph, b) | {b})
+        if common and order[node] - order[max(common, key=order.__getitem__)] <= max_span:
+            found.append(node)
+    return found
+
+
+def ensure_shapes(model: ir.Model) -> None:
+    """Run ONNX shape inference when most intermediate values have no shape.
+
+    Attention heads are read from shapes, and a plain `.onnx` file often has none. This
+    only adds shape information; the graph is otherwise unchanged.
+    """
+    values = [v for node in model.graph for v in node.outputs]
+    if values and sum(v.shape is None for v in values) > len(values) // 2:
+        import onnx_ir.passes.common as common
+
+        common.ShapeInferencePass(strict_mode=False)(model)
+
+
+def discover(model: ir.Model) -> Structures:
+    """Everything slimgraph knows how to find in `model` (adds inferred shapes if missing)."""
+    ensure_shapes(model)
+    linears = find_linears(model)
+    embeddings = find_embeddings(model)
+    attention = find_attention(model, linears)
+    ffns = find_ffns(model, linears, attention)
+    blocks = blocks_from_scopes(model)
+    if blocks is None and len(attention) >= 2:
+        blocks = BlockGroup(prefix="", count=len(attention), source="attention blocks")
+    if blocks is None:
+        adds = residual_adds(model)
+        if len(adds) >= 2:
+            blocks = BlockGroup(prefix="", count=len(adds), source="residual adds")
+    return Structures(
+        linears=linears,
+        embeddings=embeddings,
+        ffns=ffns,
+        attention=attention,
+        lm_heads=find_lm_heads(linears, embeddings),
+        blocks=blocks,
+        named_from_scopes=any(module_path(n) for n in model.graph),
+    )

@@ -1,0 +1,53 @@
+"""What `slimgraph inspect` shows: statistics, detected structures and the largest tensors."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import onnx_ir as ir
+
+from slimgraph.ir.stats import ModelStats, model_stats
+from slimgraph.ir.structure import Structures, discover
+
+
+@dataclass(frozen=True)
+class TensorInfo:
+    name: str
+    dtype: str
+    shape: tuple[int, ...]
+    bytes: int
+
+
+@dataclass(frozen=True)
+class ModelSummary:
+    stats: ModelStats
+    structures: Structures
+    largest_tensors: list[TensorInfo]
+    opset: dict[str, int]
+    producer: str
+
+    def to_json(self) -> dict:
+        return {
+            "producer": self.producer,
+            "opset": self.opset,
+            "stats": self.stats.to_json(),
+            "structures": self.structures.to_json(),
+            "largest_tensors": [t.__dict__ | {"shape": list(t.shape)} for t in self.largest_tensors],
+        }
+
+
+def summarize(model: ir.Model, top: int = 10) -> ModelSummary:
+    tensors = [
+        TensorInfo(name, v.const_value.dtype.name.lower(), tuple(v.const_value.shape), v.const_value.nbytes)
+        for name, v in model.graph.initializers.items()
+        if v.const_value is not None
+    ]
+    tensors.sort(key=lambda t: -t.bytes)
+    producer = " ".join(x for x in (model.producer_name, model.producer_version) if x)
+    return ModelSummary(
+        stats=model_stats(model),
+        structures=discover(model),
+        largest_tensors=tensors[:top],
+        opset=dict(model.opset_imports),
+        producer=producer,
+    )

@@ -1,0 +1,37 @@
+"""Passes and the machinery to run them. Pass modules are imported when first named."""
+
+from slimgraph.passes._infra.base import Pass, PassContext, PassResult
+from slimgraph.passes._infra.instruments import Instrument, Journal, PrintAfterChange, Timing, Verify
+from slimgraph.passes._infra.pipeline import Pipeline, PipelineReport, make_pass
+from slimgraph.passes._infra.registry import all_pass_classes, get_pass_class, known_pass_names, register_pass
+
+__all__ = [
+    "Instrument",
+    "Journal",
+    "Pass",
+    "PassContext",
+    "PassResult",
+    "Pipeline",
+    "PipelineReport",
+    "PrintAfterChange",
+    "Timing",
+    "Verify",
+    "all_pass_classes",
+    "get_pass_class",
+    "known_pass_names",
+    "make_pass",
+    "register_pass",
+]
+
+
+def __getattr__(name: str):
+    # `from slimgraph.passes import FoldConstants` works without importing every pass module.
+    from slimgraph.passes._infra.registry import BUILTIN_PASS_MODULES, _REGISTRY
+
+    import importlib
+
+    for module in dict.fromkeys(BUILTIN_PASS_MODULES.values()):
+        mod = importlib.import_module(module)
+        if hasattr(mod, name):
+            return getattr(mod, name)
+    raise AttributeError(f"module 'slimgraph.passes' has no attribute {name!r}")

@@ -1,0 +1,131 @@
+"""Typed pass options: text ↔ Python values, driven by the dataclass field types.
+
+Supported field types: bool, int, float, str, Literal[...] of those, optional (`X | None`)
+and lists/tuples of them. Lists are written `[a,b]` in pipeline text.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from typing import Any, Literal, get_args, get_origin
+
+from slimgraph.errors import SlimgraphError
+
+
+def option_types(pass_cls: type) -> dict[str, Any]:
+    hints = typing.get_type_hints(pass_cls)
+    return {f.name: hints[f.name] for f in dataclasses.fields(pass_cls)}
+
+
+def describe_type(tp: Any) -> str:
+    origin = get_origin(tp)
+    if origin is Literal:
+        return "|".join(format_value(a) for a in get_args(tp))
+    if origin in (list, tuple):
+        return f"[{describe_type(get_args(tp)[0])},...]"
+    if origin in (typing.Union, types.UnionType):
+        return " or ".join(describe_type(a) for a in get_args(tp))
+    if tp is type(None):
+        return "none"
+    return getattr(tp, "__name__", str(tp))
+
+
+def format_value(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, (list, tuple)):
+        return "[" + ",".join(format_value(v) for v in value) + "]"
+    if value is None:
+        return "none"
+    return str(value)
+
+
+def convert(pass_name: str, option: str, tp: Any, value: Any) -> Any:
+    """Convert `value` (text from a pipeline, or a YAML/TOML scalar) to the option's type."""
+    try:
+        return _convert(tp, value)
+    except (TypeError, ValueError):
+        raise SlimgraphError(
+            f"{pass_name}: option {option}={format_value(value)} is not a valid "
+            f"{describe_type(tp)}"
+        ) from None
+
+
+def _convert(tp: Any, value: Any) -> Any:
+    origin = get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        args = get_args(tp)
+        if type(None) in args and (value is None or (isinstance(value, str) and value.lower() == "none")):
+            return None
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return _convert(arg, value)
+            except (TypeError, ValueError):
+                continue
+        raise ValueError(value)
+    if origin is Literal:
+        for choice in get_args(tp):
+            try:
+                if _convert(type(choice), value) == choice:
+                    return choice
+            except (TypeError, ValueError):
+                continue
+        raise ValueError(value)
+    if origin in (list, tuple):
+        (item_type, *_) = get_args(tp)
+        items = split_list(value) if isinstance(value, str) else list(value)
+        converted = [_convert(item_type, item) for item in items]
+        return tuple(converted) if origin is tuple else converted
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        lowered = str(value).lower()
+        if lowered in ("true", "1", "yes", "on"):
+            return True
+        if lowered in ("false", "0", "no", "off"):
+            return False
+        raise ValueError(value)
+    if tp is int:
+        if isinstance(value, bool) or (isinstance(value, float) and not value.is_integer()):
+            raise ValueError(value)
+        return int(value)
+    if tp is float:
+        if isinstance(value, bool):
+            raise ValueError(value)
+        return float(value)
+    if tp is str:
+        if not isinstance(value, str):
+            raise TypeError(value)
+        return value
+    raise TypeError(f"unsupported option type {tp!r}")
+
+
+def split_list(text: str) -> list[str]:
+    text = text.strip()
+    if not (text.startswith("[") and text.endswith("]")):
+        return [text] if text else []
+    inner = text[1:-1].strip()
+    return [item.strip() for item in split_top_level(inner, ",")] if inner else []
+
+
+def split_top_level(text: str, sep: str) -> list[str]:
+    """Split on `sep` outside of {...} and [...]."""
+    parts, depth, start = [], 0, 0
+    for i, ch in enumerate(text):
+        if ch in "{[":
+            depth += 1
+        elif ch in "}]":
+            depth -= 1
+            if depth < 0:
+                raise SlimgraphError(f"unbalanced '{ch}' in {text!r}")
+        elif ch == sep and depth == 0:
+            parts.append(text[start:i])
+            start = i + 1
+    if depth != 0:
+        raise SlimgraphError(f"unbalanced brackets in {text!r}")
+    parts.append(text[start:])
+    return parts

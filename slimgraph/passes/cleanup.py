@@ -1,0 +1,153 @@
+"""Cleanup passes (all exact), built from onnxscript's constant folder and onnx_ir's common passes.
+
+- fold-constants:             op(c1, c2) with constant inputs → initializer c
+- remove-identity:            Identity(x) → x
+- cse:                        two identical op(x, y) → one
+- remove-dead-nodes:          nodes (and functions, opsets) no graph output depends on → removed
+- remove-unused-initializers: initializers no node reads → removed
+- cleanup:                    all of the above, repeated until nothing changes
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import ClassVar
+
+import onnx_ir as ir
+import onnx_ir.passes.common as common
+
+from slimgraph.errors import SlimgraphError
+from slimgraph.passes._infra.base import Pass, PassContext, PassResult
+from slimgraph.passes._infra.registry import register_pass
+
+DEFAULT_MAX_ELEMENTS = 1 << 24  # folded tensors up to 16M elements (64 MB of fp32)
+
+
+def _counts(model: ir.Model) -> tuple[int, int]:
+    return len(model.graph), len(model.graph.initializers)
+
+
+def _run(model: ir.Model, *passes: ir.passes.PassBase) -> PassResult:
+    nodes, inits = _counts(model)
+    modified = False
+    for p in passes:
+        modified |= p(model).modified
+    after_nodes, after_inits = _counts(model)
+    return PassResult(modified, {"nodes removed": nodes - after_nodes, "initializers removed": inits - after_inits})
+
+
+@register_pass
+@dataclass(frozen=True, kw_only=True)
+class FoldConstants(Pass):
+    """Fold ops whose inputs are all constant: op(c1, c2) → initializer c."""
+
+    name: ClassVar[str] = "fold-constants"
+    max_elements: int = DEFAULT_MAX_ELEMENTS
+
+    def __post_init__(self) -> None:
+        if self.max_elements < 1:
+            raise SlimgraphError(f"fold-constants: max_elements must be >= 1, got {self.max_elements}")
+
+    def run(self, model: ir.Model, ctx: PassContext) -> PassResult:
+        from onnxscript.optimizer._constant_folding import FoldConstantsPass
+
+        folder = FoldConstantsPass(
+            shape_inference=True, input_size_limit=self.max_elements, output_size_limit=self.max_elements
+        )
+        return _run(
+            model,
+            folder,
+            common.RemoveUnusedNodesPass(),
+            common.LiftConstantsToInitializersPass(lift_all_constants=True, size_limit=0),
+        )
+
+
+@register_pass
+@dataclass(frozen=True, kw_only=True)
+class RemoveIdentity(Pass):
+    """Identity(x) → x."""
+
+    name: ClassVar[str] = "remove-identity"
+
+    def run(self, model: ir.Model, ctx: PassContext) -> PassResult:
+        return _run(model, common.IdentityEliminationPass())
+
+
+@register_pass
+@dataclass(frozen=True, kw_only=True)
+class EliminateCommonSubexpressions(Pass):
+    """Two identical op(x, y) → one, its users rewired."""
+
+    name: ClassVar[str] = "cse"
+
+    def run(self, model: ir.Model, ctx: PassContext) -> PassResult:
+        return _run(model, common.CommonSubexpressionEliminationPass(), common.RemoveUnusedNodesPass())
+
+
+@register_pass
+@dataclass(frozen=True, kw_only=True)
+class RemoveDeadNodes(Pass):
+    """Nodes no graph output depends on → removed (with unused functions and opset imports)."""
+
+    name: ClassVar[str] = "remove-dead-nodes"
+
+    def run(self, model: ir.Model, ctx: PassContext) -> PassResult:
+        return _run(
+            model, common.RemoveUnusedNodesPass(), common.RemoveUnusedFunctionsPass(), common.RemoveUnusedOpsetsPass()
+        )
+
+
+@register_pass
+@dataclass(frozen=True, kw_only=True)
+class RemoveUnusedInitializers(Pass):
+    """Initializers that no node, subgraph or graph output reads → removed."""
+
+    name: ClassVar[str] = "remove-unused-initializers"
+
+    def run(self, model: ir.Model, ctx: PassContext) -> PassResult:
+        # onnx_ir only removes unused initializers together with dead nodes; this pass
+        # does the initializer half alone, so it can be used without touching nodes.
+        graph = model.graph
+        keep = set(graph.outputs) | set(graph.inputs)
+        unused = [name for name, v in graph.initializers.items() if not v.uses() and v not in keep]
+        for name in unused:
+            del graph.initializers[name]
+        return PassResult(bool(unused), {"initializers removed": len(unused)})
+
+
+@register_pass
+@dataclass(frozen=True, kw_only=True)
+class Cleanup(Pass):
+    """fold-constants, remove-identity, cse, remove-dead-nodes, remove-unused-initializers until nothing changes."""
+
+    name: ClassVar[str] = "cleanup"
+    max_elements: int = DEFAULT_MAX_ELEMENTS
+    max_rounds: int = 4
+
+    def __post_init__(self) -> None:
+        if self.max_rounds < 1:
+            raise SlimgraphError(f"cleanup: max_rounds must be >= 1, got {self.max_rounds}")
+        FoldConstants(max_elements=self.max_elements)  # validates max_elements
+
+    def run(self, model: ir.Model, ctx: PassContext) -> PassResult:
+        steps = [
+            FoldConstants(max_elements=self.max_elements),
+            RemoveIdentity(),
+            EliminateCommonSubexpressions(),
+            RemoveDeadNodes(),
+            RemoveUnusedInitializers(),
+        ]
+        nodes, inits = _counts(model)
+        modified, rounds = False, 0
+        for rounds in range(1, self.max_rounds + 1):
+            changed = False
+            for step in steps:
+                changed |= step(model, ctx).modified
+            modified |= changed
+            if not changed:
+                break
+        after_nodes, after_inits = _counts(model)
+        return PassResult(
+            modified,
+            {"nodes removed": nodes - after_nodes, "initializers removed": inits - after_inits, "rounds": rounds},
+        )
