@@ -22,6 +22,7 @@ from slimgraph.errors import SlimgraphError
 from slimgraph.frontend import EXAMPLE_INPUTS_KEY, EXAMPLE_INPUTS_SOURCE_KEY, SOURCE_KEY
 from slimgraph.ir.structure import find_linear, module_path
 
+ANSI = re.compile(r"\x1b\[[0-9;]*m")
 GENERATED_NAME = re.compile(r"^_?val_\d+$")  # names the exporter gives folded constants
 
 
@@ -81,7 +82,8 @@ def _export(run_export, what: str) -> ir.Model:
     # The exporter prints progress lines and warnings; keep our own output clean.
     logging.getLogger("torch.onnx").setLevel(logging.ERROR)  # e.g. "torchvision is not installed"
     try:
-        with contextlib.redirect_stdout(io.StringIO()), warnings.catch_warnings():
+        with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()), \
+                warnings.catch_warnings():
             warnings.simplefilter("ignore")
             program = run_export()
     except Exception as exc:
@@ -165,14 +167,23 @@ def _feeds(model: ir.Model, args: tuple, kwargs: dict) -> dict[str, np.ndarray]:
 
 
 def _export_reason(exc: BaseException) -> str:
-    text = str(exc)
+    """One line: the unsupported op if one is named, else the innermost cause's first line."""
+    chain = []
+    current: BaseException | None = exc
+    while current is not None and len(chain) < 10:
+        chain.append(current)
+        current = current.__cause__ or current.__context__
+    text = ANSI.sub("", "\n".join(str(e) for e in chain))
     ops = re.findall(r"\b(aten::\w+(?:\.\w+)?|aten\.\w+(?:\.\w+)?)", text)
-    first = _first_line(exc)
     if ops:
-        return f"unsupported op {ops[0]} ({first})"
-    return first
+        return f"unsupported op {ops[0]}"
+    reason = _first_line(chain[-1])
+    where = re.search(r'File "([^"]+)", line (\d+), in (\w+)', text)
+    if where:
+        reason += f" (at {Path(where.group(1)).name}:{where.group(2)} in {where.group(3)})"
+    return reason
 
 
 def _first_line(exc: BaseException) -> str:
-    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+    lines = [line.strip() for line in ANSI.sub("", str(exc)).splitlines() if line.strip()]
     return (lines[0] if lines else type(exc).__name__)[:300]

@@ -34,8 +34,10 @@ def session_options(threads: int | None = None) -> ort.SessionOptions:
 
 @contextlib.contextmanager
 def serialized(model: ir.Model) -> Iterator[bytes | str]:
-    """The model as protobuf bytes, or as a path to a temporary file when it is too large."""
-    if initializer_bytes(model) < PROTO_LIMIT_BYTES:
+    """The model as protobuf bytes, or as a path to a temporary file when it is too large
+    or reads weights from external data (which a model loaded from bytes cannot resolve)."""
+    external = any(isinstance(v.const_value, ir.ExternalTensor) for v in model.graph.initializers.values())
+    if not external and initializer_bytes(model) < PROTO_LIMIT_BYTES:
         yield ir.serde.serialize_model(model).SerializeToString()
         return
     with tempfile.TemporaryDirectory(prefix="slimgraph-") as tmp:

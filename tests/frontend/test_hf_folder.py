@@ -1,0 +1,88 @@
+"""Hugging Face folders: MiniLM (trained) and small GPT-2/Llama configs, against PyTorch."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from slimgraph.errors import SlimgraphError
+from slimgraph.frontend import load
+from slimgraph.ir import evaluate
+from slimgraph.ir.inputs import sample_inputs
+
+SENTENCES = ["A man is eating food.", "The new movie is awesome, I loved every minute of it."]
+
+
+def rel_error(got: np.ndarray, want: np.ndarray) -> float:
+    return float(np.abs(got - want).max() / np.abs(want).max())
+
+
+def tokenize(minilm_path, sentences):
+    import transformers
+
+    tokenizer = transformers.AutoTokenizer.from_pretrained(minilm_path)
+    return tokenizer(sentences, padding=True, return_tensors="pt")
+
+
+def test_minilm_folder_matches_pytorch(minilm, minilm_path, minilm_torch):
+    assert [v.name for v in minilm.graph.outputs] == ["last_hidden_state", "pooler_output"]
+    encoded = tokenize(minilm_path, SENTENCES)
+    got = evaluate.run(minilm, {k: v.numpy() for k, v in encoded.items()})
+    with torch.no_grad():
+        want = minilm_torch(**encoded)
+    assert rel_error(got["last_hidden_state"], want.last_hidden_state.numpy()) < 1e-4
+    assert rel_error(got["pooler_output"], want.pooler_output.numpy()) < 1e-4
+
+
+def test_minilm_as_module_matches_pytorch(minilm_path, minilm_torch):
+    encoded = tokenize(minilm_path, SENTENCES)
+    model = load(
+        minilm_torch,
+        example_inputs=dict(encoded),
+        dynamic_shapes={k: {0: "batch", 1: "sequence"} for k in encoded},
+    )
+    longer = tokenize(minilm_path, SENTENCES + ["Three sentences now, and this one is the longest of them all."])
+    got = evaluate.run(model, {k: v.numpy() for k, v in longer.items()})
+    with torch.no_grad():
+        want = minilm_torch(**longer).last_hidden_state.numpy()
+    assert rel_error(next(iter(got.values())), want) < 1e-4
+
+
+@pytest.mark.parametrize("which", ["gpt2", "llama"])
+def test_small_lms_with_dynamic_axes(request, which):
+    model = request.getfixturevalue(f"{which}_ir")
+    folder = request.getfixturevalue(f"{which}_folder")
+    from slimgraph.frontend.hf_folder import load_transformers_model
+
+    reference = load_transformers_model(folder)
+    assert [str(v.shape) for v in model.graph.inputs] == ["[batch,sequence]"] * 2
+    assert [v.name for v in model.graph.outputs] == ["logits"]
+    assert model.meta["slimgraph.example_inputs_source"] == "synthesized from config"
+    for batch, sequence in [(1, 5), (3, 23)]:
+        feeds = sample_inputs(model, batch=batch, sequence=sequence)
+        got = evaluate.run(model, feeds)["logits"]
+        with torch.no_grad():
+            want = reference(**{k: torch.from_numpy(v) for k, v in feeds.items()}).logits.numpy()
+        assert got.shape == (batch, sequence, 1000)
+        assert rel_error(got, want) < 1e-4
+
+
+def test_folder_without_config(tmp_path):
+    with pytest.raises(SlimgraphError, match="not a Hugging Face model folder: no config.json"):
+        load(tmp_path)
+
+
+def test_folder_with_bad_config(tmp_path):
+    (tmp_path / "config.json").write_text("{not json")
+    with pytest.raises(SlimgraphError, match="config.json is not valid JSON"):
+        load(tmp_path)
+
+
+def test_folder_with_corrupt_weights(tmp_path, gpt2_folder):
+    import shutil
+
+    shutil.copy(gpt2_folder / "config.json", tmp_path / "config.json")
+    (tmp_path / "model.safetensors").write_bytes(b"\x00" * 64)
+    with pytest.raises(SlimgraphError, match="transformers cannot load"):
+        load(tmp_path)

@@ -1,0 +1,35 @@
+import numpy as np
+import pytest
+
+from slimgraph.errors import SlimgraphError
+from slimgraph.ir import evaluate
+from slimgraph.ir.inputs import sample_inputs
+
+
+def test_run_and_capture_intermediates(mlp_model):
+    feeds = sample_inputs(mlp_model)
+    outputs_before = [v.name for v in mlp_model.graph.outputs]
+    captured = evaluate.capture(mlp_model, ["h1", "a"], [feeds])[0]
+    x = feeds["x"]
+    w1 = mlp_model.graph.initializers["fc1.weight"].const_value.numpy()
+    b1 = mlp_model.graph.initializers["fc1.bias"].const_value.numpy()
+    np.testing.assert_allclose(captured["h1"], x @ w1 + b1, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(captured["a"], np.maximum(x @ w1 + b1, 0), rtol=1e-5, atol=1e-6)
+    assert [v.name for v in mlp_model.graph.outputs] == outputs_before  # model left as it was
+
+
+def test_capture_unknown_value(mlp_model):
+    with pytest.raises(SlimgraphError, match="no value named 'nope'"):
+        evaluate.capture(mlp_model, ["nope"], [sample_inputs(mlp_model)])
+
+
+def test_missing_inputs(mlp_model):
+    with pytest.raises(SlimgraphError, match="missing model inputs: x"):
+        evaluate.run(mlp_model, {})
+
+
+def test_check_model_rejects_invalid_graphs(mlp_model):
+    node = next(n for n in mlp_model.graph if n.op_type == "Relu")
+    node.op_type = "NoSuchOp"
+    with pytest.raises(SlimgraphError, match="not valid ONNX"):
+        evaluate.check_model(mlp_model)

@@ -1,0 +1,59 @@
+import numpy as np
+import onnx_ir as ir
+import pytest
+from onnx import TensorProto, helper, numpy_helper
+
+from slimgraph.ir.stats import human_bytes, human_count, model_stats, node_flops
+
+
+def test_mlp_stats(mlp_model):
+    stats = model_stats(mlp_model)
+    # fc1 8×16 + bias 16 + fc2 16×4 + half 4 + unused 3
+    assert stats.parameters == 8 * 16 + 16 + 16 * 4 + 4 + 3
+    assert stats.bytes == stats.parameters * 4
+    assert stats.bytes_by_dtype == {"float": stats.bytes}
+    assert stats.nodes == len(mlp_model.graph)
+    assert stats.op_histogram["MatMul"] == 2
+    # Two MatMuls at batch 1 (the symbolic batch): 2·1·8·16 + 2·1·16·4
+    assert stats.flops == 2 * 8 * 16 + 2 * 16 * 4
+    assert stats.inputs == {"x": "float[batch×8]"}
+
+
+def test_conv_and_gemm_flops():
+    w = numpy_helper.from_array(np.zeros((16, 3, 3, 3), np.float32), "w")
+    g = numpy_helper.from_array(np.zeros((10, 16 * 30 * 30), np.float32), "g")
+    graph = helper.make_graph(
+        [
+            helper.make_node("Conv", ["x", "w"], ["c"]),
+            helper.make_node("Flatten", ["c"], ["f"]),
+            helper.make_node("Gemm", ["f", "g"], ["y"], transB=1),
+        ],
+        "cnn",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 3, 32, 32])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 10])],
+        initializer=[w, g],
+        value_info=[
+            helper.make_tensor_value_info("c", TensorProto.FLOAT, [1, 16, 30, 30]),
+            helper.make_tensor_value_info("f", TensorProto.FLOAT, [1, 16 * 30 * 30]),
+        ],
+    )
+    model = ir.serde.deserialize_model(helper.make_model(graph))
+    conv, _, gemm = list(model.graph)
+    assert node_flops(conv) == 2 * 16 * 30 * 30 * 3 * 3 * 3
+    assert node_flops(gemm) == 2 * 1 * (16 * 30 * 30) * 10
+
+
+def test_minilm_stats(minilm):
+    stats = model_stats(minilm)
+    assert 22_000_000 < stats.parameters < 23_000_000  # all-MiniLM-L6-v2 has 22.7M parameters
+    assert stats.flops > 0 and stats.flops_unknown_nodes == 0
+
+
+@pytest.mark.parametrize("n, text", [(512, "512 B"), (90_855_557, "90.9 MB"), (2.5e9, "2.5 GB")])
+def test_human_bytes(n, text):
+    assert human_bytes(n) == text
+
+
+def test_human_count():
+    assert human_count(22_713_363) == "22.7M"
+    assert human_count(12) == "12"

@@ -1,0 +1,87 @@
+"""Structure discovery on real models: from name scopes, and from graph patterns alone."""
+
+from __future__ import annotations
+
+import onnx_ir as ir
+import onnx_ir.passes.common as common
+import pytest
+
+from slimgraph.ir.structure import discover
+from tests.conftest import LIGHT_DIR, SMALL_CONFIGS, copy_model
+
+
+def strip_metadata_and_shapes(model: ir.Model) -> ir.Model:
+    """The model as a plain .onnx from elsewhere would be: no name scopes, no value shapes."""
+    proto = ir.serde.serialize_model(copy_model(model))
+    del proto.graph.value_info[:]
+    plain = ir.serde.deserialize_model(proto)
+    common.ClearMetadataAndDocStringPass()(plain)
+    return plain
+
+
+def assert_minilm(found, blocks_source: str) -> None:
+    assert found.blocks.count == 6 and found.blocks.source == blocks_source
+    assert found.vocab_size == 30522
+    assert len(found.attention) == 6
+    assert {(a.heads, a.head_dim, a.kv_heads) for a in found.attention} == {(12, 32, 12)}
+    assert len(found.ffns) == 6
+    assert {(f.hidden, f.inner, f.activation, f.gate is None) for f in found.ffns} == {(384, 1536, "gelu", True)}
+    assert found.lm_heads == []  # a sentence encoder has no LM head
+    assert len(found.linears) == 6 * 6 + 1  # q, k, v, o, up, down per layer + pooler
+
+
+def test_minilm_from_name_scopes(minilm):
+    found = discover(minilm)
+    assert found.named_from_scopes
+    assert_minilm(found, "name scopes")
+    assert found.blocks.prefix == "encoder.layer"
+    first = found.attention[0]
+    assert first.name == "encoder.layer.0.attention.self"
+    assert (first.q.name, first.o.name) == ("encoder.layer.0.attention.self.query", "encoder.layer.0.attention.output.dense")
+    assert found.ffns[3].up.name == "encoder.layer.3.intermediate.dense"
+    assert found.ffns[3].down.weight == "encoder.layer.3.output.dense.weight"
+
+
+def test_minilm_from_graph_patterns(minilm):
+    found = discover(strip_metadata_and_shapes(minilm))
+    assert not found.named_from_scopes
+    assert_minilm(found, "attention blocks")
+    # names fall back to the initializer names
+    assert found.ffns[0].up.name == "encoder.layer.0.intermediate.dense"
+
+
+@pytest.mark.parametrize("which", ["gpt2", "llama"])
+@pytest.mark.parametrize("plain", [False, True], ids=["scopes", "patterns"])
+def test_small_transformers(request, which, plain):
+    model = request.getfixturevalue(f"{which}_ir")
+    found = discover(strip_metadata_and_shapes(model) if plain else model)
+    cfg = SMALL_CONFIGS[which]["kwargs"]
+    layers = cfg.get("n_layer") or cfg["num_hidden_layers"]
+    heads = cfg.get("n_head") or cfg["num_attention_heads"]
+    hidden = cfg.get("n_embd") or cfg["hidden_size"]
+    kv_heads = cfg.get("num_key_value_heads", heads)
+    inner = cfg.get("intermediate_size", 4 * hidden)
+    assert found.blocks.count == layers
+    assert found.vocab_size == cfg["vocab_size"]
+    assert [(a.heads, a.head_dim, a.kv_heads) for a in found.attention] == [(heads, hidden // heads, kv_heads)] * layers
+    assert [(f.hidden, f.inner) for f in found.ffns] == [(hidden, inner)] * layers
+    assert [h.out_features for h in found.lm_heads] == [cfg["vocab_size"]]
+    if which == "llama":
+        assert found.attention[0].kv_groups == 2
+        assert all(f.gate is not None and f.activation == "silu" for f in found.ffns)
+        if not plain:
+            assert found.ffns[0].gate.name == "model.layers.0.mlp.gate_proj"
+            assert found.ffns[0].up.name == "model.layers.0.mlp.up_proj"
+    else:
+        assert all(f.gate is None and f.activation == "gelu_tanh" for f in found.ffns)
+
+
+@pytest.mark.parametrize("name, count", [("light_resnet50", 16), ("light_shufflenet", 13)])
+def test_residual_blocks_in_cnns(name, count):
+    found = discover(ir.load(LIGHT_DIR / f"{name}.onnx"))
+    assert found.blocks.count == count and found.blocks.source == "residual adds"
+
+
+def test_no_structures_in_a_plain_cnn():
+    found = discover(ir.load(LIGHT_DIR / "light_vgg19.onnx"))
+    assert found.blocks is None and found.attention == [] and found.ffns == []

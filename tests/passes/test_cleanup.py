@@ -1,0 +1,155 @@
+"""Cleanup passes are exact: outputs kept within fp32 rounding, never more nodes."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import onnx_ir as ir
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from onnx import TensorProto, helper, numpy_helper
+
+from slimgraph.ir import evaluate
+from slimgraph.ir.inputs import sample_inputs
+from slimgraph.passes import Pipeline
+from tests.conftest import LIGHT_MODELS
+
+
+def outputs_of(model: ir.Model, feeds) -> dict[str, np.ndarray]:
+    return evaluate.run(model, feeds)
+
+
+def assert_same_outputs(before: dict, after: dict, rtol: float = 1e-5) -> None:
+    assert list(before) == list(after)
+    for name in before:
+        scale = max(float(np.abs(before[name]).max()), 1e-30)
+        assert np.abs(before[name] - after[name]).max() <= rtol * scale, name
+
+
+def op_types(model: ir.Model) -> list[str]:
+    return [n.op_type for n in model.graph]
+
+
+@pytest.mark.parametrize(
+    "pipeline, gone",
+    [
+        ("remove-identity", ["Identity"]),
+        ("cse", ["relu_dup"]),
+        ("fold-constants", ["const_add"]),
+    ],
+)
+def test_each_cleanup_pass(mlp_model, pipeline, gone):
+    feeds = sample_inputs(mlp_model)
+    before = outputs_of(mlp_model, feeds)
+    report = Pipeline.parse(pipeline).run(mlp_model)
+    names = {n.name for n in mlp_model.graph} | set(op_types(mlp_model))
+    assert not set(gone) & names
+    assert report.records[0].modified
+    assert_same_outputs(before, outputs_of(mlp_model, feeds))
+
+
+def test_remove_unused_initializers(mlp_model):
+    Pipeline.parse("remove-unused-initializers").run(mlp_model)
+    assert "unused" not in mlp_model.graph.initializers
+    assert "fc1.weight" in mlp_model.graph.initializers
+
+
+def test_remove_dead_nodes(mlp_model):
+    dead = ir.node("Neg", [mlp_model.graph.inputs[0]], name="dead")
+    mlp_model.graph.append(dead)
+    report = Pipeline.parse("remove-dead-nodes").run(mlp_model)
+    assert "dead" not in {n.name for n in mlp_model.graph}
+    assert report.records[0].stats["nodes removed"] == 1
+
+
+def test_cleanup_runs_everything_and_reports(mlp_model):
+    feeds = sample_inputs(mlp_model)
+    before = outputs_of(mlp_model, feeds)
+    report = Pipeline.parse("cleanup").run(mlp_model)
+    assert op_types(mlp_model).count("Relu") == 1
+    assert "Identity" not in op_types(mlp_model)
+    assert report.after.nodes < report.before.nodes
+    stats = report.records[0].stats
+    assert stats["nodes removed"] == report.before.nodes - report.after.nodes
+    assert_same_outputs(before, outputs_of(mlp_model, feeds))
+    again = Pipeline.parse("cleanup").run(mlp_model)
+    assert not again.records[0].modified
+
+
+@pytest.mark.parametrize("path", LIGHT_MODELS, ids=lambda p: p.stem)
+def test_cleanup_keeps_model_zoo_outputs(path):
+    model = ir.load(path)
+    feeds = sample_inputs(model)
+    before = outputs_of(model, feeds)
+    report = Pipeline.parse("cleanup").run(model)
+    assert report.after.nodes <= report.before.nodes
+    assert_same_outputs(before, outputs_of(model, feeds))
+
+
+def test_cleanup_keeps_minilm_outputs(minilm):
+    feeds = minilm.meta["slimgraph.example_inputs"][0]
+    before = outputs_of(minilm, feeds)
+    report = Pipeline.parse("cleanup").run(minilm)
+    assert report.after.nodes <= report.before.nodes
+    assert_same_outputs(before, outputs_of(minilm, feeds))
+
+
+# --- property test: random small graphs -------------------------------------------------
+
+UNARY = ["Relu", "Neg", "Tanh", "Identity", "Abs"]
+BINARY = ["Add", "Mul", "Sub", "Max"]
+
+
+@st.composite
+def random_graphs(draw) -> onnx.ModelProto:
+    """A DAG of elementwise ops over x[2, 3] and small constants, with duplicates and dead ends."""
+    rng = np.random.default_rng(draw(st.integers(0, 2**16)))
+    values = ["x"]
+    constants = []
+    nodes = []
+    for i in range(draw(st.integers(1, 3))):
+        name = f"c{i}"
+        constants.append(numpy_helper.from_array(rng.uniform(-1, 1, (2, 3)).astype(np.float32), name))
+        values.append(name)
+    for i in range(draw(st.integers(2, 12))):
+        out = f"v{i}"
+        if draw(st.booleans()):
+            op = draw(st.sampled_from(UNARY))
+            ins = [draw(st.sampled_from(values))]
+        else:
+            op = draw(st.sampled_from(BINARY))
+            ins = [draw(st.sampled_from(values)), draw(st.sampled_from(values))]
+        nodes.append(helper.make_node(op, ins, [out], name=f"n{i}"))
+        if draw(st.integers(0, 3)) == 0 and nodes:  # an exact duplicate, for CSE
+            nodes.append(helper.make_node(op, ins, [f"{out}_dup"], name=f"n{i}_dup"))
+            values.append(f"{out}_dup")
+        values.append(out)
+    outputs = sorted({values[-1], draw(st.sampled_from(values[1:]))} - {"x"} - {c.name for c in constants})
+    if not outputs:
+        outputs = [values[-1]] if values[-1] != "x" else []
+    if not outputs or all(o.startswith("c") for o in outputs):
+        nodes.append(helper.make_node("Add", ["x", values[-1]], ["final"], name="final"))
+        outputs = ["final"]
+    graph = helper.make_graph(
+        nodes,
+        "random",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 3])],
+        [helper.make_tensor_value_info(o, TensorProto.FLOAT, [2, 3]) for o in outputs],
+        initializer=constants,
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    return model
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(random_graphs())
+def test_cleanup_is_exact_on_random_graphs(proto):
+    model = ir.serde.deserialize_model(proto)
+    feeds = {"x": np.random.default_rng(1).uniform(-2, 2, (2, 3)).astype(np.float32)}
+    before = outputs_of(model, feeds)
+    nodes_before = len(model.graph)
+    Pipeline.parse("cleanup").run(model, verify=False)
+    assert len(model.graph) <= nodes_before
+    assert_same_outputs(before, outputs_of(model, feeds))
