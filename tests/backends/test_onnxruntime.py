@@ -61,3 +61,14 @@ def test_bad_output_path(tmp_path, mlp_model, name, message):
 def test_unknown_backend(mlp_model):
     with pytest.raises(SlimgraphError, match="unknown backend 'tvm'"):
         slimgraph.compile(mlp_model, backend="tvm")
+
+
+def test_external_data_past_the_protobuf_limit(tmp_path, mlp_model, monkeypatch):
+    from slimgraph.ir import evaluate
+
+    monkeypatch.setattr(evaluate, "PROTO_LIMIT_BYTES", 100)  # pretend the 860-byte MLP is huge
+    path = slimgraph.compile(mlp_model).save(tmp_path / "big.onnx")
+    assert (tmp_path / "big.onnx.data").is_file()
+    feeds = sample_inputs(mlp_model)
+    np.testing.assert_array_equal(slimgraph.compile(slimgraph.load(path))(**feeds)["y"],
+                                  slimgraph.compile(mlp_model)(**feeds)["y"])
