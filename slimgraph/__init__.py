@@ -20,6 +20,7 @@ _EXPORTS = {
     "load": "slimgraph.frontend",
     "save": "slimgraph.api",
     "inspect": "slimgraph.api",
+    "diff": "slimgraph.api",
     "compile": "slimgraph.backends",
     "Pipeline": "slimgraph.passes",
     "Pass": "slimgraph.passes",
@@ -33,7 +34,7 @@ _EXPORTS = {
 __all__ = sorted(_EXPORTS)
 
 if TYPE_CHECKING:
-    from slimgraph.api import inspect, save
+    from slimgraph.api import diff, inspect, save
     from slimgraph.backends import compile
     from slimgraph.errors import FidelityError, SlimgraphError
     from slimgraph.frontend import load

@@ -8,6 +8,7 @@ from typing import Any
 
 import onnx_ir as ir
 
+from slimgraph.ir.diff import DiffResult, diff_models
 from slimgraph.ir.summary import ModelSummary, summarize
 
 
@@ -23,3 +24,14 @@ def inspect(source: Any, **load_options: Any) -> ModelSummary:
     from slimgraph.frontend import load
 
     return summarize(load(source, **load_options))
+
+
+def diff(a: Any, b: Any, *, weights: bool = False) -> DiffResult:
+    """What changed from model `a` to model `b` (models or anything `load` accepts)."""
+    from slimgraph.frontend import load
+
+    return diff_models(load(a), load(b), weights=weights, a_name=_name(a), b_name=_name(b))
+
+
+def _name(source: Any) -> str:
+    return str(source) if isinstance(source, (str, os.PathLike)) else type(source).__name__

@@ -1,7 +1,7 @@
-"""The `slimgraph` command: optimize, inspect, passes.
+"""The `slimgraph` command: optimize, inspect, diff, bench, passes.
 
 Exit codes: 0 success; 1 the fidelity budget was exceeded (or an exact pass changed the
-outputs); 2 user error (bad file, bad option, unsupported model), reported as one line on
+outputs), or `diff` found differences; 2 user error (bad file, bad option, unsupported model), reported as one line on
 stderr without a traceback unless --debug. Torch and transformers are imported only when a
 command needs them, so `slimgraph --help` stays fast.
 """
@@ -48,6 +48,23 @@ def build_parser() -> argparse.ArgumentParser:
     inspect = sub.add_parser("inspect", help="show statistics and detected structures of a model")
     inspect.add_argument("model")
     _common(inspect)
+
+    diff = sub.add_parser("diff", help="show what changed between two models (exit 1 when they differ)")
+    diff.add_argument("a")
+    diff.add_argument("b")
+    diff.add_argument("--weights", action="store_true", help="also compare weight values (relative L2)")
+    diff.add_argument("--depth", type=int, default=2, help="group changes under this many module-path segments "
+                                                          "(0: summary only; default 2)")
+    diff.add_argument("--only", choices=["added", "removed", "changed"], help="show only these changes")
+    _common(diff)
+
+    bench = sub.add_parser("bench", help="ONNX Runtime latency, throughput, memory and size (two models: ratios)")
+    bench.add_argument("models", nargs="+", metavar="MODEL", help="one model, or two to compare (B / A)")
+    bench.add_argument("--batch", default="1,8", help="comma-separated batch sizes (default 1,8)")
+    bench.add_argument("--seq", type=int, default=128, help="length of symbolic sequence dims (default 128)")
+    bench.add_argument("--runs", type=int, default=30, help="timed runs per model and batch (default 30)")
+    bench.add_argument("--threads", type=int, help="ONNX Runtime intra-op threads")
+    _common(bench)
 
     passes = sub.add_parser("passes", help="list passes, or show one pass's options")
     passes.add_argument("name", nargs="?")
@@ -138,6 +155,37 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_diff(args: argparse.Namespace) -> int:
+    from slimgraph.api import diff
+
+    result = diff(Path(args.a), Path(args.b), weights=args.weights)
+    if args.json:
+        _print_json(result.to_json())
+    else:
+        from slimgraph.report import print_renderable
+
+        print_renderable(result.render(depth=args.depth, only=args.only))
+    return 0 if result.identical else 1
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    from slimgraph.bench import bench, to_json
+
+    try:
+        batches = tuple(int(b) for b in args.batch.split(","))
+    except ValueError:
+        raise SlimgraphError(f"--batch {args.batch}: expected comma-separated integers, e.g. 1,8") from None
+    results = bench([Path(m) for m in args.models], batches=batches, sequence=args.seq, runs=args.runs,
+                    threads=args.threads)
+    if args.json:
+        sys.stdout.write(to_json(results) + "\n")
+    else:
+        from slimgraph.report import print_renderable, render_bench
+
+        print_renderable(render_bench(results))
+    return 0
+
+
 def cmd_passes(args: argparse.Namespace) -> int:
     from slimgraph.passes import all_pass_classes, get_pass_class
     from slimgraph.passes._infra.pipeline import pass_help
@@ -167,7 +215,8 @@ def cmd_passes(args: argparse.Namespace) -> int:
     return 0
 
 
-COMMANDS = {"optimize": cmd_optimize, "inspect": cmd_inspect, "passes": cmd_passes}
+COMMANDS = {"optimize": cmd_optimize, "inspect": cmd_inspect, "diff": cmd_diff, "bench": cmd_bench,
+            "passes": cmd_passes}
 
 
 # --- helpers ------------------------------------------------------------------------------

@@ -164,3 +164,23 @@ def llama_ir(llama_folder) -> ir.Model:
     from slimgraph.frontend import load
 
     return load(llama_folder)
+
+
+GOLDEN_DIR = Path(__file__).parent / "golden"
+
+
+def assert_golden(name: str, text: str) -> None:
+    """Compare with tests/golden/NAME; `UPDATE_GOLDEN=1 pytest ...` rewrites the file."""
+    path = GOLDEN_DIR / name
+    if os.environ.get("UPDATE_GOLDEN") == "1":
+        path.write_text(text)
+    assert path.is_file(), f"missing golden file {path}; run with UPDATE_GOLDEN=1"
+    assert text == path.read_text(), f"rendering differs from {path} (UPDATE_GOLDEN=1 to accept)"
+
+
+def render_text(renderable, width: int = 100) -> str:
+    from rich.console import Console
+
+    console = Console(width=width, record=True, color_system=None, force_terminal=False)
+    console.print(renderable)
+    return console.export_text()

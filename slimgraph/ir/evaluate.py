@@ -46,10 +46,12 @@ def serialized(model: ir.Model) -> Iterator[bytes | str]:
         yield str(path)
 
 
-def make_session(model: ir.Model, threads: int | None = None) -> ort.InferenceSession:
+def make_session(
+    model: ir.Model, threads: int | None = None, *, options: ort.SessionOptions | None = None
+) -> ort.InferenceSession:
     with serialized(model) as blob:
         try:
-            return ort.InferenceSession(blob, session_options(threads), providers=["CPUExecutionProvider"])
+            return ort.InferenceSession(blob, options or session_options(threads), providers=["CPUExecutionProvider"])
         except Exception as exc:  # ORT raises its own exception types for invalid graphs
             raise SlimgraphError(f"ONNX Runtime cannot load the model: {_first_line(exc)}") from exc
 

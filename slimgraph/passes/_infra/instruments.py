@@ -1,7 +1,7 @@
 """Instruments hook into the pipeline before and after each pass.
 
 - `Timing`: wall time of each pass.
-- `Journal`: which nodes and initializers each pass added, removed or changed.
+- `Journal`: which nodes (by module path) and initializers each pass added, removed or changed.
 - `Verify`: after every pass, structural checks (ONNX checker, an ORT session builds), then
   numerics against the *original* model: an exact pass must stay within fp32 relative 1e-4
   (max |y − y_ref| / max |y_ref|) or the run fails naming it; a lossy pass records cosine,
@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from typing import TYPE_CHECKING, Any, TextIO
 
 import numpy as np
@@ -23,7 +23,7 @@ import onnx_ir as ir
 from slimgraph.errors import FidelityError, SlimgraphError
 from slimgraph.ir import evaluate
 from slimgraph.ir.fidelity import EXACT_RTOL, compare
-from slimgraph.ir.structure import module_path
+from slimgraph.ir.diff import Change, describe, group_of, module_changes
 from slimgraph.passes._infra.base import Pass, PassContext
 
 if TYPE_CHECKING:
@@ -55,27 +55,20 @@ class Timing(Instrument):
 
 @dataclass
 class Changes:
-    """What one pass touched; nodes are described as 'module: op (name)'."""
+    """What one pass touched: node changes by module path, and initializer names."""
 
-    added_nodes: list[str] = field(default_factory=list)
-    removed_nodes: list[str] = field(default_factory=list)
-    changed_nodes: list[str] = field(default_factory=list)
+    nodes: list[Change] = field(default_factory=list)
     added_initializers: list[str] = field(default_factory=list)
     removed_initializers: list[str] = field(default_factory=list)
     changed_initializers: list[str] = field(default_factory=list)
 
-    def counts(self) -> dict[str, int]:
-        return {k: len(v) for k, v in self.__dict__.items()}
-
     def to_json(self) -> dict[str, Any]:
-        return dict(self.__dict__)
-
-
-def describe_node(node: ir.Node) -> str:
-    op = node.op_type if node.domain in ("", "ai.onnx") else f"{node.domain}.{node.op_type}"
-    scope = module_path(node)
-    where = f"{scope}: " if scope else ""
-    return f"{where}{op} ({node.name})" if node.name else f"{where}{op}"
+        return {
+            "nodes": [asdict(c) for c in self.nodes],
+            "added_initializers": self.added_initializers,
+            "removed_initializers": self.removed_initializers,
+            "changed_initializers": self.changed_initializers,
+        }
 
 
 def _node_signature(node: ir.Node) -> tuple:
@@ -92,19 +85,27 @@ def _initializer_signature(value: ir.Value) -> tuple:
 
 
 class Journal(Instrument):
+    """Records, per pass, the nodes and initializers it added, removed or changed."""
+
     def before_pass(self, pass_, model, ctx):
-        self._nodes = {node: _node_signature(node) for node in model.graph}
+        self._nodes = {node: (_node_signature(node), group_of(node), describe(node)) for node in model.graph}
         self._inits = {name: _initializer_signature(v) for name, v in model.graph.initializers.items()}
 
     def after_pass(self, pass_, model, ctx, record):
-        changes = Changes()
-        now = {node: _node_signature(node) for node in model.graph}
-        for node, signature in now.items():
-            if node not in self._nodes:
-                changes.added_nodes.append(describe_node(node))
-            elif self._nodes[node] != signature:
-                changes.changed_nodes.append(describe_node(node))
-        changes.removed_nodes = [describe_node(n) for n in self._nodes if n not in now]
+        now = list(model.graph)
+        present = set(now)
+        added = [(group_of(n), describe(n)) for n in now if n not in self._nodes]
+        removed = [(module, text) for n, (_, module, text) in self._nodes.items() if n not in present]
+        changes = Changes(nodes=module_changes(removed, added))
+        for node in now:
+            if node in self._nodes:
+                signature, module, before = self._nodes[node]
+                current = _node_signature(node)
+                if signature != current:
+                    what = [label for label, i in (("op", 0), ("inputs rewired", 2), ("attributes", 3))
+                            if signature[i] != current[i]]
+                    changes.nodes.append(Change(group_of(node), "changed", before=before, after=describe(node),
+                                                detail=", ".join(what)))
         inits = {name: _initializer_signature(v) for name, v in model.graph.initializers.items()}
         changes.added_initializers = [n for n in inits if n not in self._inits]
         changes.removed_initializers = [n for n in self._inits if n not in inits]

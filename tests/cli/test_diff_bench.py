@@ -1,0 +1,108 @@
+"""`slimgraph diff`, `bench` and `inspect --json` from the command line."""
+
+from __future__ import annotations
+
+import json
+from importlib import resources
+
+import jsonschema
+import onnx_ir as ir
+import pytest
+
+import slimgraph
+from slimgraph.cli import main
+from tests.cli.test_cli import run_cli
+from tests.conftest import LIGHT_DIR, LIGHT_MODELS, assert_golden, render_text
+
+
+def schema(name: str) -> dict:
+    return json.loads(resources.files("slimgraph").joinpath(f"schemas/{name}.schema.json").read_text())
+
+
+@pytest.fixture
+def mlp_pair(tmp_path, mlp_path):
+    out = tmp_path / "mlp-cleanup.onnx"
+    assert main(["optimize", str(mlp_path), "-p", "cleanup", "-o", str(out), "--json"]) == 0
+    return mlp_path, out
+
+
+def test_diff_exit_codes(mlp_pair, capsys):
+    a, b = mlp_pair
+    assert main(["diff", str(a), str(a)]) == 0
+    assert "identical" in capsys.readouterr().out
+    assert main(["diff", str(a), str(b)]) == 1
+    assert "different" in capsys.readouterr().out
+
+
+def test_diff_json_validates(mlp_pair, capsys):
+    a, b = mlp_pair
+    assert main(["diff", str(a), str(b), "--json", "--weights"]) == 1
+    data = json.loads(capsys.readouterr().out)
+    jsonschema.validate(data, schema("diff"))
+    assert data["identical"] is False and data["summary"]["nodes"] == {"a": 9, "b": 6}
+
+
+def test_diff_only_and_depth(mlp_pair, capsys):
+    a, b = mlp_pair
+    assert main(["diff", str(a), str(b), "--only", "added"]) == 1
+    text = capsys.readouterr().out
+    assert "removed" not in text and "rewired" not in text
+    assert main(["diff", str(a), str(b), "--depth", "0"]) == 1
+    assert "op counts" not in capsys.readouterr().out
+
+
+def test_diff_bad_input_exits_2(tmp_path, mlp_path):
+    bad = tmp_path / "bad.onnx"
+    bad.write_bytes(b"garbage")
+    result = run_cli("diff", str(mlp_path), str(bad))
+    assert result.returncode == 2 and len(result.stderr.strip().splitlines()) == 1
+    result = run_cli("diff", str(mlp_path), str(mlp_path), "--only", "moved")
+    assert result.returncode == 2 and "invalid choice" in result.stderr
+
+
+def test_python_diff_api(minilm_onnx, mlp_path):
+    result = slimgraph.diff(minilm_onnx, minilm_onnx, weights=True)
+    assert result.identical and result.weights == []
+    assert "slimgraph diff" in render_text(result.render())
+    assert json.loads(json.dumps(result.to_json()))["identical"]
+
+
+def test_optimize_ends_with_the_change_view(tmp_path, mlp_path, capsys):
+    assert main(["optimize", str(mlp_path), "-p", "cleanup", "-o", str(tmp_path / "o.onnx")]) == 0
+    text = capsys.readouterr().out
+    assert "changes made by cleanup" in text
+    assert "relu_dup" in text and "removed" in text
+
+
+def test_inspect_json_validates(minilm_onnx, capsys):
+    for model in [minilm_onnx, *LIGHT_MODELS]:
+        assert main(["inspect", str(model), "--json"]) == 0
+        jsonschema.validate(json.loads(capsys.readouterr().out), schema("inspect"))
+
+
+def test_inspect_golden(minilm_onnx):
+    from slimgraph.report import render_summary
+
+    assert_golden("inspect_minilm.txt", render_text(render_summary(slimgraph.inspect(minilm_onnx))))
+
+
+def test_bench_two_models(tmp_path, capsys):
+    model = LIGHT_DIR / "light_squeezenet.onnx"
+    copy = tmp_path / "copy.onnx"
+    slimgraph.save(ir.load(model), copy)
+    assert main(["bench", str(model), str(copy), "--batch", "1,2", "--runs", "2", "--json"]) == 0
+    data = json.loads(capsys.readouterr().out)
+    assert [len(m["latency"]) for m in data["models"]] == [2, 2]
+    first = data["models"][0]
+    assert first["latency"][1]["batch"] == 2 and first["latency"][1]["p50_ms"] > 0
+    assert first["peak_rss_mb"] > 0 and first["file_bytes"] == model.stat().st_size
+    assert set(data["ratios"]) >= {"file_bytes", "p50_batch1", "throughput_batch2"}
+    assert main(["bench", str(model), "--runs", "1", "--batch", "1"]) == 0
+    assert "samples/s" in capsys.readouterr().out
+
+
+def test_bench_bad_input():
+    result = run_cli("bench", str(LIGHT_DIR / "light_squeezenet.onnx"), "--batch", "one")
+    assert result.returncode == 2 and "--batch one" in result.stderr
+    result = run_cli("bench", str(LIGHT_DIR / "light_squeezenet.onnx"), str(LIGHT_DIR / "light_resnet50.onnx"))
+    assert result.returncode == 2 and "take different inputs" in result.stderr

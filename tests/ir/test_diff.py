@@ -1,0 +1,153 @@
+"""Diff on real pairs: identical after cleanup, one weight changed, renamed graphs, replaced ops."""
+
+from __future__ import annotations
+
+import json
+from importlib import resources
+
+import jsonschema
+import onnx_ir as ir
+import onnx_ir.passes.common as common
+import pytest
+
+from slimgraph.ir.diff import Change, diff_models, fold
+from slimgraph.passes import Pipeline
+from tests.conftest import LIGHT_DIR, assert_golden, copy_model, render_text
+
+DIFF_SCHEMA = json.loads(resources.files("slimgraph").joinpath("schemas/diff.schema.json").read_text())
+
+
+def validate(result) -> dict:
+    data = json.loads(json.dumps(result.to_json()))
+    jsonschema.validate(data, DIFF_SCHEMA)
+    return data
+
+
+def test_minilm_vs_cleanup_is_identical(minilm):
+    after = copy_model(minilm)
+    Pipeline.parse("cleanup").run(after)
+    result = diff_models(minilm, after, weights=True)
+    assert result.identical
+    assert result.matched["name"] == result.matched["a_nodes"] == len(minilm.graph)
+    assert validate(result)["identical"] is True
+
+
+def test_one_changed_weight_is_found_exactly(minilm):
+    changed = copy_model(minilm)
+    name = "encoder.layer.3.intermediate.dense.weight"
+    value = changed.graph.initializers[name]
+    value.const_value = ir.tensor(value.const_value.numpy() * 1.01, name=name)
+    assert diff_models(minilm, changed).identical  # structure alone is the same
+    result = diff_models(minilm, changed, weights=True)
+    assert not result.identical
+    assert [(w.name, w.shape) for w in result.weights] == [(name, (384, 1536))]
+    assert result.weights[0].rel_l2 == pytest.approx(0.01, rel=1e-4)
+    assert validate(result)["weights"][0]["name"] == name
+
+
+def test_renamed_resnet_matches_structurally():
+    original = ir.load(LIGHT_DIR / "light_resnet50.onnx")
+    renamed = original.clone()
+    for i, node in enumerate(renamed.graph):
+        node.name = f"renamed_{i}"
+    result = diff_models(original, renamed)
+    assert result.identical
+    assert result.matched["name"] == 0
+    assert result.matched["signature"] + result.matched["structure"] == len(original.graph)
+
+
+def test_everything_renamed_still_matches(minilm):
+    """No names, no scopes, no initializer names in common: only structure is left."""
+    scrambled = copy_model(minilm)
+    common.ClearMetadataAndDocStringPass()(scrambled)
+    for i, node in enumerate(scrambled.graph):
+        node.name = f"n{i}"
+    for i, value in enumerate(list(scrambled.graph.initializers.values())):
+        value.name = f"w{i}"
+    result = diff_models(minilm, scrambled, weights=True)
+    assert result.matched["structure"] == len(minilm.graph)
+    assert result.identical
+
+
+def gelu_to_relu(model: ir.Model) -> ir.Model:
+    changed = copy_model(model)
+    for node in changed.graph:
+        if node.op_type == "Gelu":
+            node.op_type = "Relu"
+            node.attributes.pop("approximate", None)
+    return changed
+
+
+def test_replaced_ops_fold_per_block(minilm):
+    result = diff_models(minilm, gelu_to_relu(minilm), a_name="minilm", b_name="minilm-relu")
+    folded = result.folded()
+    assert folded == [Change("encoder.layer.0–5.intermediate.intermediate_act_fn", "replaced", "Gelu", "Relu", count=6)]
+    assert result.op_delta() == {"Gelu": (6, 0), "Relu": (0, 6)}
+    assert result.rewired == []  # the down projections read the replacement: not a rewiring
+    assert validate(result)["changes"][0]["count"] == 6
+    assert_golden("diff_minilm_gelu_relu.txt", render_text(result.render()))
+
+
+def test_rewired_and_removed_render(mlp_model):
+    after = mlp_model.clone()
+    Pipeline.parse("cleanup").run(after)
+    result = diff_models(mlp_model, after, a_name="mlp.onnx", b_name="mlp-cleanup.onnx")
+    kinds = {(c.module, c.kind) for c in result.changes}
+    assert {("relu_dup", "removed"), ("identity", "removed"), ("half", "removed")} <= kinds
+    assert {c.module for c in result.rewired} == {"fc2", "sum_dup", "one"}
+    assert_golden("diff_mlp_cleanup.txt", render_text(result.render()))
+    assert_golden("diff_mlp_cleanup_depth0.txt", render_text(result.render(depth=0)))
+    removed_only = render_text(result.render(only="removed"))
+    assert "removed" in removed_only and "rewired" not in removed_only
+
+
+def test_changed_attributes_and_io():
+    from onnx import TensorProto, helper
+
+    def model(axis: int, out_dim: int):
+        graph = helper.make_graph(
+            [helper.make_node("Softmax", ["x"], ["y"], name="softmax", axis=axis)],
+            "g",
+            [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 3])],
+            [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2, out_dim])],
+        )
+        return ir.serde.deserialize_model(helper.make_model(graph))
+
+    result = diff_models(model(1, 3), model(0, 4))
+    assert result.changes == [Change("softmax", "changed", "Softmax", "Softmax", "axis 1 → 0")]
+    assert result.outputs == ["output y: float[2×3] → float[2×4]"]
+
+
+def test_fold_keeps_distinct_changes_apart():
+    changes = [
+        Change("layers.0.mlp", "removed", before="Relu"),
+        Change("layers.1.mlp", "removed", before="Relu"),
+        Change("layers.3.mlp", "removed", before="Relu"),
+        Change("layers.2.mlp", "removed", before="Gelu"),
+    ]
+    assert fold(changes) == [
+        Change("layers.{0,1,3}.mlp", "removed", before="Relu", count=3),
+        Change("layers.2.mlp", "removed", before="Gelu"),
+    ]
+
+
+def _generated_graphs():
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[2] / "benchmarks" / "diff.py"
+    spec = importlib.util.spec_from_file_location("bench_diff", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.generated
+
+
+def test_renamed_and_replaced_generated_graph():
+    generated = _generated_graphs()
+    a, b = generated(200), generated(200, rename=True, replace_every=50)
+    result = diff_models(a, b)
+    assert result.matched["structure"] == len(a.graph) == 1000
+    assert [(c.module, c.kind, c.before, c.after) for c in result.folded()] == [
+        (f"r{i}/act", "replaced", "Relu", "Sigmoid") for i in (0, 50, 100, 150)
+    ]
+    assert result.rewired == []
