@@ -168,6 +168,12 @@ def _attribute_text(attr: ir.Attr) -> str:
         return f"tensor[{_shape_text(tensor.shape)} {short_dtype(tensor.dtype)}]"
     if attr.type in (ir.AttributeType.GRAPH, ir.AttributeType.GRAPHS):
         return "graph"
+    # ONNX stores float attributes as float32: compare them at that precision, so that a
+    # model held in memory and the same model read back from disk are equal.
+    if attr.type == ir.AttributeType.FLOAT:
+        return repr(float(np.float32(attr.value)))
+    if attr.type == ir.AttributeType.FLOATS:
+        return repr([float(np.float32(v)) for v in attr.value])
     return repr(attr.value)
 
 
