@@ -125,12 +125,16 @@ def cmd_optimize(args: argparse.Namespace) -> int:
 
     model = load(model_path)
     ctx = PassContext(max_drop=max_drop)
-    if args.calib:
+    calib = args.calib or settings.get("calib")
+    if calib:
         from slimgraph.frontend.calibration import load_calibration
 
-        ctx.inputs, ctx.inputs_source = load_calibration(Path(args.calib), model)
+        ctx.inputs, ctx.inputs_source = load_calibration(Path(calib), model)
     with _progress(args, len(pipeline)) as instruments:
         report = pipeline.run(model, ctx, verify=not args.no_verify, instruments=instruments)
+    for record in report.records:
+        for warning in record.warnings:
+            sys.stderr.write(f"{PROG}: warning: {warning}\n")
     compile(model, backend=args.backend, external_data=args.external_data or None).save(output)
 
     if args.json:

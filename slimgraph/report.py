@@ -54,18 +54,15 @@ def render_pipeline_report(report: PipelineReport, output: str | None = None) ->
         _row(summary, "written", output)
 
     passes = Table(title="passes", title_justify="left", expand=False)
-    passes.add_column("pass")
+    passes.add_column("pass", overflow="fold")
     passes.add_column("time", justify="right")
-    passes.add_column("changed")
     passes.add_column("fidelity vs original")
-    passes.add_column("stats")
+    passes.add_column("what it did", overflow="fold")
     for record in report.records:
         seconds = f"{record.seconds:.2f} s" if record.seconds is not None else "-"
-        stats = ", ".join(f"{k}: {v}" for k, v in record.stats.items())
-        _row(
-            passes,
-            record.text, seconds, "yes" if record.modified else "no", _fidelity_cell(record.fidelity, record.exact), stats
-        )
+        did = "\n".join(f"{k}: {v}" for k, v in record.stats.items()) if record.modified else "nothing to change"
+        did += "".join(f"\nwarning: {w}" for w in record.warnings)
+        _row(passes, record.text, seconds, _fidelity_cell(record.fidelity, record.exact), did)
     parts = [Panel(summary, title="slimgraph optimize", expand=False), passes]
     for record in report.records:
         if record.changes and record.changes.nodes:

@@ -184,3 +184,40 @@ def render_text(renderable, width: int = 100) -> str:
     console = Console(width=width, record=True, color_system=None, force_terminal=False)
     console.print(renderable)
     return console.export_text()
+
+
+SENTENCES = (Path(__file__).parent / "data" / "sentences.txt").read_text().splitlines()
+MINILM_INPUTS = ["input_ids", "token_type_ids", "attention_mask"]
+
+
+class SentenceEval:
+    """MiniLM quality on real sentences: 32 for calibration, 64 held out for evaluation."""
+
+    def __init__(self, minilm_path: Path, reference: ir.Model) -> None:
+        from slimgraph.frontend.calibration import tokenize_lines
+        from slimgraph.ir import evaluate
+
+        self.calibration = tokenize_lines(minilm_path, SENTENCES[:32], MINILM_INPUTS)
+        self.evaluation = tokenize_lines(minilm_path, SENTENCES[32:], MINILM_INPUTS, batch=16)
+        session = evaluate.make_session(reference)
+        self.reference = [evaluate.run(session, f)["last_hidden_state"] for f in self.evaluation]
+        assert sum(f["input_ids"].shape[0] for f in self.evaluation) >= 64
+
+    def context(self):
+        from slimgraph.passes import PassContext
+
+        return PassContext(inputs=list(self.calibration), inputs_source="32 real sentences")
+
+    def cosines(self, model: ir.Model) -> np.ndarray:
+        """Per-sentence cosine of mean-pooled embeddings, quantized vs fp32."""
+        from slimgraph.ir import evaluate
+        from slimgraph.ir.fidelity import sentence_cosines
+
+        session = evaluate.make_session(model)
+        hidden = [evaluate.run(session, f)["last_hidden_state"] for f in self.evaluation]
+        return sentence_cosines(self.reference, hidden, [f["attention_mask"] for f in self.evaluation])
+
+
+@pytest.fixture(scope="session")
+def sentence_eval(minilm_path, _minilm_ir) -> SentenceEval:
+    return SentenceEval(minilm_path, _minilm_ir)

@@ -26,8 +26,14 @@ def load_calibration(path: Path, model: ir.Model) -> tuple[list[dict[str, np.nda
     lines = [line.strip() for line in path.read_text(errors="replace").splitlines() if line.strip()]
     if not lines:
         raise SlimgraphError(f"calibration file {path} has no samples")
-    feeds = _tokenize(lines, model, names, path)
-    return feeds, f"{path.name}: {len(lines)} samples"
+    source = model.meta.get(SOURCE_KEY)
+    folder = Path(source) if source else None
+    if folder is None or not has_tokenizer(folder):
+        raise SlimgraphError(
+            f"text calibration ({path.name}) needs a model loaded from a Hugging Face folder with a tokenizer; "
+            "use a .npz of input arrays instead"
+        )
+    return tokenize_lines(folder, lines, names), f"{path.name}: {len(lines)} samples"
 
 
 def _load_npz(path: Path, names: list[str]) -> dict[str, np.ndarray]:
@@ -42,24 +48,21 @@ def _load_npz(path: Path, names: list[str]) -> dict[str, np.ndarray]:
     return {n: arrays[n] for n in names}
 
 
-def _tokenize(lines: list[str], model: ir.Model, names: list[str], path: Path) -> list[dict[str, np.ndarray]]:
-    source = model.meta.get(SOURCE_KEY)
-    folder = Path(source) if source else None
-    if folder is None or not folder.is_dir() or not (
-        (folder / "tokenizer.json").is_file() or (folder / "tokenizer_config.json").is_file()
-    ):
-        raise SlimgraphError(
-            f"text calibration ({path.name}) needs a model loaded from a Hugging Face folder with a tokenizer; "
-            "use a .npz of input arrays instead"
-        )
+def has_tokenizer(folder: Path) -> bool:
+    return folder.is_dir() and ((folder / "tokenizer.json").is_file() or (folder / "tokenizer_config.json").is_file())
+
+
+def tokenize_lines(folder: Path, lines: list[str], names: list[str], batch: int = TEXT_BATCH
+                   ) -> list[dict[str, np.ndarray]]:
+    """Feeds for the model inputs `names`, `batch` lines at a time, with the folder's tokenizer."""
     import transformers
 
     tokenizer = transformers.AutoTokenizer.from_pretrained(folder, local_files_only=True)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token or tokenizer.unk_token
     feeds = []
-    for start in range(0, len(lines), TEXT_BATCH):
-        encoded = tokenizer(lines[start : start + TEXT_BATCH], padding=True, truncation=True, max_length=128,
+    for start in range(0, len(lines), batch):
+        encoded = tokenizer(lines[start : start + batch], padding=True, truncation=True, max_length=128,
                             return_tensors="np")
         missing = [n for n in names if n not in encoded]
         if missing:

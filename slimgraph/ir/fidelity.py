@@ -6,6 +6,7 @@
 
 from __future__ import annotations
 
+import re
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 
@@ -67,9 +68,12 @@ class Fidelity:
         }
 
 
+LOGITS_NAMES = re.compile(r"logit|prob|softmax|score|class", re.IGNORECASE)
+
+
 def is_logits_like(name: str, array: np.ndarray) -> bool:
-    """Classifier or LM outputs, where top-1 agreement means something."""
-    return array.ndim >= 2 and array.shape[-1] > 1 and ("logit" in name.lower() or array.ndim == 2)
+    """Classifier or LM outputs (by name: logits, probabilities, …), where top-1 agreement means something."""
+    return array.ndim >= 2 and array.shape[-1] > 1 and bool(LOGITS_NAMES.search(name))
 
 
 def compare_output(name: str, ref: np.ndarray, new: np.ndarray) -> OutputFidelity:
@@ -119,3 +123,18 @@ def compare(reference: Sequence[dict[str, np.ndarray]], candidate: Sequence[dict
             ref, new = ref.reshape(-1, last), new.reshape(-1, last)
         outputs.append(compare_output(name, ref, new))
     return Fidelity(tuple(outputs))
+
+
+def mean_pooled(hidden: np.ndarray, mask: np.ndarray) -> np.ndarray:
+    """Sentence embeddings: the mean of token states [B, S, D] over real tokens (mask [B, S])."""
+    weights = mask.astype(np.float64)[..., None]
+    return (hidden.astype(np.float64) * weights).sum(axis=1) / np.maximum(weights.sum(axis=1), 1e-9)
+
+
+def sentence_cosines(reference: list[np.ndarray], candidate: list[np.ndarray], masks: list[np.ndarray]) -> np.ndarray:
+    """Per-sentence cosine of mean-pooled embeddings, over batches of hidden states."""
+    cosines = []
+    for ref, new, mask in zip(reference, candidate, masks, strict=True):
+        a, b = mean_pooled(ref, mask), mean_pooled(new, mask)
+        cosines.append((a * b).sum(axis=1) / (np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1)))
+    return np.concatenate(cosines)

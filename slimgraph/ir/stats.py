@@ -91,22 +91,47 @@ def node_flops(node: ir.Node) -> int | None:
         # out: [N, Cout, *spatial]; w: [Cout, Cin/group, *kernel]
         return 2 * math.prod(out) * math.prod(w[1:])
     if node.domain == "com.microsoft" and node.op_type == "MatMulNBits":
-        a = _dims(node.inputs[0])
-        if not a:
+        rows = _dims(node.outputs[0]) or _dims(node.inputs[0])
+        if not rows:
             return None
-        return 2 * math.prod(a[:-1]) * node.attributes.get_int("K") * node.attributes.get_int("N")
+        return 2 * math.prod(rows[:-1]) * node.attributes.get_int("K") * node.attributes.get_int("N")
     return 0
 
 
+# Inputs of quantized ops that hold scales and zero points: quantization metadata, not parameters.
+QUANT_METADATA_INPUTS = {("com.microsoft", "MatMulNBits"): (2, 3), ("com.microsoft", "GatherBlockQuantized"): (2, 3)}
+
+
+def _logical_sizes(model: ir.Model) -> dict[str, int]:
+    """Parameter counts of quantized initializers: K·N for packed MatMulNBits weights, 0 for
+    scales and zero points (a packed tensor's size would count bytes, not weights)."""
+    sizes = {}
+    for node in model.graph:
+        metadata = QUANT_METADATA_INPUTS.get((node.domain, node.op_type))
+        if metadata is None:
+            continue
+        if node.op_type == "MatMulNBits" and node.inputs[1] is not None:
+            sizes[node.inputs[1].name] = node.attributes.get_int("K") * node.attributes.get_int("N")
+        for index in metadata:
+            if index < len(node.inputs) and node.inputs[index] is not None:
+                sizes[node.inputs[index].name] = 0
+    return sizes
+
+
 def model_stats(model: ir.Model) -> ModelStats:
-    """Statistics of `model` (infers shapes first when the graph carries few)."""
+    """Statistics of `model` (infers shapes first when the graph carries few).
+
+    `parameters` counts weights (a 4-bit weight is one parameter); `bytes` is what they
+    and their scales take.
+    """
     ensure_shapes(model)
     tensors = _constant_tensors(model)
+    logical = _logical_sizes(model)
     by_dtype: dict[str, int] = collections.Counter()
     parameters = 0
     for tensor in tensors:
         by_dtype[tensor.dtype.name.lower()] += tensor.nbytes
-        parameters += tensor.size
+        parameters += logical.get(tensor.name, tensor.size)
     histogram = collections.Counter(op_key(node) for node in ir.traversal.RecursiveGraphIterator(model.graph))
     flops, unknown = 0, 0
     for node in model.graph:

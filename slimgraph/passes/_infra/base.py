@@ -19,10 +19,12 @@ import onnx_ir as ir
 
 @dataclass
 class PassResult:
-    """What a pass did: whether it changed the model, and counts a person can read."""
+    """What a pass did: whether it changed the model, counts a person can read, and
+    warnings (e.g. "nothing to quantize") that the CLI shows on stderr."""
 
     modified: bool
     stats: dict[str, Any] = field(default_factory=dict)
+    warnings: list[str] = field(default_factory=list)
 
 
 @dataclass

@@ -84,6 +84,13 @@ def _initializer_signature(value: ir.Value) -> tuple:
     return (id(tensor), value.dtype, None if value.shape is None else tuple(value.shape))
 
 
+def _reads_only_new_nodes(node: ir.Node, old_inputs: tuple, known: dict) -> bool:
+    """Every input that changed now comes from a node this pass added."""
+    changed = [v for v, old in zip(node.inputs, old_inputs) if id(v) != old]
+    return bool(changed) and all(v is not None and v.producer() is not None and v.producer() not in known
+                                 for v in changed)
+
+
 class Journal(Instrument):
     """Records, per pass, the nodes and initializers it added, removed or changed."""
 
@@ -104,6 +111,8 @@ class Journal(Instrument):
                 if signature != current:
                     what = [label for label, i in (("op", 0), ("inputs rewired", 2), ("attributes", 3))
                             if signature[i] != current[i]]
+                    if what == ["inputs rewired"] and _reads_only_new_nodes(node, signature[2], self._nodes):
+                        continue  # it reads the replacement of a replaced node: shown as that replacement
                     changes.nodes.append(Change(group_of(node), "changed", before=before, after=describe(node),
                                                 detail=", ".join(what)))
         inits = {name: _initializer_signature(v) for name, v in model.graph.initializers.items()}

@@ -11,6 +11,7 @@ Recipe files (YAML or TOML) hold the same thing, with comments:
       - cleanup
       - quantize-weights: {bits: 4, group_size: 32}
     max_drop: 0.02
+    calib: minilm-calibration.txt   # relative to the recipe
 
 `pipeline` may also be one string in the text grammar.
 """
@@ -38,7 +39,7 @@ from slimgraph.passes._infra.options import convert, option_types, split_top_lev
 from slimgraph.passes._infra.registry import get_pass_class
 
 _PASS_TEXT = re.compile(r"^\s*([A-Za-z][\w-]*)\s*(?:\{(.*)\})?\s*$", re.DOTALL)
-RECIPE_KEYS = {"pipeline", "max_drop"}
+RECIPE_KEYS = {"pipeline", "max_drop", "calib"}
 
 
 def make_pass(name: str, options: Mapping[str, Any] | None = None) -> Pass:
@@ -88,6 +89,7 @@ class PassRecord:
     seconds: float | None = None
     fidelity: Fidelity | None = None
     changes: Changes | None = None
+    warnings: list[str] = field(default_factory=list)
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -99,6 +101,7 @@ class PassRecord:
             "seconds": self.seconds,
             "fidelity": self.fidelity.to_json() if self.fidelity else None,
             "changes": self.changes.to_json() if self.changes else None,
+            "warnings": self.warnings,
         }
 
 
@@ -148,10 +151,15 @@ class Pipeline:
 
     @classmethod
     def from_recipe(cls, path: str | Path) -> tuple[Pipeline, dict[str, Any]]:
-        """A pipeline and the recipe's other settings (e.g. max_drop) from a YAML or TOML file."""
+        """A pipeline and the recipe's other settings (max_drop, calib) from a YAML or TOML file.
+
+        A `calib` path is relative to the recipe file.
+        """
         data = load_recipe(Path(path))
         spec = data["pipeline"]
         settings = {k: v for k, v in data.items() if k != "pipeline"}
+        if "calib" in settings:
+            settings["calib"] = str(Path(path).parent / str(settings["calib"]))
         if isinstance(spec, str):
             return cls.parse(spec), settings
         if not isinstance(spec, Sequence):
@@ -214,7 +222,7 @@ class Pipeline:
             for instrument in active:
                 instrument.before_pass(pass_, model, ctx)
             result = pass_(model, ctx)
-            record.modified, record.stats = result.modified, dict(result.stats)
+            record.modified, record.stats, record.warnings = result.modified, dict(result.stats), list(result.warnings)
             for instrument in active:
                 instrument.after_pass(pass_, model, ctx, record)
             records.append(record)

@@ -20,6 +20,10 @@ BUILTIN_PASS_MODULES: dict[str, str] = {
     "remove-identity": "slimgraph.passes.cleanup",
     "cse": "slimgraph.passes.cleanup",
     "remove-unused-initializers": "slimgraph.passes.cleanup",
+    "quantize-weights": "slimgraph.passes.quantize.weights",
+    "quantize-dynamic": "slimgraph.passes.quantize.dynamic",
+    "ternarize": "slimgraph.passes.quantize.ternary",
+    "mixed-precision": "slimgraph.passes.quantize.mixed",
 }
 
 _REGISTRY: dict[str, type[Pass]] = {}

@@ -1,0 +1,1 @@
+"""Quantization passes: weight-only (MatMulNBits), dynamic int8, ternary, mixed precision."""

@@ -1,0 +1,153 @@
+"""mixed-precision: choose bits per linear layer under a size budget, then quantize each
+(MatMul/Gemm → MatMulNBits at the chosen bits; 32 in `candidates` means keep float).
+
+Sensitivity (EdgeMoE-style), on the calibration inputs:
+- measure=output (default): the model's own output error, 1 − cosine against the original,
+  with only that layer's weight replaced by its dequantized form, for every layer and width;
+- measure=layer (fast): the layer's relative output error ||X(W − Q_b(W))||² / ||XW||².
+Layer errors do not add up end to end (a layer at 2 bits can cost more than its share),
+which is why the default measures the model. Choice: start every layer at its widest
+candidate; while the model is over budget, make the narrowing that costs the least added
+error per byte saved (a greedy solution of the multiple-choice knapsack).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import ClassVar, Literal
+
+import numpy as np
+import onnx_ir as ir
+
+from slimgraph.errors import SlimgraphError
+from slimgraph.ir import evaluate
+from slimgraph.ir.fidelity import compare
+from slimgraph.ir.stats import human_bytes
+from slimgraph.passes._infra.base import Pass, PassContext, PassResult
+from slimgraph.passes._infra.registry import register_pass
+from slimgraph.passes.quantize.algorithms import gram, output_error
+from slimgraph.passes.quantize.calibration import linear_inputs
+from slimgraph.passes.quantize.packing import quantize_rtn
+from slimgraph.passes.quantize.rewrite import input_dtype, matmul_nbits, quantizable_linears, replace_linear, weight_matrix
+from slimgraph.passes.quantize.weights import GROUP_SIZES
+
+FLOAT = 32
+
+
+@dataclass(frozen=True)
+class Choice:
+    bits: int
+    nbytes: int
+    error: float
+
+
+def choose_bits(options: dict[str, list[Choice]], fixed_bytes: int, budget: int) -> dict[str, Choice]:
+    """Greedy: narrow the layer with the least error added per byte saved until within budget."""
+    chosen = {name: max(choices, key=lambda c: c.bits) for name, choices in options.items()}
+    total = fixed_bytes + sum(c.nbytes for c in chosen.values())
+    while total > budget:
+        best = None
+        for name, current in chosen.items():
+            for candidate in options[name]:
+                saved = current.nbytes - candidate.nbytes
+                if saved > 0:
+                    cost = max(candidate.error - current.error, 0.0) / saved
+                    if best is None or cost < best[0]:
+                        best = (cost, name, candidate)
+        if best is None:
+            break
+        _, name, candidate = best
+        total -= chosen[name].nbytes - candidate.nbytes
+        chosen[name] = candidate
+    return chosen
+
+
+def _model_error(model: ir.Model, linear, dequantized: np.ndarray, reference: list, ctx: PassContext) -> float:
+    """1 − cosine of the model's outputs with this linear's weight swapped for `dequantized`."""
+    value = linear.node.inputs[1]
+    original = value.const_value
+    if not value.is_initializer() or len(value.uses()) != 1:  # a tied weight: swapping it would touch others
+        raise SlimgraphError(f"mixed-precision: {linear.name} shares its weight; use measure=layer")
+    weight = dequantized.T if linear.node.op_type == "Gemm" and linear.node.attributes.get_int("transB", 0) else dequantized
+    value.const_value = ir.tensor(np.ascontiguousarray(weight).astype(original.dtype.numpy()), name=value.name)
+    try:
+        outputs = evaluate.run_all(model, ctx.inputs)
+    finally:
+        value.const_value = original
+    return compare(reference, outputs).drop
+
+
+@register_pass
+@dataclass(frozen=True, kw_only=True)
+class MixedPrecision(Pass):
+    """MatMul/Gemm → MatMulNBits with bits chosen per layer to minimise error under a size budget."""
+
+    name: ClassVar[str] = "mixed-precision"
+    exact: ClassVar[bool] = False
+    budget_mb: float
+    candidates: tuple[int, ...] = (8, 4, 2)
+    group_size: int = 32
+    measure: Literal["output", "layer"] = "output"
+    exclude: tuple[str, ...] = ()
+
+    def __post_init__(self) -> None:
+        if self.budget_mb <= 0:
+            raise SlimgraphError(f"{self.name}: budget_mb must be positive, got {self.budget_mb}")
+        if not self.candidates or any(b not in (2, 4, 8, FLOAT) for b in self.candidates):
+            raise SlimgraphError(f"{self.name}: candidates must be chosen from 2, 4, 8 and 32 (keep float), "
+                                 f"got {list(self.candidates)}")
+        if self.group_size not in GROUP_SIZES:
+            raise SlimgraphError(f"{self.name}: group_size must be a power of two from 16 to 256, got {self.group_size}")
+        if self.measure not in ("output", "layer"):
+            raise SlimgraphError(f"{self.name}: measure must be output or layer, got {self.measure!r}")
+
+    def run(self, model: ir.Model, ctx: PassContext) -> PassResult:
+        linears, skipped = quantizable_linears(model, self.exclude)
+        if not linears:
+            reason = "; ".join(skipped) or "no MatMul/Gemm with a constant 2-D weight"
+            return PassResult(False, {"linears quantized": 0}, warnings=[f"{self.name}: nothing to quantize ({reason})"])
+        activations = linear_inputs(model, linears, ctx) if self.measure == "layer" else {}
+        reference_outputs = evaluate.run_all(model, ctx.inputs) if self.measure == "output" else []
+        options: dict[str, list[Choice]] = {}
+        quantized = {}
+        linear_bytes = 0
+        for linear in linears:
+            weight = weight_matrix(linear)
+            linear_bytes += weight.nbytes
+            options[linear.name] = []
+            h = gram(activations[linear.name]) if self.measure == "layer" else None
+            for bits in self.candidates:
+                if bits == FLOAT:
+                    options[linear.name].append(Choice(FLOAT, weight.nbytes, 0.0))
+                    continue
+                q = quantize_rtn(weight, bits, self.group_size, symmetric=False)
+                quantized[linear.name, bits] = q
+                if h is not None:
+                    error = output_error(h, q.dequantize() - weight) / max(output_error(h, weight), 1e-30)
+                else:
+                    error = _model_error(model, linear, q.dequantize(), reference_outputs, ctx)
+                options[linear.name].append(Choice(bits, q.nbytes(), error))
+        other_bytes = sum(v.const_value.nbytes for v in model.graph.initializers.values() if v.const_value is not None)
+        other_bytes -= linear_bytes
+        budget = int(self.budget_mb * 1e6)
+        chosen = choose_bits(options, other_bytes, budget)
+        total = other_bytes + sum(c.nbytes for c in chosen.values())
+        if total > budget:
+            smallest = other_bytes + sum(min(c.nbytes for c in choices) for choices in options.values())
+            raise SlimgraphError(
+                f"{self.name}: budget_mb={self.budget_mb} is below the smallest reachable size "
+                f"{smallest / 1e6:.1f} MB (layers at {min(self.candidates)} bits)"
+            )
+        for linear in linears:
+            bits = chosen[linear.name].bits
+            if bits == FLOAT:
+                continue
+            node = matmul_nbits(model, linear, quantized[linear.name, bits], dtype=input_dtype(linear))
+            replace_linear(model, linear, [node], node.outputs[0])
+        histogram = {b: sum(c.bits == b for c in chosen.values()) for b in sorted(self.candidates, reverse=True)}
+        return PassResult(True, {
+            "bits chosen": ", ".join(f"{'float' if b == FLOAT else f'int{b}'}: {n}" for b, n in histogram.items() if n),
+            "size": f"{human_bytes(total)} (budget {human_bytes(budget)})",
+            f"summed {'output drop' if self.measure == 'output' else 'relative layer error'}":
+                f"{sum(c.error for c in chosen.values()):.4f}",
+        })

@@ -1,0 +1,105 @@
+"""quantize-weights on the trained MiniLM: fidelity floors on 64 held-out real sentences."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from slimgraph.errors import SlimgraphError
+from slimgraph.ir import evaluate
+from slimgraph.ir.inputs import sample_inputs
+from slimgraph.passes import Pipeline
+from tests.conftest import copy_model
+
+
+def quantized_cosine(minilm, sentence_eval, text: str) -> tuple[float, object]:
+    model = copy_model(minilm)
+    report = Pipeline.parse(text).run(model, sentence_eval.context())
+    return float(sentence_eval.cosines(model).mean()), report
+
+
+FLOORS = {  # the issue's acceptance floors
+    "quantize-weights{bits=8}": 0.999,
+    "quantize-weights": 0.96,  # int4 g32 rtn
+}
+
+
+@pytest.mark.parametrize("text", list(FLOORS))
+def test_rtn_fidelity_floor(minilm, sentence_eval, text):
+    cosine, report = quantized_cosine(minilm, sentence_eval, text)
+    assert cosine >= FLOORS[text]
+    record = report.records[0]
+    assert record.stats["linears quantized"] == 37
+    assert report.after.op_histogram["com.microsoft.MatMulNBits"] == 37
+    assert "MatMul" not in report.after.op_histogram or report.after.op_histogram["MatMul"] == 12  # attention only
+    assert report.after.bytes < report.before.bytes
+
+
+def test_awq_and_gptq_beat_rtn(minilm, sentence_eval):
+    rtn, _ = quantized_cosine(minilm, sentence_eval, "quantize-weights{bits=4,group_size=32}")
+    awq, awq_report = quantized_cosine(minilm, sentence_eval, "quantize-weights{bits=4,group_size=32,method=awq}")
+    gptq, _ = quantized_cosine(minilm, sentence_eval, "quantize-weights{bits=4,group_size=32,method=gptq}")
+    assert awq >= 0.98 and gptq >= 0.98
+    assert awq > rtn and gptq > rtn
+    assert awq_report.records[0].stats["calibration"] == "32 real sentences"
+
+
+def test_embeddings_and_exclude(minilm, sentence_eval):
+    cosine, report = quantized_cosine(
+        minilm, sentence_eval, "quantize-weights{embeddings=true,exclude=[pooler.*,*.output.dense]}"
+    )
+    stats = report.records[0].stats
+    assert stats["embeddings quantized"] == 3
+    assert stats["linears quantized"] == 37 - 1 - 12  # pooler, attention.output.dense and output.dense excluded
+    assert report.after.op_histogram["com.microsoft.GatherBlockQuantized"] == 3
+    assert report.after.bytes < 0.35 * report.before.bytes  # the 13 excluded layers stay float
+    assert cosine >= 0.96
+
+
+def test_gpt2_gemm_and_tied_lm_head(gpt2_ir):
+    model = copy_model(gpt2_ir)
+    feeds = sample_inputs(model, batch=2, sequence=9)
+    before = evaluate.run(model, feeds)["logits"]
+    report = Pipeline.parse("quantize-weights{bits=8}").run(model)
+    assert report.records[0].stats["linears quantized"] == 2 * 4 + 1  # c_attn, c_proj, c_fc, c_proj + lm_head
+    after = evaluate.run(model, feeds)["logits"]
+    assert report.records[0].fidelity.top1 >= 0.95
+    assert np.mean(before.argmax(-1) == after.argmax(-1)) >= 0.95
+
+
+def test_nothing_to_quantize_warns_and_keeps_the_model():
+    import onnx_ir as ir
+    from onnx import TensorProto, helper
+
+    graph = helper.make_graph([helper.make_node("Relu", ["x"], ["y"])], "g",
+                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2])])
+    model = ir.serde.deserialize_model(helper.make_model(graph))
+    report = Pipeline.parse("quantize-weights").run(model)
+    record = report.records[0]
+    assert not record.modified
+    assert record.warnings == ["quantize-weights: nothing to quantize (no MatMul/Gemm with a constant 2-D weight)"]
+    assert [n.op_type for n in model.graph] == ["Relu"]
+
+
+@pytest.mark.parametrize(
+    "text, message",
+    [
+        ("quantize-weights{bits=3}", "bits=3 is not a valid 2|4|8"),
+        ("quantize-weights{group_size=48}", "group_size must be a power of two from 16 to 256"),
+        ("quantize-weights{group_size=512}", "group_size must be a power of two from 16 to 256"),
+        ("quantize-weights{method=hqq}", "method=hqq is not a valid rtn|awq|gptq"),
+        ("quantize-weights{bits=2,embeddings=true}", "embeddings can be quantized to 4 or 8 bits"),
+        ("quantize-weights{accuracy_level=2}", "accuracy_level=2 is not a valid 0|4"),
+    ],
+)
+def test_bad_options(text, message):
+    with pytest.raises(SlimgraphError, match=message.replace("|", r"\|")):
+        Pipeline.parse(text)
+
+
+def test_python_api_validates_too():
+    from slimgraph.passes.quantize.weights import QuantizeWeights
+
+    with pytest.raises(SlimgraphError, match="bits must be 2, 4 or 8"):
+        QuantizeWeights(bits=3)
