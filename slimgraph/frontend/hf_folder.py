@@ -41,12 +41,9 @@ def load_folder(path: Path, *, example_inputs: Any = None, dynamic_shapes: Any =
     if dynamic_shapes is None:
         dynamic_shapes = {name: ({0: "batch", 1: "sequence"} if name in TEXT_INPUTS else {0: "batch"})
                           for name in example_inputs}
-    output_names = _output_names(model, example_inputs)
-
     from slimgraph.frontend.torch_module import load_module
 
-    ir_model = load_module(model, example_inputs=example_inputs, dynamic_shapes=dynamic_shapes,
-                           output_names=output_names, inputs_source=source)
+    ir_model = load_module(model, example_inputs=example_inputs, dynamic_shapes=dynamic_shapes, inputs_source=source)
     ir_model.meta[SOURCE_KEY] = str(path)
     return ir_model
 
@@ -100,14 +97,3 @@ def _forward_parameters(model: Any) -> set[str]:
     import inspect
 
     return set(inspect.signature(model.forward).parameters)
-
-
-def _output_names(model: Any, example_inputs: dict) -> list[str]:
-    """Name graph outputs after the model's output fields (last_hidden_state, logits, ...)."""
-    import torch
-
-    with torch.no_grad():
-        outputs = model(**example_inputs)
-    if hasattr(outputs, "keys"):
-        return [k for k, v in outputs.items() if isinstance(v, torch.Tensor)]
-    return []

@@ -40,6 +40,8 @@ def load_module(
         raise SlimgraphError(f"exporting {type(module).__name__} needs example_inputs (a tuple or dict of tensors)")
     args, kwargs = _split_inputs(example_inputs)
     module.eval()
+    if output_names is None:
+        output_names = _output_names(module, args, kwargs)
     model = _export(
         lambda: torch.onnx.export(
             module,
@@ -117,6 +119,17 @@ def name_linear_weights(model: ir.Model) -> int:
     return renamed
 
 
+def _output_names(module: Any, args: tuple, kwargs: dict) -> list[str] | None:
+    """Name graph outputs after a dict-like result's keys (a transformers ModelOutput: logits, …)."""
+    import torch
+
+    with torch.no_grad():
+        outputs = module(*args, **kwargs)
+    if hasattr(outputs, "keys"):
+        return [k for k, v in outputs.items() if isinstance(v, torch.Tensor)]
+    return None
+
+
 def _split_inputs(example_inputs: Any) -> tuple[tuple, dict]:
     if isinstance(example_inputs, dict):
         return (), dict(example_inputs)
@@ -178,6 +191,8 @@ def _export_reason(exc: BaseException) -> str:
     if ops:
         return f"unsupported op {ops[0]}"
     reason = _first_line(chain[-1])
+    if re.search(r"\w*Cache\b.* in output", text):
+        reason += " (a transformers model: set model.config.use_cache = False before exporting)"
     where = re.search(r'File "([^"]+)", line (\d+), in (\w+)', text)
     if where:
         reason += f" (at {Path(where.group(1)).name}:{where.group(2)} in {where.group(3)})"

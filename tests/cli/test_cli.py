@@ -216,3 +216,28 @@ def test_import_and_help_do_not_import_torch():
 def test_console_script_help():
     result = subprocess.run([str(Path(sys.executable).parent / "slimgraph"), "--help"], capture_output=True, text=True)
     assert result.returncode == 0 and "optimize" in result.stdout
+
+
+def test_quantize_cli_warning_and_bad_bits(tmp_path):
+    from onnx import TensorProto, helper, save
+
+    graph = helper.make_graph([helper.make_node("Relu", ["x"], ["y"])], "g",
+                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2])])
+    path = tmp_path / "relu.onnx"
+    save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), path)
+    out = tmp_path / "out.onnx"
+    result = run_cli("optimize", str(path), "-p", "quantize-weights", "-o", str(out))
+    assert result.returncode == 0
+    assert "slimgraph: warning: quantize-weights: nothing to quantize" in result.stderr
+    assert out.is_file()
+    result = run_cli("optimize", str(path), "-p", "quantize-weights{bits=3}", "-o", str(tmp_path / "o2.onnx"))
+    assert result.returncode == 2 and "bits=3 is not a valid 2|4|8" in result.stderr
+
+
+def test_recipe_with_calibration_file(tmp_path, minilm_path, capsys):
+    (tmp_path / "calib.txt").write_text("one sentence\nand another one\n")
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("pipeline: [cleanup]\ncalib: calib.txt\n")
+    assert main(["optimize", str(minilm_path), "--recipe", str(recipe), "-o", str(tmp_path / "m.onnx"), "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["inputs"] == "calib.txt: 2 samples"

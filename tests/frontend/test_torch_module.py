@@ -83,3 +83,13 @@ def test_export_failure_names_the_code():
 def test_module_needs_example_inputs():
     with pytest.raises(SlimgraphError, match="needs example_inputs"):
         load(TinyNet())
+
+
+def test_cache_output_gets_a_hint(llama_folder):
+    from slimgraph.frontend.hf_folder import load_transformers_model
+
+    model = load_transformers_model(llama_folder)
+    model.config.use_cache = True
+    ids = torch.randint(0, 1000, (2, 4))
+    with pytest.raises(SlimgraphError, match=r"set model.config.use_cache = False"):
+        load(model, example_inputs={"input_ids": ids, "attention_mask": torch.ones_like(ids)})

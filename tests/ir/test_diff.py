@@ -151,3 +151,23 @@ def test_renamed_and_replaced_generated_graph():
         (f"r{i}/act", "replaced", "Relu", "Sigmoid") for i in (0, 50, 100, 150)
     ]
     assert result.rewired == []
+
+
+def test_minilm_vs_int4_names_every_quantized_linear(minilm, tmp_path):
+    import slimgraph
+
+    quantized = copy_model(minilm)
+    Pipeline.parse("quantize-weights{bits=4,group_size=32}").run(quantized, verify=False)
+    slimgraph.save(quantized, tmp_path / "minilm-int4.onnx")  # diff what a user would: the written file
+    result = diff_models(minilm, slimgraph.load(tmp_path / "minilm-int4.onnx"), a_name="minilm", b_name="minilm-int4")
+    folded = result.folded()
+    replaced = {c.module: (c.before, c.after, c.count) for c in folded if c.kind == "replaced"}
+    assert len(replaced) == 7  # six linears per block, folded over the 6 layers, plus the pooler
+    assert replaced["encoder.layer.0–5.intermediate.dense"] == (
+        "MatMul [384×1536 f32] + Add [1536 f32]", "com.microsoft.MatMulNBits [384×1536 int4 g32]", 6)
+    assert replaced["pooler.dense"] == ("Gemm [384×384 f32]", "com.microsoft.MatMulNBits [384×384 int4 g32]", 1)
+    assert sum(c.count for c in folded if c.kind == "replaced") == 37
+    assert [c for c in folded if c.kind != "replaced"] == [] and result.rewired == []
+    assert result.op_delta()["com.microsoft.MatMulNBits"] == (0, 37)
+    validate(result)
+    assert_golden("diff_minilm_int4.txt", render_text(result.render()))

@@ -32,7 +32,7 @@ class PassContext:
     """What passes may need, passed explicitly (never global).
 
     `inputs` are the sample or calibration inputs (a list of feeds, name → array);
-    `reference` is the unmodified model the pipeline started from.
+    `reference` is the unmodified model the pipeline started from (kept when verifying).
     """
 
     inputs: list[dict[str, np.ndarray]] = field(default_factory=list)

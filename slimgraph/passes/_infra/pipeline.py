@@ -209,7 +209,8 @@ class Pipeline:
         needed = max((p.min_opset or 0 for p in self.passes), default=0)
         if needed:
             upgrade_opset(model, needed)
-        if ctx.reference is None:
+        if ctx.reference is None and verify:
+            # The original, for Verify; it shares tensors, but keeps the replaced ones alive.
             ctx.reference = model.clone()
         # Timing first so that the other instruments' work is not counted as the pass's.
         active: list[Instrument] = [Timing(), Journal(), *([Verify()] if verify else []), *instruments]

@@ -4,7 +4,8 @@ Cast(MatMulInteger(DynamicQuantizeLinear(x), W_int8)) · (x_scale · w_scale) [+
 W8A8 as onnxruntime's quantize_dynamic builds it: int8 weights (per output channel, or
 per tensor), activations quantized to uint8 per tensor at run time; one
 DynamicQuantizeLinear is shared by the linears that read the same input (q, k, v). The
-node pattern is the one ONNX Runtime fuses into MatMulIntegerToFloat.
+node pattern is the one ONNX Runtime fuses into MatMulIntegerToFloat. With embeddings=true,
+embedding tables become 8-bit GatherBlockQuantized (blocks of 32 along the embedding).
 """
 
 from __future__ import annotations
@@ -20,11 +21,15 @@ from slimgraph.passes._infra.registry import register_pass
 from slimgraph.passes.quantize.rewrite import (
     add_initializer,
     bias_vector,
+    embedding_tables,
     input_dtype,
     quantizable_linears,
+    quantize_embedding,
     replace_linear,
     weight_matrix,
 )
+
+EMBEDDING_BLOCK = 32
 
 
 def quantize_int8_symmetric(weight: np.ndarray, per_channel: bool) -> tuple[np.ndarray, np.ndarray]:
@@ -44,12 +49,14 @@ class QuantizeDynamic(Pass):
     name: ClassVar[str] = "quantize-dynamic"
     exact: ClassVar[bool] = False
     per_channel: bool = True
+    embeddings: bool = False
     exclude: tuple[str, ...] = ()
 
     def run(self, model: ir.Model, ctx: PassContext) -> PassResult:
         linears, skipped = quantizable_linears(model, self.exclude)
         linears = [lin for lin in linears if input_dtype(lin) == ir.DataType.FLOAT]
-        if not linears:
+        tables = embedding_tables(model, self.exclude) if self.embeddings else []
+        if not linears and not tables:
             reason = "; ".join(skipped) or "no MatMul/Gemm with a constant 2-D weight"
             return PassResult(False, {"linears quantized": 0}, warnings=[f"{self.name}: nothing to quantize ({reason})"])
         quantized_inputs: dict[ir.Value, ir.Node] = {}
@@ -77,6 +84,8 @@ class QuantizeDynamic(Pass):
                 nodes.append(ir.node("Add", [output.outputs[0], bias], name=f"{prefix}_bias"))
             replace_linear(model, linear, nodes, nodes[-1].outputs[0])
         stats = {"linears quantized": len(linears), "weights": "int8 per channel" if self.per_channel else "int8 per tensor"}
+        if self.embeddings:
+            stats["embeddings quantized"] = sum(quantize_embedding(model, t, 8, EMBEDDING_BLOCK, False) for t in tables)
         if skipped:
             stats["skipped"] = len(skipped)
         return PassResult(True, stats)

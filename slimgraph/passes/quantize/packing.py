@@ -120,9 +120,18 @@ def codes_for(blocks: np.ndarray, scale: np.ndarray, zp: np.ndarray, bits: int) 
     return np.clip(roundf(scaled), 0, (1 << bits) - 1).astype(np.uint8)
 
 
+CHUNK_ELEMENTS = 1 << 22  # quantize ~4M weights at a time: float temporaries stay ~16 MB each
+
+
 def quantize_rtn(weight: np.ndarray, bits: int, block_size: int, symmetric: bool) -> BlockQuantized:
-    """Round-to-nearest block quantization of a [K, N] weight (ORT-compatible)."""
-    blocks = blocks_of(weight, block_size)
-    scale, zp = scale_and_zero_point(blocks.min(axis=2), blocks.max(axis=2), bits, symmetric)
-    codes = codes_for(blocks, scale, zp, bits)
-    return BlockQuantized(codes.reshape(codes.shape[0], -1), scale, zp, bits, block_size, weight.shape[0])
+    """Round-to-nearest block quantization of a [K, N] weight (ORT-compatible), in column chunks."""
+    k, n = weight.shape
+    step = max(1, CHUNK_ELEMENTS // max(k, 1))
+    codes, scales, zps = [], [], []
+    for start in range(0, n, step):
+        blocks = blocks_of(weight[:, start : start + step], block_size)
+        scale, zp = scale_and_zero_point(blocks.min(axis=2), blocks.max(axis=2), bits, symmetric)
+        codes.append(codes_for(blocks, scale, zp, bits).reshape(blocks.shape[0], -1))
+        scales.append(scale)
+        zps.append(zp)
+    return BlockQuantized(np.concatenate(codes), np.concatenate(scales), np.concatenate(zps), bits, block_size, k)

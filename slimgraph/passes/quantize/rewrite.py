@@ -10,8 +10,8 @@ import numpy as np
 import onnx_ir as ir
 
 from slimgraph.errors import SlimgraphError
-from slimgraph.ir.structure import Linear, constant_tensor, find_linears, weight_tensor
-from slimgraph.passes.quantize.packing import BlockQuantized
+from slimgraph.ir.structure import Embedding, Linear, constant_tensor, find_embeddings, find_linears, weight_tensor
+from slimgraph.passes.quantize.packing import BlockQuantized, pack, quantize_rtn
 
 MS_DOMAIN = "com.microsoft"
 
@@ -56,7 +56,7 @@ def _unsupported(linear: Linear) -> str | None:
 def weight_matrix(linear: Linear) -> np.ndarray:
     """The [K, N] float32 weight of a linear, whatever its layout in the graph."""
     tensor, _, transposed = weight_tensor(linear.node.inputs[1])
-    w = tensor.numpy().astype(np.float32)
+    w = np.asarray(tensor.numpy(), dtype=np.float32)  # no copy when it already is float32
     if transposed:
         w = w.T
     if linear.node.op_type == "Gemm" and linear.node.attributes.get_int("transB", 0):
@@ -159,3 +159,56 @@ def input_dtype(linear: Linear) -> ir.DataType:
     if dtype not in (None, ir.DataType.FLOAT, ir.DataType.FLOAT16):
         raise SlimgraphError(f"{linear.name}: activations of type {dtype.name.lower()} cannot be quantized")
     return dtype or ir.DataType.FLOAT
+
+
+def embedding_tables(model: ir.Model, exclude: Sequence[str]) -> list[Embedding]:
+    """Embedding Gathers not excluded by a glob on their module path or table name."""
+    return [
+        table for table in find_embeddings(model)
+        if not any(fnmatch.fnmatchcase(name, p) for p in exclude for name in (table.name, table.table))
+    ]
+
+
+def quantize_embedding(model: ir.Model, table: Embedding, bits: int, block_size: int, symmetric: bool) -> bool:
+    """Gather(table, ids) → com.microsoft.GatherBlockQuantized, blocks along the embedding dimension.
+
+    4 bits: (u)int4 data; 8 bits: uint8 data with the `bits` attribute. False when the
+    embedding dimension is not a whole number of blocks (the table is left as it was).
+    """
+    node = table.node
+    if table.dim % block_size:
+        return False
+    weights = node.inputs[0].const_value.numpy().astype(np.float32)
+    q = quantize_rtn(np.ascontiguousarray(weights.T), bits, block_size, symmetric)
+    codes = q.codes[:, : table.dim]  # [rows, dim]
+    if bits == 4:
+        data_type = ir.DataType.INT4 if symmetric else ir.DataType.UINT4
+        # the symmetric (signed int4) layout stores code − 8
+        stored = (codes.astype(np.int16) - 8).astype(np.int8).view(np.uint8) if symmetric else codes
+        data = ir.PackedTensor(pack(stored, 4).reshape(-1), dtype=data_type, shape=ir.Shape(codes.shape))
+    else:
+        data = ir.tensor(codes)
+    inputs = [add_initializer(model, f"{table.table}.q{bits}", data), node.inputs[1],
+              add_initializer(model, f"{table.table}.scales", q.scales)]
+    if not symmetric:
+        zp = q.zero_points
+        zp_tensor = (ir.PackedTensor(pack(_even(zp), 4).reshape(-1), dtype=ir.DataType.UINT4, shape=ir.Shape(zp.shape))
+                     if bits == 4 else ir.tensor(zp))
+        inputs.append(add_initializer(model, f"{table.table}.zero_points", zp_tensor))
+    attributes = {"gather_axis": 0, "quantize_axis": 1, "block_size": block_size}
+    if bits != 4:
+        attributes["bits"] = bits
+    model.opset_imports.setdefault(MS_DOMAIN, 1)
+    new = ir.node("GatherBlockQuantized", inputs, attributes=attributes, domain=MS_DOMAIN,
+                  name=f"{node.name or table.table}_Q{bits}")
+    new.metadata_props.update(node.metadata_props)
+    model.graph.insert_before(node, new)
+    swap_output(model, [node], node.outputs[0], new.outputs[0])
+    return True
+
+
+def _even(values: np.ndarray) -> np.ndarray:
+    """Pad the last axis to an even length for 4-bit packing (the pad is never read)."""
+    if values.shape[-1] % 2 == 0:
+        return values
+    return np.concatenate([values, np.zeros((*values.shape[:-1], 1), values.dtype)], axis=-1)

@@ -5,7 +5,9 @@ Weights are quantized in blocks of `group_size` input channels per output column
 or 2 bits: rtn (round to nearest; bit-identical to onnxruntime's MatMulNBitsQuantizer),
 awq (activation-aware channel scales + clip search; the layer reads x / s through a Mul)
 or gptq (error feedback through the inverse Hessian). awq and gptq use the pipeline's
-calibration inputs (--calib), or synthesized ones, as the report says.
+calibration inputs (--calib), or synthesized ones, as the report says. accuracy_level=4
+lets onnxruntime quantize activations to int8 per block: faster, slightly lossy; for 8
+and 2 bits it is the only fast CPU kernel.
 """
 
 from __future__ import annotations
@@ -18,21 +20,19 @@ import onnx_ir as ir
 
 from slimgraph.errors import SlimgraphError
 from slimgraph.ir.stats import human_bytes
-from slimgraph.ir.structure import Embedding, find_embeddings
 from slimgraph.passes._infra.base import Pass, PassContext, PassResult
 from slimgraph.passes._infra.registry import register_pass
 from slimgraph.passes.quantize import algorithms
 from slimgraph.passes.quantize.calibration import linear_inputs
-from slimgraph.passes.quantize.packing import SUPPORTED_BITS, BlockQuantized, pack, quantize_rtn
+from slimgraph.passes.quantize.packing import SUPPORTED_BITS, BlockQuantized, quantize_rtn
 from slimgraph.passes.quantize.rewrite import (
-    MS_DOMAIN,
     add_initializer,
-    excluded,
+    embedding_tables,
     input_dtype,
     matmul_nbits,
     quantizable_linears,
+    quantize_embedding,
     replace_linear,
-    swap_output,
     weight_matrix,
 )
 
@@ -83,7 +83,7 @@ class QuantizeWeights(Pass):
 
     def run(self, model: ir.Model, ctx: PassContext) -> PassResult:
         linears, skipped = quantizable_linears(model, self.exclude)
-        tables = [e for e in find_embeddings(model) if not _excluded_embedding(e, self.exclude)] if self.embeddings else []
+        tables = embedding_tables(model, self.exclude) if self.embeddings else []
         if not linears and not tables:
             reason = "; ".join(skipped) or "no MatMul/Gemm with a constant 2-D weight"
             return PassResult(False, {"linears quantized": 0}, warnings=[f"{self.name}: nothing to quantize ({reason})"])
@@ -104,7 +104,7 @@ class QuantizeWeights(Pass):
                                 input_value=x, dtype=dtype)
             nodes.append(node)
             replace_linear(model, linear, nodes, node.outputs[0])
-        quantized_tables = [self._quantize_embedding(model, table) for table in tables]
+        quantized_tables = [quantize_embedding(model, t, self.bits, self.group_size, self.symmetric) for t in tables]
         stats = {
             "linears quantized": len(linears),
             "method": f"{self.method} int{self.bits} g{self.group_size}" + (" sym" if self.symmetric else ""),
@@ -116,56 +116,12 @@ class QuantizeWeights(Pass):
             stats["calibration"] = ctx.inputs_source
         if skipped:
             stats["skipped"] = len(skipped)
-        return PassResult(True, stats)
-
-    def _quantize_embedding(self, model: ir.Model, table: Embedding) -> bool:
-        """Gather(table, ids) → GatherBlockQuantized, blocks along the embedding dimension."""
-        node = table.node
-        if table.dim % self.group_size:
-            return False
-        weights = node.inputs[0].const_value.numpy().astype(np.float32)
-        q = quantize_rtn(np.ascontiguousarray(weights.T), self.bits, self.group_size, self.symmetric)
-        codes = q.codes[:, : table.dim]  # [rows, dim]
-        base = table.table
-        if self.bits == 4:
-            data_type = ir.DataType.INT4 if self.symmetric else ir.DataType.UINT4
-            # int4 codes are stored as value - 8 for the symmetric (signed) layout
-            stored = (codes.astype(np.int16) - 8).astype(np.int8) if self.symmetric else codes
-            data = ir.PackedTensor(pack(stored.astype(np.uint8), 4).reshape(-1), dtype=data_type,
-                                   shape=ir.Shape(codes.shape))
-        else:
-            data = ir.tensor(codes)
-        data_value = add_initializer(model, f"{base}.q{self.bits}", data)
-        scales = add_initializer(model, f"{base}.scales", q.scales)
-        inputs = [data_value, node.inputs[1], scales]
-        if not self.symmetric:
-            zp = q.zero_points
-            zp_tensor = (ir.PackedTensor(pack(_even(zp), 4).reshape(-1), dtype=ir.DataType.UINT4, shape=ir.Shape(zp.shape))
-                         if self.bits == 4 else ir.tensor(zp))
-            inputs.append(add_initializer(model, f"{base}.zero_points", zp_tensor))
-        attributes = {"gather_axis": 0, "quantize_axis": 1, "block_size": self.group_size}
-        if self.bits != 4:
-            attributes["bits"] = self.bits
-        model.opset_imports.setdefault(MS_DOMAIN, 1)
-        new = ir.node("GatherBlockQuantized", inputs, attributes=attributes, domain=MS_DOMAIN,
-                      name=f"{node.name or base}_Q{self.bits}")
-        new.metadata_props.update(node.metadata_props)
-        model.graph.insert_before(node, new)
-        swap_output(model, [node], node.outputs[0], new.outputs[0])
-        return True
-
-
-def _even(values: np.ndarray) -> np.ndarray:
-    """Pad the last axis to an even length for 4-bit packing (the pad is never read)."""
-    if values.shape[-1] % 2 == 0:
-        return values
-    return np.concatenate([values, np.zeros((*values.shape[:-1], 1), values.dtype)], axis=-1)
-
-
-def _excluded_embedding(table: Embedding, patterns: tuple[str, ...]) -> bool:
-    import fnmatch
-
-    return any(fnmatch.fnmatchcase(n, p) for p in patterns for n in (table.name, table.table))
+        warnings = []
+        if self.bits in (2, 8) and self.accuracy_level == 0:
+            warnings.append(f"{self.name}: onnxruntime's CPU kernel for {self.bits}-bit MatMulNBits at accuracy_level 0 "
+                            "is a slow fallback (measured 25-50x slower than fp32 in benchmarks/quantize.py); "
+                            "accuracy_level=4 is fast and costs little fidelity")
+        return PassResult(True, stats, warnings=warnings)
 
 
 def _initializer_bytes(model: ir.Model) -> int:
