@@ -5,9 +5,9 @@
     alternate), file size, and the cosine of mean-pooled sentence embeddings against fp32
     on 64 held-out real sentences.
 (b) A Llama-architecture model (random weights, fp32; about 0.5B parameters by default) at
-    batch 1, sequence 1: fp32 vs our quantize-weights int8/int4/int2 (accuracy_level 0, and
-    int4 at 4): latency ratio and bytes; and quantization time and peak memory of our pass
-    vs onnxruntime's MatMulNBitsQuantizer on the same model (each in a child process).
+    batch 1, sequence 1: fp32 vs our quantize-weights int8/int4/int2 at accuracy_level 0 and
+    4, and onnxruntime's own int4 model, latency ratio and bytes; and quantization time and
+    peak memory of our pass vs onnxruntime's MatMulNBitsQuantizer (each in a child process).
 
     .venv/bin/python benchmarks/quantize.py [--part a|b|all] [--runs N] [--layers N]
 """
@@ -141,18 +141,28 @@ if kind == "ours":
     import slimgraph
     from slimgraph.passes import Pipeline
     model = slimgraph.load(source)
-    Pipeline.parse("quantize-weights{bits=4,group_size=32}").run(model, verify=False)
+    Pipeline.parse("quantize-weights{bits=4,group_size=128,accuracy_level=4}").run(model, verify=False)
     slimgraph.save(model, target, external_data=True)
 else:
     import onnx
     from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
-    quantizer = MatMulNBitsQuantizer(onnx.load(source), bits=4, block_size=32, is_symmetric=False)
+    quantizer = MatMulNBitsQuantizer(onnx.load(source), bits=4, block_size=128, is_symmetric=False, accuracy_level=4)
     quantizer.process()
     quantizer.model.save_model_to_file(target, use_external_data_format=True)
 seconds = time.perf_counter() - start
 peak = int(re.search(r"VmHWM:\\s+(\\d+)", open("/proc/self/status").read()).group(1)) / 1024
 print(json.dumps({"seconds": seconds, "peak_mb": peak}))
 """
+
+VARIANTS = {  # name: quantize-weights options (group_size 32 unless given)
+    "int8": "bits=8",
+    "int8 acc4": "bits=8,accuracy_level=4",
+    "int4": "bits=4",
+    "int4 acc4": "bits=4,accuracy_level=4",
+    "int4 g128 acc4": "bits=4,group_size=128,accuracy_level=4",
+    "int2": "bits=2",
+    "int2 acc4": "bits=2,accuracy_level=4",
+}
 
 
 def part_b(runs: int, layers: int) -> None:
@@ -169,38 +179,42 @@ def part_b(runs: int, layers: int) -> None:
         parameters = export_llama(layers, source)
         print(f"(b) Llama {layers} layers, {parameters / 1e9:.2f}B parameters (random weights), exported in "
               f"{time.perf_counter() - start:.0f} s")
+        print("int4 g128 accuracy_level 4 quantization of the whole model, each in a child process:")
+        outputs = {}
+        for kind, label in (("ours", "slimgraph quantize-weights"), ("ort", "onnxruntime MatMulNBitsQuantizer")):
+            outputs[kind] = tmp / f"q_{kind}.onnx"
+            out = subprocess.run([sys.executable, "-c", _QUANTIZE_CHILD, kind, str(source), str(outputs[kind])],
+                                 capture_output=True, text=True, cwd=ROOT)
+            if out.returncode != 0:
+                print(f"  {label}: failed: {out.stderr.strip().splitlines()[-1]}")
+                continue
+            result = json.loads(out.stdout.strip().splitlines()[-1])
+            print(f"  {label:<36}{result['seconds']:>8.1f} s{result['peak_mb']:>10.0f} MB peak RSS")
         paths = {"fp32": source}
-        variants = {"int8": "bits=8", "int4": "bits=4", "int2": "bits=2", "int4 acc4": "bits=4,accuracy_level=4"}
-        for name, options in variants.items():
+        for name, options in VARIANTS.items():
             model = slimgraph.load(source)
-            Pipeline.parse(f"quantize-weights{{{options},group_size=32}}").run(model, verify=False)
+            options += "" if "group_size" in options else ",group_size=32"
+            Pipeline.parse(f"quantize-weights{{{options}}}").run(model, verify=False)
             paths[name] = slimgraph.save(model, tmp / f"{name.replace(' ', '_')}.onnx", external_data=True)
             del model
+        if outputs.get("ort", Path()).is_file():
+            paths["ort int4 g128 acc4"] = outputs["ort"]
         sessions = {name: evaluate.make_session(ir.load(path), options=spinning_off()) for name, path in paths.items()}
         feeds = {"input_ids": np.array([[1]], np.int64), "attention_mask": np.ones((1, 1), np.int64)}
         latency = alternate(sessions, feeds, runs)
-        print(f"batch 1, sequence 1, median of {runs} alternating runs; speedup = fp32 / model")
-        print(f"{'model':<12}{'ms':>9}{'speedup':>9}{'MB':>9}{'size x':>8}")
+        print(f"batch 1, sequence 1, median of {runs} alternating runs; speedup = fp32 / model "
+              "(acc4: accuracy_level 4; group 32 unless g128)")
+        print(f"{'model':<20}{'ms':>9}{'speedup':>9}{'MB':>9}{'size x':>8}")
         for name in paths:
-            print(f"{name:<12}{latency[name]:>9.2f}{latency['fp32'] / latency[name]:>9.2f}{file_mb(paths[name]):>9.0f}"
+            print(f"{name:<20}{latency[name]:>9.2f}{latency['fp32'] / latency[name]:>9.2f}{file_mb(paths[name]):>9.0f}"
                   f"{file_mb(paths['fp32']) / file_mb(paths[name]):>8.2f}")
-        del sessions
-        print("int4 g32 quantization of the whole model, each in a child process:")
-        for kind in ("ours", "onnxruntime MatMulNBitsQuantizer"):
-            out = subprocess.run([sys.executable, "-c", _QUANTIZE_CHILD, kind.split()[0], str(source),
-                                  str(tmp / f"q_{kind.split()[0]}.onnx")], capture_output=True, text=True, cwd=ROOT)
-            if out.returncode != 0:
-                print(f"  {kind}: failed: {out.stderr.strip().splitlines()[-1]}")
-                continue
-            result = json.loads(out.stdout.strip().splitlines()[-1])
-            print(f"  {kind:<36}{result['seconds']:>8.1f} s{result['peak_mb']:>10.0f} MB peak RSS")
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--part", choices=["a", "b", "all"], default="all")
     parser.add_argument("--runs", type=int, default=30)
-    parser.add_argument("--layers", type=int, default=24, help="Llama layers for (b); 24 gives about 0.5B parameters")
+    parser.add_argument("--layers", type=int, default=28, help="Llama layers for (b); 28 gives about 0.5B parameters")
     args = parser.parse_args()
     import warnings
 
