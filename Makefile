@@ -19,6 +19,7 @@ demo: $(STAMP)
 		--recipe recipes/minilm.yaml -o out/minilm.onnx
 
 test: $(STAMP)
+	$(VENV)/bin/ruff check slimgraph tests benchmarks examples
 	$(PY) -m pytest -q -n 2
 
 bench: $(STAMP)

@@ -30,7 +30,7 @@ import numpy as np
 import onnx_ir as ir
 
 from slimgraph.ir.stats import ModelStats, model_stats, op_key
-from slimgraph.ir.structure import constant_tensor, module_path, _strip_weight_suffix
+from slimgraph.ir.structure import _strip_weight_suffix, constant_tensor, module_path
 
 ChangeKind = Literal["added", "removed", "changed", "replaced"]
 KINDS: tuple[ChangeKind, ...] = ("replaced", "changed", "added", "removed")

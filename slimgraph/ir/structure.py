@@ -367,22 +367,6 @@ def _nearest_linear_and_width(start: ir.Value, linear_of: dict[ir.Node, Linear])
     return None, None
 
 
-def _walk_forward_to_linear(start: ir.Value, linear_of: dict[ir.Node, Linear]) -> Linear | None:
-    queue = collections.deque([start])
-    seen: set[ir.Value] = set()
-    while queue:
-        value = queue.popleft()
-        if value in seen or len(seen) > MAX_WALK:
-            continue
-        seen.add(value)
-        for consumer, _ in value.uses():
-            if consumer in linear_of:
-                return linear_of[consumer]
-            if consumer.op_type in SHAPE_ONLY_OPS | {"Transpose", "Cast", "Identity"}:
-                queue.extend(consumer.outputs)
-    return None
-
-
 def _find_producer(value: ir.Value, target: str, through: set[str]) -> ir.Node | None:
     """The nearest `target` op upstream of `value`, passing only `through` ops."""
     queue = collections.deque([value])
@@ -402,7 +386,9 @@ def _find_producer(value: ir.Value, target: str, through: set[str]) -> ir.Node |
     return None
 
 
-def _find_consumer(value: ir.Value, target: str, through: set[str]) -> tuple[ir.Node, ir.Value] | None:
+def _find_consumer(value: ir.Value, is_target, through: set[str]) -> tuple[ir.Node, ir.Value] | None:
+    """The nearest consumer downstream of `value` for which `is_target(node)`, passing only
+    `through` ops; returned with the value it reads."""
     queue = collections.deque([value])
     seen: set[ir.Value] = set()
     while queue:
@@ -411,7 +397,7 @@ def _find_consumer(value: ir.Value, target: str, through: set[str]) -> tuple[ir.
             continue
         seen.add(current)
         for consumer, _ in current.uses():
-            if consumer.op_type == target:
+            if is_target(consumer):
                 return consumer, current
             if consumer.op_type in through:
                 queue.extend(consumer.outputs)
@@ -463,12 +449,15 @@ def find_attention(model: ir.Model, linears: list[Linear]) -> list[Attention]:
         if not heads or not head_dim:
             continue
         v = o = None
-        weighted = _find_consumer(softmax.outputs[0], "MatMul", {"Cast", "Dropout", "Where", "Identity"})
+        weighted = _find_consumer(softmax.outputs[0], lambda n: n.op_type == "MatMul",
+                                  {"Cast", "Dropout", "Where", "Identity"})
         if weighted is not None:
             matmul, probs = weighted
             if matmul.inputs[0] is probs:
                 v, _ = _nearest_linear_and_width(matmul.inputs[1], linear_of)
-            o = _walk_forward_to_linear(matmul.outputs[0], linear_of)
+            projection = _find_consumer(matmul.outputs[0], linear_of.__contains__,
+                                        SHAPE_ONLY_OPS | {"Transpose", "Cast", "Identity"})
+            o = linear_of[projection[0]] if projection else None
         kv_heads = k_width // head_dim if k_width and k_width % head_dim == 0 else heads
         name = module_path(scores) or (_common_prefix([x.name for x in (q, k, v) if x]) or scores.name or "attention")
         found.append(Attention(name=name, heads=heads, head_dim=head_dim, kv_heads=kv_heads, q=q, k=k, v=v, o=o))

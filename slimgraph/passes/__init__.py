@@ -26,9 +26,9 @@ __all__ = [
 
 def __getattr__(name: str):
     # `from slimgraph.passes import FoldConstants` works without importing every pass module.
-    from slimgraph.passes._infra.registry import BUILTIN_PASS_MODULES, _REGISTRY
-
     import importlib
+
+    from slimgraph.passes._infra.registry import BUILTIN_PASS_MODULES
 
     for module in dict.fromkeys(BUILTIN_PASS_MODULES.values()):
         mod = importlib.import_module(module)

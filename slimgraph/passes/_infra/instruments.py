@@ -22,8 +22,8 @@ import onnx_ir as ir
 
 from slimgraph.errors import FidelityError, SlimgraphError
 from slimgraph.ir import evaluate
-from slimgraph.ir.fidelity import EXACT_RTOL, compare
 from slimgraph.ir.diff import Change, describe, group_of, module_changes
+from slimgraph.ir.fidelity import EXACT_RTOL, compare
 from slimgraph.passes._infra.base import Pass, PassContext
 
 if TYPE_CHECKING:

@@ -53,25 +53,25 @@ def _block_errors(h: np.ndarray, delta: np.ndarray, block_size: int) -> np.ndarr
 
 def quantize_clipped(weight: np.ndarray, h: np.ndarray, bits: int, block_size: int, symmetric: bool
                      ) -> BlockQuantized:
-    """RTN with the per-block clip ratio that minimises the output error."""
-    blocks = blocks_of(weight, block_size)
+    """RTN with, per block and output column, the clip ratio that minimises the output error."""
+    k = weight.shape[0]
+    blocks = blocks_of(weight, block_size)  # [N, B, g]
     low, high = blocks.min(axis=2), blocks.max(axis=2)
-    best_error = None
-    best = None
+    best_error = best_codes = best_scale = best_zp = None
     for ratio in CLIP_RATIOS:
         scale, zp = scale_and_zero_point(low * ratio, high * ratio, bits, symmetric)
         codes = codes_for(blocks, scale, zp, bits)
-        q = BlockQuantized(codes.reshape(codes.shape[0], -1), scale, zp, bits, block_size, weight.shape[0])
-        errors = _block_errors(h, q.dequantize() - weight, block_size)
-        if best is None:
-            best_error, best = errors, (codes, scale, zp)
+        candidate = BlockQuantized(codes.reshape(codes.shape[0], -1), scale, zp, bits, block_size, k)
+        errors = _block_errors(h, candidate.dequantize() - weight, block_size)  # [N, B]
+        if best_error is None:
+            best_error, best_codes, best_scale, best_zp = errors, codes, scale, zp
             continue
         better = errors < best_error
         best_error = np.where(better, errors, best_error)
-        best = tuple(np.where(better[..., None], new, old) if new.ndim == 3 else np.where(better, new, old)
-                     for new, old in zip((codes, scale, zp), best))
-    codes, scale, zp = best
-    return BlockQuantized(codes.reshape(codes.shape[0], -1), scale, zp, bits, block_size, weight.shape[0])
+        best_codes = np.where(better[:, :, None], codes, best_codes)
+        best_scale = np.where(better, scale, best_scale)
+        best_zp = np.where(better, zp, best_zp)
+    return BlockQuantized(best_codes.reshape(best_codes.shape[0], -1), best_scale, best_zp, bits, block_size, k)
 
 
 def quantize_awq(weight: np.ndarray, x: np.ndarray, bits: int, block_size: int, symmetric: bool

@@ -23,6 +23,7 @@ from slimgraph.passes.quantize.rewrite import (
     bias_vector,
     embedding_tables,
     input_dtype,
+    nothing_to_quantize,
     quantizable_linears,
     quantize_embedding,
     replace_linear,
@@ -57,8 +58,7 @@ class QuantizeDynamic(Pass):
         linears = [lin for lin in linears if input_dtype(lin) == ir.DataType.FLOAT]
         tables = embedding_tables(model, self.exclude) if self.embeddings else []
         if not linears and not tables:
-            reason = "; ".join(skipped) or "no MatMul/Gemm with a constant 2-D weight"
-            return PassResult(False, {"linears quantized": 0}, warnings=[f"{self.name}: nothing to quantize ({reason})"])
+            return nothing_to_quantize(self.name, skipped, "linears quantized")
         quantized_inputs: dict[ir.Value, ir.Node] = {}
         for linear in linears:
             x = linear.node.inputs[0]

@@ -28,8 +28,15 @@ from slimgraph.passes._infra.registry import register_pass
 from slimgraph.passes.quantize.algorithms import gram, output_error
 from slimgraph.passes.quantize.calibration import linear_inputs
 from slimgraph.passes.quantize.packing import quantize_rtn
-from slimgraph.passes.quantize.rewrite import input_dtype, matmul_nbits, quantizable_linears, replace_linear, weight_matrix
-from slimgraph.passes.quantize.weights import GROUP_SIZES
+from slimgraph.passes.quantize.rewrite import (
+    input_dtype,
+    matmul_nbits,
+    nothing_to_quantize,
+    quantizable_linears,
+    replace_linear,
+    weight_matrix,
+)
+from slimgraph.passes.quantize.weights import validate_group_size
 
 FLOAT = 32
 
@@ -96,16 +103,14 @@ class MixedPrecision(Pass):
         if not self.candidates or any(b not in (2, 4, 8, FLOAT) for b in self.candidates):
             raise SlimgraphError(f"{self.name}: candidates must be chosen from 2, 4, 8 and 32 (keep float), "
                                  f"got {list(self.candidates)}")
-        if self.group_size not in GROUP_SIZES:
-            raise SlimgraphError(f"{self.name}: group_size must be a power of two from 16 to 256, got {self.group_size}")
+        validate_group_size(self.name, self.group_size)
         if self.measure not in ("output", "layer"):
             raise SlimgraphError(f"{self.name}: measure must be output or layer, got {self.measure!r}")
 
     def run(self, model: ir.Model, ctx: PassContext) -> PassResult:
         linears, skipped = quantizable_linears(model, self.exclude)
         if not linears:
-            reason = "; ".join(skipped) or "no MatMul/Gemm with a constant 2-D weight"
-            return PassResult(False, {"linears quantized": 0}, warnings=[f"{self.name}: nothing to quantize ({reason})"])
+            return nothing_to_quantize(self.name, skipped, "linears quantized")
         activations = linear_inputs(model, linears, ctx) if self.measure == "layer" else {}
         reference_outputs = evaluate.run_all(model, ctx.inputs) if self.measure == "output" else []
         options: dict[str, list[Choice]] = {}

@@ -11,6 +11,7 @@ import onnx_ir as ir
 
 from slimgraph.errors import SlimgraphError
 from slimgraph.ir.structure import Embedding, Linear, constant_tensor, find_embeddings, find_linears, weight_tensor
+from slimgraph.passes._infra.base import PassResult
 from slimgraph.passes.quantize.packing import BlockQuantized, pack, quantize_rtn
 
 MS_DOMAIN = "com.microsoft"
@@ -35,6 +36,12 @@ def quantizable_linears(model: ir.Model, exclude: Sequence[str]) -> tuple[list[L
         else:
             chosen.append(linear)
     return chosen, skipped
+
+
+def nothing_to_quantize(pass_name: str, skipped: list[str], counter: str) -> PassResult:
+    """The result of a quantization pass that found nothing: unchanged model, one warning."""
+    reason = "; ".join(skipped) or "no MatMul/Gemm with a constant 2-D weight"
+    return PassResult(False, {counter: 0}, warnings=[f"{pass_name}: nothing to quantize ({reason})"])
 
 
 def _unsupported(linear: Linear) -> str | None:

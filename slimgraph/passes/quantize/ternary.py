@@ -20,7 +20,6 @@ from typing import ClassVar, Literal
 import numpy as np
 import onnx_ir as ir
 
-from slimgraph.errors import SlimgraphError
 from slimgraph.passes._infra.base import Pass, PassContext, PassResult
 from slimgraph.passes._infra.registry import register_pass
 from slimgraph.passes.quantize.calibration import linear_inputs
@@ -29,11 +28,12 @@ from slimgraph.passes.quantize.rewrite import (
     add_initializer,
     input_dtype,
     matmul_nbits,
+    nothing_to_quantize,
     quantizable_linears,
     replace_linear,
     weight_matrix,
 )
-from slimgraph.passes.quantize.weights import GROUP_SIZES
+from slimgraph.passes.quantize.weights import validate_group_size
 
 QAT_NOTE = "post-training ternarization of a method that needs quantization-aware training: expect a large loss"
 
@@ -70,14 +70,12 @@ class Ternarize(Pass):
     exclude: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
-        if self.group_size not in GROUP_SIZES:
-            raise SlimgraphError(f"{self.name}: group_size must be a power of two from 16 to 256, got {self.group_size}")
+        validate_group_size(self.name, self.group_size)
 
     def run(self, model: ir.Model, ctx: PassContext) -> PassResult:
         linears, skipped = quantizable_linears(model, self.exclude)
         if not linears:
-            reason = "; ".join(skipped) or "no MatMul/Gemm with a constant 2-D weight"
-            return PassResult(False, {"linears ternarized": 0}, warnings=[f"{self.name}: nothing to quantize ({reason})"])
+            return nothing_to_quantize(self.name, skipped, "linears ternarized")
         means = {}
         if self.method == "tequila":
             means = {name: x.mean(axis=0) for name, x in linear_inputs(model, linears, ctx).items()}

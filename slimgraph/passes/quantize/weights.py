@@ -30,6 +30,7 @@ from slimgraph.passes.quantize.rewrite import (
     embedding_tables,
     input_dtype,
     matmul_nbits,
+    nothing_to_quantize,
     quantizable_linears,
     quantize_embedding,
     replace_linear,
@@ -39,14 +40,18 @@ from slimgraph.passes.quantize.rewrite import (
 GROUP_SIZES = (16, 32, 64, 128, 256)
 
 
-def validate_bits_and_group(pass_name: str, bits: int, group_size: int) -> None:
-    if bits not in SUPPORTED_BITS:
-        raise SlimgraphError(f"{pass_name}: bits must be 2, 4 or 8 (MatMulNBits), got {bits}")
+def validate_group_size(pass_name: str, group_size: int) -> None:
     if group_size not in GROUP_SIZES:
         raise SlimgraphError(
             f"{pass_name}: group_size must be a power of two from 16 to 256 "
             f"({', '.join(map(str, GROUP_SIZES))}), got {group_size}"
         )
+
+
+def validate_bits_and_group(pass_name: str, bits: int, group_size: int) -> None:
+    if bits not in SUPPORTED_BITS:
+        raise SlimgraphError(f"{pass_name}: bits must be 2, 4 or 8 (MatMulNBits), got {bits}")
+    validate_group_size(pass_name, group_size)
 
 
 @register_pass
@@ -85,8 +90,7 @@ class QuantizeWeights(Pass):
         linears, skipped = quantizable_linears(model, self.exclude)
         tables = embedding_tables(model, self.exclude) if self.embeddings else []
         if not linears and not tables:
-            reason = "; ".join(skipped) or "no MatMul/Gemm with a constant 2-D weight"
-            return PassResult(False, {"linears quantized": 0}, warnings=[f"{self.name}: nothing to quantize ({reason})"])
+            return nothing_to_quantize(self.name, skipped, "linears quantized")
         before = _initializer_bytes(model)
         activations = linear_inputs(model, linears, ctx) if self.method != "rtn" else {}
         for linear in linears:
