@@ -9,6 +9,7 @@ command needs them, so `slimgraph --help` stays fast.
 from __future__ import annotations
 
 import argparse
+import inspect
 import json
 import sys
 from pathlib import Path
@@ -147,9 +148,9 @@ def cmd_optimize(args: argparse.Namespace) -> int:
 
 
 def cmd_inspect(args: argparse.Namespace) -> int:
-    from slimgraph.api import inspect
+    from slimgraph.api import inspect as inspect_model
 
-    summary = inspect(Path(args.model))
+    summary = inspect_model(Path(args.model))
     if args.json:
         _print_json(summary.to_json())
     else:
@@ -198,13 +199,14 @@ def cmd_passes(args: argparse.Namespace) -> int:
         cls = get_pass_class(args.name)
         options = pass_help(cls)
         if args.json:
-            _print_json({"name": cls.name, "exact": cls.exact, "doc": (cls.__doc__ or "").strip(),
+            _print_json({"name": cls.name, "exact": cls.exact, "summary": cls.summary(),
+                         "doc": inspect.getdoc(sys.modules[cls.__module__]) or "",
                          "options": [{"name": n, "type": t, "default": d} for n, t, d in options]})
             return 0
         print(f"{cls.name} ({'exact' if cls.exact else 'lossy'}): {cls.summary()}")
-        rest = (cls.__doc__ or "").strip().splitlines()[1:]
-        if any(line.strip() for line in rest):
-            print("\n".join(line.rstrip() for line in rest).strip("\n"))
+        module_doc = inspect.getdoc(sys.modules[cls.__module__])  # the rewrite, in detail
+        if module_doc:
+            print("\n" + module_doc + "\n")
         print("options:" if options else "options: none")
         for name, type_text, default in options:
             print(f"  {name}: {type_text} = {default}")

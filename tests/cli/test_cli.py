@@ -196,6 +196,12 @@ def test_passes_list_and_detail(capsys):
     assert json.loads(capsys.readouterr().out)["options"][1] == {"name": "max_rounds", "type": "int", "default": "4"}
 
 
+def test_ternarize_help_says_it_needs_qat(capsys):
+    assert main(["passes", "ternarize"]) == 0
+    text = capsys.readouterr().out
+    assert "post-training approximations of methods that need quantization-aware training" in " ".join(text.split())
+
+
 def test_unknown_pass_detail():
     result = run_cli("passes", "fold-constant")
     assert result.returncode == 2 and "did you mean 'fold-constants'" in result.stderr
