@@ -52,14 +52,20 @@ def has_tokenizer(folder: Path) -> bool:
     return folder.is_dir() and ((folder / "tokenizer.json").is_file() or (folder / "tokenizer_config.json").is_file())
 
 
-def tokenize_lines(folder: Path, lines: list[str], names: list[str], batch: int = TEXT_BATCH
-                   ) -> list[dict[str, np.ndarray]]:
-    """Feeds for the model inputs `names`, `batch` lines at a time, with the folder's tokenizer."""
+def load_tokenizer(folder: Path):
+    """The folder's tokenizer, able to pad (decoder-only models often have no pad token)."""
     import transformers
 
     tokenizer = transformers.AutoTokenizer.from_pretrained(folder, local_files_only=True)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token or tokenizer.unk_token
+    return tokenizer
+
+
+def tokenize_lines(folder: Path, lines: list[str], names: list[str], batch: int = TEXT_BATCH
+                   ) -> list[dict[str, np.ndarray]]:
+    """Feeds for the model inputs `names`, `batch` lines at a time, with the folder's tokenizer."""
+    tokenizer = load_tokenizer(folder)
     feeds = []
     for start in range(0, len(lines), batch):
         encoded = tokenizer(lines[start : start + batch], padding=True, truncation=True, max_length=128,

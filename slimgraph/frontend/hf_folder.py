@@ -16,6 +16,7 @@ import onnx_ir as ir
 
 from slimgraph.errors import SlimgraphError
 from slimgraph.frontend import SOURCE_KEY
+from slimgraph.frontend.calibration import has_tokenizer, load_tokenizer
 
 EXAMPLE_SENTENCES = [
     "The quick brown fox jumps over the lazy dog.",
@@ -70,12 +71,8 @@ def load_transformers_model(path: Path) -> Any:
 def _example_inputs(path: Path, model: Any) -> tuple[dict, str]:
     import torch
 
-    if (path / "tokenizer.json").is_file() or (path / "tokenizer_config.json").is_file():
-        import transformers
-
-        tokenizer = transformers.AutoTokenizer.from_pretrained(path, local_files_only=True)
-        if tokenizer.pad_token is None:
-            tokenizer.pad_token = tokenizer.eos_token or tokenizer.unk_token
+    if has_tokenizer(path):
+        tokenizer = load_tokenizer(path)
         encoded = tokenizer(EXAMPLE_SENTENCES, padding=True, return_tensors="pt")
         accepted = _forward_parameters(model)
         inputs = {k: v for k, v in encoded.items() if k in accepted}
