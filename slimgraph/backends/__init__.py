@@ -8,7 +8,7 @@ import onnx_ir as ir
 
 from slimgraph.errors import SlimgraphError
 
-BACKENDS = ("onnxruntime",)
+BACKENDS = ("onnxruntime", "pytorch")
 
 
 def compile(model: ir.Model, backend: str = "onnxruntime", **options: Any):  # noqa: A001 - the public name
@@ -17,4 +17,8 @@ def compile(model: ir.Model, backend: str = "onnxruntime", **options: Any):  # n
         from slimgraph.backends.onnxruntime import OnnxRuntimeArtifact
 
         return OnnxRuntimeArtifact(model, **options)
+    if backend == "pytorch":
+        from slimgraph.backends.pytorch import PyTorchArtifact
+
+        return PyTorchArtifact(model, **options)
     raise SlimgraphError(f"unknown backend '{backend}' (available: {', '.join(BACKENDS)})")

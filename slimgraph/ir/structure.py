@@ -592,13 +592,13 @@ def residual_adds(model: ir.Model, max_span: int = MAX_WALK) -> list[ir.Node]:
 
 
 def ensure_shapes(model: ir.Model) -> None:
-    """Run ONNX shape inference when most intermediate values have no shape.
+    """Run ONNX shape inference when some intermediate values have no shape.
 
     Attention heads are read from shapes, and a plain `.onnx` file often has none. This
     only adds shape information; the graph is otherwise unchanged.
     """
     values = [v for node in model.graph for v in node.outputs]
-    if values and sum(v.shape is None for v in values) > len(values) // 2:
+    if values and sum(v.shape is None for v in values) > 0:
         import onnx_ir.passes.common as common
 
         common.ShapeInferencePass(strict_mode=False)(model)

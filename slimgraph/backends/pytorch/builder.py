@@ -1,0 +1,201 @@
+"""IR → torch.fx.GraphModule: each ONNX node through its lowering; weights become
+parameters (float) or buffers (integer) under the initializer's dotted name
+(`encoder.layer.0.attention.self.query.weight`), so the module reads like one written by hand."""
+
+from __future__ import annotations
+
+import keyword
+import re
+from typing import Any
+
+import numpy as np
+import onnx_ir as ir
+import torch
+import torch.fx as fx
+
+from slimgraph.backends.pytorch.lowering import Dims, find_lowering
+from slimgraph.errors import SlimgraphError
+
+FLOAT_KINDS = "fc"  # numpy dtype kinds that become trainable parameters
+
+
+def identifier(name: str, fallback: str = "value") -> str:
+    """A valid Python identifier made from an ONNX name."""
+    text = re.sub(r"\W", "_", name or "") or fallback
+    if text[0].isdigit():
+        text = f"_{text}"
+    return f"{text}_" if keyword.iskeyword(text) else text
+
+
+class Builder:
+    """Holds the fx graph being built and what each IR value became."""
+
+    def __init__(self, model: ir.Model) -> None:
+        self.model = model
+        self.graph = fx.Graph()
+        self.tracer = fx.proxy.GraphAppendingTracer(self.graph)
+        self.root = torch.nn.Module()
+        self.values: dict[ir.Value, Any] = {}
+        self._tensor_names: dict[int, str] = {}  # id(array) → preferred attribute name
+        self._materialized: dict[int, fx.Proxy] = {}
+        self._attribute_names: set[str] = set()
+        self._keep: list[np.ndarray] = []  # arrays named by id must outlive the build
+
+    # --- reading inputs --------------------------------------------------------------------
+
+    def tensor(self, value: Any) -> fx.Proxy | None:
+        """Any input as a traced tensor (constants become parameters or buffers)."""
+        if value is None or isinstance(value, fx.Proxy):
+            return value
+        if isinstance(value, Dims):
+            known = value.known()
+            if known is not None:
+                return self.constant(known)
+            stacked = self.call(torch.stack, [self.call(torch.as_tensor, item) if isinstance(item, fx.Proxy)
+                                              else self.constant(np.array(item, np.int64)) for item in value.items])
+            return stacked.reshape(()) if value.scalar else stacked
+        if isinstance(value, np.ndarray):
+            return self.constant(value)
+        raise TypeError(f"cannot make a tensor of {type(value).__name__}")
+
+    def const(self, value: Any) -> np.ndarray | None:
+        """The input's value when it is known while building (constants, fully known Dims)."""
+        if isinstance(value, np.ndarray):
+            return value
+        if isinstance(value, Dims):
+            return value.known()
+        return None
+
+    def ints(self, value: Any) -> list:
+        """A 1-D int input as a list of Python ints and traced sizes (for shapes and axes)."""
+        if isinstance(value, Dims):
+            return list(value.items)
+        array = self.const(value)
+        if array is not None:
+            return [int(v) for v in np.asarray(array).reshape(-1)]
+        if isinstance(value, fx.Proxy):
+            return self.call(torch.Tensor.tolist, value)  # data-dependent: resolved at run time
+        raise SlimgraphError("pytorch backend: expected a 1-D integer input")
+
+    def dims(self, value: ir.Value, tensor: fx.Proxy) -> list:
+        """The shape of an input as a list: static sizes from the IR, `x.size(i)` for the rest."""
+        if value.shape is None:
+            raise SlimgraphError(f"pytorch backend: the rank of {value.name!r} is not known")
+        return [d if isinstance(d, int) else tensor.size(i) for i, d in enumerate(value.shape)]
+
+    # --- building ---------------------------------------------------------------------------
+
+    def call(self, fn, *args, **kwargs) -> fx.Proxy:
+        """Record fn(*args) in the graph (for functions that do not accept proxies)."""
+        node = self.graph.call_function(fn, tuple(_nodes(a) for a in args), {k: _nodes(v) for k, v in kwargs.items()})
+        return fx.Proxy(node, self.tracer)
+
+    def constant(self, array: np.ndarray, name: str | None = None) -> fx.Proxy:
+        """A constant as a parameter (float initializers: trainable) or a buffer."""
+        if name is not None:
+            self._keep.append(array)  # named helper constants are made per call: keep them for `id`
+        key = id(array)
+        if key in self._materialized:
+            return self._materialized[key]
+        name = self._unique_attribute(name or self._tensor_names.get(key) or "constant")
+        data = torch.from_numpy(np.array(array, order="C", copy=True))  # (ascontiguousarray makes 0-D 1-D)
+        if array.dtype.kind in FLOAT_KINDS and key in self._tensor_names:
+            _attach(self.root, name, torch.nn.Parameter(data, requires_grad=True))
+        else:
+            _attach(self.root, name, data, buffer=True)
+        proxy = fx.Proxy(self.graph.get_attr(name), self.tracer)
+        self._materialized[key] = proxy
+        return proxy
+
+    def _unique_attribute(self, name: str) -> str:
+        parts = [identifier(p) if not p.isdigit() else p for p in name.split(".")]
+        candidate, i = ".".join(parts), 1
+        while candidate in self._attribute_names or _clashes(candidate, self._attribute_names):
+            i += 1
+            candidate = f"{'.'.join(parts)}_{i}"
+        self._attribute_names.add(candidate)
+        return candidate
+
+    def build(self) -> fx.GraphModule:
+        from slimgraph.ir.structure import ensure_shapes
+
+        ensure_shapes(self.model)  # ranks and static sizes let lowerings write plain Python
+        graph = self.model.graph
+        for name, value in graph.initializers.items():
+            if value.const_value is not None:
+                array = _array(value.const_value)
+                self._keep.append(array)
+                self._tensor_names[id(array)] = name
+                self.values[value] = array
+        for value in graph.inputs:
+            if value in self.values:
+                continue  # an initializer listed as input (old opsets): a constant
+            placeholder = self.graph.placeholder(identifier(value.name, "input"))
+            self.values[value] = fx.Proxy(placeholder, self.tracer)
+        for node in graph:
+            self._lower(node)
+        outputs = [self.tensor(self.values[v]) for v in graph.outputs]
+        self.graph.output(tuple(p.node for p in outputs))
+        self.graph.lint()
+        return fx.GraphModule(self.root, self.graph, class_name="SlimgraphModule")
+
+    def _lower(self, node: ir.Node) -> None:
+        domain = "" if node.domain in ("", "ai.onnx") else node.domain
+        opset = self.model.opset_imports.get(domain, 1)
+        lowering = find_lowering(node, opset)
+        inputs = [self.values.get(v) if v is not None else None for v in node.inputs]
+        if lowering.tensors:
+            inputs = [self.tensor(x) for x in inputs]
+        try:
+            result = lowering.fn(self, node, *inputs)
+        except SlimgraphError:
+            raise
+        except Exception as exc:
+            raise SlimgraphError(
+                f"pytorch backend: lowering {node.op_type} (node {node.name or '(unnamed)'}) failed: {exc}"
+            ) from exc
+        results = result if isinstance(result, tuple) else (result,)
+        for value, produced in zip(node.outputs, results):
+            if value is not None and value.name:
+                self.values[value] = produced
+
+
+def _array(tensor: ir.TensorProtocol) -> np.ndarray:
+    """A tensor as numpy; 4-bit tensors as their packed bytes (torch has no int4)."""
+    if tensor.dtype in (ir.DataType.INT4, ir.DataType.UINT4):
+        return np.frombuffer(tensor.tobytes(), dtype=np.uint8).copy()
+    return tensor.numpy()
+
+
+def _nodes(arg: Any) -> Any:
+    """Proxies inside (nested) arguments → their fx nodes."""
+    if isinstance(arg, fx.Proxy):
+        return arg.node
+    if isinstance(arg, (list, tuple)):
+        return type(arg)(_nodes(a) for a in arg)
+    return arg
+
+
+def _clashes(name: str, taken: set[str]) -> bool:
+    """A name may not be both a tensor and a module above another tensor."""
+    return any(t.startswith(name + ".") or name.startswith(t + ".") for t in taken)
+
+
+def _attach(root: torch.nn.Module, dotted: str, tensor: torch.Tensor, buffer: bool = False) -> None:
+    *path, leaf = dotted.split(".")
+    module = root
+    for part in path:
+        if not hasattr(module, part):
+            module.add_module(part, torch.nn.Module())
+        module = getattr(module, part)
+    if buffer:
+        module.register_buffer(leaf, tensor)
+    else:
+        module.register_parameter(leaf, tensor)
+
+
+def build_module(model: ir.Model) -> fx.GraphModule:
+    """The model as a torch.fx.GraphModule returning a tuple of its outputs."""
+    from slimgraph.backends.pytorch import ops  # noqa: F401  (registers the lowerings)
+
+    return Builder(model).build()

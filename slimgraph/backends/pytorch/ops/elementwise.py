@@ -1,0 +1,193 @@
+"""Elementwise ONNX ops: unary math and activations, broadcasting binary ops, comparisons, logic."""
+
+from __future__ import annotations
+
+import operator
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from slimgraph.backends.pytorch.lowering import Dims, attr, lowers
+
+UNARY = {
+    "Abs": torch.abs, "Neg": torch.neg, "Exp": torch.exp, "Log": torch.log, "Sqrt": torch.sqrt,
+    "Reciprocal": torch.reciprocal, "Sigmoid": torch.sigmoid, "Tanh": torch.tanh, "Relu": torch.relu,
+    "Erf": torch.erf, "Sin": torch.sin, "Cos": torch.cos, "Tan": torch.tan, "Asin": torch.asin,
+    "Acos": torch.acos, "Atan": torch.atan, "Sinh": torch.sinh, "Cosh": torch.cosh, "Asinh": torch.asinh,
+    "Acosh": torch.acosh, "Atanh": torch.atanh, "Floor": torch.floor, "Ceil": torch.ceil,
+    "Round": torch.round, "Sign": torch.sign, "Not": torch.logical_not, "IsNaN": torch.isnan,
+    "Softsign": F.softsign, "Mish": F.mish, "BitwiseNot": torch.bitwise_not,
+}
+
+
+def _unary(fn):
+    return lambda ctx, node, x: fn(x)
+
+
+for _op, _fn in UNARY.items():
+    lowers(_op)(_unary(_fn))
+
+
+@lowers("Identity")
+def identity(ctx, node, x):
+    return x
+
+
+@lowers("Softplus")
+def softplus(ctx, node, x):
+    return torch.log1p(torch.exp(-torch.abs(x))) + torch.relu(x)  # stable log(1 + e^x)
+
+
+@lowers("IsInf")
+def isinf(ctx, node, x):
+    positive, negative = attr(node, "detect_positive", 1), attr(node, "detect_negative", 1)
+    if positive and negative:
+        return torch.isinf(x)
+    if positive:
+        return torch.isposinf(x)
+    if negative:
+        return torch.isneginf(x)
+    return torch.zeros_like(x, dtype=torch.bool)
+
+
+@lowers("Elu")
+def elu(ctx, node, x):
+    return F.elu(x, alpha=attr(node, "alpha", 1.0))
+
+
+@lowers("Celu")
+def celu(ctx, node, x):
+    return F.celu(x, alpha=attr(node, "alpha", 1.0))
+
+
+@lowers("Selu")
+def selu(ctx, node, x):
+    alpha, gamma = attr(node, "alpha", 1.67326319217681884765625), attr(node, "gamma", 1.05070102214813232421875)
+    return gamma * torch.where(x > 0, x, alpha * (torch.exp(x) - 1))
+
+
+@lowers("LeakyRelu")
+def leaky_relu(ctx, node, x):
+    return F.leaky_relu(x, attr(node, "alpha", 0.01))
+
+
+@lowers("ThresholdedRelu")
+def thresholded_relu(ctx, node, x):
+    return torch.where(x > attr(node, "alpha", 1.0), x, torch.zeros_like(x))
+
+
+@lowers("HardSigmoid")
+def hard_sigmoid(ctx, node, x):
+    return torch.clamp(attr(node, "alpha", 0.2) * x + attr(node, "beta", 0.5), 0, 1)
+
+
+@lowers("HardSwish")
+def hard_swish(ctx, node, x):
+    return x * torch.clamp(x / 6 + 0.5, 0, 1)
+
+
+@lowers("Gelu")
+def gelu(ctx, node, x):
+    return F.gelu(x, approximate=attr(node, "approximate", "none"))
+
+
+@lowers("PRelu")
+def prelu(ctx, node, x, slope):
+    return torch.where(x < 0, x * slope, x)
+
+
+@lowers("Clip", since=11)
+def clip(ctx, node, x, low=None, high=None):
+    if low is not None:
+        x = torch.maximum(x, low.to(x.dtype))
+    if high is not None:
+        x = torch.minimum(x, high.to(x.dtype))
+    return x
+
+
+@lowers("Clip", until=10)
+def clip_attributes(ctx, node, x):
+    return torch.clamp(x, attr(node, "min", float("-inf")), attr(node, "max", float("inf")))
+
+
+# --- binary ---------------------------------------------------------------------------------
+
+SHAPE_ARITHMETIC = {"Add": operator.add, "Sub": operator.sub, "Mul": operator.mul, "Div": operator.floordiv}
+
+
+def _shape_arithmetic(ctx, op, a, b):
+    """Add/Sub/Mul/Div on shape values stays Python arithmetic (x.size(0) * 12)."""
+    left, right = ctx.ints(a), ctx.ints(b)
+    scalar = all(isinstance(v, Dims) and v.scalar or isinstance(v, np.ndarray) and v.ndim == 0 for v in (a, b))
+    if len(left) == 1:
+        left = left * len(right)
+    if len(right) == 1:
+        right = right * len(left)
+    return Dims([op(x, y) for x, y in zip(left, right)], scalar=scalar)
+
+
+def _is_shape_value(v) -> bool:
+    return isinstance(v, Dims) or (isinstance(v, np.ndarray) and v.dtype.kind == "i" and v.size <= 8)
+
+
+def _binary(op_type, fn):
+    def lower(ctx, node, a, b):
+        if op_type in SHAPE_ARITHMETIC and (isinstance(a, Dims) or isinstance(b, Dims)) and _is_shape_value(a) \
+                and _is_shape_value(b):
+            return _shape_arithmetic(ctx, SHAPE_ARITHMETIC[op_type], a, b)
+        if op_type == "Div" and node.inputs[0].dtype is not None and node.inputs[0].dtype.is_integer():
+            return torch.div(ctx.tensor(a), ctx.tensor(b), rounding_mode="trunc")  # ONNX integer Div truncates
+        return fn(ctx.tensor(a), ctx.tensor(b))
+
+    return lower
+
+
+BINARY = {
+    "Add": torch.add, "Sub": torch.sub, "Mul": torch.mul, "Div": torch.div,
+    "Equal": torch.eq, "Greater": torch.gt, "Less": torch.lt, "GreaterOrEqual": torch.ge, "LessOrEqual": torch.le,
+    "And": torch.logical_and, "Or": torch.logical_or, "Xor": torch.logical_xor,
+    "BitwiseAnd": torch.bitwise_and, "BitwiseOr": torch.bitwise_or, "BitwiseXor": torch.bitwise_xor,
+}
+for _op, _fn in BINARY.items():
+    lowers(_op, tensors=False)(_binary(_op, _fn))
+
+
+@lowers("Pow")
+def pow_(ctx, node, base, exponent):
+    return torch.pow(base, exponent).to(base.dtype)
+
+
+@lowers("Mod")
+def mod(ctx, node, a, b):
+    return torch.fmod(a, b) if attr(node, "fmod", 0) else torch.remainder(a, b)
+
+
+@lowers("BitShift")
+def bit_shift(ctx, node, x, amount):
+    return torch.bitwise_left_shift(x, amount) if attr(node, "direction") == "LEFT" else torch.bitwise_right_shift(x, amount)
+
+
+def _variadic(fn):
+    def lower(ctx, node, *inputs):
+        result = inputs[0]
+        for other in inputs[1:]:
+            result = fn(result, other)
+        return result
+
+    return lower
+
+
+lowers("Max")(_variadic(torch.maximum))
+lowers("Min")(_variadic(torch.minimum))
+lowers("Sum")(_variadic(torch.add))
+
+
+@lowers("Mean")
+def mean(ctx, node, *inputs):
+    return _variadic(torch.add)(ctx, node, *inputs) / len(inputs)
+
+
+@lowers("Where")
+def where(ctx, node, condition, x, y):
+    return torch.where(condition, x, y)

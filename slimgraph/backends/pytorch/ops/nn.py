@@ -1,0 +1,134 @@
+"""Neural-network ops: softmax, normalizations, convolution, pooling."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from slimgraph.backends.pytorch.lowering import attr, lowers
+from slimgraph.errors import SlimgraphError
+
+
+@lowers("Softmax", since=13)
+def softmax(ctx, node, x):
+    return torch.softmax(x, attr(node, "axis", -1))
+
+
+@lowers("LogSoftmax", since=13)
+def log_softmax(ctx, node, x):
+    return torch.log_softmax(x, attr(node, "axis", -1))
+
+
+def _flattened(fn):
+    """Opset < 13: softmax over the input flattened to 2-D at `axis`."""
+
+    def lower(ctx, node, x):
+        axis = attr(node, "axis", 1)
+        rank = len(node.inputs[0].shape)
+        axis = axis + rank if axis < 0 else axis
+        flat = x.reshape(x.shape[:axis].numel() if axis else 1, -1)
+        return fn(flat, 1).reshape(x.shape)
+
+    return lower
+
+
+lowers("Softmax", until=12)(_flattened(torch.softmax))
+lowers("LogSoftmax", until=12)(_flattened(torch.log_softmax))
+
+
+@lowers("LayerNormalization")
+def layer_norm(ctx, node, x, scale, bias=None):
+    axis = attr(node, "axis", -1)
+    rank = len(node.inputs[0].shape)
+    axis = axis + rank if axis < 0 else axis
+    dims = tuple(range(axis, rank))
+    epsilon = attr(node, "epsilon", 1e-5)
+    if len(node.outputs) == 1 and all(isinstance(d, int) for d in node.inputs[0].shape[axis:]):
+        return F.layer_norm(x, tuple(node.inputs[0].shape[axis:]), scale, bias, epsilon)
+    mean = torch.mean(x, dims, keepdim=True)
+    inv_std = torch.rsqrt(torch.var(x, dims, keepdim=True, unbiased=False) + epsilon)
+    y = (x - mean) * inv_std * scale
+    if bias is not None:
+        y = y + bias
+    return y, mean, inv_std
+
+
+@lowers("BatchNormalization")
+def batch_norm(ctx, node, x, scale, bias, mean, var):
+    return F.batch_norm(x, mean, var, scale, bias, training=False, eps=attr(node, "epsilon", 1e-5))
+
+
+@lowers("InstanceNormalization")
+def instance_norm(ctx, node, x, scale, bias):
+    return F.instance_norm(x, weight=scale, bias=bias, eps=attr(node, "epsilon", 1e-5))
+
+
+def _pads(node, spatial: int) -> list[int]:
+    if attr(node, "auto_pad", "NOTSET") not in ("NOTSET", "VALID"):
+        raise SlimgraphError("pytorch backend: auto_pad SAME_UPPER/SAME_LOWER needs static shapes (not yet)")
+    pads = attr(node, "pads", [0] * (2 * spatial))
+    return pads
+
+
+def _symmetric_or_padded(x, pads: list[int], spatial: int, value: float = 0.0):
+    """(input, symmetric padding): asymmetric ONNX pads are applied with F.pad first."""
+    begin, end = pads[:spatial], pads[spatial:]
+    if begin == end:
+        return x, begin
+    padding = []
+    for b, e in zip(reversed(begin), reversed(end)):
+        padding += [b, e]
+    return F.pad(x, padding, value=value), [0] * spatial
+
+
+@lowers("Conv")
+def conv(ctx, node, x, weight, bias=None):
+    spatial = len(node.inputs[1].shape) - 2
+    x, padding = _symmetric_or_padded(x, _pads(node, spatial), spatial)
+    fn = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}[spatial]
+    return fn(x, weight, bias, stride=attr(node, "strides", [1] * spatial), padding=padding,
+              dilation=attr(node, "dilations", [1] * spatial), groups=attr(node, "group", 1))
+
+
+@lowers("MaxPool")
+def max_pool(ctx, node, x):
+    kernel = attr(node, "kernel_shape")
+    spatial = len(kernel)
+    x, padding = _symmetric_or_padded(x, _pads(node, spatial), spatial, value=float("-inf"))
+    fn = {1: F.max_pool1d, 2: F.max_pool2d, 3: F.max_pool3d}[spatial]
+    return fn(x, kernel, stride=attr(node, "strides", [1] * spatial), padding=padding,
+              dilation=attr(node, "dilations", [1] * spatial), ceil_mode=bool(attr(node, "ceil_mode", 0)))
+
+
+@lowers("AveragePool")
+def average_pool(ctx, node, x):
+    kernel = attr(node, "kernel_shape")
+    spatial = len(kernel)
+    pads = _pads(node, spatial)
+    fn = {1: F.avg_pool1d, 2: F.avg_pool2d, 3: F.avg_pool3d}[spatial]
+    options = dict(stride=attr(node, "strides", [1] * spatial), ceil_mode=bool(attr(node, "ceil_mode", 0)))
+    if pads[:spatial] != pads[spatial:] and not attr(node, "count_include_pad", 0):
+        # Asymmetric padding that must not be counted: the mean of the padded input divided
+        # by the mean of a padded mask of ones (the same divisor cancels).
+        padded, _ = _symmetric_or_padded(x, pads, spatial)
+        counted, _ = _symmetric_or_padded(torch.ones_like(x), pads, spatial)
+        return fn(padded, kernel, padding=0, count_include_pad=True, **options) / fn(
+            counted, kernel, padding=0, count_include_pad=True, **options)
+    x, padding = _symmetric_or_padded(x, pads, spatial)
+    return fn(x, kernel, padding=padding, count_include_pad=bool(attr(node, "count_include_pad", 0)), **options)
+
+
+@lowers("GlobalAveragePool")
+def global_average_pool(ctx, node, x):
+    return torch.mean(x, tuple(range(2, len(node.inputs[0].shape))), keepdim=True)
+
+
+@lowers("GlobalMaxPool")
+def global_max_pool(ctx, node, x):
+    return torch.amax(x, tuple(range(2, len(node.inputs[0].shape))), keepdim=True)
+
+
+@lowers("LRN")
+def lrn(ctx, node, x):
+    return F.local_response_norm(x, attr(node, "size"), alpha=attr(node, "alpha", 1e-4),
+                                 beta=attr(node, "beta", 0.75), k=attr(node, "bias", 1.0))

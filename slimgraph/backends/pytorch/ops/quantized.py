@@ -1,0 +1,110 @@
+"""Quantized ops, with onnxruntime's semantics: com.microsoft.MatMulNBits and
+GatherBlockQuantized (unpack, subtract the zero point, scale), and the standard
+DynamicQuantizeLinear / MatMulInteger / QuantizeLinear / DequantizeLinear."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx_ir as ir
+import torch
+
+from slimgraph.backends.pytorch.lowering import attr, lowers
+from slimgraph.errors import SlimgraphError
+
+MS = "com.microsoft"
+
+
+def _unpack(ctx, packed, bits: int):
+    """uint8 [..., L] → codes [..., L·8/bits], low bits first."""
+    shifts = ctx.constant(np.arange(0, 8, bits, dtype=np.uint8), f"unpack_shifts_{bits}bit")
+    codes = torch.bitwise_and(torch.bitwise_right_shift(packed.unsqueeze(-1), shifts), (1 << bits) - 1)
+    return codes.flatten(-2)
+
+
+@lowers("MatMulNBits", domain=MS)
+def matmul_nbits(ctx, node, a, b, scales, zero_points=None, g_idx=None, bias=None):
+    k, n, bits, block = attr(node, "K"), attr(node, "N"), attr(node, "bits", 4), attr(node, "block_size")
+    blocks = -(-k // block)
+    codes = _unpack(ctx, b, bits).reshape(n, blocks, block).to(scales.dtype)
+    if zero_points is None:
+        zp = torch.full((n, blocks, 1), float(1 << (bits - 1)), dtype=scales.dtype)
+    elif node.inputs[3].dtype.name == "UINT8":
+        zp = _unpack(ctx, zero_points, bits)[:, :blocks].to(scales.dtype).unsqueeze(-1)
+    else:
+        zp = zero_points.reshape(n, blocks, 1)
+    weight = ((codes - zp) * scales.reshape(n, blocks, 1)).reshape(n, blocks * block)[:, :k]
+    result = torch.matmul(a, weight.t())
+    return result + bias if bias is not None else result
+
+
+@lowers("GatherBlockQuantized", domain=MS)
+def gather_block_quantized(ctx, node, data, indices, scales, zero_points=None):
+    bits, block = attr(node, "bits", 4), attr(node, "block_size", 128)
+    rows, dim = node.inputs[0].shape
+    signed = node.inputs[0].dtype == ir.DataType.INT4
+    if bits == 4:
+        nibbles = _unpack(ctx, data.reshape(rows, -1), 4)[:, :dim]
+        codes = torch.where(nibbles >= 8, nibbles.to(torch.int16) - 16, nibbles.to(torch.int16)) if signed else nibbles
+    else:
+        codes = data
+    if zero_points is None:  # int4 is centred on 0; unsigned codes on 2^(bits-1)
+        zp = torch.zeros((), dtype=scales.dtype) if signed else torch.full((), float(1 << (bits - 1)), dtype=scales.dtype)
+    else:
+        zp = _unpack(ctx, zero_points.reshape(rows, -1), 4) if bits == 4 else zero_points
+        zp = zp[:, : -(-dim // block)].to(scales.dtype).repeat_interleave(block, dim=1)[:, :dim]
+    table = (codes.to(scales.dtype) - zp) * scales.repeat_interleave(block, dim=1)[:, :dim]
+    return table[indices]
+
+
+@lowers("DynamicQuantizeLinear")
+def dynamic_quantize_linear(ctx, node, x):
+    low = torch.clamp(torch.amin(x), max=0.0)
+    high = torch.clamp(torch.amax(x), min=0.0)
+    scale = (high - low) / 255.0
+    zero_point = torch.clamp(torch.round(-low / scale), 0, 255)
+    quantized = torch.clamp(torch.round(x * (1.0 / scale)) + zero_point, 0, 255).to(torch.uint8)
+    return quantized, scale, zero_point.to(torch.uint8)
+
+
+@lowers("MatMulInteger")
+def matmul_integer(ctx, node, a, b, a_zero_point=None, b_zero_point=None):
+    a = a.to(torch.int32)
+    b = b.to(torch.int32)
+    if a_zero_point is not None:
+        a = a - a_zero_point.to(torch.int32)
+    if b_zero_point is not None:
+        b = b - b_zero_point.to(torch.int32)
+    # int32 matmul is not implemented for every device; float64 holds these sums exactly.
+    return torch.matmul(a.to(torch.float64), b.to(torch.float64)).to(torch.int32)
+
+
+def _per_axis(node, scale, zero_point):
+    """A 1-D scale (and zero point) of per-axis quantization, shaped to broadcast along `axis`."""
+    scale_shape = node.inputs[1].shape
+    if scale_shape is None or len(scale_shape) != 1 or scale_shape[0] == 1:
+        return scale, zero_point
+    shape = [1] * len(node.inputs[0].shape)
+    shape[attr(node, "axis", 1)] = -1
+    return scale.reshape(shape), zero_point.reshape(shape) if zero_point is not None else None
+
+
+@lowers("DequantizeLinear")
+def dequantize_linear(ctx, node, x, scale, zero_point=None):
+    scale, zero_point = _per_axis(node, scale, zero_point)
+    values = x.to(torch.float32)
+    if zero_point is not None:
+        values = values - zero_point.to(torch.float32)
+    return (values * scale).to(scale.dtype)
+
+
+@lowers("QuantizeLinear")
+def quantize_linear(ctx, node, x, scale, zero_point=None):
+    kind = node.inputs[2].dtype.name if zero_point is not None else "UINT8"
+    dtype, bounds = {"UINT8": (torch.uint8, (0, 255)), "INT8": (torch.int8, (-128, 127))}.get(kind, (None, None))
+    if dtype is None:
+        raise SlimgraphError(f"pytorch backend: QuantizeLinear to {kind.lower()} is not supported")
+    scale, zero_point = _per_axis(node, scale, zero_point)
+    values = torch.round(x / scale)
+    if zero_point is not None:
+        values = values + zero_point.to(values.dtype)
+    return torch.clamp(values, *bounds).to(dtype)

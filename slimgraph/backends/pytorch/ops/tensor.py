@@ -1,0 +1,374 @@
+"""Tensor and shape ops: constants, casts, reshapes, slicing, gathers, concatenation, matmul.
+
+Shape arithmetic (Shape, Gather/Slice/Concat/Unsqueeze on its result) stays as Python
+values (`Dims`) so the generated code reads `x.reshape(x.size(0), -1, 12, 32)`.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx_ir as ir
+import torch
+
+from slimgraph.backends.pytorch.lowering import Dims, attr, lowers
+from slimgraph.errors import SlimgraphError
+
+
+def torch_dtype(onnx_type: int) -> torch.dtype:
+    return torch.from_numpy(np.empty(0, dtype=ir.DataType(onnx_type).numpy())).dtype
+
+
+def axis_of(axis: int, rank: int) -> int:
+    return axis + rank if axis < 0 else axis
+
+
+# --- constants ------------------------------------------------------------------------------
+
+
+@lowers("Constant", tensors=False)
+def constant(ctx, node):
+    for name in ("value", "sparse_value"):
+        value = attr(node, name)
+        if value is not None:
+            return np.asarray(value)
+    for name, dtype in (("value_float", np.float32), ("value_floats", np.float32), ("value_int", np.int64),
+                        ("value_ints", np.int64)):
+        value = attr(node, name)
+        if value is not None:
+            return np.asarray(value, dtype=dtype)
+    raise SlimgraphError("pytorch backend: Constant with string values is not supported")
+
+
+@lowers("ConstantOfShape", tensors=False)
+def constant_of_shape(ctx, node, shape):
+    value = attr(node, "value")
+    fill = np.zeros(1, np.float32) if value is None else np.asarray(value).reshape(-1)
+    dims = ctx.ints(shape)
+    known = ctx.const(shape)
+    if known is not None:
+        return np.full(tuple(int(d) for d in known), fill[0], dtype=fill.dtype)
+    return torch.full(dims, fill[0].item(), dtype=torch.from_numpy(fill).dtype)
+
+
+@lowers("Shape", tensors=False)
+def shape(ctx, node, x):
+    rank = _rank(ctx, node.inputs[0], x)
+    start, end = attr(node, "start", 0), attr(node, "end", rank)
+    start, end = max(0, axis_of(start, rank)), min(rank, axis_of(end, rank))
+    return Dims([_size(ctx, node.inputs[0], x, i) for i in range(start, end)])
+
+
+@lowers("Size", tensors=False)
+def size(ctx, node, x):
+    if isinstance(x, np.ndarray):
+        return np.array(x.size, np.int64)
+    return ctx.tensor(x).numel()
+
+
+def _rank(ctx, value, x) -> int:
+    if isinstance(x, np.ndarray):
+        return x.ndim
+    if value.shape is not None:
+        return len(value.shape)
+    return ctx.tensor(x).dim()  # traced: only fine when the rank is known at build time
+
+
+def _size(ctx, value, x, i):
+    if isinstance(x, np.ndarray):
+        return int(x.shape[i])
+    if value.shape is not None and isinstance(value.shape[i], int):
+        return value.shape[i]
+    return ctx.tensor(x).size(i)
+
+
+# --- casts ------------------------------------------------------------------------------------
+
+
+@lowers("Cast", tensors=False)
+def cast(ctx, node, x):
+    to = attr(node, "to")
+    if isinstance(x, Dims) and ir.DataType(to) == ir.DataType.INT64:
+        return x
+    if isinstance(x, np.ndarray):
+        return x.astype(ir.DataType(to).numpy())
+    return ctx.tensor(x).to(torch_dtype(to))
+
+
+@lowers("CastLike")
+def cast_like(ctx, node, x, like):
+    return x.to(like.dtype)
+
+
+# --- shapes -----------------------------------------------------------------------------------
+
+
+@lowers("Reshape", since=5, tensors=False)
+def reshape(ctx, node, x, shape):
+    dims = ctx.ints(shape)
+    x = ctx.tensor(x)
+    if not attr(node, "allowzero", 0) and isinstance(dims, list):
+        dims = [x.size(i) if isinstance(d, int) and d == 0 else d for i, d in enumerate(dims)]
+    return x.reshape(dims)
+
+
+@lowers("Flatten")
+def flatten(ctx, node, x):
+    axis = attr(node, "axis", 1)
+    rank = len(node.inputs[0].shape) if node.inputs[0].shape is not None else x.dim()
+    axis = axis_of(axis, rank)
+    return x.reshape(1, -1) if axis == 0 else torch.flatten(torch.flatten(x, axis), 0, axis - 1)
+
+
+@lowers("Transpose")
+def transpose(ctx, node, x):
+    perm = attr(node, "perm")
+    return x.permute(perm) if perm is not None else x.permute(*reversed(range(len(node.inputs[0].shape))))
+
+
+def _axes(ctx, node, axes_input):
+    """Axes from the input (opset 13+) or the attribute; a traced list when only known at run time."""
+    if axes_input is not None:
+        axes = ctx.ints(axes_input)
+        return [int(a) for a in axes] if isinstance(axes, list) else axes
+    return attr(node, "axes")
+
+
+@lowers("Squeeze", tensors=False)
+def squeeze(ctx, node, x, axes=None):
+    axes = _axes(ctx, node, axes)
+    if isinstance(x, Dims):
+        return Dims(x.items, scalar=True) if len(x.items) == 1 else x
+    x = ctx.tensor(x)
+    if axes is None:
+        return torch.squeeze(x)
+    if not isinstance(axes, list):  # axes given at run time
+        return x.reshape(ctx.dims(node.outputs[0], x))
+    rank = len(node.inputs[0].shape) if node.inputs[0].shape is not None else None
+    if rank is not None:
+        axes = [axis_of(a, rank) for a in axes]
+    return torch.squeeze(x, tuple(axes))
+
+
+@lowers("Unsqueeze", tensors=False)
+def unsqueeze(ctx, node, x, axes=None):
+    axes = _axes(ctx, node, axes)
+    if isinstance(x, Dims) and x.scalar and axes in ([0], [-1]):
+        return Dims(x.items)
+    x = ctx.tensor(x)
+    if not isinstance(axes, list):  # axes given at run time: the output shape says where the 1s go
+        return x.reshape(ctx.dims(node.outputs[0], x))
+    rank = len(node.inputs[0].shape) + len(axes) if node.inputs[0].shape is not None else None
+    for a in sorted(axis_of(a, rank) if rank is not None else a for a in axes):
+        x = x.unsqueeze(a)
+    return x
+
+
+@lowers("Expand", tensors=False)
+def expand(ctx, node, x, shape):
+    x = ctx.tensor(x)
+    # ONNX Expand broadcasts both ways: a 1 in `shape` keeps the input's size.
+    return x.expand(ctx.call(torch.broadcast_shapes, x.shape, ctx.ints(shape)))
+
+
+@lowers("Tile", tensors=False)
+def tile(ctx, node, x, repeats):
+    return ctx.tensor(x).repeat(ctx.ints(repeats))
+
+
+@lowers("Concat", tensors=False)
+def concat(ctx, node, *inputs):
+    axis = attr(node, "axis")
+    if all(isinstance(v, Dims) or (isinstance(v, np.ndarray) and v.ndim == 1 and v.dtype.kind == "i") for v in inputs) \
+            and any(isinstance(v, Dims) for v in inputs):
+        return Dims([item for v in inputs for item in ctx.ints(v)])
+    return torch.cat([ctx.tensor(v) for v in inputs if v is not None], dim=axis)
+
+
+@lowers("Split", tensors=False)
+def split(ctx, node, x, sizes=None):
+    x = ctx.tensor(x)
+    axis = attr(node, "axis", 0)
+    if sizes is not None:
+        parts = ctx.ints(sizes)
+        if not isinstance(parts, list):  # sizes given at run time: the outputs' shapes say them
+            parts = [value.shape[axis] for value in node.outputs]
+    elif attr(node, "split") is not None:
+        parts = attr(node, "split")
+    else:
+        count = attr(node, "num_outputs", len(node.outputs))
+        length = node.inputs[0].shape[axis] if node.inputs[0].shape is not None else None
+        if not isinstance(length, int):
+            raise SlimgraphError("pytorch backend: Split without sizes needs a known axis length")
+        chunk = -(-length // count)
+        parts = [min(chunk, length - i * chunk) for i in range(count)]
+    pieces = torch.split(x, parts, dim=axis)
+    return tuple(pieces[i] for i in range(len(node.outputs)))
+
+
+@lowers("Slice", since=10, tensors=False)
+def slice_(ctx, node, x, starts, ends, axes=None, steps=None):
+    starts, ends = ctx.ints(starts), ctx.ints(ends)
+    axes = ctx.ints(axes) if axes is not None else list(range(len(starts)))
+    steps = ctx.ints(steps) if steps is not None else [1] * len(starts)
+    if isinstance(x, Dims) and axes in ([0], [-1]) and all(isinstance(v, int) for v in (*starts, *ends, *steps)):
+        return Dims(x.items[slice(*_clamp(starts[0], ends[0], steps[0], len(x.items)))])
+    x = ctx.tensor(x)
+    rank = len(node.inputs[0].shape)
+    for start, end, axis, step in zip(starts, ends, axes, steps):
+        axis = axis_of(axis, rank)
+        length = node.inputs[0].shape[axis]
+        if isinstance(length, int) and all(isinstance(v, int) for v in (start, end, step)):
+            start, end, step = _clamp(start, end, step, length)
+            if step > 0:
+                x = x.narrow(axis, start, max(end - start, 0)) if step == 1 else x[(slice(None),) * axis + (slice(start, end, step),)]
+            else:
+                index = list(range(start, end if end >= 0 else -1, step))
+                x = x.index_select(axis, torch.tensor(index, dtype=torch.int64))
+        else:
+            x = x[(slice(None),) * axis + (slice(start, end, step),)]
+    return x
+
+
+def _clamp(start: int, end: int, step: int, length: int) -> tuple[int, int, int]:
+    """ONNX Slice bounds, clamped as the spec says, for a dimension of `length`."""
+    if start < 0:
+        start += length
+    if end < 0:
+        end += length
+    if step > 0:
+        start, end = min(max(start, 0), length), min(max(end, 0), length)
+    else:
+        start, end = min(max(start, -1), length - 1), min(max(end, -1), length - 1)
+    return start, end, step
+
+
+@lowers("Gather", tensors=False)
+def gather(ctx, node, data, indices):
+    axis = attr(node, "axis", 0)
+    index = ctx.const(indices)
+    if isinstance(data, Dims) and index is not None:
+        picked = [data.items[int(i)] for i in np.asarray(index).reshape(-1)]
+        return Dims(picked, scalar=np.asarray(index).ndim == 0)
+    data, indices = ctx.tensor(data), ctx.tensor(indices)
+    length = data.size(axis)
+    indices = torch.where(indices < 0, indices + length, indices)  # ONNX allows negative indices
+    rank = len(node.inputs[0].shape) if node.inputs[0].shape is not None else None
+    if rank is not None and axis_of(axis, rank) == 0:
+        return data[indices]
+    return torch.index_select(data, axis, indices.reshape(-1)).reshape(
+        data.shape[:axis_of(axis, rank)] + indices.shape + data.shape[axis_of(axis, rank) + 1:])
+
+
+@lowers("GatherElements")
+def gather_elements(ctx, node, data, indices):
+    axis = attr(node, "axis", 0)
+    indices = torch.where(indices < 0, indices + data.size(axis), indices)
+    return torch.gather(data, axis, indices)
+
+
+@lowers("ScatterElements")
+def scatter_elements(ctx, node, data, indices, updates):
+    axis = attr(node, "axis", 0)
+    indices = torch.where(indices < 0, indices + data.size(axis), indices)
+    reduction = attr(node, "reduction", "none")
+    if reduction == "none":
+        return torch.scatter(data, axis, indices, updates)
+    return torch.scatter_reduce(data, axis, indices, updates, {"add": "sum", "mul": "prod", "max": "amax",
+                                                               "min": "amin"}[reduction])
+
+
+@lowers("Range", tensors=False)
+def range_(ctx, node, start, limit, delta):
+    bounds = [_scalar(v) for v in (start, limit, delta)]
+    dtype = node.outputs[0].dtype or node.inputs[0].dtype
+    return ctx.call(torch.arange, *bounds, dtype=torch_dtype(dtype) if dtype is not None else None)
+
+
+def _scalar(value):
+    """A 0-D input as a Python number or traced size (a traced tensor becomes .item())."""
+    if isinstance(value, Dims):
+        return value.items[0]
+    if isinstance(value, np.ndarray):
+        return value.reshape(()).item()
+    return value.item()
+
+
+@lowers("Trilu")
+def trilu(ctx, node, x, k=None):
+    offset = k if k is not None else 0
+    return torch.triu(x, offset) if attr(node, "upper", 1) else torch.tril(x, offset)
+
+
+@lowers("CumSum", tensors=False)
+def cumsum(ctx, node, x, axis):
+    x = ctx.tensor(x)
+    axis = _scalar(axis)
+    if attr(node, "reverse", 0):
+        x = torch.flip(x, [axis])
+    result = torch.cumsum(x, axis).to(x.dtype)
+    if attr(node, "exclusive", 0):
+        result = result - x
+    return torch.flip(result, [axis]) if attr(node, "reverse", 0) else result
+
+
+@lowers("Einsum")
+def einsum(ctx, node, *inputs):
+    return torch.einsum(attr(node, "equation"), *inputs)
+
+
+@lowers("Dropout")
+def dropout(ctx, node, x, ratio=None, training=None):
+    return x, torch.ones_like(x, dtype=torch.bool)
+
+
+@lowers("DepthToSpace")
+def depth_to_space(ctx, node, x):
+    b = attr(node, "blocksize")
+    n, c, h, w = node.inputs[0].shape
+    if attr(node, "mode", "DCR") == "DCR":
+        y = x.reshape(n, b, b, c // (b * b), h, w).permute(0, 3, 4, 1, 5, 2)
+    else:
+        y = x.reshape(n, c // (b * b), b, b, h, w).permute(0, 1, 4, 2, 5, 3)
+    return y.reshape(n, c // (b * b), h * b, w * b)
+
+
+@lowers("SpaceToDepth")
+def space_to_depth(ctx, node, x):
+    b = attr(node, "blocksize")
+    n, c, h, w = node.inputs[0].shape
+    y = x.reshape(n, c, h // b, b, w // b, b).permute(0, 3, 5, 1, 2, 4)
+    return y.reshape(n, c * b * b, h // b, w // b)
+
+
+# --- linear algebra ---------------------------------------------------------------------------
+
+
+@lowers("MatMul")
+def matmul(ctx, node, a, b):
+    return torch.matmul(a, b)
+
+
+@lowers("Gemm")
+def gemm(ctx, node, a, b, c=None):
+    if attr(node, "transA", 0):
+        a = a.t()
+    if attr(node, "transB", 0):
+        b = b.t()
+    result = attr(node, "alpha", 1.0) * torch.matmul(a, b)
+    if c is not None:
+        result = result + attr(node, "beta", 1.0) * c
+    return result
+
+
+@lowers("GatherND")
+def gather_nd(ctx, node, data, indices):
+    batch = attr(node, "batch_dims", 0)
+    data_dims, index_dims = ctx.dims(node.inputs[0], data), ctx.dims(node.inputs[1], indices)
+    depth = index_dims[-1]  # how many data dims each index tuple addresses (static in ONNX)
+    flat_data = data.reshape([-1] + data_dims[batch:])  # [B, ...]
+    flat_indices = indices.reshape(flat_data.size(0), -1, depth)  # [B, M, depth]
+    rows = torch.arange(flat_data.size(0)).unsqueeze(1).expand(-1, flat_indices.size(1))
+    picks = [torch.where(flat_indices[..., j] < 0, flat_indices[..., j] + flat_data.size(1 + j), flat_indices[..., j])
+             for j in range(depth)]
+    gathered = flat_data[(rows, *picks)]  # [B, M, rest...]
+    return gathered.reshape(index_dims[:-1] + data_dims[batch + depth:])
