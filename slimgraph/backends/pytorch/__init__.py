@@ -32,15 +32,18 @@ class PyTorchArtifact:
         """Run on positional inputs (graph order) and/or named inputs; returns name → numpy array."""
         import torch
 
+        from slimgraph.backends.pytorch.builder import to_numpy, to_torch
+
         feeds = dict(zip(self.input_names, args))
         feeds.update(kwargs)
         missing = [n for n in self.input_names if n not in feeds]
         if missing:
             raise SlimgraphError(f"missing model inputs: {', '.join(missing)}")
-        tensors = [torch.as_tensor(np.asarray(feeds[n])) for n in self.input_names]
+        tensors = [feeds[n] if isinstance(feeds[n], torch.Tensor) else to_torch(np.asarray(feeds[n]))
+                   for n in self.input_names]
         with torch.no_grad():
             outputs = self.module(*tensors)
-        return {name: out.detach().cpu().numpy() for name, out in zip(self.output_names, outputs)}
+        return {name: to_numpy(out) for name, out in zip(self.output_names, outputs)}
 
     def save(self, path: str | os.PathLike) -> Path:
         raise SlimgraphError("saving the pytorch backend's module is not implemented yet")

@@ -92,13 +92,13 @@ class Builder:
 
     def constant(self, array: np.ndarray, name: str | None = None) -> fx.Proxy:
         """A constant as a parameter (float initializers: trainable) or a buffer."""
-        if name is not None:
-            self._keep.append(array)  # named helper constants are made per call: keep them for `id`
+        # Cached by id: keep the array alive, or a later temporary could reuse its id.
+        self._keep.append(array)
         key = id(array)
         if key in self._materialized:
             return self._materialized[key]
         name = self._unique_attribute(name or self._tensor_names.get(key) or "constant")
-        data = torch.from_numpy(np.array(array, order="C", copy=True))  # (ascontiguousarray makes 0-D 1-D)
+        data = to_torch(array)
         if array.dtype.kind in FLOAT_KINDS and key in self._tensor_names:
             _attach(self.root, name, torch.nn.Parameter(data, requires_grad=True))
         else:
@@ -158,6 +158,23 @@ class Builder:
         for value, produced in zip(node.outputs, results):
             if value is not None and value.name:
                 self.values[value] = produced
+
+
+def to_torch(array: np.ndarray) -> torch.Tensor:
+    """numpy → torch, including ml_dtypes' bfloat16 (which torch.from_numpy does not know)."""
+    array = np.array(array, order="C", copy=True)  # (ascontiguousarray would make 0-D arrays 1-D)
+    if array.dtype.name == "bfloat16":
+        return torch.from_numpy(array.view(np.uint16)).view(torch.bfloat16)
+    return torch.from_numpy(array)
+
+
+def to_numpy(tensor: torch.Tensor) -> np.ndarray:
+    tensor = tensor.detach().cpu()
+    if tensor.dtype == torch.bfloat16:
+        import ml_dtypes
+
+        return tensor.view(torch.uint16).numpy().view(ml_dtypes.bfloat16)
+    return tensor.numpy()
 
 
 def _array(tensor: ir.TensorProtocol) -> np.ndarray:

@@ -131,14 +131,23 @@ def _is_shape_value(v) -> bool:
     return isinstance(v, Dims) or (isinstance(v, np.ndarray) and v.dtype.kind == "i" and v.size <= 8)
 
 
+WIDENED = {"UINT16", "UINT32", "UINT64"}
+COMPARISONS = {"Equal", "Greater", "Less", "GreaterOrEqual", "LessOrEqual"}
+
+
 def _binary(op_type, fn):
     def lower(ctx, node, a, b):
         if op_type in SHAPE_ARITHMETIC and (isinstance(a, Dims) or isinstance(b, Dims)) and _is_shape_value(a) \
                 and _is_shape_value(b):
             return _shape_arithmetic(ctx, SHAPE_ARITHMETIC[op_type], a, b)
-        if op_type == "Div" and node.inputs[0].dtype is not None and node.inputs[0].dtype.is_integer():
-            return torch.div(ctx.tensor(a), ctx.tensor(b), rounding_mode="trunc")  # ONNX integer Div truncates
-        return fn(ctx.tensor(a), ctx.tensor(b))
+        a, b = ctx.tensor(a), ctx.tensor(b)
+        dtype = node.inputs[0].dtype
+        if dtype is not None and dtype.name in WIDENED:  # torch has few kernels for uint16/32/64
+            wide = _binary(op_type, fn)(ctx, node, a.to(torch.int64), b.to(torch.int64))
+            return wide if op_type in COMPARISONS else wide.to(a.dtype)
+        if op_type == "Div" and dtype is not None and dtype.is_integer():
+            return torch.div(a, b, rounding_mode="trunc")  # ONNX integer Div truncates
+        return fn(a, b)
 
     return lower
 

@@ -132,3 +132,67 @@ def global_max_pool(ctx, node, x):
 def lrn(ctx, node, x):
     return F.local_response_norm(x, attr(node, "size"), alpha=attr(node, "alpha", 1e-4),
                                  beta=attr(node, "beta", 0.75), k=attr(node, "bias", 1.0))
+
+
+@lowers("RMSNormalization")
+def rms_norm(ctx, node, x, scale):
+    axis = attr(node, "axis", -1)
+    rank = len(node.inputs[0].shape)
+    dims = tuple(range(axis + rank if axis < 0 else axis, rank))
+    mean_square = torch.mean(x.to(torch.float32) * x.to(torch.float32), dims, keepdim=True)
+    normed = (x.to(torch.float32) * torch.rsqrt(mean_square + attr(node, "epsilon", 1e-5))).to(x.dtype)
+    return normed * scale
+
+
+@lowers("Hardmax", since=13)
+def hardmax(ctx, node, x):
+    axis = attr(node, "axis", -1)
+    return torch.nn.functional.one_hot(torch.argmax(x, axis), x.size(axis)).movedim(-1, axis).to(x.dtype)
+
+
+@lowers("LpNormalization")
+def lp_normalization(ctx, node, x):
+    return torch.nn.functional.normalize(x, p=attr(node, "p", 2), dim=attr(node, "axis", -1), eps=0.0)
+
+
+@lowers("ConvTranspose")
+def conv_transpose(ctx, node, x, weight, bias=None):
+    spatial = len(node.inputs[1].shape) - 2
+    if attr(node, "output_shape") is not None or attr(node, "auto_pad", "NOTSET") not in ("NOTSET", "VALID"):
+        raise SlimgraphError("pytorch backend: ConvTranspose with output_shape or auto_pad is not supported")
+    pads = attr(node, "pads", [0] * (2 * spatial))
+    if pads[:spatial] != pads[spatial:]:
+        raise SlimgraphError("pytorch backend: ConvTranspose with asymmetric pads is not supported")
+    fn = {1: F.conv_transpose1d, 2: F.conv_transpose2d, 3: F.conv_transpose3d}[spatial]
+    return fn(x, weight, bias, stride=attr(node, "strides", [1] * spatial), padding=pads[:spatial],
+              output_padding=attr(node, "output_padding", [0] * spatial), groups=attr(node, "group", 1),
+              dilation=attr(node, "dilations", [1] * spatial))
+
+
+def _nll(ctx, node, log_prob, target, weight):
+    """NegativeLogLikelihoodLoss on [N, C, ...] log-probabilities, with ignore_index and reduction."""
+    ignore = attr(node, "ignore_index")
+    target = target.to(torch.int64)
+    valid = torch.ones_like(target, dtype=torch.bool) if ignore is None else target != ignore
+    safe_target = torch.where(valid, target, torch.zeros_like(target))
+    picked = -torch.gather(log_prob, 1, safe_target.unsqueeze(1)).squeeze(1)
+    weights = (weight[safe_target] if weight is not None else torch.ones_like(picked)) * valid.to(picked.dtype)
+    losses = picked * weights
+    reduction = attr(node, "reduction", "mean")
+    if reduction == "none":
+        return losses
+    if reduction == "sum":
+        return losses.sum()
+    return losses.sum() / weights.sum()
+
+
+@lowers("NegativeLogLikelihoodLoss")
+def nll_loss(ctx, node, log_prob, target, weight=None):
+    return _nll(ctx, node, log_prob, target, weight)
+
+
+@lowers("SoftmaxCrossEntropyLoss")
+def softmax_cross_entropy(ctx, node, scores, labels, weight=None):
+    log_prob = torch.log_softmax(scores, 1)
+    loss = _nll(ctx, node, log_prob, labels, weight)
+    return (loss, log_prob) if len(node.outputs) > 1 else loss

@@ -290,6 +290,8 @@ def _scalar(value):
         return value.items[0]
     if isinstance(value, np.ndarray):
         return value.reshape(()).item()
+    if isinstance(value, (int, float)):
+        return value
     return value.item()
 
 
@@ -372,3 +374,74 @@ def gather_nd(ctx, node, data, indices):
              for j in range(depth)]
     gathered = flat_data[(rows, *picks)]  # [B, M, rest...]
     return gathered.reshape(index_dims[:-1] + data_dims[batch + depth:])
+
+
+@lowers("Pad", since=11, tensors=False)
+def pad(ctx, node, x, pads, value=None, axes=None):
+    x = ctx.tensor(x)
+    rank = len(node.inputs[0].shape)
+    amounts = ctx.ints(pads)
+    chosen = [axis_of(a, rank) for a in ctx.ints(axes)] if axes is not None else list(range(rank))
+    begin, end = dict(zip(chosen, amounts[: len(chosen)])), dict(zip(chosen, amounts[len(chosen):]))
+    torch_pads = []
+    for axis in reversed(range(rank)):  # F.pad takes the last dimension first
+        torch_pads += [begin.get(axis, 0), end.get(axis, 0)]
+    mode = attr(node, "mode", "constant")
+    if mode == "constant":
+        fill = _scalar(value) if value is not None else 0
+        return torch.nn.functional.pad(x, torch_pads, mode="constant", value=fill)
+    torch_mode = {"reflect": "reflect", "edge": "replicate", "wrap": "circular"}[mode]
+    if x.dtype in (torch.int32, torch.int64) or node.inputs[0].dtype.is_integer():
+        return torch.nn.functional.pad(x.to(torch.float64), torch_pads, mode=torch_mode).to(x.dtype)
+    return torch.nn.functional.pad(x, torch_pads, mode=torch_mode)
+
+
+@lowers("TopK", tensors=False)
+def top_k(ctx, node, x, k):
+    x = ctx.tensor(x)
+    values, indices = torch.topk(x, _scalar(k), dim=attr(node, "axis", -1), largest=bool(attr(node, "largest", 1)),
+                                 sorted=bool(attr(node, "sorted", 1)))
+    return values, indices
+
+
+@lowers("OneHot", tensors=False)
+def one_hot(ctx, node, indices, depth, values):
+    indices, values = ctx.tensor(indices), ctx.tensor(values)
+    depth = int(_scalar(depth))
+    indices = torch.where(indices < 0, indices + depth, indices).to(torch.int64)
+    hot = torch.nn.functional.one_hot(torch.clamp(indices, 0, depth - 1), depth) * (indices >= 0).unsqueeze(-1) \
+        * (indices < depth).unsqueeze(-1)
+    axis = attr(node, "axis", -1)
+    if axis != -1:
+        rank = len(node.inputs[0].shape) + 1
+        hot = torch.movedim(hot, -1, axis_of(axis, rank))
+    return torch.where(hot.to(torch.bool), values[1], values[0])
+
+
+@lowers("CumProd", tensors=False)
+def cumprod(ctx, node, x, axis):
+    x = ctx.tensor(x)
+    axis = _scalar(axis)
+    if attr(node, "reverse", 0):
+        x = torch.flip(x, [axis])
+    result = torch.cumprod(x, axis)
+    if attr(node, "exclusive", 0):
+        result = torch.cat([torch.ones_like(x.narrow(axis, 0, 1)), result.narrow(axis, 0, x.size(axis) - 1)], axis)
+    return torch.flip(result, [axis]) if attr(node, "reverse", 0) else result
+
+
+@lowers("ScatterND")
+def scatter_nd(ctx, node, data, indices, updates):
+    depth = node.inputs[1].shape[-1]
+    result = data.clone()
+    index = tuple(indices[..., j] for j in range(depth))
+    reduction = attr(node, "reduction", "none")
+    if reduction == "none":
+        result[index] = updates
+        return result
+    if reduction == "add":
+        return result.index_put(index, updates, accumulate=True)
+    current = result[index]
+    combined = {"mul": torch.mul, "max": torch.maximum, "min": torch.minimum}[reduction](current, updates)
+    result[index] = combined
+    return result

@@ -1,0 +1,106 @@
+"""ONNX Attention (opset 23+), following the ONNX reference implementation step by step:
+3-D inputs split into heads, past key/value concatenated, boolean or additive masks (padded to
+the key length), causal and sliding-window biases aligned bottom-right, grouped-query heads
+repeated, softcap, the four qk_matmul_output modes, and fully masked rows giving zeros."""
+
+from __future__ import annotations
+
+import math
+
+import onnx_ir as ir
+import torch
+
+from slimgraph.backends.pytorch.lowering import attr, lowers
+from slimgraph.backends.pytorch.ops.tensor import torch_dtype
+
+
+def _minus_inf_where_false(ctx, allowed, dtype):
+    zero = ctx.call(torch.zeros, (), dtype=dtype)
+    return torch.where(allowed, zero, ctx.call(torch.full, (), float("-inf"), dtype=dtype))
+
+
+@lowers("Attention", since=23)
+def attention(ctx, node, q, k, v, mask=None, past_key=None, past_value=None, nonpad_kv_seqlen=None):
+    q_heads, kv_heads = attr(node, "q_num_heads"), attr(node, "kv_num_heads")
+    q_shape = node.inputs[0].shape
+    three_d = len(q_shape) == 3
+    if three_d:
+        batch, q_len, _ = ctx.dims(node.inputs[0], q)
+        q = q.reshape(batch, q_len, q_heads, -1).transpose(1, 2)
+        k = k.reshape(batch, ctx.dims(node.inputs[1], k)[1], kv_heads, -1).transpose(1, 2)
+        v = v.reshape(batch, ctx.dims(node.inputs[2], v)[1], kv_heads, -1).transpose(1, 2)
+        head_size = q_shape[2] // q_heads
+    else:
+        head_size = q_shape[3]
+    scale = attr(node, "scale")
+    root = math.sqrt(scale if scale is not None else 1 / math.sqrt(head_size))
+    if past_key is not None:
+        k = torch.cat([past_key, k], 2)
+        v = torch.cat([past_value, v], 2)
+    present_key, present_value = k, v
+    q_len, kv_len = q.size(2), k.size(2)
+    dtype = q.dtype
+    # factory functions get traced sizes through ctx.call (fx cannot pass them positionally)
+    bias = ctx.call(torch.zeros, [q_len, kv_len], dtype=dtype)
+    boolean_mask = mask is not None and node.inputs[3].dtype == ir.DataType.BOOL
+    if mask is not None:
+        fill = False if boolean_mask else float("-inf")
+        mask = torch.nn.functional.pad(mask, (0, kv_len - mask.size(-1)), value=fill)
+        if boolean_mask:
+            mask = _minus_inf_where_false(ctx, mask, dtype)
+    queries = ctx.call(torch.arange, q_len).reshape(q_len, 1)
+    keys = ctx.call(torch.arange, kv_len).reshape(1, kv_len)
+    if nonpad_kv_seqlen is not None and past_key is None:
+        offset = (nonpad_kv_seqlen.reshape(-1) - q_len).reshape(-1, 1, 1)  # per batch
+    else:
+        offset = past_key.size(2) if past_key is not None else 0
+    if attr(node, "is_causal", 0):
+        base = mask if mask is not None else bias
+        causal = _minus_inf_where_false(ctx, keys <= queries + offset, dtype)
+        bias = base + (causal.unsqueeze(1) if nonpad_kv_seqlen is not None and past_key is None else causal)
+    elif mask is not None:
+        bias = bias + mask
+    left, right = attr(node, "left_window_size", -1), attr(node, "right_window_size", -1)
+    if left >= 0 or right >= 0:
+        distance = queries + offset - keys
+        allowed = torch.ones_like(distance, dtype=torch.bool)
+        if left >= 0:
+            allowed = allowed & (distance <= left)
+        if right >= 0:
+            allowed = allowed & (-distance <= right)
+        window = _minus_inf_where_false(ctx, allowed, dtype)
+        bias = bias + (window.unsqueeze(1) if nonpad_kv_seqlen is not None and past_key is None else window)
+    if nonpad_kv_seqlen is not None:
+        padding = ctx.call(torch.arange, kv_len).reshape(1, kv_len) < nonpad_kv_seqlen.reshape(-1, 1)
+        bias = bias + _minus_inf_where_false(ctx, padding, dtype).reshape(-1, 1, 1, kv_len)
+    k_count = kv_heads if kv_heads is not None else node.inputs[1].shape[1]
+    if q_heads is None:
+        q_heads = q_shape[1]
+    if isinstance(q_heads, int) and isinstance(k_count, int) and q_heads != k_count and q_heads % k_count == 0:
+        k = k.repeat_interleave(q_heads // k_count, dim=1)
+        v = v.repeat_interleave(q_heads // k_count, dim=1)
+    scores = torch.matmul(q * root, k.transpose(-1, -2) * root)
+    softcap = attr(node, "softcap", 0.0)
+    if softcap > 0:
+        scores = torch.tanh(scores / softcap) * softcap
+    with_bias = scores + bias
+    mode = attr(node, "qk_matmul_output_mode", 0)
+    qk_output = with_bias if mode == 2 else scores
+    precision = attr(node, "softmax_precision")
+    if precision is not None:
+        with_bias = with_bias.to(torch_dtype(precision))
+    # softmax where a row of -inf (nothing to attend) gives zeros, not NaN
+    row_max = torch.amax(with_bias, -1, keepdim=True)
+    row_max = torch.where(torch.isneginf(row_max), torch.zeros_like(row_max), row_max)
+    exp = torch.exp(with_bias - row_max)
+    total = exp.sum(-1, keepdim=True)
+    probabilities = exp / torch.where(total == 0, torch.ones_like(total), total)
+    masked_rows = torch.isneginf(torch.amax(bias, -1, keepdim=True))
+    probabilities = torch.where(masked_rows, torch.zeros_like(probabilities), probabilities)
+    if mode == 3:
+        qk_output = probabilities
+    output = torch.matmul(probabilities.to(dtype), v)
+    if three_d:
+        output = output.transpose(1, 2).reshape(output.size(0), output.size(2), -1)
+    return output, present_key, present_value, qk_output.to(dtype)
+
