@@ -79,7 +79,11 @@ def attention(ctx, node, q, k, v, mask=None, past_key=None, past_value=None, non
     if isinstance(q_heads, int) and isinstance(k_count, int) and q_heads != k_count and q_heads % k_count == 0:
         k = k.repeat_interleave(q_heads // k_count, dim=1)
         v = v.repeat_interleave(q_heads // k_count, dim=1)
-    scores = torch.matmul(q * root, k.transpose(-1, -2) * root)
+    if node.inputs[0].dtype in (ir.DataType.FLOAT16, ir.DataType.BFLOAT16):
+        # like the reference (numpy), accumulate half-precision products in float32
+        scores = torch.matmul(q.float() * root, k.transpose(-1, -2).float() * root).to(dtype)
+    else:
+        scores = torch.matmul(q * root, k.transpose(-1, -2) * root)
     softcap = attr(node, "softcap", 0.0)
     if softcap > 0:
         scores = torch.tanh(scores / softcap) * softcap
@@ -99,7 +103,10 @@ def attention(ctx, node, q, k, v, mask=None, past_key=None, past_value=None, non
     probabilities = torch.where(masked_rows, torch.zeros_like(probabilities), probabilities)
     if mode == 3:
         qk_output = probabilities
-    output = torch.matmul(probabilities.to(dtype), v)
+    if node.inputs[0].dtype in (ir.DataType.FLOAT16, ir.DataType.BFLOAT16):
+        output = torch.matmul(probabilities.to(dtype).float(), v.float()).to(dtype)
+    else:
+        output = torch.matmul(probabilities.to(dtype), v)
     if three_d:
         output = output.transpose(1, 2).reshape(output.size(0), output.size(2), -1)
     return output, present_key, present_value, qk_output.to(dtype)

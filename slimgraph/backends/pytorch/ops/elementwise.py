@@ -9,6 +9,7 @@ import torch
 import torch.nn.functional as F
 
 from slimgraph.backends.pytorch.lowering import Dims, attr, lowers
+from slimgraph.backends.pytorch.ops.tensor import torch_dtype
 
 UNARY = {
     "Abs": torch.abs, "Neg": torch.neg, "Exp": torch.exp, "Log": torch.log, "Sqrt": torch.sqrt,
@@ -142,12 +143,14 @@ def _binary(op_type, fn):
             return _shape_arithmetic(ctx, SHAPE_ARITHMETIC[op_type], a, b)
         a, b = ctx.tensor(a), ctx.tensor(b)
         dtype = node.inputs[0].dtype
-        if dtype is not None and dtype.name in WIDENED:  # torch has few kernels for uint16/32/64
-            wide = _binary(op_type, fn)(ctx, node, a.to(torch.int64), b.to(torch.int64))
-            return wide if op_type in COMPARISONS else wide.to(a.dtype)
+        widen = dtype is not None and dtype.name in WIDENED  # torch has few kernels for uint16/32/64
+        if widen:
+            a, b = a.to(torch.int64), b.to(torch.int64)
         if op_type == "Div" and dtype is not None and dtype.is_integer():
-            return torch.div(a, b, rounding_mode="trunc")  # ONNX integer Div truncates
-        return fn(a, b)
+            result = torch.div(a, b, rounding_mode="trunc")  # ONNX integer Div truncates
+        else:
+            result = fn(a, b)
+        return result.to(torch_dtype(dtype.value)) if widen and op_type not in COMPARISONS else result
 
     return lower
 

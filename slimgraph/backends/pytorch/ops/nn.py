@@ -63,11 +63,24 @@ def instance_norm(ctx, node, x, scale, bias):
     return F.instance_norm(x, weight=scale, bias=bias, eps=attr(node, "epsilon", 1e-5))
 
 
-def _pads(node, spatial: int) -> list[int]:
-    if attr(node, "auto_pad", "NOTSET") not in ("NOTSET", "VALID"):
-        raise SlimgraphError("pytorch backend: auto_pad SAME_UPPER/SAME_LOWER needs static shapes (not yet)")
-    pads = attr(node, "pads", [0] * (2 * spatial))
-    return pads
+def _pads(node, spatial: int, kernel: list[int] | None = None) -> list[int]:
+    """Explicit pads, or those auto_pad SAME_UPPER/SAME_LOWER implies (from static shapes)."""
+    auto_pad = attr(node, "auto_pad", "NOTSET")
+    if auto_pad in ("NOTSET", "VALID"):
+        return attr(node, "pads", [0] * (2 * spatial)) if auto_pad == "NOTSET" else [0] * (2 * spatial)
+    sizes = node.inputs[0].shape
+    if sizes is None or not all(isinstance(d, int) for d in sizes[2:]):
+        raise SlimgraphError("pytorch backend: auto_pad SAME needs static spatial sizes")
+    kernel = kernel or list(node.inputs[1].shape[2:])
+    strides = attr(node, "strides", [1] * spatial)
+    dilations = attr(node, "dilations", [1] * spatial)
+    begin, end = [], []
+    for size, k, stride, dilation in zip(sizes[2:], kernel, strides, dilations):
+        total = max((-(-size // stride) - 1) * stride + (k - 1) * dilation + 1 - size, 0)
+        small = total // 2
+        begin.append(small if auto_pad == "SAME_UPPER" else total - small)
+        end.append(total - begin[-1])
+    return begin + end
 
 
 def _symmetric_or_padded(x, pads: list[int], spatial: int, value: float = 0.0):
@@ -94,7 +107,7 @@ def conv(ctx, node, x, weight, bias=None):
 def max_pool(ctx, node, x):
     kernel = attr(node, "kernel_shape")
     spatial = len(kernel)
-    x, padding = _symmetric_or_padded(x, _pads(node, spatial), spatial, value=float("-inf"))
+    x, padding = _symmetric_or_padded(x, _pads(node, spatial, kernel), spatial, value=float("-inf"))
     fn = {1: F.max_pool1d, 2: F.max_pool2d, 3: F.max_pool3d}[spatial]
     return fn(x, kernel, stride=attr(node, "strides", [1] * spatial), padding=padding,
               dilation=attr(node, "dilations", [1] * spatial), ceil_mode=bool(attr(node, "ceil_mode", 0)))
@@ -104,7 +117,7 @@ def max_pool(ctx, node, x):
 def average_pool(ctx, node, x):
     kernel = attr(node, "kernel_shape")
     spatial = len(kernel)
-    pads = _pads(node, spatial)
+    pads = _pads(node, spatial, kernel)
     fn = {1: F.avg_pool1d, 2: F.avg_pool2d, 3: F.avg_pool3d}[spatial]
     options = dict(stride=attr(node, "strides", [1] * spatial), ceil_mode=bool(attr(node, "ceil_mode", 0)))
     if pads[:spatial] != pads[spatial:] and not attr(node, "count_include_pad", 0):
@@ -196,3 +209,30 @@ def softmax_cross_entropy(ctx, node, scores, labels, weight=None):
     log_prob = torch.log_softmax(scores, 1)
     loss = _nll(ctx, node, log_prob, labels, weight)
     return (loss, log_prob) if len(node.outputs) > 1 else loss
+
+
+@lowers("LpPool")
+def lp_pool(ctx, node, x):
+    kernel = attr(node, "kernel_shape")
+    spatial = len(kernel)
+    p = attr(node, "p", 2)
+    x, padding = _symmetric_or_padded(x, _pads(node, spatial, kernel), spatial)
+    fn = {1: F.avg_pool1d, 2: F.avg_pool2d, 3: F.avg_pool3d}[spatial]
+    count = 1
+    for k in kernel:
+        count *= k
+    summed = fn(torch.abs(x) ** p, kernel, stride=attr(node, "strides", [1] * spatial), padding=padding,
+                ceil_mode=bool(attr(node, "ceil_mode", 0)), count_include_pad=True) * count
+    return summed ** (1.0 / p)
+
+
+@lowers("GridSample")
+def grid_sample(ctx, node, x, grid):
+    mode = {"linear": "bilinear", "cubic": "bicubic"}.get(attr(node, "mode", "linear"), attr(node, "mode", "linear"))
+    return F.grid_sample(x, grid, mode=mode, padding_mode=attr(node, "padding_mode", "zeros"),
+                         align_corners=bool(attr(node, "align_corners", 0)))
+
+
+@lowers("Swish")
+def swish(ctx, node, x):
+    return x * torch.sigmoid(attr(node, "alpha", 1.0) * x)

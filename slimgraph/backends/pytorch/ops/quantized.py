@@ -62,7 +62,7 @@ def dynamic_quantize_linear(ctx, node, x):
     high = torch.clamp(torch.amax(x), min=0.0)
     scale = (high - low) / 255.0
     zero_point = torch.clamp(torch.round(-low / scale), 0, 255)
-    quantized = torch.clamp(torch.round(x * (1.0 / scale)) + zero_point, 0, 255).to(torch.uint8)
+    quantized = torch.clamp(torch.round(x / scale) + zero_point, 0, 255).to(torch.uint8)
     return quantized, scale, zero_point.to(torch.uint8)
 
 

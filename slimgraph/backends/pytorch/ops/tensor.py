@@ -62,7 +62,7 @@ def shape(ctx, node, x):
 def size(ctx, node, x):
     if isinstance(x, np.ndarray):
         return np.array(x.size, np.int64)
-    return ctx.tensor(x).numel()
+    return Dims([ctx.tensor(x).numel()], scalar=True)  # numel() is a Python int at run time
 
 
 def _rank(ctx, value, x) -> int:
@@ -381,6 +381,10 @@ def pad(ctx, node, x, pads, value=None, axes=None):
     x = ctx.tensor(x)
     rank = len(node.inputs[0].shape)
     amounts = ctx.ints(pads)
+    if not isinstance(amounts, list) and axes is None and attr(node, "mode", "constant") == "constant":
+        # pads known only at run time: [begins..., ends...] → F.pad's (last dim first) pairs
+        pairs = ctx.tensor(pads).reshape(2, rank).transpose(0, 1).flip(0).reshape(-1).tolist()
+        return torch.nn.functional.pad(x, pairs, value=_scalar(value) if value is not None else 0)
     chosen = [axis_of(a, rank) for a in ctx.ints(axes)] if axes is not None else list(range(rank))
     begin, end = dict(zip(chosen, amounts[: len(chosen)])), dict(zip(chosen, amounts[len(chosen):]))
     torch_pads = []
@@ -407,7 +411,8 @@ def top_k(ctx, node, x, k):
 @lowers("OneHot", tensors=False)
 def one_hot(ctx, node, indices, depth, values):
     indices, values = ctx.tensor(indices), ctx.tensor(values)
-    depth = int(_scalar(depth))
+    depth = _scalar(depth)
+    depth = int(depth) if isinstance(depth, (int, float)) else depth  # a traced .item() otherwise
     indices = torch.where(indices < 0, indices + depth, indices).to(torch.int64)
     hot = torch.nn.functional.one_hot(torch.clamp(indices, 0, depth - 1), depth) * (indices >= 0).unsqueeze(-1) \
         * (indices < depth).unsqueeze(-1)
@@ -433,15 +438,11 @@ def cumprod(ctx, node, x, axis):
 @lowers("ScatterND")
 def scatter_nd(ctx, node, data, indices, updates):
     depth = node.inputs[1].shape[-1]
-    result = data.clone()
     index = tuple(indices[..., j] for j in range(depth))
     reduction = attr(node, "reduction", "none")
     if reduction == "none":
-        result[index] = updates
-        return result
+        return data.index_put(index, updates)
     if reduction == "add":
-        return result.index_put(index, updates, accumulate=True)
-    current = result[index]
-    combined = {"mul": torch.mul, "max": torch.maximum, "min": torch.minimum}[reduction](current, updates)
-    result[index] = combined
-    return result
+        return data.index_put(index, updates, accumulate=True)
+    combine = {"mul": torch.mul, "max": torch.maximum, "min": torch.minimum}[reduction]
+    return data.index_put(index, combine(data[index], updates))
