@@ -17,6 +17,7 @@ from slimgraph.backends.pytorch.lowering import Dims, find_lowering
 from slimgraph.errors import SlimgraphError
 
 FLOAT_KINDS = "fc"  # numpy dtype kinds that become trainable parameters
+FOLD_LIMIT = 1 << 16  # fold ops on constants up to this many elements per input
 
 
 def identifier(name: str, fallback: str = "value") -> str:
@@ -136,6 +137,7 @@ class Builder:
             self._lower(node)
         outputs = [self.tensor(self.values[v]) for v in graph.outputs]
         self.graph.output(tuple(p.node for p in outputs))
+        self.graph.eliminate_dead_code()
         self.graph.lint()
         return fx.GraphModule(self.root, self.graph, class_name="SlimgraphModule")
 
@@ -144,6 +146,8 @@ class Builder:
         opset = self.model.opset_imports.get(domain, 1)
         lowering = find_lowering(node, opset)
         inputs = [self.values.get(v) if v is not None else None for v in node.inputs]
+        if self._fold(lowering, node, inputs):
+            return
         if lowering.tensors:
             inputs = [self.tensor(x) for x in inputs]
         try:
@@ -158,6 +162,28 @@ class Builder:
         for value, produced in zip(node.outputs, results):
             if value is not None and value.name:
                 self.values[value] = produced
+
+    def _fold(self, lowering, node: ir.Node, inputs: list) -> bool:
+        """Run an op whose inputs are all constants now (eagerly, on real tensors), keeping the
+        result as a constant: shape arithmetic then stays Python values and no dead code remains."""
+        present = [x for x in inputs if x is not None]
+        if not lowering.tensors or not present or not all(isinstance(x, np.ndarray) and x.size <= FOLD_LIMIT
+                                                          for x in present):
+            return False
+        if node.op_type.startswith("Random") or node.op_type in ("Bernoulli", "Multinomial"):
+            return False
+        try:
+            with torch.no_grad():
+                result = lowering.fn(self, node, *[to_torch(x) if x is not None else None for x in inputs])
+        except Exception:  # not foldable eagerly (the lowering needs traced values): lower it normally
+            return False
+        results = result if isinstance(result, tuple) else (result,)
+        if not all(isinstance(r, torch.Tensor) for r in results):
+            return False
+        for value, produced in zip(node.outputs, results):
+            if value is not None and value.name:
+                self.values[value] = to_numpy(produced)
+        return True
 
 
 def to_torch(array: np.ndarray) -> torch.Tensor:
@@ -175,6 +201,8 @@ def to_numpy(tensor: torch.Tensor) -> np.ndarray:
 
         return tensor.view(torch.uint16).numpy().view(ml_dtypes.bfloat16)
     return tensor.numpy()
+
+
 
 
 def _array(tensor: ir.TensorProtocol) -> np.ndarray:

@@ -178,9 +178,11 @@ def tile(ctx, node, x, repeats):
 @lowers("Concat", tensors=False)
 def concat(ctx, node, *inputs):
     axis = attr(node, "axis")
-    if all(isinstance(v, Dims) or (isinstance(v, np.ndarray) and v.ndim == 1 and v.dtype.kind == "i") for v in inputs) \
-            and any(isinstance(v, Dims) for v in inputs):
-        return Dims([item for v in inputs for item in ctx.ints(v)])
+    present = [v for v in inputs if v is not None]
+    if all(isinstance(v, np.ndarray) for v in present):
+        return np.concatenate(present, axis=axis)
+    if all(isinstance(v, Dims) or (isinstance(v, np.ndarray) and v.ndim == 1 and v.dtype.kind == "i") for v in present):
+        return Dims([item for v in present for item in ctx.ints(v)])
     return torch.cat([ctx.tensor(v) for v in inputs if v is not None], dim=axis)
 
 
