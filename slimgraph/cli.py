@@ -38,8 +38,9 @@ def build_parser() -> argparse.ArgumentParser:
     source = optimize.add_mutually_exclusive_group(required=True)
     source.add_argument("-p", "--pipeline", help="pipeline text, e.g. 'cleanup,fold-constants'")
     source.add_argument("--recipe", help="YAML or TOML recipe file")
-    optimize.add_argument("-o", "--output", required=True, help="output path (.onnx for the onnxruntime backend)")
-    optimize.add_argument("--backend", default="onnxruntime", choices=["onnxruntime"])
+    optimize.add_argument("-o", "--output", required=True,
+                          help="output: .onnx (onnxruntime backend); a folder or .pt2 (pytorch backend)")
+    optimize.add_argument("--backend", default="onnxruntime", choices=["onnxruntime", "pytorch"])
     optimize.add_argument("--calib", help="calibration inputs: .npz of named arrays, or a text file (one sample a line)")
     optimize.add_argument("--max-drop", type=float, help="fail (exit 1) when 1 - cosine vs the original exceeds this")
     optimize.add_argument("--no-verify", action="store_true", help="skip verification against the original")
@@ -116,6 +117,8 @@ def cmd_optimize(args: argparse.Namespace) -> int:
         raise SlimgraphError("the output would overwrite the input model; choose another -o path")
     if args.backend == "onnxruntime" and output.suffix.lower() != ".onnx":
         raise SlimgraphError(f"-o {output}: the onnxruntime backend writes a .onnx file")
+    if args.backend == "pytorch" and output.suffix.lower() not in ("", ".pt2"):
+        raise SlimgraphError(f"-o {output}: the pytorch backend writes a folder or a .pt2 file")
     if args.pipeline is not None:
         pipeline, settings = Pipeline.parse(args.pipeline), {}
     else:
@@ -136,7 +139,8 @@ def cmd_optimize(args: argparse.Namespace) -> int:
     for record in report.records:
         for warning in record.warnings:
             sys.stderr.write(f"{PROG}: warning: {warning}\n")
-    compile(model, backend=args.backend, external_data=args.external_data or None).save(output)
+    options = {"external_data": args.external_data or None} if args.backend == "onnxruntime" else {}
+    compile(model, backend=args.backend, **options).save(output)
 
     if args.json:
         _print_json(report.to_json() | {"output": str(output), "backend": args.backend})

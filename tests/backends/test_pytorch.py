@@ -87,3 +87,57 @@ def test_unsupported_op_is_named():
     model = ir.serde.deserialize_model(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]))
     with pytest.raises(SlimgraphError, match=r"op ai.onnx::Unique \(opset 17\) is not supported; node dedupe"):
         slimgraph.compile(model, backend="pytorch")
+
+
+def test_save_model_py_needs_only_torch_and_safetensors(minilm, tmp_path):
+    import subprocess
+    import sys
+
+    artifact = slimgraph.compile(minilm, backend="pytorch")
+    feeds = minilm.meta["slimgraph.example_inputs"][0]
+    folder = artifact.save(tmp_path / "minilm")
+    assert sorted(p.name for p in folder.iterdir()) == ["model.py", "model.safetensors"]
+    np.savez(tmp_path / "feeds.npz", **feeds)
+    code = (
+        "import sys, numpy as np, torch\n"
+        f"sys.path.insert(0, {str(folder)!r})\n"
+        "from model import load\n"
+        "module = load()\n"
+        f"feeds = np.load({str(tmp_path / 'feeds.npz')!r})\n"
+        "hidden, _ = module(*[torch.from_numpy(feeds[k]) for k in ('input_ids', 'token_type_ids', 'attention_mask')])\n"
+        f"np.save({str(tmp_path / 'hidden.npy')!r}, hidden.detach().numpy())\n"
+        "assert not {'slimgraph', 'onnx', 'onnx_ir', 'onnxruntime'} & set(sys.modules), 'imported more than torch'\n"
+        "assert all(p.requires_grad for p in module.parameters())\n"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    np.testing.assert_array_equal(np.load(tmp_path / "hidden.npy"), artifact(**feeds)["last_hidden_state"])
+
+
+def test_save_pt2(mlp_model, tmp_path):
+    artifact = slimgraph.compile(mlp_model, backend="pytorch")
+    path = artifact.save(tmp_path / "mlp.pt2")
+    program = torch.export.load(str(path))
+    x = sample_inputs(mlp_model)["x"]
+    np.testing.assert_allclose(program.module()(torch.from_numpy(x))[0].detach().numpy(), artifact(x=x)["y"], rtol=1e-6)
+    with pytest.raises(SlimgraphError, match="writes a folder .* or a .pt2 file"):
+        artifact.save(tmp_path / "mlp.bin")
+
+
+def test_minilm_under_torch_compile_fullgraph(minilm):
+    artifact = slimgraph.compile(minilm, backend="pytorch")
+    feeds = minilm.meta["slimgraph.example_inputs"][0]
+    args = [torch.from_numpy(feeds[n]) for n in artifact.input_names]
+    with torch.no_grad():
+        eager = artifact.module(*args)
+        compiled = torch.compile(artifact.module, fullgraph=True)(*args)
+    for a, b in zip(compiled, eager):
+        assert (a - b).abs().max() <= 1e-4 * b.abs().max()
+
+
+def test_cli_backend_pytorch(tmp_path, mlp_path):
+    from slimgraph.cli import main
+
+    assert main(["optimize", str(mlp_path), "-p", "cleanup", "--backend", "pytorch", "-o", str(tmp_path / "out")]) == 0
+    assert (tmp_path / "out" / "model.py").is_file()
+    assert main(["optimize", str(mlp_path), "-p", "cleanup", "--backend", "pytorch", "-o", str(tmp_path / "m.onnx")]) == 2

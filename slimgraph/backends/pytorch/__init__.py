@@ -45,5 +45,29 @@ class PyTorchArtifact:
             outputs = self.module(*tensors)
         return {name: to_numpy(out) for name, out in zip(self.output_names, outputs)}
 
+    def _dynamic_shapes(self) -> tuple:
+        """torch.export.Dim.AUTO for every axis that is symbolic in the ONNX graph."""
+        import torch
+
+        by_name = {v.name: v for v in self.model.graph.inputs}
+        return tuple(
+            {axis: torch.export.Dim.AUTO for axis, dim in enumerate(by_name[n].shape or []) if not isinstance(dim, int)}
+            or None
+            for n in self.input_names
+        )
+
     def save(self, path: str | os.PathLike) -> Path:
-        raise SlimgraphError("saving the pytorch backend's module is not implemented yet")
+        """`DIR/` → DIR/model.py + DIR/model.safetensors; `NAME.pt2` → a torch.export program."""
+        from slimgraph.backends.pytorch.builder import to_torch
+        from slimgraph.backends.pytorch.codegen import save_directory, save_pt2
+        from slimgraph.ir.inputs import model_inputs
+
+        path = Path(path)
+        if path.suffix.lower() == ".pt2":
+            feeds = model_inputs(self.model)[0][-1]  # the last synthesized feed has batch 2: not specialized to 1
+            example = tuple(to_torch(feeds[n]) for n in self.input_names)
+            return save_pt2(self.module, example, path, self._dynamic_shapes())
+        if path.suffix:
+            raise SlimgraphError(f"the pytorch backend writes a folder (model.py + model.safetensors) or a .pt2 "
+                                 f"file, not '{path.name}'")
+        return save_directory(self.module, path)

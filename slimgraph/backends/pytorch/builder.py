@@ -110,6 +110,8 @@ class Builder:
 
     def _unique_attribute(self, name: str) -> str:
         parts = [identifier(p) if not p.isdigit() else p for p in name.split(".")]
+        # a segment may not shadow an nn.Module attribute (`half`, `eval`, `training`, ...)
+        parts = [f"{p}_" if hasattr(torch.nn.Module, p) or p == "training" else p for p in parts]
         candidate, i = ".".join(parts), 1
         while candidate in self._attribute_names or _clashes(candidate, self._attribute_names):
             i += 1

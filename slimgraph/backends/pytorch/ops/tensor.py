@@ -13,9 +13,19 @@ import torch
 from slimgraph.backends.pytorch.lowering import Dims, attr, lowers
 from slimgraph.errors import SlimgraphError
 
+TORCH_DTYPES = {
+    "FLOAT": torch.float32, "DOUBLE": torch.float64, "FLOAT16": torch.float16, "BFLOAT16": torch.bfloat16,
+    "INT8": torch.int8, "INT16": torch.int16, "INT32": torch.int32, "INT64": torch.int64, "UINT8": torch.uint8,
+    "UINT16": torch.uint16, "UINT32": torch.uint32, "UINT64": torch.uint64, "BOOL": torch.bool,
+    "COMPLEX64": torch.complex64, "COMPLEX128": torch.complex128,
+}
+
 
 def torch_dtype(onnx_type: int) -> torch.dtype:
-    return torch.from_numpy(np.empty(0, dtype=ir.DataType(onnx_type).numpy())).dtype
+    name = ir.DataType(onnx_type).name
+    if name not in TORCH_DTYPES:
+        raise SlimgraphError(f"pytorch backend: torch has no dtype for {name.lower()}")
+    return TORCH_DTYPES[name]
 
 
 def axis_of(axis: int, rank: int) -> int:
@@ -413,8 +423,7 @@ def top_k(ctx, node, x, k):
 @lowers("OneHot", tensors=False)
 def one_hot(ctx, node, indices, depth, values):
     indices, values = ctx.tensor(indices), ctx.tensor(values)
-    depth = _scalar(depth)
-    depth = int(depth) if isinstance(depth, (int, float)) else depth  # a traced .item() otherwise
+    depth = int(_scalar(depth)) if not isinstance(depth, torch.fx.Proxy) else depth.to(torch.int64).item()
     indices = torch.where(indices < 0, indices + depth, indices).to(torch.int64)
     hot = torch.nn.functional.one_hot(torch.clamp(indices, 0, depth - 1), depth) * (indices >= 0).unsqueeze(-1) \
         * (indices < depth).unsqueeze(-1)
