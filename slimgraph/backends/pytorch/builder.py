@@ -229,6 +229,7 @@ def _clashes(name: str, taken: set[str]) -> bool:
 
 
 def _attach(root: torch.nn.Module, dotted: str, tensor: torch.Tensor, buffer: bool = False) -> None:
+    # (codegen.TEMPLATE has its twin: the generated model.py must not import slimgraph)
     *path, leaf = dotted.split(".")
     module = root
     for part in path:

@@ -313,16 +313,23 @@ def trilu(ctx, node, x, k=None):
     return torch.triu(x, offset) if attr(node, "upper", 1) else torch.tril(x, offset)
 
 
-@lowers("CumSum", tensors=False)
-def cumsum(ctx, node, x, axis):
+def _cumulative(ctx, node, x, axis, accumulate, identity: int):
+    """CumSum/CumProd: `reverse` flips around the scan; `exclusive` shifts the identity in."""
     x = ctx.tensor(x)
     axis = _scalar(axis)
-    if attr(node, "reverse", 0):
+    reverse = attr(node, "reverse", 0)
+    if reverse:
         x = torch.flip(x, [axis])
-    result = torch.cumsum(x, axis).to(x.dtype)
+    result = accumulate(x, axis).to(x.dtype)
     if attr(node, "exclusive", 0):
-        result = result - x
-    return torch.flip(result, [axis]) if attr(node, "reverse", 0) else result
+        first = torch.full_like(x.narrow(axis, 0, 1), identity)
+        result = torch.cat([first, result.narrow(axis, 0, x.size(axis) - 1)], axis)
+    return torch.flip(result, [axis]) if reverse else result
+
+
+@lowers("CumSum", tensors=False)
+def cumsum(ctx, node, x, axis):
+    return _cumulative(ctx, node, x, axis, torch.cumsum, 0)
 
 
 @lowers("Einsum")
@@ -436,14 +443,7 @@ def one_hot(ctx, node, indices, depth, values):
 
 @lowers("CumProd", tensors=False)
 def cumprod(ctx, node, x, axis):
-    x = ctx.tensor(x)
-    axis = _scalar(axis)
-    if attr(node, "reverse", 0):
-        x = torch.flip(x, [axis])
-    result = torch.cumprod(x, axis)
-    if attr(node, "exclusive", 0):
-        result = torch.cat([torch.ones_like(x.narrow(axis, 0, 1)), result.narrow(axis, 0, x.size(axis) - 1)], axis)
-    return torch.flip(result, [axis]) if attr(node, "reverse", 0) else result
+    return _cumulative(ctx, node, x, axis, torch.cumprod, 1)
 
 
 @lowers("ScatterND")
