@@ -457,3 +457,62 @@ def scatter_nd(ctx, node, data, indices, updates):
         return data.index_put(index, updates, accumulate=True)
     combine = {"mul": torch.mul, "max": torch.maximum, "min": torch.minimum}[reduction]
     return data.index_put(index, combine(data[index], updates))
+
+
+@lowers("BitCast")
+def bit_cast(ctx, node, x):
+    return x.view(torch_dtype(attr(node, "to")))  # same bit width: same shape, bits reinterpreted
+
+
+@lowers("Compress", tensors=False)
+def compress(ctx, node, x, condition):
+    x, condition = ctx.tensor(x), ctx.tensor(condition).to(torch.bool)
+    axis = attr(node, "axis")
+    if axis is None:
+        x = x.reshape(-1)
+        axis = 0
+    length = x.size(axis)
+    keep = torch.nonzero(condition[:length]).reshape(-1)  # a shorter condition keeps only its length
+    return torch.index_select(x, axis, keep)
+
+
+@lowers("CenterCropPad", tensors=False)
+def center_crop_pad(ctx, node, x, shape):
+    x = ctx.tensor(x)
+    rank = len(node.inputs[0].shape)
+    axes = [axis_of(a, rank) for a in (attr(node, "axes") or range(rank))]
+    sizes = ctx.ints(shape)
+    if not isinstance(sizes, list):  # given at run time: the output shape says it
+        sizes = [node.outputs[0].shape[a] for a in axes]
+    for axis, target in zip(axes, sizes):
+        current = node.inputs[0].shape[axis]
+        if current > target:  # crop: the extra goes to the end when odd
+            x = x.narrow(axis, (current - target) // 2, target)
+        elif current < target:  # pad: the extra goes to the end when odd
+            begin = (target - current) // 2
+            pads = [0, 0] * (rank - 1 - axis) + [begin, target - current - begin]
+            x = torch.nn.functional.pad(x, pads)
+    return x
+
+
+@lowers("QLinearMatMul")
+def qlinear_matmul(ctx, node, a, a_scale, a_zero_point, b, b_scale, b_zero_point, y_scale, y_zero_point):
+    real_a = (a.to(torch.float32) - a_zero_point.to(torch.float32)) * a_scale.to(torch.float32)
+    b_scale_f, b_zero_f = b_scale.to(torch.float32), b_zero_point.to(torch.float32)
+    if node.inputs[4].shape is not None and len(node.inputs[4].shape) == 1 and node.inputs[4].shape[0] != 1:
+        b_scale_f, b_zero_f = b_scale_f.reshape(1, -1), b_zero_f.reshape(1, -1)  # per output column
+    real_b = (b.to(torch.float32) - b_zero_f) * b_scale_f
+    y = torch.round(torch.matmul(real_a, real_b) / y_scale.to(torch.float32)) + y_zero_point.to(torch.float32)
+    low, high = (0, 255) if node.inputs[7].dtype == ir.DataType.UINT8 else (-128, 127)
+    return torch.clamp(y, low, high).to(y_zero_point.dtype)
+
+
+@lowers("AffineGrid", tensors=False)
+def affine_grid(ctx, node, theta, size):
+    theta = ctx.tensor(theta)
+    sizes = ctx.ints(size)
+    if not isinstance(sizes, list):  # given at run time: [N, H, (W,) 2] output → [N, C, H, (W)]
+        out = node.outputs[0].shape
+        sizes = [out[0], 1, *out[1:-1]]  # C only shapes the call; the grid does not depend on it
+    sizes = [int(s) for s in sizes]
+    return torch.nn.functional.affine_grid(theta, sizes, align_corners=bool(attr(node, "align_corners", 0)))
