@@ -1,3 +1,12 @@
 """Lowerings, grouped by kind; importing this package registers them all."""
 
-from slimgraph.backends.pytorch.ops import attention, elementwise, nn, quantized, reduce, resize, tensor  # noqa: F401
+from slimgraph.backends.pytorch.ops import (  # noqa: F401
+    attention,
+    elementwise,
+    nn,
+    quantized,
+    recurrent,
+    reduce,
+    resize,
+    tensor,
+)
