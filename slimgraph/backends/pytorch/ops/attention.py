@@ -111,3 +111,34 @@ def attention(ctx, node, q, k, v, mask=None, past_key=None, past_value=None, non
         output = output.transpose(1, 2).reshape(output.size(0), output.size(2), -1)
     return output, present_key, present_value, qk_output.to(dtype)
 
+
+
+@lowers("RotaryEmbedding", since=23)
+def rotary_embedding(ctx, node, x, cos_cache, sin_cache, position_ids=None):
+    """As the ONNX reference: rotate the first rotary_embedding_dim channels of every head."""
+    shape = node.inputs[0].shape
+    four_d = len(shape) == 4
+    if four_d:
+        x = x.transpose(1, 2)  # [batch, seq, heads, head]
+        head_size = shape[3]
+    else:
+        head_size = shape[2] // attr(node, "num_heads")
+        x = x.reshape(x.size(0), x.size(1), attr(node, "num_heads"), head_size)
+    rotary = attr(node, "rotary_embedding_dim", 0) or head_size
+    rotate, keep = x[..., :rotary], x[..., rotary:]
+    if position_ids is not None:
+        cos_cache, sin_cache = cos_cache[position_ids], sin_cache[position_ids]
+    cos, sin = cos_cache.unsqueeze(2), sin_cache.unsqueeze(2)
+    if attr(node, "interleaved", 0):
+        x1, x2 = rotate[..., 0::2], rotate[..., 1::2]
+    else:
+        x1, x2 = rotate[..., : rotary // 2], rotate[..., rotary // 2:]
+    real, imag = cos * x1 - sin * x2, sin * x1 + cos * x2
+    if attr(node, "interleaved", 0):
+        rotated = torch.stack([real, imag], -1).flatten(-2)
+    else:
+        rotated = torch.cat([real, imag], -1)
+    y = torch.cat([rotated, keep], -1)
+    if four_d:
+        return y.transpose(1, 2)
+    return y.reshape(y.size(0), y.size(1), -1)

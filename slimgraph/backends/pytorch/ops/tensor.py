@@ -422,9 +422,13 @@ def pad(ctx, node, x, pads, value=None, axes=None):
 @lowers("TopK", tensors=False)
 def top_k(ctx, node, x, k):
     x = ctx.tensor(x)
-    values, indices = torch.topk(x, _scalar(k), dim=attr(node, "axis", -1), largest=bool(attr(node, "largest", 1)),
-                                 sorted=bool(attr(node, "sorted", 1)))
-    return values, indices
+    unsigned = node.inputs[0].dtype is not None and node.inputs[0].dtype.name in ("UINT16", "UINT32", "UINT64")
+    axis, k = attr(node, "axis", -1), _scalar(k)
+    # a stable sort keeps the lower index first among equal values, as ONNX requires
+    values, indices = torch.sort(x.to(torch.int64) if unsigned else x, dim=axis,
+                                 descending=bool(attr(node, "largest", 1)), stable=True)
+    values, indices = values.narrow(axis, 0, k), indices.narrow(axis, 0, k)
+    return (values.to(x.dtype) if unsigned else values), indices
 
 
 @lowers("OneHot", tensors=False)
