@@ -520,3 +520,27 @@ def affine_grid(ctx, node, theta, size):
         sizes = [out[0], 1, *out[1:-1]]  # C only shapes the call; the grid does not depend on it
     sizes = [int(s) for s in sizes]
     return torch.nn.functional.affine_grid(theta, sizes, align_corners=bool(attr(node, "align_corners", 0)))
+
+
+def _dft(ctx, node, x, length, axis: int):
+    """DFT over `axis` of a real ([..., 1]) or complex ([..., 2]) signal; output [..., 2]."""
+    rank = len(node.inputs[0].shape)
+    axis = axis % rank  # an axis of the full input (also when traced); the same index in the complex view
+    signal = torch.complex(x[..., 0], x[..., 1]) if node.inputs[0].shape[-1] == 2 else x[..., 0]
+    n = _scalar(length) if length is not None else None
+    inverse, onesided = attr(node, "inverse", 0), attr(node, "onesided", 0)
+    transformed = (torch.fft.ifft if inverse else torch.fft.fft)(signal, n=n, dim=axis)
+    if onesided:
+        size = transformed.size(axis)
+        transformed = transformed.narrow(axis, 0, size // 2 + 1)
+    return torch.stack([transformed.real, transformed.imag], -1).to(x.dtype)
+
+
+@lowers("DFT", since=20, tensors=False)
+def dft(ctx, node, x, length=None, axis=None):
+    return _dft(ctx, node, ctx.tensor(x), length, _scalar(axis) if axis is not None else -2)
+
+
+@lowers("DFT", until=19, tensors=False)
+def dft_attribute_axis(ctx, node, x, length=None):
+    return _dft(ctx, node, ctx.tensor(x), length, attr(node, "axis", 1))
