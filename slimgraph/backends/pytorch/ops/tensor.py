@@ -116,9 +116,16 @@ def cast_like(ctx, node, x, like):
 def reshape(ctx, node, x, shape):
     dims = ctx.ints(shape)
     x = ctx.tensor(x)
-    if not attr(node, "allowzero", 0) and isinstance(dims, list):
-        dims = [x.size(i) if isinstance(d, int) and d == 0 else d for i, d in enumerate(dims)]
-    return x.reshape(dims)
+    if attr(node, "allowzero", 0):
+        return x.reshape(dims)
+    if isinstance(dims, list):
+        return x.reshape([x.size(i) if isinstance(d, int) and d == 0 else d for i, d in enumerate(dims)])
+    # shape known only at run time: a 0 still copies the input's size there
+    target = ctx.tensor(shape)
+    length = node.inputs[1].shape[0]
+    current = (ctx.dims(node.inputs[0], x) + [0] * length)[:length]
+    sizes = ctx.call(torch.tensor, current, dtype=torch.int64)
+    return x.reshape(torch.where(target == 0, sizes, target).tolist())
 
 
 @lowers("Flatten")
