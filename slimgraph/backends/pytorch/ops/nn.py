@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -83,10 +84,11 @@ def _pads(node, spatial: int, kernel: list[int] | None = None) -> list[int]:
     return begin + end
 
 
-def _symmetric_or_padded(x, pads: list[int], spatial: int, value: float = 0.0):
-    """(input, symmetric padding): asymmetric ONNX pads are applied with F.pad first."""
+def _symmetric_or_padded(x, pads: list[int], spatial: int, value: float = 0.0, kernel: list[int] | None = None):
+    """(input, symmetric padding): asymmetric ONNX pads, or pads over half the kernel (which torch's
+    pooling refuses), are applied with F.pad first."""
     begin, end = pads[:spatial], pads[spatial:]
-    if begin == end:
+    if begin == end and (kernel is None or all(p <= k // 2 for p, k in zip(begin, kernel))):
         return x, begin
     padding = []
     for b, e in zip(reversed(begin), reversed(end)):
@@ -107,10 +109,23 @@ def conv(ctx, node, x, weight, bias=None):
 def max_pool(ctx, node, x):
     kernel = attr(node, "kernel_shape")
     spatial = len(kernel)
-    x, padding = _symmetric_or_padded(x, _pads(node, spatial, kernel), spatial, value=float("-inf"))
+    pads = _pads(node, spatial, kernel)
+    padded, padding = _symmetric_or_padded(x, pads, spatial, value=float("-inf"), kernel=kernel)
     fn = {1: F.max_pool1d, 2: F.max_pool2d, 3: F.max_pool3d}[spatial]
-    return fn(x, kernel, stride=attr(node, "strides", [1] * spatial), padding=padding,
-              dilation=attr(node, "dilations", [1] * spatial), ceil_mode=bool(attr(node, "ceil_mode", 0)))
+    options = dict(stride=attr(node, "strides", [1] * spatial), padding=padding,
+                   dilation=attr(node, "dilations", [1] * spatial), ceil_mode=bool(attr(node, "ceil_mode", 0)))
+    if len(node.outputs) < 2 or node.outputs[1] is None or not node.outputs[1].name:
+        return fn(padded, kernel, **options)
+    if padded is not x or attr(node, "storage_order", 0):
+        raise SlimgraphError("pytorch backend: MaxPool indices with explicit padding or storage_order=1")
+    values, plane_indices = fn(x, kernel, return_indices=True, **options)
+    # torch counts within each (n, c) plane; ONNX over the whole tensor
+    n, c, *sizes = node.inputs[0].shape
+    plane = 1
+    for size in sizes:
+        plane *= size
+    offsets = ctx.constant(np.arange(n * c, dtype=np.int64).reshape(n, c, *([1] * spatial)) * plane)
+    return values, plane_indices + offsets
 
 
 @lowers("AveragePool")
@@ -118,6 +133,9 @@ def average_pool(ctx, node, x):
     kernel = attr(node, "kernel_shape")
     spatial = len(kernel)
     pads = _pads(node, spatial, kernel)
+    dilations = attr(node, "dilations", [1] * spatial)
+    if any(d != 1 for d in dilations) or any(p > k // 2 for p, k in zip(pads[:spatial] + pads[spatial:], kernel * 2)):
+        return _average_by_convolution(ctx, node, x, kernel, pads, dilations)
     fn = {1: F.avg_pool1d, 2: F.avg_pool2d, 3: F.avg_pool3d}[spatial]
     options = dict(stride=attr(node, "strides", [1] * spatial), ceil_mode=bool(attr(node, "ceil_mode", 0)))
     if pads[:spatial] != pads[spatial:] and not attr(node, "count_include_pad", 0):
@@ -129,6 +147,38 @@ def average_pool(ctx, node, x):
             counted, kernel, padding=0, count_include_pad=True, **options)
     x, padding = _symmetric_or_padded(x, pads, spatial)
     return fn(x, kernel, padding=padding, count_include_pad=bool(attr(node, "count_include_pad", 0)), **options)
+
+
+def _average_by_convolution(ctx, node, x, kernel, pads, dilations):
+    """AveragePool as sum / count, both depthwise convolutions with a kernel of ones: handles the
+    dilations and large pads torch's avg_pool does not. Output sizes come from the static shapes."""
+    spatial = len(kernel)
+    shape_in, shape_out = node.inputs[0].shape, node.outputs[0].shape
+    if not all(isinstance(d, int) for d in (*shape_in, *shape_out)):
+        raise SlimgraphError("pytorch backend: dilated AveragePool needs static shapes")
+    strides = attr(node, "strides", [1] * spatial)
+    begin, end = pads[:spatial], pads[spatial:]
+    extra = [max((o - 1) * s + (k - 1) * d + 1 - (i + b + e), 0)  # room ceil_mode needs past the pads
+             for o, s, k, d, i, b, e in zip(shape_out[2:], strides, kernel, dilations, shape_in[2:], begin, end)]
+    channels = shape_in[1]
+    conv = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}[spatial]
+    weight = ctx.constant(np.ones((channels, 1, *kernel), dtype=node.inputs[0].dtype.numpy()))
+
+    def pairs(before, after):
+        flat = []
+        for b, a in zip(reversed(before), reversed(after)):
+            flat += [b, a]
+        return flat
+
+    summed = conv(F.pad(x, pairs(begin, [e + x_ for e, x_ in zip(end, extra)])), weight, stride=strides,
+                  dilation=dilations, groups=channels)
+    ones = torch.ones_like(x)
+    if attr(node, "count_include_pad", 0):  # explicit pads count; the ceil_mode room does not
+        counted = F.pad(F.pad(ones, pairs(begin, end), value=1.0), pairs([0] * spatial, extra))
+    else:
+        counted = F.pad(ones, pairs(begin, [e + x_ for e, x_ in zip(end, extra)]))
+    counts = conv(counted, weight, stride=strides, dilation=dilations, groups=channels)
+    return summed / counts
 
 
 @lowers("GlobalAveragePool")

@@ -28,6 +28,16 @@ def _prod(x, dims, keepdim):
     return x
 
 
+def _prod_runtime_axes(ctx, node, x, axes, keepdims: bool):
+    """torch.prod takes one dim: reduce axis by axis (their count is static), keeping dims so that
+    the remaining axes keep their index, then squeeze them if asked."""
+    count = node.inputs[1].shape[0]
+    rank = len(node.inputs[0].shape)
+    for j in range(count):
+        x = torch.prod(x, axes[j].item() % rank, keepdim=True)
+    return x if keepdims else x.squeeze(tuple(((axes + rank) % rank).tolist()))
+
+
 def _reduction(fn, axes_input_since):
     def lower(ctx, node, x, axes=None):
         x_tensor = ctx.tensor(x)
@@ -35,6 +45,8 @@ def _reduction(fn, axes_input_since):
         opset = ctx.model.opset_imports.get("", 1)
         dims = ctx.ints(axes) if axes is not None and opset >= axes_input_since else attr(node, "axes")
         if not isinstance(dims, list):  # axes given at run time: assumed not empty
+            if fn is REDUCTIONS["ReduceProd"][0]:
+                return _prod_runtime_axes(ctx, node, x_tensor, ctx.tensor(axes), keepdims)
             return fn(x_tensor, dims, keepdims)
         if not dims:
             if attr(node, "noop_with_empty_axes", 0) and opset >= axes_input_since:
