@@ -32,6 +32,13 @@ def attention(ctx, node, q, k, v, mask=None, past_key=None, past_value=None, non
         head_size = q_shape[2] // q_heads
     else:
         head_size = q_shape[3]
+    half = node.inputs[0].dtype in (ir.DataType.FLOAT16, ir.DataType.BFLOAT16)
+    if half:  # like the reference's numpy, compute in float32 and round once at the end
+        out_dtype = q.dtype
+        q, k, v = q.float(), k.float(), v.float()
+        mask = mask.float() if mask is not None and node.inputs[3].dtype != ir.DataType.BOOL else mask
+        past_key = past_key.float() if past_key is not None else None
+        past_value = past_value.float() if past_value is not None else None
     scale = attr(node, "scale")
     root = math.sqrt(scale if scale is not None else 1 / math.sqrt(head_size))
     if past_key is not None:
@@ -79,11 +86,7 @@ def attention(ctx, node, q, k, v, mask=None, past_key=None, past_value=None, non
     if isinstance(q_heads, int) and isinstance(k_count, int) and q_heads != k_count and q_heads % k_count == 0:
         k = k.repeat_interleave(q_heads // k_count, dim=1)
         v = v.repeat_interleave(q_heads // k_count, dim=1)
-    if node.inputs[0].dtype in (ir.DataType.FLOAT16, ir.DataType.BFLOAT16):
-        # like the reference (numpy), accumulate half-precision products in float32
-        scores = torch.matmul(q.float() * root, k.transpose(-1, -2).float() * root).to(dtype)
-    else:
-        scores = torch.matmul(q * root, k.transpose(-1, -2) * root)
+    scores = torch.matmul(q * root, k.transpose(-1, -2) * root)
     softcap = attr(node, "softcap", 0.0)
     if softcap > 0:
         scores = torch.tanh(scores / softcap) * softcap
@@ -103,12 +106,12 @@ def attention(ctx, node, q, k, v, mask=None, past_key=None, past_value=None, non
     probabilities = torch.where(masked_rows, torch.zeros_like(probabilities), probabilities)
     if mode == 3:
         qk_output = probabilities
-    if node.inputs[0].dtype in (ir.DataType.FLOAT16, ir.DataType.BFLOAT16):
-        output = torch.matmul(probabilities.to(dtype).float(), v.float()).to(dtype)
-    else:
-        output = torch.matmul(probabilities.to(dtype), v)
+    output = torch.matmul(probabilities.to(dtype), v)
     if three_d:
         output = output.transpose(1, 2).reshape(output.size(0), output.size(2), -1)
+    if half:
+        return (output.to(out_dtype), present_key.to(out_dtype), present_value.to(out_dtype),
+                qk_output.to(out_dtype))
     return output, present_key, present_value, qk_output.to(dtype)
 
 
@@ -142,3 +145,42 @@ def rotary_embedding(ctx, node, x, cos_cache, sin_cache, position_ids=None):
     if four_d:
         return y.transpose(1, 2)
     return y.reshape(y.size(0), y.size(1), -1)
+
+
+@lowers("LinearAttention", since=27)
+def linear_attention(ctx, node, query, key, value, past_state=None, decay=None, beta=None):
+    """As the ONNX reference: the recurrent state update, token by token (the length is static),
+    in float32; update_rule linear, gated, delta or gated_delta; grouped KV heads."""
+    rule = attr(node, "update_rule", "gated_delta")
+    q_heads, kv_heads = attr(node, "q_num_heads"), attr(node, "kv_num_heads")
+    gating, delta = rule in ("gated", "gated_delta"), rule in ("delta", "gated_delta")
+    steps = node.inputs[0].shape[1]
+    d_k = node.inputs[0].shape[2] // q_heads
+    d_v = node.inputs[2].shape[2] // kv_heads
+    group = q_heads // kv_heads
+    batch = query.size(0)
+
+    def heads(x, count):  # (B, T, H*D) → (B, H, T, D), float32
+        return x.reshape(batch, steps, count, -1).transpose(1, 2).float()
+
+    q, k, v = heads(query, q_heads), heads(key, kv_heads), heads(value, kv_heads)
+    if gating:
+        decay_heads = heads(decay, kv_heads)  # (B, H_kv, T, 1 or d_k)
+    if delta:
+        beta_heads = beta.reshape(batch, steps, node.inputs[5].shape[-1], 1).transpose(1, 2).float()
+    state = past_state.float() if past_state is not None else ctx.call(
+        torch.zeros, [batch, kv_heads, d_k, d_v], dtype=torch.float32)
+    scale = attr(node, "scale") or 1.0 / math.sqrt(d_k)
+    outputs = []
+    for i in range(steps):
+        k_t, v_t = k[:, :, i, :], v[:, :, i, :]
+        if gating:
+            state = state * torch.exp(decay_heads[:, :, i, :]).unsqueeze(-1)
+        if delta:
+            retrieved = torch.einsum("bhdm,bhd->bhm", state, k_t)
+            v_t = beta_heads[:, :, i, :] * (v_t - retrieved)
+        state = state + k_t.unsqueeze(-1) * v_t.unsqueeze(-2)
+        shared = state if group == 1 else state.repeat_interleave(group, dim=1)
+        outputs.append(scale * torch.einsum("bhd,bhdm->bhm", q[:, :, i, :], shared))
+    output = torch.stack(outputs, 2).transpose(1, 2).reshape(batch, steps, q_heads * d_v).to(query.dtype)
+    return output, state.to(past_state.dtype if past_state is not None else query.dtype)

@@ -286,3 +286,16 @@ def grid_sample(ctx, node, x, grid):
 @lowers("Swish")
 def swish(ctx, node, x):
     return x * torch.sigmoid(attr(node, "alpha", 1.0) * x)
+
+
+@lowers("CausalConvWithState", since=27)
+def causal_conv_with_state(ctx, node, x, weight, bias=None, past_state=None):
+    """Depthwise causal conv1d over [past_state, x]; the last k-1 positions are the new state."""
+    channels, _, k = node.inputs[1].shape
+    if past_state is None:
+        past_state = torch.zeros_like(x[:, :, :1]).repeat(1, 1, k - 1)
+    padded = torch.cat([past_state, x], 2)
+    y = F.conv1d(padded, weight, bias, groups=channels)
+    if attr(node, "activation", "none") in ("silu", "swish"):
+        y = (y.float() * torch.sigmoid(y.float())).to(y.dtype)
+    return y, padded[:, :, padded.size(2) - (k - 1):]
