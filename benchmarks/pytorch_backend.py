@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import time
 import warnings
 
 
@@ -25,6 +24,7 @@ def main() -> None:
     import torch
 
     import slimgraph
+    from slimgraph.bench import alternating_runs
     from slimgraph.frontend.hf_folder import load_transformers_model
     from slimgraph.ir import evaluate
     from slimgraph.ir.inputs import sample_inputs
@@ -49,17 +49,8 @@ def main() -> None:
             "generated torch.compile": lambda: compiled(*tensors),
             "onnxruntime": lambda: session.run(None, feeds),
         }
-        times: dict[str, list[float]] = {name: [] for name in contenders}
-        with torch.no_grad():
-            for fn in contenders.values():  # warm-up (and compilation)
-                fn()
-                fn()
-            for r in range(args.runs):
-                order = list(contenders) if r % 2 == 0 else list(reversed(contenders))
-                for name in order:
-                    start = time.perf_counter()
-                    contenders[name]()
-                    times[name].append(time.perf_counter() - start)
+        with torch.no_grad():  # two warm-up calls each: the first compiles
+            times = alternating_runs(contenders, args.runs, warmup=2)
         for name, samples in times.items():
             rows.setdefault(name, {})[batch] = statistics.median(samples) * 1e3
     base = rows["original PyTorch eager"]

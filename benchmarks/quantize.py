@@ -34,27 +34,18 @@ def file_mb(path: Path) -> float:
 
 
 def alternate(sessions: dict, feeds: dict, runs: int) -> dict[str, float]:
-    """Median latency (ms) per session, runs interleaved (order reversed every other round)."""
+    """Median latency (ms) per session, runs interleaved (slimgraph.bench.alternating_runs)."""
+    from slimgraph.bench import alternating_runs
     from slimgraph.ir import evaluate
 
-    for session in sessions.values():
-        evaluate.run(session, feeds)
-    times = {name: [] for name in sessions}
-    names = list(sessions)
-    for r in range(runs):
-        for name in names if r % 2 == 0 else reversed(names):
-            start = time.perf_counter()
-            evaluate.run(sessions[name], feeds)
-            times[name].append(time.perf_counter() - start)
-    return {name: statistics.median(t) * 1e3 for name, t in times.items()}
+    contenders = {name: (lambda s=s: evaluate.run(s, feeds)) for name, s in sessions.items()}
+    return {name: statistics.median(t) * 1e3 for name, t in alternating_runs(contenders, runs).items()}
 
 
 def spinning_off():
     from slimgraph.ir import evaluate
 
-    options = evaluate.session_options()
-    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
-    return options
+    return evaluate.session_options(spinning=False)
 
 
 def part_a(runs: int) -> None:

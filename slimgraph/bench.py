@@ -14,8 +14,10 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import onnx_ir as ir
@@ -83,6 +85,23 @@ def peak_rss_mb(path: Path, feeds: dict[str, np.ndarray]) -> float:
     return runs[0] - runs[1]
 
 
+def alternating_runs(contenders: dict[Any, Callable[[], object]], runs: int, warmup: int = 1
+                     ) -> dict[Any, list[float]]:
+    """Seconds of each run of each contender. After `warmup` calls each, the contenders run in
+    turn, the order reversed every other round, so that machine drift hits them alike."""
+    for fn in contenders.values():
+        for _ in range(warmup):
+            fn()
+    times: dict[Any, list[float]] = {name: [] for name in contenders}
+    names = list(contenders)
+    for r in range(runs):
+        for name in names if r % 2 == 0 else reversed(names):
+            start = time.perf_counter()
+            contenders[name]()
+            times[name].append(time.perf_counter() - start)
+    return times
+
+
 def bench(
     paths: list[Path],
     *,
@@ -109,25 +128,15 @@ def bench(
                 path = save(model, Path(tmp) / f"model{i}.onnx")
             models.append(model)
             files.append(path)
-        options = evaluate.session_options(threads)
-        # Idle worker threads must not spin and steal time from the other model's run.
-        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+        options = evaluate.session_options(threads, spinning=False)
         sessions = [evaluate.make_session(m, options=options) for m in models]
         _check_same_inputs(models, paths)
         results = [BenchResult(name=str(p), file_bytes=model_file_bytes(f), peak_rss_mb=None) for p, f in zip(paths, files)]
         for batch in batches:
             feeds = sample_inputs(models[0], batch=batch, sequence=sequence)
-            for session in sessions:
-                for _ in range(warmup):
-                    evaluate.run(session, feeds)
-            times: list[list[float]] = [[] for _ in sessions]
-            for r in range(runs):
-                order = range(len(sessions)) if r % 2 == 0 else reversed(range(len(sessions)))
-                for i in order:
-                    start = time.perf_counter()
-                    evaluate.run(sessions[i], feeds)
-                    times[i].append(time.perf_counter() - start)
-            for result, samples in zip(results, times):
+            contenders = {i: (lambda s=s: evaluate.run(s, feeds)) for i, s in enumerate(sessions)}
+            times = alternating_runs(contenders, runs, warmup)
+            for result, samples in zip(results, times.values()):
                 p50 = statistics.median(samples)
                 p90 = float(np.percentile(samples, 90))
                 result.latency.append(Latency(batch, p50 * 1e3, p90 * 1e3, batch / p50))

@@ -14,7 +14,7 @@ from typing import Any
 
 import onnx_ir as ir
 
-from slimgraph.errors import SlimgraphError
+from slimgraph.errors import SlimgraphError, first_line
 from slimgraph.frontend import SOURCE_KEY
 from slimgraph.frontend.calibration import has_tokenizer, load_tokenizer
 
@@ -63,8 +63,7 @@ def load_transformers_model(path: Path) -> Any:
         config.use_cache = False
         model = model_class.from_pretrained(path, config=config, local_files_only=True)
     except Exception as exc:
-        lines = [line for line in str(exc).splitlines() if line.strip()]
-        raise SlimgraphError(f"transformers cannot load {path}: {lines[0] if lines else type(exc).__name__}") from exc
+        raise SlimgraphError(f"transformers cannot load {path}: {first_line(exc)}") from exc
     return model.eval()
 
 

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import onnx_ir as ir
 
-from slimgraph.errors import SlimgraphError
+from slimgraph.errors import SlimgraphError, first_line
 
 MIN_OPSET = 9
 
@@ -17,7 +17,7 @@ def load_onnx(path: Path) -> ir.Model:
     try:
         model = ir.load(path)
     except Exception as exc:  # protobuf's DecodeError and onnx_ir's errors alike
-        raise SlimgraphError(f"{path} is not a valid ONNX model (corrupt or truncated): {_reason(exc)}") from exc
+        raise SlimgraphError(f"{path} is not a valid ONNX model (corrupt or truncated): {first_line(exc)}") from exc
     if model.ir_version is None or model.ir_version <= 0 or "" not in model.opset_imports or len(model.graph) == 0:
         raise SlimgraphError(f"{path} is not a valid ONNX model: no graph, IR version or opset")
     opset = model.opset_imports[""]
@@ -38,8 +38,3 @@ def _check_external_data(model: ir.Model, path: Path) -> None:
             end = (tensor.offset or 0) + (tensor.length or 0)
             if data.stat().st_size < end:
                 raise SlimgraphError(f"{path}: external data file '{tensor.location}' is truncated")
-
-
-def _reason(exc: Exception) -> str:
-    text = str(exc).strip().splitlines()
-    return text[0] if text else type(exc).__name__

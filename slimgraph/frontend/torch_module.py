@@ -18,11 +18,10 @@ from typing import Any
 import numpy as np
 import onnx_ir as ir
 
-from slimgraph.errors import SlimgraphError
+from slimgraph.errors import ANSI, SlimgraphError, first_line
 from slimgraph.frontend import EXAMPLE_INPUTS_KEY, EXAMPLE_INPUTS_SOURCE_KEY, SOURCE_KEY
 from slimgraph.ir.structure import find_linear, module_path
 
-ANSI = re.compile(r"\x1b\[[0-9;]*m")
 GENERATED_NAME = re.compile(r"^_?val_\d+$")  # names the exporter gives folded constants
 
 
@@ -67,7 +66,7 @@ def load_pt2(path: Path, *, example_inputs: Any = None) -> ir.Model:
     try:
         program = torch.export.load(str(path))
     except Exception as exc:
-        raise SlimgraphError(f"{path} is not a valid .pt2 file (torch.export.save): {_first_line(exc)}") from exc
+        raise SlimgraphError(f"{path} is not a valid .pt2 file (torch.export.save): {first_line(exc, limit=300)}") from exc
     model = _export(lambda: torch.onnx.export(program, dynamo=True, optimize=True, verbose=False), path.name)
     name_linear_weights(model)
     if example_inputs is None and program.example_inputs is not None:
@@ -190,15 +189,10 @@ def _export_reason(exc: BaseException) -> str:
     ops = re.findall(r"\b(aten::\w+(?:\.\w+)?|aten\.\w+(?:\.\w+)?)", text)
     if ops:
         return f"unsupported op {ops[0]}"
-    reason = _first_line(chain[-1])
+    reason = first_line(chain[-1], limit=300)
     if re.search(r"\w*Cache\b.* in output", text):
         reason += " (a transformers model: set model.config.use_cache = False before exporting)"
     where = re.search(r'File "([^"]+)", line (\d+), in (\w+)', text)
     if where:
         reason += f" (at {Path(where.group(1)).name}:{where.group(2)} in {where.group(3)})"
     return reason
-
-
-def _first_line(exc: BaseException) -> str:
-    lines = [line.strip() for line in ANSI.sub("", str(exc)).splitlines() if line.strip()]
-    return (lines[0] if lines else type(exc).__name__)[:300]

@@ -285,28 +285,21 @@ def match_nodes(a: ir.Model, b: ir.Model) -> tuple[dict[ir.Node, ir.Node], dict[
     )
     structural = 0
     if len(pairs) < len(a_nodes) or len(pairs) < len(b_nodes):
-        hashes_a, hashes_b = _wl_hashes(a), _wl_hashes(b)
+        hashes = _wl_hashes(a) | _wl_hashes(b)  # keyed by node: the two graphs' nodes are distinct
+        label = lambda n: hashes[n][-1]  # noqa: E731
+        structural += _match_unique(a_nodes, b_nodes, label, pairs)
         # Insertion-ordered "sets", so that results never depend on hash order.
         taken = set(pairs.values())
         a_unmatched = dict.fromkeys(n for n in a_nodes if n not in pairs)
         b_unmatched = dict.fromkeys(n for n in b_nodes if n not in taken)
-        left = _unique_by(a_unmatched, lambda n: hashes_a[n][-1])
-        right = _unique_by(b_unmatched, lambda n: hashes_b[n][-1])
-        for k, node in left.items():
-            if k in right:
-                pairs[node] = right[k]
-                del a_unmatched[node], b_unmatched[right[k]]
-                structural += 1
         structural += _propagate(pairs, a_unmatched, b_unmatched)
         # Equal-hash groups of equal size: pair in topological order.
         groups_a = collections.defaultdict(list)
         groups_b = collections.defaultdict(list)
-        for node in a_nodes:
-            if node in a_unmatched:
-                groups_a[hashes_a[node][-1]].append(node)
-        for node in b_nodes:
-            if node in b_unmatched:
-                groups_b[hashes_b[node][-1]].append(node)
+        for node in a_unmatched:
+            groups_a[label(node)].append(node)
+        for node in b_unmatched:
+            groups_b[label(node)].append(node)
         for k, nodes in groups_a.items():
             if len(nodes) == len(groups_b.get(k, [])):
                 for na, nb in zip(nodes, groups_b[k]):

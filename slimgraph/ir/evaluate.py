@@ -12,7 +12,7 @@ import onnx
 import onnx_ir as ir
 import onnxruntime as ort
 
-from slimgraph.errors import SlimgraphError
+from slimgraph.errors import SlimgraphError, first_line
 
 # Protobuf cannot hold a model of 2 GiB or more; past this size we go through a file.
 PROTO_LIMIT_BYTES = 1_800_000_000
@@ -24,11 +24,15 @@ def initializer_bytes(model: ir.Model) -> int:
     return sum(v.const_value.nbytes for v in model.graph.initializers.values() if v.const_value is not None)
 
 
-def session_options(threads: int | None = None) -> ort.SessionOptions:
+def session_options(threads: int | None = None, *, spinning: bool = True) -> ort.SessionOptions:
+    """`spinning=False` for benchmarks: idle worker threads must not spin and steal time
+    from another session's run."""
     options = ort.SessionOptions()
     options.log_severity_level = 3  # errors only: ORT's warnings are noise for our users
     if threads:
         options.intra_op_num_threads = threads
+    if not spinning:
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
     return options
 
 
@@ -53,7 +57,7 @@ def make_session(
         try:
             return ort.InferenceSession(blob, options or session_options(threads), providers=["CPUExecutionProvider"])
         except Exception as exc:  # ORT raises its own exception types for invalid graphs
-            raise SlimgraphError(f"ONNX Runtime cannot load the model: {_first_line(exc)}") from exc
+            raise SlimgraphError(f"ONNX Runtime cannot load the model: {first_line(exc)}") from exc
 
 
 def check_model(model: ir.Model) -> None:
@@ -62,7 +66,7 @@ def check_model(model: ir.Model) -> None:
         try:
             onnx.checker.check_model(blob if isinstance(blob, str) else onnx.load_from_string(blob))
         except onnx.checker.ValidationError as exc:
-            raise SlimgraphError(f"the model is not valid ONNX: {_first_line(exc)}") from exc
+            raise SlimgraphError(f"the model is not valid ONNX: {first_line(exc)}") from exc
 
 
 def run(model: ir.Model | ort.InferenceSession, feeds: Feeds) -> dict[str, np.ndarray]:
@@ -76,7 +80,7 @@ def run(model: ir.Model | ort.InferenceSession, feeds: Feeds) -> dict[str, np.nd
     try:
         values = session.run(names, {k: v for k, v in feeds.items() if k in wanted})
     except Exception as exc:
-        raise SlimgraphError(f"ONNX Runtime failed to run the model: {_first_line(exc)}") from exc
+        raise SlimgraphError(f"ONNX Runtime failed to run the model: {first_line(exc)}") from exc
     return dict(zip(names, values))
 
 
@@ -110,9 +114,3 @@ def capture(model: ir.Model, value_names: Iterable[str], feeds_list: Iterable[Fe
         got = run(session, feeds)
         results.append({n: got[n] for n in names})
     return results
-
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip() or type(exc).__name__
-    lines = [line.strip() for line in text.splitlines() if line.strip()]
-    return lines[0] if lines else text

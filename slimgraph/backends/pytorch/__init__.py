@@ -20,12 +20,11 @@ class PyTorchArtifact:
     backend = "pytorch"
 
     def __init__(self, model: ir.Model) -> None:
-        from slimgraph.backends.pytorch.builder import build_module, identifier
+        from slimgraph.backends.pytorch.builder import build_module
 
         self.model = model
         self.module = build_module(model)
-        self.input_names = [v.name for v in model.graph.inputs if v not in set(model.graph.initializers.values())]
-        self._arguments = [identifier(n, "input") for n in self.input_names]
+        self.input_names = [v.name for v in model.graph.inputs if not v.is_initializer()]
         self.output_names = [v.name for v in model.graph.outputs]
 
     def __call__(self, *args: Any, **kwargs: Any) -> dict[str, np.ndarray]:

@@ -30,7 +30,7 @@ from typing import Any
 import onnx_ir as ir
 import yaml
 
-from slimgraph.errors import SlimgraphError
+from slimgraph.errors import SlimgraphError, first_line
 from slimgraph.ir.fidelity import Fidelity
 from slimgraph.ir.stats import ModelStats, model_stats
 from slimgraph.passes._infra.base import Pass, PassContext
@@ -252,8 +252,7 @@ def load_recipe(path: Path) -> dict[str, Any]:
         else:
             raise SlimgraphError(f"recipe {path} must be .yaml, .yml or .toml")
     except (yaml.YAMLError, tomllib.TOMLDecodeError) as exc:
-        first = str(exc).strip().splitlines()[0]
-        raise SlimgraphError(f"recipe {path} cannot be parsed: {first}") from exc
+        raise SlimgraphError(f"recipe {path} cannot be parsed: {first_line(exc)}") from exc
     if not isinstance(data, dict) or "pipeline" not in data:
         raise SlimgraphError(f"recipe {path} needs a 'pipeline' entry")
     unknown = set(data) - RECIPE_KEYS

@@ -132,8 +132,7 @@ class MixedPrecision(Pass):
                 else:
                     error = _model_error(model, linear, q.dequantize(), reference_outputs, ctx)
                 options[linear.name].append(Choice(bits, q.nbytes(), error))
-        other_bytes = sum(v.const_value.nbytes for v in model.graph.initializers.values() if v.const_value is not None)
-        other_bytes -= linear_bytes
+        other_bytes = evaluate.initializer_bytes(model) - linear_bytes
         budget = int(self.budget_mb * 1e6)
         chosen = choose_bits(options, other_bytes, budget)
         total = other_bytes + sum(c.nbytes for c in chosen.values())

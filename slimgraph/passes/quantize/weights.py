@@ -19,6 +19,7 @@ import numpy as np
 import onnx_ir as ir
 
 from slimgraph.errors import SlimgraphError
+from slimgraph.ir.evaluate import initializer_bytes
 from slimgraph.ir.stats import human_bytes
 from slimgraph.passes._infra.base import Pass, PassContext, PassResult
 from slimgraph.passes._infra.registry import register_pass
@@ -91,7 +92,7 @@ class QuantizeWeights(Pass):
         tables = embedding_tables(model, self.exclude) if self.embeddings else []
         if not linears and not tables:
             return nothing_to_quantize(self.name, skipped, "linears quantized")
-        before = _initializer_bytes(model)
+        before = initializer_bytes(model)
         activations = linear_inputs(model, linears, ctx) if self.method != "rtn" else {}
         for linear in linears:
             q, input_scale = self.quantize(weight_matrix(linear), activations.get(linear.name))
@@ -112,7 +113,7 @@ class QuantizeWeights(Pass):
         stats = {
             "linears quantized": len(linears),
             "method": f"{self.method} int{self.bits} g{self.group_size}" + (" sym" if self.symmetric else ""),
-            "weights": f"{human_bytes(before)} → {human_bytes(_initializer_bytes(model))}",
+            "weights": f"{human_bytes(before)} → {human_bytes(initializer_bytes(model))}",
         }
         if self.embeddings:
             stats["embeddings quantized"] = sum(quantized_tables)
@@ -126,7 +127,3 @@ class QuantizeWeights(Pass):
                             "is a slow fallback (measured 25-50x slower than fp32 in benchmarks/quantize.py); "
                             "accuracy_level=4 is fast and costs little fidelity")
         return PassResult(True, stats, warnings=warnings)
-
-
-def _initializer_bytes(model: ir.Model) -> int:
-    return sum(v.const_value.nbytes for v in model.graph.initializers.values() if v.const_value is not None)

@@ -7,6 +7,7 @@ import torch
 import torch.nn.functional as F
 
 from slimgraph.backends.pytorch.lowering import attr, lowers
+from slimgraph.backends.pytorch.ops.tensor import torch_pads
 from slimgraph.errors import SlimgraphError
 
 
@@ -90,10 +91,7 @@ def _symmetric_or_padded(x, pads: list[int], spatial: int, value: float = 0.0, k
     begin, end = pads[:spatial], pads[spatial:]
     if begin == end and (kernel is None or all(p <= k // 2 for p, k in zip(begin, kernel))):
         return x, begin
-    padding = []
-    for b, e in zip(reversed(begin), reversed(end)):
-        padding += [b, e]
-    return F.pad(x, padding, value=value), [0] * spatial
+    return F.pad(x, torch_pads(begin, end), value=value), [0] * spatial
 
 
 @lowers("Conv")
@@ -164,19 +162,14 @@ def _average_by_convolution(ctx, node, x, kernel, pads, dilations):
     conv = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}[spatial]
     weight = ctx.constant(np.ones((channels, 1, *kernel), dtype=node.inputs[0].dtype.numpy()))
 
-    def pairs(before, after):
-        flat = []
-        for b, a in zip(reversed(before), reversed(after)):
-            flat += [b, a]
-        return flat
-
-    summed = conv(F.pad(x, pairs(begin, [e + x_ for e, x_ in zip(end, extra)])), weight, stride=strides,
+    padded_end = [e + room for e, room in zip(end, extra)]
+    summed = conv(F.pad(x, torch_pads(begin, padded_end)), weight, stride=strides,
                   dilation=dilations, groups=channels)
     ones = torch.ones_like(x)
     if attr(node, "count_include_pad", 0):  # explicit pads count; the ceil_mode room does not
-        counted = F.pad(F.pad(ones, pairs(begin, end), value=1.0), pairs([0] * spatial, extra))
+        counted = F.pad(F.pad(ones, torch_pads(begin, end), value=1.0), torch_pads([0] * spatial, extra))
     else:
-        counted = F.pad(ones, pairs(begin, [e + x_ for e, x_ in zip(end, extra)]))
+        counted = F.pad(ones, torch_pads(begin, padded_end))
     counts = conv(counted, weight, stride=strides, dilation=dilations, groups=channels)
     return summed / counts
 

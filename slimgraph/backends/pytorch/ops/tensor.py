@@ -32,6 +32,14 @@ def axis_of(axis: int, rank: int) -> int:
     return axis + rank if axis < 0 else axis
 
 
+def torch_pads(begin: list, end: list) -> list:
+    """ONNX pads (begins per axis, ends per axis) as F.pad wants them: pairs, last dim first."""
+    pairs = []
+    for b, e in zip(reversed(begin), reversed(end)):
+        pairs += [b, e]
+    return pairs
+
+
 # --- constants ------------------------------------------------------------------------------
 
 
@@ -413,17 +421,15 @@ def pad(ctx, node, x, pads, value=None, axes=None):
         return torch.nn.functional.pad(x, pairs, value=_scalar(value) if value is not None else 0)
     chosen = [axis_of(a, rank) for a in ctx.ints(axes)] if axes is not None else list(range(rank))
     begin, end = dict(zip(chosen, amounts[: len(chosen)])), dict(zip(chosen, amounts[len(chosen):]))
-    torch_pads = []
-    for axis in reversed(range(rank)):  # F.pad takes the last dimension first
-        torch_pads += [begin.get(axis, 0), end.get(axis, 0)]
+    pairs = torch_pads([begin.get(a, 0) for a in range(rank)], [end.get(a, 0) for a in range(rank)])
     mode = attr(node, "mode", "constant")
     if mode == "constant":
         fill = _scalar(value) if value is not None else 0
-        return torch.nn.functional.pad(x, torch_pads, mode="constant", value=fill)
+        return torch.nn.functional.pad(x, pairs, mode="constant", value=fill)
     torch_mode = {"reflect": "reflect", "edge": "replicate", "wrap": "circular"}[mode]
     if x.dtype in (torch.int32, torch.int64) or node.inputs[0].dtype.is_integer():
-        return torch.nn.functional.pad(x.to(torch.float64), torch_pads, mode=torch_mode).to(x.dtype)
-    return torch.nn.functional.pad(x, torch_pads, mode=torch_mode)
+        return torch.nn.functional.pad(x.to(torch.float64), pairs, mode=torch_mode).to(x.dtype)
+    return torch.nn.functional.pad(x, pairs, mode=torch_mode)
 
 
 @lowers("TopK", tensors=False)
