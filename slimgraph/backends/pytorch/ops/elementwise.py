@@ -18,7 +18,7 @@ UNARY = {
     "Acos": torch.acos, "Atan": torch.atan, "Sinh": torch.sinh, "Cosh": torch.cosh, "Asinh": torch.asinh,
     "Acosh": torch.acosh, "Atanh": torch.atanh, "Floor": torch.floor, "Ceil": torch.ceil,
     "Round": torch.round, "Sign": torch.sign, "Not": torch.logical_not, "IsNaN": torch.isnan,
-    "Softsign": F.softsign, "Mish": F.mish, "BitwiseNot": torch.bitwise_not,
+    "Softsign": F.softsign, "Mish": F.mish,
 }
 
 
@@ -132,7 +132,6 @@ def _is_shape_value(v) -> bool:
     return isinstance(v, Dims) or (isinstance(v, np.ndarray) and v.dtype.kind == "i" and v.size <= 8)
 
 
-WIDENED = {"UINT16", "UINT32", "UINT64"}
 COMPARISONS = {"Equal", "Greater", "Less", "GreaterOrEqual", "LessOrEqual"}
 
 
@@ -141,18 +140,52 @@ def _binary(op_type, fn):
         if op_type in SHAPE_ARITHMETIC and (isinstance(a, Dims) or isinstance(b, Dims)) and _is_shape_value(a) \
                 and _is_shape_value(b):
             return _shape_arithmetic(ctx, SHAPE_ARITHMETIC[op_type], a, b)
-        a, b = ctx.tensor(a), ctx.tensor(b)
-        dtype = node.inputs[0].dtype
-        widen = dtype is not None and dtype.name in WIDENED  # torch has few kernels for uint16/32/64
-        if widen:
-            a, b = a.to(torch.int64), b.to(torch.int64)
-        if op_type == "Div" and dtype is not None and dtype.is_integer():
-            result = torch.div(a, b, rounding_mode="trunc")  # ONNX integer Div truncates
-        else:
-            result = fn(a, b)
-        return result.to(torch_dtype(dtype.value)) if widen and op_type not in COMPARISONS else result
+        return _apply(op_type, fn, node.inputs[0].dtype, ctx.tensor(a), ctx.tensor(b))
 
     return lower
+
+
+def _apply(op_type, fn, dtype, a, b):
+    if dtype is not None and dtype.name in ("UINT16", "UINT32", "UINT64"):
+        return _unsigned(op_type, fn, dtype, a, b)
+    if op_type == "Div" and dtype is not None and dtype.is_integer():
+        return torch.div(a, b, rounding_mode="trunc")  # ONNX integer Div truncates
+    return fn(a, b)
+
+
+SIGN_BIT = -(1 << 63)
+
+
+def _unsigned(op_type, fn, dtype, a, b):
+    """torch has few kernels for uint16/32/64, so these compute in int64. That is exact for
+    uint16/32. uint64 keeps its bits in int64: wrapping arithmetic and bit ops are exact as they
+    are; orderings flip the sign bit first, and Div/Mod/right shift use unsigned algorithms."""
+    a, b = a.to(torch.int64), b.to(torch.int64)
+    wide = dtype.name == "UINT64"
+    if op_type in COMPARISONS:
+        return fn(a ^ SIGN_BIT, b ^ SIGN_BIT) if wide else fn(a, b)
+    if wide and op_type in ("Max", "Min"):
+        result = fn(a ^ SIGN_BIT, b ^ SIGN_BIT) ^ SIGN_BIT
+    elif op_type in ("Div", "Mod"):
+        quotient, remainder = _divmod_uint64(a, b) if wide else (torch.div(a, b, rounding_mode="floor"), a % b)
+        result = quotient if op_type == "Div" else remainder
+    elif wide and fn is torch.bitwise_right_shift:  # logical, not arithmetic: shift the sign bit out first
+        result = torch.where(b == 0, a, torch.bitwise_right_shift((a >> 1) & ~SIGN_BIT, b - 1))
+    else:
+        result = fn(a, b)
+    return result.to(torch_dtype(dtype.value))
+
+
+def _divmod_uint64(a, b):
+    """Unsigned 64-bit a // b and a % b on int64 bits. Below 2^63 a divisor is positive: halve a
+    (then positive too), divide, double, and correct once. A divisor ≥ 2^63 goes 0 or 1 times."""
+    at_least = lambda x, y: (x ^ SIGN_BIT) >= (y ^ SIGN_BIT)  # noqa: E731  (unsigned x >= y)
+    small = b > 0
+    halved = ((a >> 1) & ~SIGN_BIT) // torch.where(small, b, 1)
+    quotient = torch.where(small, halved << 1, at_least(a, b).to(torch.int64))
+    remainder = a - quotient * b
+    carry = small & at_least(remainder, b)
+    return quotient + carry, remainder - carry * b
 
 
 BINARY = {
@@ -172,32 +205,40 @@ def pow_(ctx, node, base, exponent):
 
 @lowers("Mod")
 def mod(ctx, node, a, b):
-    return torch.fmod(a, b) if attr(node, "fmod", 0) else torch.remainder(a, b)
+    if attr(node, "fmod", 0):
+        return torch.fmod(a, b)
+    return _apply("Mod", torch.remainder, node.inputs[0].dtype, a, b)
 
 
 @lowers("BitShift")
 def bit_shift(ctx, node, x, amount):
-    return torch.bitwise_left_shift(x, amount) if attr(node, "direction") == "LEFT" else torch.bitwise_right_shift(x, amount)
+    fn = torch.bitwise_left_shift if attr(node, "direction") == "LEFT" else torch.bitwise_right_shift
+    return _apply("BitShift", fn, node.inputs[0].dtype, x, amount)
 
 
-def _variadic(fn):
+@lowers("BitwiseNot")
+def bitwise_not(ctx, node, x):
+    return _apply("BitwiseNot", lambda a, b: torch.bitwise_not(a), node.inputs[0].dtype, x, x)
+
+
+def _variadic(op_type, fn):
     def lower(ctx, node, *inputs):
         result = inputs[0]
         for other in inputs[1:]:
-            result = fn(result, other)
+            result = _apply(op_type, fn, node.inputs[0].dtype, result, other)
         return result
 
     return lower
 
 
-lowers("Max")(_variadic(torch.maximum))
-lowers("Min")(_variadic(torch.minimum))
-lowers("Sum")(_variadic(torch.add))
+lowers("Max")(_variadic("Max", torch.maximum))
+lowers("Min")(_variadic("Min", torch.minimum))
+lowers("Sum")(_variadic("Sum", torch.add))
 
 
 @lowers("Mean")
 def mean(ctx, node, *inputs):
-    return _variadic(torch.add)(ctx, node, *inputs) / len(inputs)
+    return _variadic("Sum", torch.add)(ctx, node, *inputs) / len(inputs)
 
 
 @lowers("Where")

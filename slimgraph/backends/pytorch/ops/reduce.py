@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 
 from slimgraph.backends.pytorch.lowering import attr, lowers
+from slimgraph.backends.pytorch.ops.tensor import static_length, torch_dtype
 
 # op → (function over (x, dims, keepdim), opset where axes moved from attribute to input)
 REDUCTIONS = {
@@ -22,44 +23,62 @@ REDUCTIONS = {
 
 
 def _prod(x, dims, keepdim):
-    # torch.prod reduces one dim at a time; reduce from the last so earlier dims keep their index
-    for d in sorted((d if d >= 0 else d + x.dim() for d in dims), reverse=True):
-        x = torch.prod(x, d, keepdim=keepdim)
-    return x
+    # torch.prod reduces one dim at a time; keep them while reducing so the others keep their index
+    for d in dims:
+        x = torch.prod(x, d, keepdim=True)
+    return x if keepdim else x.squeeze(dims)
 
 
-def _prod_runtime_axes(ctx, node, x, axes, keepdims: bool):
-    """torch.prod takes one dim: reduce axis by axis (their count is static), keeping dims so that
-    the remaining axes keep their index, then squeeze them if asked."""
-    count = node.inputs[1].shape[0]
-    rank = len(node.inputs[0].shape)
-    for j in range(count):
-        x = torch.prod(x, axes[j].item() % rank, keepdim=True)
-    return x if keepdims else x.squeeze(tuple(((axes + rank) % rank).tolist()))
-
-
-def _reduction(fn, axes_input_since):
+def _reduction(op_type, fn, axes_input_since):
     def lower(ctx, node, x, axes=None):
-        x_tensor = ctx.tensor(x)
+        x = ctx.tensor(x)
         keepdims = bool(attr(node, "keepdims", 1))
         opset = ctx.model.opset_imports.get("", 1)
-        dims = ctx.ints(axes) if axes is not None and opset >= axes_input_since else attr(node, "axes")
-        if not isinstance(dims, list):  # axes given at run time: assumed not empty
-            if fn is REDUCTIONS["ReduceProd"][0]:
-                return _prod_runtime_axes(ctx, node, x_tensor, ctx.tensor(axes), keepdims)
-            return fn(x_tensor, dims, keepdims)
+        rank = len(node.inputs[0].shape) if node.inputs[0].shape is not None else None
+        if axes is not None and opset >= axes_input_since:
+            dims = ctx.ints(axes)
+            if not isinstance(dims, list):  # given at run time
+                if op_type != "ReduceProd" and not _static_length_known(node.inputs[1]):
+                    return fn(x, dims, keepdims)  # (assumed not empty: its length is not known)
+                dims = [dims[i] % rank for i in range(static_length(node.inputs[1]))]
+        else:
+            dims = attr(node, "axes") or []
         if not dims:
             if attr(node, "noop_with_empty_axes", 0) and opset >= axes_input_since:
-                return x_tensor
-            rank = len(node.inputs[0].shape)
+                return x
             dims = list(range(rank))
-        return fn(x_tensor, tuple(int(d) for d in dims), keepdims)
+        dims = [d % rank if isinstance(d, int) else d for d in dims]
+        if op_type in EMPTY_SET_IDENTITY and node.inputs[0].shape is not None and 0 in node.inputs[0].shape:
+            x = _append_identity(x, dims, EMPTY_SET_IDENTITY[op_type](torch_dtype(node.inputs[0].dtype)))
+        return fn(x, dims, keepdims)
 
     return lower
 
 
+def _static_length_known(value) -> bool:
+    return value.shape is not None and isinstance(value.shape[0], int)
+
+
+def _append_identity(x, dims, value):
+    """torch.amax/amin refuse an empty reduction; ONNX gives the identity (-inf for ReduceMax).
+    Appending one identity element along each reduced axis gives that, and changes nothing else."""
+    for d in dims:
+        x = torch.nn.functional.pad(x.movedim(d, -1), (0, 1), value=value).movedim(-1, d)
+    return x
+
+
+def _lowest(dtype: torch.dtype):
+    return False if dtype == torch.bool else float("-inf") if dtype.is_floating_point else torch.iinfo(dtype).min
+
+
+def _highest(dtype: torch.dtype):
+    return True if dtype == torch.bool else float("inf") if dtype.is_floating_point else torch.iinfo(dtype).max
+
+
+EMPTY_SET_IDENTITY = {"ReduceMax": _lowest, "ReduceMin": _highest}
+
 for _op, (_fn, _since) in REDUCTIONS.items():
-    lowers(_op, tensors=False)(_reduction(_fn, _since))
+    lowers(_op, tensors=False)(_reduction(_op, _fn, _since))
 
 
 def _arg(fn):

@@ -70,6 +70,8 @@ def constant_of_shape(ctx, node, shape):
 
 @lowers("Shape", tensors=False)
 def shape(ctx, node, x):
+    if not isinstance(x, np.ndarray) and node.inputs[0].shape is None:  # rank unknown: a tensor at run time
+        return ctx.call(torch.tensor, ctx.tensor(x).shape)[attr(node, "start", 0):attr(node, "end")]
     rank = _rank(ctx, node.inputs[0], x)
     start, end = attr(node, "start", 0), attr(node, "end", rank)
     start, end = max(0, axis_of(start, rank)), min(rank, axis_of(end, rank))
@@ -130,9 +132,8 @@ def reshape(ctx, node, x, shape):
         return x.reshape([x.size(i) if isinstance(d, int) and d == 0 else d for i, d in enumerate(dims)])
     # shape known only at run time: a 0 still copies the input's size there
     target = ctx.tensor(shape)
-    length = node.inputs[1].shape[0]
-    current = (ctx.dims(node.inputs[0], x) + [0] * length)[:length]
-    sizes = ctx.call(torch.tensor, current, dtype=torch.int64)
+    length = target.numel()
+    sizes = torch.nn.functional.pad(ctx.call(torch.tensor, x.shape), (0, length))[:length]
     return x.reshape(torch.where(target == 0, sizes, target).tolist())
 
 
@@ -216,18 +217,12 @@ def split(ctx, node, x, sizes=None):
     x = ctx.tensor(x)
     axis = attr(node, "axis", 0)
     if sizes is not None:
-        parts = ctx.ints(sizes)
-        if not isinstance(parts, list):  # sizes given at run time: the outputs' shapes say them
-            parts = [value.shape[axis] for value in node.outputs]
+        parts = ctx.ints(sizes)  # a traced list when given at run time
     elif attr(node, "split") is not None:
         parts = attr(node, "split")
-    else:
-        count = attr(node, "num_outputs", len(node.outputs))
-        length = node.inputs[0].shape[axis] if node.inputs[0].shape is not None else None
-        if not isinstance(length, int):
-            raise SlimgraphError("pytorch backend: Split without sizes needs a known axis length")
-        chunk = -(-length // count)
-        parts = [min(chunk, length - i * chunk) for i in range(count)]
+    else:  # equal parts, the last one smaller when uneven: torch.chunk's rule
+        pieces = torch.chunk(x, attr(node, "num_outputs", len(node.outputs)), dim=axis)
+        return tuple(pieces[i] for i in range(len(node.outputs)))
     pieces = torch.split(x, parts, dim=axis)
     return tuple(pieces[i] for i in range(len(node.outputs)))
 
@@ -235,25 +230,38 @@ def split(ctx, node, x, sizes=None):
 @lowers("Slice", since=10, tensors=False)
 def slice_(ctx, node, x, starts, ends, axes=None, steps=None):
     starts, ends = ctx.ints(starts), ctx.ints(ends)
-    axes = ctx.ints(axes) if axes is not None else list(range(len(starts)))
-    steps = ctx.ints(steps) if steps is not None else [1] * len(starts)
+    count = len(starts) if isinstance(starts, list) else static_length(node.inputs[1])
+    axes = ctx.ints(axes) if axes is not None else list(range(count))
+    steps = ctx.ints(steps) if steps is not None else [1] * count
     if isinstance(x, Dims) and axes in ([0], [-1]) and all(isinstance(v, int) for v in (*starts, *ends, *steps)):
         return Dims(x.items[slice(*_clamp(starts[0], ends[0], steps[0], len(x.items)))])
     x = ctx.tensor(x)
-    rank = len(node.inputs[0].shape)
-    for start, end, axis, step in zip(starts, ends, axes, steps):
-        axis = axis_of(axis, rank)
-        length = node.inputs[0].shape[axis]
-        if isinstance(length, int) and all(isinstance(v, int) for v in (start, end, step)):
-            start, end, step = _clamp(start, end, step, length)
-            if step > 0:
-                x = x.narrow(axis, start, max(end - start, 0)) if step == 1 else x[(slice(None),) * axis + (slice(start, end, step),)]
+    shape = node.inputs[0].shape
+    known = all(isinstance(v, list) for v in (starts, ends, axes, steps)) and shape is not None
+    for i in range(count):
+        axis = axes[i]
+        if known and all(isinstance(v, int) for v in (starts[i], ends[i], steps[i], shape[axis])):
+            axis = axis_of(axis, len(shape))
+            start, end, step = _clamp(starts[i], ends[i], steps[i], shape[axis])
+            if step == 1:
+                x = x.narrow(axis, start, max(end - start, 0))
+            elif step > 0:
+                x = x[(slice(None),) * axis + (slice(start, end, step),)]
             else:
-                index = list(range(start, end if end >= 0 else -1, step))
-                x = x.index_select(axis, torch.tensor(index, dtype=torch.int64))
+                x = x.index_select(axis, torch.tensor(list(range(start, end if end >= 0 else -1, step))))
         else:
-            x = x[(slice(None),) * axis + (slice(start, end, step),)]
+            # Bounds or length known only at run time. Python's range slicing clamps exactly as
+            # ONNX Slice does (negative steps included, which tensor slicing lacks).
+            picked = ctx.call(range, x.size(axis))[ctx.call(slice, starts[i], ends[i], steps[i])]
+            x = torch.index_select(x, axis, ctx.call(torch.tensor, picked, dtype=torch.int64))
     return x
+
+
+def static_length(value: ir.Value) -> int:
+    """The static length of a 1-D input (how many axes a run-time `axes` or `pads` names)."""
+    if value.shape is None or not isinstance(value.shape[0], int):
+        raise SlimgraphError(f"pytorch backend: the length of {value.name!r} is not known")
+    return value.shape[0]
 
 
 def _clamp(start: int, end: int, step: int, length: int) -> tuple[int, int, int]:
@@ -415,13 +423,15 @@ def pad(ctx, node, x, pads, value=None, axes=None):
     x = ctx.tensor(x)
     rank = len(node.inputs[0].shape)
     amounts = ctx.ints(pads)
-    if not isinstance(amounts, list) and axes is None and attr(node, "mode", "constant") == "constant":
-        # pads known only at run time: [begins..., ends...] → F.pad's (last dim first) pairs
-        pairs = ctx.tensor(pads).reshape(2, rank).transpose(0, 1).flip(0).reshape(-1).tolist()
-        return torch.nn.functional.pad(x, pairs, value=_scalar(value) if value is not None else 0)
-    chosen = [axis_of(a, rank) for a in ctx.ints(axes)] if axes is not None else list(range(rank))
-    begin, end = dict(zip(chosen, amounts[: len(chosen)])), dict(zip(chosen, amounts[len(chosen):]))
-    pairs = torch_pads([begin.get(a, 0) for a in range(rank)], [end.get(a, 0) for a in range(rank)])
+    chosen = ctx.ints(axes) if axes is not None else list(range(rank))
+    if isinstance(amounts, list) and isinstance(chosen, list):
+        chosen = [axis_of(a, rank) for a in chosen]
+        begin, end = dict(zip(chosen, amounts[: len(chosen)])), dict(zip(chosen, amounts[len(chosen):]))
+        pairs = torch_pads([begin.get(a, 0) for a in range(rank)], [end.get(a, 0) for a in range(rank)])
+    else:  # pads or axes known only at run time: [begins..., ends...] → F.pad's (last dim first) pairs
+        named = ctx.tensor(axes) % rank if axes is not None else ctx.call(torch.arange, rank)
+        full = ctx.call(torch.zeros, 2, rank, dtype=torch.int64).index_copy(1, named, ctx.tensor(pads).reshape(2, -1))
+        pairs = full.t().flip(0).reshape(-1).tolist()
     mode = attr(node, "mode", "constant")
     if mode == "constant":
         fill = _scalar(value) if value is not None else 0
