@@ -81,11 +81,11 @@ def test_parameters_are_named_and_trainable(minilm):
 def test_unsupported_op_is_named():
     from onnx import TensorProto, helper
 
-    graph = helper.make_graph([helper.make_node("Unique", ["x"], ["y"], name="dedupe")], "g",
-                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, [4])],
-                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)])
-    model = ir.serde.deserialize_model(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]))
-    with pytest.raises(SlimgraphError, match=r"op ai.onnx::Unique \(opset 17\) is not supported; node dedupe"):
+    graph = helper.make_graph([helper.make_node("ImageDecoder", ["x"], ["y"], name="decode")], "g",
+                              [helper.make_tensor_value_info("x", TensorProto.UINT8, [64])],
+                              [helper.make_tensor_value_info("y", TensorProto.UINT8, None)])
+    model = ir.serde.deserialize_model(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 20)]))
+    with pytest.raises(SlimgraphError, match=r"op ai.onnx::ImageDecoder \(opset 20\) is not supported; node decode"):
         slimgraph.compile(model, backend="pytorch")
 
 

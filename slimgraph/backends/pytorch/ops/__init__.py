@@ -8,5 +8,8 @@ from slimgraph.backends.pytorch.ops import (  # noqa: F401
     recurrent,
     reduce,
     resize,
+    signal,
     tensor,
+    training,
+    value_shaped,
 )

@@ -244,3 +244,20 @@ def mean(ctx, node, *inputs):
 @lowers("Where")
 def where(ctx, node, condition, x, y):
     return torch.where(condition, x, y)
+
+
+@lowers("Shrink")
+def shrink(ctx, node, x):
+    bias, lambd = attr(node, "bias", 0.0), attr(node, "lambd", 0.5)
+    zero = torch.zeros_like(x)
+    return torch.where(x < -lambd, x + bias, torch.where(x > lambd, x - bias, zero)).to(x.dtype)
+
+
+@lowers("SwiGLU", since=28)
+def swiglu(ctx, node, gate, value):
+    return gate * torch.sigmoid(attr(node, "alpha", 1.0) * gate) * value
+
+
+@lowers("Binarizer", domain="ai.onnx.ml")
+def binarizer(ctx, node, x):
+    return (x > attr(node, "threshold", 0.0)).to(x.dtype)

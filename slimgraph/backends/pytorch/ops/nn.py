@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
+import onnx_ir as ir
 import torch
 import torch.nn.functional as F
 
 from slimgraph.backends.pytorch.lowering import attr, lowers
-from slimgraph.backends.pytorch.ops.tensor import torch_pads
+from slimgraph.backends.pytorch.ops.tensor import static_length, torch_pads
 from slimgraph.errors import SlimgraphError
 
 
@@ -57,7 +60,15 @@ def layer_norm(ctx, node, x, scale, bias=None):
 
 @lowers("BatchNormalization")
 def batch_norm(ctx, node, x, scale, bias, mean, var):
-    return F.batch_norm(x, mean, var, scale, bias, training=False, eps=attr(node, "epsilon", 1e-5))
+    epsilon = attr(node, "epsilon", 1e-5)
+    if not attr(node, "training_mode", 0):
+        return F.batch_norm(x, mean, var, scale, bias, training=False, eps=epsilon)
+    # training: normalize with the batch's statistics and return the updated running ones
+    dims = [0] + list(range(2, len(node.inputs[0].shape)))
+    batch_mean, batch_var = torch.mean(x, dims), torch.var(x, dims, unbiased=False)
+    momentum = attr(node, "momentum", 0.9)
+    y = F.batch_norm(x, batch_mean, batch_var, scale, bias, training=False, eps=epsilon)
+    return y, mean * momentum + batch_mean * (1 - momentum), var * momentum + batch_var * (1 - momentum)
 
 
 @lowers("InstanceNormalization")
@@ -73,7 +84,7 @@ def _pads(node, spatial: int, kernel: list[int] | None = None) -> list[int]:
     sizes = node.inputs[0].shape
     if sizes is None or not all(isinstance(d, int) for d in sizes[2:]):
         raise SlimgraphError("pytorch backend: auto_pad SAME needs static spatial sizes")
-    kernel = kernel or list(node.inputs[1].shape[2:])
+    kernel = kernel or list(_weight(node).shape[2:])
     strides = attr(node, "strides", [1] * spatial)
     dilations = attr(node, "dilations", [1] * spatial)
     begin, end = [], []
@@ -94,9 +105,14 @@ def _symmetric_or_padded(x, pads: list[int], spatial: int, value: float = 0.0, k
     return F.pad(x, torch_pads(begin, end), value=value), [0] * spatial
 
 
+def _weight(node) -> ir.Value:
+    """The convolution weight input (QLinearConv has scales and zero points before it)."""
+    return node.inputs[3] if node.op_type == "QLinearConv" else node.inputs[1]
+
+
 @lowers("Conv")
 def conv(ctx, node, x, weight, bias=None):
-    spatial = len(node.inputs[1].shape) - 2
+    spatial = len(_weight(node).shape) - 2
     x, padding = _symmetric_or_padded(x, _pads(node, spatial), spatial)
     fn = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}[spatial]
     return fn(x, weight, bias, stride=attr(node, "strides", [1] * spatial), padding=padding,
@@ -114,9 +130,14 @@ def max_pool(ctx, node, x):
                    dilation=attr(node, "dilations", [1] * spatial), ceil_mode=bool(attr(node, "ceil_mode", 0)))
     if len(node.outputs) < 2 or node.outputs[1] is None or not node.outputs[1].name:
         return fn(padded, kernel, **options)
-    if padded is not x or attr(node, "storage_order", 0):
-        raise SlimgraphError("pytorch backend: MaxPool indices with explicit padding or storage_order=1")
+    if padded is not x:
+        raise SlimgraphError("pytorch backend: MaxPool indices with asymmetric padding are not supported")
     values, plane_indices = fn(x, kernel, return_indices=True, **options)
+    if attr(node, "storage_order", 0):  # column-major within the plane: index w * H + h
+        if spatial != 2:
+            raise SlimgraphError("pytorch backend: MaxPool storage_order=1 is supported in 2-D")
+        height, width = node.inputs[0].shape[2:]
+        plane_indices = plane_indices % width * height + plane_indices // width
     # torch counts within each (n, c) plane; ONNX over the whole tensor
     n, c, *sizes = node.inputs[0].shape
     plane = 1
@@ -148,30 +169,35 @@ def average_pool(ctx, node, x):
 
 
 def _average_by_convolution(ctx, node, x, kernel, pads, dilations):
-    """AveragePool as sum / count, both depthwise convolutions with a kernel of ones: handles the
-    dilations and large pads torch's avg_pool does not. Output sizes come from the static shapes."""
+    """AveragePool as sum / count, both window sums: handles the dilations and large pads
+    torch's avg_pool does not."""
     spatial = len(kernel)
-    shape_in, shape_out = node.inputs[0].shape, node.outputs[0].shape
-    if not all(isinstance(d, int) for d in (*shape_in, *shape_out)):
-        raise SlimgraphError("pytorch backend: dilated AveragePool needs static shapes")
-    strides = attr(node, "strides", [1] * spatial)
     begin, end = pads[:spatial], pads[spatial:]
-    extra = [max((o - 1) * s + (k - 1) * d + 1 - (i + b + e), 0)  # room ceil_mode needs past the pads
-             for o, s, k, d, i, b, e in zip(shape_out[2:], strides, kernel, dilations, shape_in[2:], begin, end)]
-    channels = shape_in[1]
+    summed = _window_sums(ctx, node, x, kernel, begin, end, dilations)
+    if attr(node, "count_include_pad", 0):  # explicit pads count; the ceil_mode room does not
+        counted = F.pad(torch.ones_like(x), torch_pads(begin, end), value=1.0)
+        sizes = [i + b + e for i, b, e in zip(node.inputs[0].shape[2:], begin, end)]
+        return summed / _window_sums(ctx, node, counted, kernel, [0] * spatial, [0] * spatial, dilations, sizes)
+    return summed / _window_sums(ctx, node, torch.ones_like(x), kernel, begin, end, dilations)
+
+
+def _window_sums(ctx, node, x, kernel, begin, end, dilations, sizes=None):
+    """Sums over each pooling window of `x` zero-padded by begin/end, as a depthwise convolution
+    with a kernel of ones. Output sizes come from the static shapes: ceil_mode may need room past
+    the pads. `sizes`: x's spatial sizes when they are not the node input's."""
+    spatial = len(kernel)
+    shape_out = node.outputs[0].shape
+    sizes = sizes or node.inputs[0].shape[2:]
+    if not all(isinstance(d, int) for d in (*sizes, *shape_out)):
+        raise SlimgraphError(f"pytorch backend: {node.op_type} with dilations or large pads needs static shapes")
+    strides = attr(node, "strides", [1] * spatial)
+    room = [max((o - 1) * s + (k - 1) * d + 1 - (i + b + e), 0)
+            for o, s, k, d, i, b, e in zip(shape_out[2:], strides, kernel, dilations, sizes, begin, end)]
+    channels = node.inputs[0].shape[1]
     conv = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}[spatial]
     weight = ctx.constant(np.ones((channels, 1, *kernel), dtype=node.inputs[0].dtype.numpy()))
-
-    padded_end = [e + room for e, room in zip(end, extra)]
-    summed = conv(F.pad(x, torch_pads(begin, padded_end)), weight, stride=strides,
-                  dilation=dilations, groups=channels)
-    ones = torch.ones_like(x)
-    if attr(node, "count_include_pad", 0):  # explicit pads count; the ceil_mode room does not
-        counted = F.pad(F.pad(ones, torch_pads(begin, end), value=1.0), torch_pads([0] * spatial, extra))
-    else:
-        counted = F.pad(ones, torch_pads(begin, padded_end))
-    counts = conv(counted, weight, stride=strides, dilation=dilations, groups=channels)
-    return summed / counts
+    padded = F.pad(x, torch_pads(begin, [e + r for e, r in zip(end, room)]))
+    return conv(padded, weight, stride=strides, dilation=dilations, groups=channels)
 
 
 @lowers("GlobalAveragePool")
@@ -208,21 +234,39 @@ def hardmax(ctx, node, x):
 
 @lowers("LpNormalization")
 def lp_normalization(ctx, node, x):
-    return torch.nn.functional.normalize(x, p=attr(node, "p", 2), dim=attr(node, "axis", -1), eps=0.0)
+    norm = torch.linalg.vector_norm(x, ord=attr(node, "p", 2), dim=attr(node, "axis", -1), keepdim=True)
+    return torch.where(norm == 0, torch.zeros_like(x), x / norm)  # a zero vector stays zero
 
 
 @lowers("ConvTranspose")
 def conv_transpose(ctx, node, x, weight, bias=None):
+    """Transposed convolution without padding, then ONNX's pads cropped away (F.pad with
+    negative amounts crops; positive ones add the rows an output_shape may ask beyond it)."""
     spatial = len(node.inputs[1].shape) - 2
-    if attr(node, "output_shape") is not None or attr(node, "auto_pad", "NOTSET") not in ("NOTSET", "VALID"):
-        raise SlimgraphError("pytorch backend: ConvTranspose with output_shape or auto_pad is not supported")
-    pads = attr(node, "pads", [0] * (2 * spatial))
-    if pads[:spatial] != pads[spatial:]:
-        raise SlimgraphError("pytorch backend: ConvTranspose with asymmetric pads is not supported")
+    strides = attr(node, "strides", [1] * spatial)
+    dilations = attr(node, "dilations", [1] * spatial)
+    output_padding = attr(node, "output_padding", [0] * spatial)
+    kernel = attr(node, "kernel_shape") or list(node.inputs[1].shape[2:])
+    output_shape, auto_pad = attr(node, "output_shape"), attr(node, "auto_pad", "NOTSET")
+    if output_shape is not None or auto_pad in ("SAME_UPPER", "SAME_LOWER"):
+        sizes = node.inputs[0].shape[2:]
+        if not all(isinstance(d, int) for d in sizes):
+            raise SlimgraphError("pytorch backend: ConvTranspose with output_shape or auto_pad needs static sizes")
+        targets = output_shape[-spatial:] if output_shape is not None else [d * s for d, s in zip(sizes, strides)]
+        totals = [s * (d - 1) + p + (k - 1) * dl + 1 - t
+                  for s, d, p, k, dl, t in zip(strides, sizes, output_padding, kernel, dilations, targets)]
+        halves = [t // 2 for t in totals]  # SAME_UPPER puts the larger half at the end
+        upper = auto_pad == "SAME_UPPER"
+        pads = [h if upper else t - h for t, h in zip(totals, halves)] + \
+            [t - h if upper else h for t, h in zip(totals, halves)]
+    else:
+        pads = attr(node, "pads", [0] * (2 * spatial))
     fn = {1: F.conv_transpose1d, 2: F.conv_transpose2d, 3: F.conv_transpose3d}[spatial]
-    return fn(x, weight, bias, stride=attr(node, "strides", [1] * spatial), padding=pads[:spatial],
-              output_padding=attr(node, "output_padding", [0] * spatial), groups=attr(node, "group", 1),
-              dilation=attr(node, "dilations", [1] * spatial))
+    options = dict(stride=strides, output_padding=output_padding, groups=attr(node, "group", 1), dilation=dilations)
+    if pads[:spatial] == pads[spatial:] and all(p >= 0 for p in pads):
+        return fn(x, weight, bias, padding=pads[:spatial], **options)
+    y = F.pad(fn(x, weight, None, **options), torch_pads([-p for p in pads[:spatial]], [-p for p in pads[spatial:]]))
+    return y if bias is None else y + bias.reshape(-1, *([1] * spatial))
 
 
 def _nll(ctx, node, log_prob, target, weight):
@@ -258,14 +302,10 @@ def softmax_cross_entropy(ctx, node, scores, labels, weight=None):
 def lp_pool(ctx, node, x):
     kernel = attr(node, "kernel_shape")
     spatial = len(kernel)
+    pads = _pads(node, spatial, kernel)
     p = attr(node, "p", 2)
-    x, padding = _symmetric_or_padded(x, _pads(node, spatial, kernel), spatial)
-    fn = {1: F.avg_pool1d, 2: F.avg_pool2d, 3: F.avg_pool3d}[spatial]
-    count = 1
-    for k in kernel:
-        count *= k
-    summed = fn(torch.abs(x) ** p, kernel, stride=attr(node, "strides", [1] * spatial), padding=padding,
-                ceil_mode=bool(attr(node, "ceil_mode", 0)), count_include_pad=True) * count
+    summed = _window_sums(ctx, node, torch.abs(x) ** p, kernel, pads[:spatial], pads[spatial:],
+                          attr(node, "dilations", [1] * spatial))
     return summed ** (1.0 / p)
 
 
@@ -292,3 +332,54 @@ def causal_conv_with_state(ctx, node, x, weight, bias=None, past_state=None):
     if attr(node, "activation", "none") in ("silu", "swish"):
         y = (y.float() * torch.sigmoid(y.float())).to(y.dtype)
     return y, padded[:, :, padded.size(2) - (k - 1):]
+
+
+@lowers("GroupNormalization", since=18)
+def group_norm(ctx, node, x, scale, bias):
+    """Opset 21 scales per channel (F.group_norm's layout); opset 18 per group, repeated here."""
+    groups = attr(node, "num_groups")
+    channels = node.inputs[0].shape[1]
+    if ctx.model.opset_imports.get("", 1) < 21:
+        scale, bias = scale.repeat_interleave(channels // groups), bias.repeat_interleave(channels // groups)
+    y = F.group_norm(x.to(torch.float32), groups, eps=attr(node, "epsilon", 1e-5)).to(x.dtype)  # stash_type float
+    shape = (1, -1) + (1,) * (len(node.inputs[0].shape) - 2)
+    return y * scale.reshape(shape) + bias.reshape(shape)
+
+
+@lowers("MeanVarianceNormalization")
+def mean_variance_normalization(ctx, node, x):
+    axes = tuple(attr(node, "axes", [0, 2, 3]))
+    mean = torch.mean(x, axes, keepdim=True)
+    variance = torch.mean(x * x, axes, keepdim=True) - mean * mean  # as the ONNX function computes it
+    return (x - mean) / (torch.sqrt(variance) + 1e-9)
+
+
+@lowers("MaxUnpool")
+def max_unpool(ctx, node, x, indices, output_shape=None):
+    """MaxPool's indices count over its whole input: scatter the values into a tensor of that
+    size, flat. A larger output_shape pads it at the end (the indices keep their meaning)."""
+    kernel = attr(node, "kernel_shape")
+    spatial = len(kernel)
+    strides, pads = attr(node, "strides", [1] * spatial), attr(node, "pads", [0] * (2 * spatial))
+    n, c, *sizes = node.inputs[0].shape
+    shape = [n, c] + [(d - 1) * s - b - e + k
+                      for d, s, b, e, k in zip(sizes, strides, pads[:spatial], pads[spatial:], kernel)]
+    flat = torch.zeros(math.prod(shape), dtype=x.dtype)
+    y = flat.scatter(0, indices.reshape(-1), x.reshape(-1)).reshape(shape)
+    if output_shape is None:
+        return y
+    extra = output_shape[2:] - ctx.constant(np.array(shape[2:], np.int64))
+    return F.pad(y, torch.stack([torch.zeros_like(extra), extra], 1).flip(0).reshape(-1).tolist())
+
+
+@lowers("Col2Im", since=18, tensors=False)
+def col2im(ctx, node, x, image_shape, block_shape):
+    """Column blocks back into an image: F.fold (torch folds 2-D images)."""
+    image, block = ctx.ints(image_shape), ctx.ints(block_shape)  # traced lists when given at run time
+    if static_length(node.inputs[1]) != 2:
+        raise SlimgraphError("pytorch backend: Col2Im is supported for 2-D images (torch's fold)")
+    pads = attr(node, "pads", [0] * 4)
+    if pads[:2] != pads[2:]:
+        raise SlimgraphError("pytorch backend: Col2Im with asymmetric pads is not supported")
+    return F.fold(ctx.tensor(x), image, block, dilation=attr(node, "dilations", [1, 1]), padding=pads[:2],
+                  stride=attr(node, "strides", [1, 1]))

@@ -79,12 +79,22 @@ def matmul_integer(ctx, node, a, b, a_zero_point=None, b_zero_point=None):
 
 
 def _per_axis(node, scale, zero_point):
-    """A 1-D scale (and zero point) of per-axis quantization, shaped to broadcast along `axis`."""
-    scale_shape = node.inputs[1].shape
+    """A scale (and zero point) shaped to broadcast against the input: per tensor as it is,
+    per axis (1-D) along `axis`, blocked (same rank, `block_size` elements per scale along `axis`)
+    repeated over each block."""
+    scale_shape, rank = node.inputs[1].shape, len(node.inputs[0].shape)
+    axis = attr(node, "axis", 1) % rank
+    if attr(node, "block_size", 0):
+        block, length = attr(node, "block_size"), node.inputs[0].shape[axis]
+
+        def spread(t):
+            return t.repeat_interleave(block, axis).narrow(axis, 0, length)
+
+        return spread(scale), spread(zero_point) if zero_point is not None else None
     if scale_shape is None or len(scale_shape) != 1 or scale_shape[0] == 1:
         return scale, zero_point
-    shape = [1] * len(node.inputs[0].shape)
-    shape[attr(node, "axis", 1)] = -1
+    shape = [1] * rank
+    shape[axis] = -1
     return scale.reshape(shape), zero_point.reshape(shape) if zero_point is not None else None
 
 
@@ -97,14 +107,50 @@ def dequantize_linear(ctx, node, x, scale, zero_point=None):
     return (values * scale).to(scale.dtype)
 
 
+QUANTIZED = {"UINT8": torch.uint8, "INT8": torch.int8, "UINT16": torch.uint16, "INT16": torch.int16}
+
+
 @lowers("QuantizeLinear")
 def quantize_linear(ctx, node, x, scale, zero_point=None):
-    kind = node.inputs[2].dtype.name if zero_point is not None else "UINT8"
-    dtype, bounds = {"UINT8": (torch.uint8, (0, 255)), "INT8": (torch.int8, (-128, 127))}.get(kind, (None, None))
-    if dtype is None:
-        raise SlimgraphError(f"pytorch backend: QuantizeLinear to {kind.lower()} is not supported")
-    scale, zero_point = _per_axis(node, scale, zero_point)
-    values = torch.round(x / scale)
     if zero_point is not None:
-        values = values + zero_point.to(values.dtype)
-    return torch.clamp(values, *bounds).to(dtype)
+        kind = node.inputs[2].dtype.name
+    else:
+        kind = ir.DataType(attr(node, "output_dtype", ir.DataType.UINT8)).name
+    if kind not in QUANTIZED:
+        raise SlimgraphError(f"pytorch backend: QuantizeLinear to {kind.lower()} is not supported")
+    dtype = QUANTIZED[kind]
+    scale, zero_point = _per_axis(node, scale, zero_point)
+    values = torch.round(x.to(torch.float32) / scale.to(torch.float32))  # half to even, as ONNX rounds
+    if zero_point is not None:
+        values = values + zero_point.to(torch.float32)
+    return torch.clamp(values, torch.iinfo(dtype).min, torch.iinfo(dtype).max).to(dtype)
+
+
+
+def _integer_conv(ctx, node, x, x_zero_point, w, w_zero_point, bias=None):
+    """Conv of zero-point-shifted integers, accumulated exactly (float64 holds these sums)."""
+    from slimgraph.backends.pytorch.ops.nn import conv
+
+    x = x.to(torch.float64)
+    if x_zero_point is not None:
+        x = x - x_zero_point.to(torch.float64)
+    w = w.to(torch.float64)
+    if w_zero_point is not None:  # per tensor, or per output channel: [M] → [M, 1, 1, ...]
+        w = w - w_zero_point.to(torch.float64).reshape([-1] + [1] * (w.dim() - 1))
+    return conv(ctx, node, x, w, bias.to(torch.float64) if bias is not None else None)
+
+
+@lowers("ConvInteger")
+def conv_integer(ctx, node, x, w, x_zero_point=None, w_zero_point=None):
+    return _integer_conv(ctx, node, x, x_zero_point, w, w_zero_point).to(torch.int32)
+
+
+@lowers("QLinearConv")
+def qlinear_conv(ctx, node, x, x_scale, x_zero_point, w, w_scale, w_zero_point, y_scale, y_zero_point, bias=None):
+    accumulated = _integer_conv(ctx, node, x, x_zero_point, w, w_zero_point, bias)
+    w_scale = w_scale.to(torch.float64).reshape([1, -1] + [1] * (accumulated.dim() - 2))
+    scale = x_scale.to(torch.float64) * w_scale / y_scale.to(torch.float64)
+    dtype = QUANTIZED[node.inputs[7].dtype.name]
+    y = torch.clamp(accumulated * scale + y_zero_point.to(torch.float64), torch.iinfo(dtype).min,
+                    torch.iinfo(dtype).max)
+    return torch.round(y).to(dtype)

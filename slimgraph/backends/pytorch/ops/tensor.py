@@ -6,6 +6,8 @@ values (`Dims`) so the generated code reads `x.reshape(x.size(0), -1, 12, 32)`.
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import onnx_ir as ir
 import torch
@@ -314,12 +316,12 @@ def scatter_elements(ctx, node, data, indices, updates):
 
 @lowers("Range", tensors=False)
 def range_(ctx, node, start, limit, delta):
-    bounds = [_scalar(v) for v in (start, limit, delta)]
+    bounds = [scalar(v) for v in (start, limit, delta)]
     dtype = node.outputs[0].dtype or node.inputs[0].dtype
     return ctx.call(torch.arange, *bounds, dtype=torch_dtype(dtype) if dtype is not None else None)
 
 
-def _scalar(value):
+def scalar(value):
     """A 0-D input as a Python number or traced size (a traced tensor becomes .item())."""
     if isinstance(value, Dims):
         return value.items[0]
@@ -339,7 +341,7 @@ def trilu(ctx, node, x, k=None):
 def _cumulative(ctx, node, x, axis, accumulate, identity: int):
     """CumSum/CumProd: `reverse` flips around the scan; `exclusive` shifts the identity in."""
     x = ctx.tensor(x)
-    axis = _scalar(axis)
+    axis = scalar(axis)
     reverse = attr(node, "reverse", 0)
     if reverse:
         x = torch.flip(x, [axis])
@@ -380,7 +382,8 @@ def depth_to_space(ctx, node, x):
 def space_to_depth(ctx, node, x):
     b = attr(node, "blocksize")
     n, c, h, w = node.inputs[0].shape
-    y = x.reshape(n, c, h // b, b, w // b, b).permute(0, 3, 5, 1, 2, 4)
+    y = x.reshape(n, c, h // b, b, w // b, b)
+    y = y.permute(0, 1, 3, 5, 2, 4) if attr(node, "mode", "DCR") == "CRD" else y.permute(0, 3, 5, 1, 2, 4)
     return y.reshape(n, c * b * b, h // b, w // b)
 
 
@@ -434,7 +437,7 @@ def pad(ctx, node, x, pads, value=None, axes=None):
         pairs = full.t().flip(0).reshape(-1).tolist()
     mode = attr(node, "mode", "constant")
     if mode == "constant":
-        fill = _scalar(value) if value is not None else 0
+        fill = scalar(value) if value is not None else 0
         return torch.nn.functional.pad(x, pairs, mode="constant", value=fill)
     torch_mode = {"reflect": "reflect", "edge": "replicate", "wrap": "circular"}[mode]
     if x.dtype in (torch.int32, torch.int64) or node.inputs[0].dtype.is_integer():
@@ -446,7 +449,7 @@ def pad(ctx, node, x, pads, value=None, axes=None):
 def top_k(ctx, node, x, k):
     x = ctx.tensor(x)
     unsigned = node.inputs[0].dtype is not None and node.inputs[0].dtype.name in ("UINT16", "UINT32", "UINT64")
-    axis, k = attr(node, "axis", -1), _scalar(k)
+    axis, k = attr(node, "axis", -1), scalar(k)
     # a stable sort keeps the lower index first among equal values, as ONNX requires
     values, indices = torch.sort(x.to(torch.int64) if unsigned else x, dim=axis,
                                  descending=bool(attr(node, "largest", 1)), stable=True)
@@ -457,7 +460,7 @@ def top_k(ctx, node, x, k):
 @lowers("OneHot", tensors=False)
 def one_hot(ctx, node, indices, depth, values):
     indices, values = ctx.tensor(indices), ctx.tensor(values)
-    depth = int(_scalar(depth)) if not isinstance(depth, torch.fx.Proxy) else depth.to(torch.int64).item()
+    depth = int(scalar(depth)) if not isinstance(depth, torch.fx.Proxy) else depth.to(torch.int64).item()
     indices = torch.where(indices < 0, indices + depth, indices).to(torch.int64)
     hot = torch.nn.functional.one_hot(torch.clamp(indices, 0, depth - 1), depth) * (indices >= 0).unsqueeze(-1) \
         * (indices < depth).unsqueeze(-1)
@@ -482,8 +485,14 @@ def scatter_nd(ctx, node, data, indices, updates):
         return data.index_put(index, updates)
     if reduction == "add":
         return data.index_put(index, updates, accumulate=True)
-    combine = {"mul": torch.mul, "max": torch.maximum, "min": torch.minimum}[reduction]
-    return data.index_put(index, combine(data[index], updates))
+    # mul/max/min must combine repeated indices too: reduce over rows of data flattened to
+    # [positions addressed by an index tuple, rest...]
+    sizes = ctx.dims(node.inputs[0], data)
+    rows = sum(index[j] * math.prod(sizes[j + 1:depth]) for j in range(depth))
+    flat = data.reshape([-1] + sizes[depth:])
+    combined = flat.index_reduce(0, rows.reshape(-1), updates.reshape([-1] + sizes[depth:]),
+                                 {"mul": "prod", "max": "amax", "min": "amin"}[reduction])
+    return combined.reshape(data.shape)
 
 
 @lowers("BitCast")
@@ -550,7 +559,7 @@ def _dft(ctx, node, x, length, axis: int):
     rank = len(node.inputs[0].shape)
     axis = axis % rank  # an axis of the full input (also when traced); the same index in the complex view
     signal = torch.complex(x[..., 0], x[..., 1]) if node.inputs[0].shape[-1] == 2 else x[..., 0]
-    n = _scalar(length) if length is not None else None
+    n = scalar(length) if length is not None else None
     inverse, onesided = attr(node, "inverse", 0), attr(node, "onesided", 0)
     transformed = (torch.fft.ifft if inverse else torch.fft.fft)(signal, n=n, dim=axis)
     if onesided:
@@ -561,9 +570,62 @@ def _dft(ctx, node, x, length, axis: int):
 
 @lowers("DFT", since=20, tensors=False)
 def dft(ctx, node, x, length=None, axis=None):
-    return _dft(ctx, node, ctx.tensor(x), length, _scalar(axis) if axis is not None else -2)
+    return _dft(ctx, node, ctx.tensor(x), length, scalar(axis) if axis is not None else -2)
 
 
 @lowers("DFT", until=19, tensors=False)
 def dft_attribute_axis(ctx, node, x, length=None):
     return _dft(ctx, node, ctx.tensor(x), length, attr(node, "axis", 1))
+
+
+@lowers("EyeLike")
+def eye_like(ctx, node, x):
+    dtype = attr(node, "dtype")
+    rows, columns = ctx.dims(node.inputs[0], x)
+    ones = ctx.call(torch.ones, rows, columns, dtype=torch.bool)
+    k = attr(node, "k", 0)
+    return (torch.triu(ones, k) & torch.tril(ones, k)).to(torch_dtype(dtype) if dtype is not None else x.dtype)
+
+
+@lowers("Scatter", since=9, until=10)
+def scatter(ctx, node, data, indices, updates):
+    return scatter_elements(ctx, node, data, indices, updates)  # renamed ScatterElements in opset 11
+
+
+@lowers("ReverseSequence")
+def reverse_sequence(ctx, node, x, lengths):
+    """Reverse the first lengths[b] steps of each batch entry: step t reads step lengths[b] - 1 - t."""
+    batch_axis, time_axis = attr(node, "batch_axis", 1), attr(node, "time_axis", 0)
+    steps = torch.arange(x.size(time_axis)).reshape(-1, 1)  # [T, 1]
+    source = torch.where(steps < lengths, lengths - 1 - steps, steps)  # [T, B]
+    if batch_axis < time_axis:
+        source = source.t()
+    rank = len(node.inputs[0].shape)
+    source = source.reshape(source.shape + (1,) * (rank - 2)).expand(x.shape)
+    return torch.gather(x, time_axis, source)
+
+
+@lowers("TensorScatter", since=24)
+def tensor_scatter(ctx, node, cache, update, write_indices=None):
+    """Write `update` into `cache` along `axis` from each batch entry's write index (modulo
+    the cache length when circular)."""
+    rank = len(node.inputs[0].shape)
+    axis = axis_of(attr(node, "axis", -2), rank)
+    steps = torch.arange(update.size(axis))
+    start = write_indices if write_indices is not None else torch.zeros(cache.size(0), dtype=torch.int64)
+    positions = start.reshape(-1, 1) + steps  # [B, S]
+    if attr(node, "mode", "linear") == "circular":
+        positions = positions % cache.size(axis)
+    index = positions.reshape([positions.size(0)] + [1] * (axis - 1) + [update.size(axis)]
+                              + [1] * (rank - axis - 1)).expand(update.shape)
+    return torch.scatter(cache, axis, index, update)
+
+
+@lowers("Det")
+def det(ctx, node, x):
+    return torch.linalg.det(x)
+
+
+@lowers("ArrayFeatureExtractor", domain="ai.onnx.ml")
+def array_feature_extractor(ctx, node, x, indices):
+    return torch.index_select(x, -1, indices.reshape(-1).to(torch.int64))
