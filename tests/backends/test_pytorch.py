@@ -141,3 +141,23 @@ def test_cli_backend_pytorch(tmp_path, mlp_path):
     assert main(["optimize", str(mlp_path), "-p", "cleanup", "--backend", "pytorch", "-o", str(tmp_path / "out")]) == 0
     assert (tmp_path / "out" / "model.py").is_file()
     assert main(["optimize", str(mlp_path), "-p", "cleanup", "--backend", "pytorch", "-o", str(tmp_path / "m.onnx")]) == 2
+
+
+def test_model_functions_are_inlined():
+    """A function in the slimgraph domain (as passes emit), called twice, runs as its body."""
+    from onnx import TensorProto, helper
+
+    body = [helper.make_node("Mul", ["x", "x"], ["square"]), helper.make_node("Mul", ["square", "x"], ["cube"]),
+            helper.make_node("Add", ["x", "cube"], ["y"])]
+    function = helper.make_function("slimgraph", "XPlusCube", ["x"], ["y"], body, [helper.make_opsetid("", 17)])
+    calls = [helper.make_node("XPlusCube", ["a"], ["b"], domain="slimgraph"),
+             helper.make_node("XPlusCube", ["b"], ["c"], domain="slimgraph")]
+    graph = helper.make_graph(calls, "g", [helper.make_tensor_value_info("a", TensorProto.FLOAT, [3, 4])],
+                              [helper.make_tensor_value_info("c", TensorProto.FLOAT, [3, 4])])
+    proto = helper.make_model(graph, functions=[function],
+                              opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid("slimgraph", 1)])
+    model = ir.serde.deserialize_model(proto)
+    a = np.random.default_rng(0).normal(size=(3, 4)).astype(np.float32)
+    got = slimgraph.compile(model, backend="pytorch")(a=a)["c"]
+    np.testing.assert_allclose(got, evaluate.run(model, {"a": a})["c"], rtol=1e-6)
+    assert len(model.functions) == 1 and model.graph.node(0).op_type == "XPlusCube"  # the model is left as it was

@@ -243,7 +243,14 @@ def _attach(root: torch.nn.Module, dotted: str, tensor: torch.Tensor, buffer: bo
 
 
 def build_module(model: ir.Model) -> fx.GraphModule:
-    """The model as a torch.fx.GraphModule returning a tuple of its outputs."""
+    """The model as a torch.fx.GraphModule returning a tuple of its outputs. Calls of the
+    model's functions (e.g. those passes add in the `slimgraph` domain) are inlined first,
+    on a copy: the lowering table holds ONNX ops, not the model's own."""
     from slimgraph.backends.pytorch import ops  # noqa: F401  (registers the lowerings)
 
+    if model.functions:
+        from onnx_ir.passes.common import InlinePass
+
+        model = model.clone()
+        InlinePass()(model)
     return Builder(model).build()

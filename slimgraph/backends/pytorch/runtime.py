@@ -34,3 +34,39 @@ def non_max_suppression(boxes: torch.Tensor, scores: torch.Tensor, max_per_class
                     kept.append(box)
                     selected.append([batch, cls, box])
     return torch.tensor(selected, dtype=torch.int64).reshape(-1, 3)
+
+
+def mixture_of_experts(x: torch.Tensor, router_logits: torch.Tensor, fc1: torch.Tensor, fc1_bias: torch.Tensor | None,
+                       fc2: torch.Tensor, fc2_bias: torch.Tensor | None, k: int, activation: str,
+                       normalize_routing: bool, alpha: float = 1.0, beta: float = 0.0,
+                       limit: float = float("inf")) -> torch.Tensor:
+    """com.microsoft.MoE as ONNX Runtime computes it: each token goes to the k experts with the
+    highest softmax(router) probability, weighted by it (renormalized over the k if asked);
+    expert e is fc2[e] · act(fc1[e] · x + b1) + b2 (weights [experts, out, in])."""
+    tokens = x.reshape(-1, x.size(-1))
+    probabilities = torch.softmax(router_logits.reshape(tokens.size(0), -1).float(), -1)
+    weights, experts = torch.topk(probabilities, k, -1)
+    if normalize_routing:
+        weights = weights / weights.sum(-1, keepdim=True)
+    output = torch.zeros_like(tokens, dtype=torch.float32)
+    for expert in range(fc1.size(0)):
+        token, slot = torch.where(experts == expert)
+        if token.numel() == 0:
+            continue
+        hidden = tokens[token] @ fc1[expert].t()
+        if fc1_bias is not None:
+            hidden = hidden + fc1_bias[expert]
+        if activation == "swiglu":  # interleaved [gate, linear, gate, linear, ...]
+            gate, linear = hidden[:, 0::2].clamp(max=limit), hidden[:, 1::2].clamp(-limit, limit)
+            hidden = gate * torch.sigmoid(alpha * gate) * (linear + beta)
+        elif activation == "gelu":
+            hidden = torch.nn.functional.gelu(hidden, approximate="tanh")
+        elif activation == "relu":
+            hidden = torch.relu(hidden)
+        elif activation == "silu":
+            hidden = torch.nn.functional.silu(hidden)
+        result = hidden @ fc2[expert].t()
+        if fc2_bias is not None:
+            result = result + fc2_bias[expert]
+        output.index_add_(0, token, result.float() * weights[token, slot, None])
+    return output.to(x.dtype).reshape(x.shape)

@@ -3,6 +3,7 @@
 from slimgraph.backends.pytorch.ops import (  # noqa: F401
     attention,
     elementwise,
+    moe,
     nn,
     quantized,
     recurrent,

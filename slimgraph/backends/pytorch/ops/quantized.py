@@ -154,3 +154,4 @@ def qlinear_conv(ctx, node, x, x_scale, x_zero_point, w, w_scale, w_zero_point, 
     y = torch.clamp(accumulated * scale + y_zero_point.to(torch.float64), torch.iinfo(dtype).min,
                     torch.iinfo(dtype).max)
     return torch.round(y).to(dtype)
+
