@@ -597,7 +597,7 @@ def ensure_shapes(model: ir.Model) -> None:
     Attention heads are read from shapes, and a plain `.onnx` file often has none. This
     only adds shape information; the graph is otherwise unchanged.
     """
-    values = [v for node in model.graph for v in node.outputs]
+    values = [v for node in ir.traversal.RecursiveGraphIterator(model.graph) for v in node.outputs]  # subgraphs too
     if values and sum(v.shape is None for v in values) > 0:
         import onnx_ir.passes.common as common
 

@@ -75,7 +75,7 @@ class Builder:
         if array is not None:
             return [int(v) for v in np.asarray(array).reshape(-1)]
         if isinstance(value, fx.Proxy):
-            return self.call(torch.Tensor.tolist, value)  # data-dependent: resolved at run time
+            return value.tolist()  # data-dependent: resolved at run time
         raise SlimgraphError("pytorch backend: expected a 1-D integer input")
 
     def dims(self, value: ir.Value, tensor: fx.Proxy) -> list:
@@ -83,6 +83,10 @@ class Builder:
         if value.shape is None:
             raise SlimgraphError(f"pytorch backend: the rank of {value.name!r} is not known")
         return [d if isinstance(d, int) else tensor.size(i) for i, d in enumerate(value.shape)]
+
+    def lookup(self, value: ir.Value) -> Any:
+        """What an IR value became (None when it is not lowered yet)."""
+        return self.values.get(value)
 
     # --- building ---------------------------------------------------------------------------
 
@@ -137,17 +141,26 @@ class Builder:
             self.values[value] = fx.Proxy(placeholder, self.tracer)
         for node in graph:
             self._lower(node)
-        outputs = [self.tensor(self.values[v]) for v in graph.outputs]
+        outputs = [self.tensor(self.lookup(v)) for v in graph.outputs]
         self.graph.output(tuple(p.node for p in outputs))
         self.graph.eliminate_dead_code()
         self.graph.lint()
         return fx.GraphModule(self.root, self.graph, class_name="SlimgraphModule")
 
+    def subgraph(self, graph: ir.Graph, name: str) -> tuple[fx.Proxy, list[fx.Proxy]]:
+        """A subgraph (If branch, Loop or Scan body) as a submodule of its own: (the submodule, the
+        outer values it reads, which it takes as arguments after its own inputs)."""
+        child = SubgraphBuilder(self, graph)
+        module = child.build_function()
+        attribute = self._unique_attribute(name)
+        _attach_module(self.root, attribute, module)
+        return fx.Proxy(self.graph.get_attr(attribute), self.tracer), child.captured
+
     def _lower(self, node: ir.Node) -> None:
         domain = "" if node.domain in ("", "ai.onnx") else node.domain
         opset = self.model.opset_imports.get(domain, 1)
         lowering = find_lowering(node, opset)
-        inputs = [self.values.get(v) if v is not None else None for v in node.inputs]
+        inputs = [self.lookup(v) if v is not None else None for v in node.inputs]
         if self._fold(lowering, node, inputs):
             return
         if lowering.tensors:
@@ -186,6 +199,56 @@ class Builder:
             if value is not None and value.name:
                 self.values[value] = to_numpy(produced)
         return True
+
+
+class SubgraphBuilder(Builder):
+    """Builds a subgraph as a function of its inputs and of the outer values it reads. Those
+    (and its constants, which stay the outer module's parameters and buffers) become extra
+    arguments: `captured` lists them, as the outer graph passes them."""
+
+    def __init__(self, parent: Builder, graph: ir.Graph) -> None:
+        super().__init__(parent.model)
+        self.parent, self.subgraph_ir = parent, graph
+        self.captured: list[fx.Proxy] = []
+        self._captures: dict[Any, fx.Proxy] = {}
+
+    def lookup(self, value: ir.Value) -> Any:
+        if value in self.values:
+            return self.values[value]
+        outer = self.parent.lookup(value)
+        if outer is None or isinstance(outer, np.ndarray):
+            return outer  # (constants stay constants: folding and shape arithmetic keep working)
+        return self._capture(value, lambda: self.parent.tensor(outer), value.name)
+
+    def constant(self, array: np.ndarray, name: str | None = None) -> fx.Proxy:
+        self._keep.append(array)
+        return self._capture(id(array), lambda: self.parent.constant(array, name), name or "constant")
+
+    def _capture(self, key: Any, outer, name: str) -> fx.Proxy:
+        if key not in self._captures:
+            self.captured.append(outer())
+            self._captures[key] = fx.Proxy(self.graph.placeholder(self._argument(name)), self.tracer)
+        return self._captures[key]
+
+    def _argument(self, name: str) -> str:
+        text, i = identifier(name, "value"), 1
+        taken = {n.name for n in self.graph.nodes} | {n.target for n in self.graph.nodes}
+        candidate = text
+        while candidate in taken:
+            i += 1
+            candidate = f"{text}_{i}"
+        return candidate
+
+    def build_function(self) -> fx.GraphModule:
+        for value in self.subgraph_ir.inputs:
+            self.values[value] = fx.Proxy(self.graph.placeholder(self._argument(value.name)), self.tracer)
+        for node in self.subgraph_ir:
+            self._lower(node)
+        outputs = [self.tensor(self.lookup(v)) for v in self.subgraph_ir.outputs]
+        self.graph.output(tuple(p.node for p in outputs))
+        self.graph.eliminate_dead_code()
+        self.graph.lint()
+        return fx.GraphModule(self.root, self.graph, class_name="Subgraph")
 
 
 def to_torch(array: np.ndarray) -> torch.Tensor:
@@ -240,6 +303,16 @@ def _attach(root: torch.nn.Module, dotted: str, tensor: torch.Tensor, buffer: bo
         module.register_buffer(leaf, tensor)
     else:
         module.register_parameter(leaf, tensor)
+
+
+def _attach_module(root: torch.nn.Module, dotted: str, module: torch.nn.Module) -> None:
+    *path, leaf = dotted.split(".")
+    parent = root
+    for part in path:
+        if not hasattr(parent, part):
+            parent.add_module(part, torch.nn.Module())
+        parent = getattr(parent, part)
+    parent.add_module(leaf, module)
 
 
 def build_module(model: ir.Model) -> fx.GraphModule:

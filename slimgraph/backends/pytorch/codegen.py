@@ -6,6 +6,7 @@ from __future__ import annotations
 import importlib
 import inspect
 import os
+import re
 import shutil
 import tempfile
 import textwrap
@@ -32,14 +33,14 @@ from safetensors.torch import load_file
 
 # Float weights are trainable parameters; integer constants are buffers.
 PARAMETERS = {parameters!r}
-
+{subgraphs}
 
 class SlimgraphModule(torch.nn.Module):
     def __init__(self, weights: dict[str, torch.Tensor]) -> None:
         super().__init__()
         for name, tensor in weights.items():
             _attach(self, name, tensor, trainable=name in PARAMETERS)
-
+{attach_subgraphs}
 {forward}
 
 
@@ -61,19 +62,20 @@ def load(path: str | Path = Path(__file__).with_name("model.safetensors")) -> Sl
 '''
 
 
-def _imports(module: fx.GraphModule) -> tuple[str, str]:
-    """Import lines for the globals the generated forward uses besides torch itself, and the
-    source of the runtime helpers it calls (copied, so that model.py needs no slimgraph)."""
-    code = module.graph.python_code(root_module="self")
+def _imports(modules: list[fx.GraphModule]) -> tuple[str, str]:
+    """Import lines for the globals the generated forwards use besides torch itself, and the
+    source of the runtime helpers they call (copied, so that model.py needs no slimgraph)."""
+    used = {}
+    for module in modules:
+        used.update(module.graph.python_code(root_module="self").globals)
     lines, helpers = [], []
-    for name, value in sorted(code.globals.items()):
+    for name, value in sorted(used.items()):
         if name in ("torch", "inf", "nan", "NoneType", "device") or name.startswith("__"):
             continue
         if getattr(value, "__module__", None) == "builtins":
             continue
         if getattr(value, "__module__", None) == runtime.__name__:
-            helpers.append(f"\n\n{inspect.getsource(value)}" + (f"\n{name} = {value.__name__}\n"
-                                                                  if name != value.__name__ else ""))
+            helpers.append(textwrap.indent(f"\n@staticmethod\n{inspect.getsource(value)}", "    "))
             continue
         if isinstance(value, type(torch)):  # a module, e.g. torch.fx._pytree as fx_pytree
             lines.append(f"import {value.__name__} as {name}")
@@ -86,7 +88,18 @@ def _imports(module: fx.GraphModule) -> tuple[str, str]:
         top = qualified.split(".")[0]
         lines.append(f"from {owner} import {top} as {name}" if top == qualified else
                      f"from {owner} import {top}\n{name} = {qualified}")
+    if helpers:  # referred to as runtime.<name>: see _source
+        helpers.insert(0, "\n\nclass runtime:\n    \"\"\"Helpers copied from slimgraph.backends.pytorch.runtime.\"\"\"\n")
     return "\n".join(lines), "".join(helpers)
+
+
+def _source(module: fx.GraphModule) -> str:
+    """A module's generated forward, indented for its class, calling copied helpers as runtime.<name>."""
+    code = module.code.strip("\n")
+    for name, value in module.graph.python_code(root_module="self").globals.items():
+        if getattr(value, "__module__", None) == runtime.__name__:
+            code = re.sub(rf"\b{name}\b", f"runtime.{value.__name__}", code)
+    return textwrap.indent(code, "    ")
 
 
 def save_directory(module: fx.GraphModule, path: Path) -> Path:
@@ -94,9 +107,15 @@ def save_directory(module: fx.GraphModule, path: Path) -> Path:
 
     parameters = sorted(name for name, _ in module.named_parameters())
     weights = {name: t.detach().contiguous().clone() for name, t in module.state_dict().items()}
-    forward = textwrap.indent(module.code.strip("\n"), "    ")
-    imports, helpers = _imports(module)
-    source = TEMPLATE.format(imports=imports, helpers=helpers, parameters=parameters, forward=forward)
+    forward = _source(module)
+    # If/Loop/Scan subgraphs: a class each, attached where the forwards expect them
+    subgraphs = [(name, sub) for name, sub in module.named_modules() if name and isinstance(sub, fx.GraphModule)]
+    classes = {name: "Subgraph_" + name.replace(".", "_") for name, _ in subgraphs}
+    definitions = "".join(f"\n\nclass {classes[name]}(torch.nn.Module):\n{_source(sub)}\n" for name, sub in subgraphs)
+    attach = "".join(f"        self.{name} = {classes[name]}()\n" for name, _ in subgraphs)
+    imports, helpers = _imports([module] + [sub for _, sub in subgraphs])
+    source = TEMPLATE.format(imports=imports, helpers=helpers, parameters=parameters, subgraphs=definitions,
+                             attach_subgraphs=attach, forward=forward)
     path.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix=".slimgraph-", dir=path) as tmp:
         (Path(tmp) / "model.py").write_text(source)

@@ -70,3 +70,47 @@ def mixture_of_experts(x: torch.Tensor, router_logits: torch.Tensor, fc1: torch.
             result = result + fc2_bias[expert]
         output.index_add_(0, token, result.float() * weights[token, slot, None])
     return output.to(x.dtype).reshape(x.shape)
+
+
+def if_then_else(condition: torch.Tensor, then_branch, then_arguments: list, else_branch,
+                 else_arguments: list) -> tuple:
+    """ONNX If: one branch runs, as Python would (the branches may differ in shapes)."""
+    return then_branch(*then_arguments) if bool(condition) else else_branch(*else_arguments)
+
+
+def loop(body, trip_count: torch.Tensor | None, condition: torch.Tensor | None, carried: list,
+         captured: list) -> tuple:
+    """ONNX Loop: body(iteration, condition, *carried) → (condition, *carried, *scan outputs),
+    run while the condition holds and fewer than trip_count iterations ran. The scan outputs
+    of all iterations are stacked."""
+    limit = int(trip_count) if trip_count is not None else None
+    keep_going = bool(condition) if condition is not None else True
+    iteration, scanned = 0, []
+    while keep_going and (limit is None or iteration < limit):
+        results = body(torch.tensor(iteration, dtype=torch.int64), torch.tensor(keep_going), *carried, *captured)
+        keep_going = bool(results[0])
+        carried = list(results[1:1 + len(carried)])
+        scanned.append(results[1 + len(carried):])
+        iteration += 1
+    stacked = [torch.stack(list(values)) for values in zip(*scanned)]
+    return (*carried, *stacked)
+
+
+def scan(body, states: list, sequences: list, input_axes: list[int], input_reversed: list[int],
+         output_axes: list[int], output_reversed: list[int], captured: list) -> tuple:
+    """ONNX Scan (opset 9+): body(*states, *slices) → (*states, *outputs) for each position
+    along the inputs' scan axes (backwards where reversed); the outputs are stacked along
+    their axes."""
+    length = sequences[0].size(input_axes[0])
+    outputs = []
+    for step in range(length):
+        slices = [sequence.select(axis, length - 1 - step if backwards else step)
+                  for sequence, axis, backwards in zip(sequences, input_axes, input_reversed)]
+        results = body(*states, *slices, *captured)
+        states = list(results[:len(states)])
+        outputs.append(results[len(states):])
+    stacked = []
+    for values, axis, backwards in zip(zip(*outputs), output_axes, output_reversed):
+        values = list(reversed(values)) if backwards else list(values)
+        stacked.append(torch.stack(values, axis if axis >= 0 else axis + values[0].dim() + 1))
+    return (*states, *stacked)

@@ -2,6 +2,7 @@
 
 from slimgraph.backends.pytorch.ops import (  # noqa: F401
     attention,
+    control_flow,
     elementwise,
     moe,
     nn,

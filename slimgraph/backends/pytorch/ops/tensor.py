@@ -232,9 +232,11 @@ def split(ctx, node, x, sizes=None):
 @lowers("Slice", since=10, tensors=False)
 def slice_(ctx, node, x, starts, ends, axes=None, steps=None):
     starts, ends = ctx.ints(starts), ctx.ints(ends)
-    count = len(starts) if isinstance(starts, list) else static_length(node.inputs[1])
-    axes = ctx.ints(axes) if axes is not None else list(range(count))
-    steps = ctx.ints(steps) if steps is not None else [1] * count
+    axes = ctx.ints(axes) if axes is not None else None
+    steps = ctx.ints(steps) if steps is not None else None
+    count = _slice_count(node, starts, ends, axes, steps)
+    axes = axes if axes is not None else list(range(count))
+    steps = steps if steps is not None else [1] * count
     if isinstance(x, Dims) and axes in ([0], [-1]) and all(isinstance(v, int) for v in (*starts, *ends, *steps)):
         return Dims(x.items[slice(*_clamp(starts[0], ends[0], steps[0], len(x.items)))])
     x = ctx.tensor(x)
@@ -257,6 +259,16 @@ def slice_(ctx, node, x, starts, ends, axes=None, steps=None):
             picked = ctx.call(range, x.size(axis))[ctx.call(slice, starts[i], ends[i], steps[i])]
             x = torch.index_select(x, axis, ctx.call(torch.tensor, picked, dtype=torch.int64))
     return x
+
+
+def _slice_count(node, *bounds) -> int:
+    """How many axes a Slice slices: from whichever of starts/ends/axes/steps is known."""
+    for value, bound in zip(node.inputs[1:], bounds):
+        if isinstance(bound, list):
+            return len(bound)
+        if value is not None and value.shape is not None and isinstance(value.shape[0], int):
+            return value.shape[0]
+    raise SlimgraphError("pytorch backend: Slice needs to know how many axes it slices")
 
 
 def static_length(value: ir.Value) -> int:
