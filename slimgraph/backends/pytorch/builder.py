@@ -128,12 +128,7 @@ class Builder:
 
         ensure_shapes(self.model)  # ranks and static sizes let lowerings write plain Python
         graph = self.model.graph
-        for name, value in graph.initializers.items():
-            if value.const_value is not None:
-                array = _array(value.const_value)
-                self._keep.append(array)
-                self._tensor_names[id(array)] = name
-                self.values[value] = array
+        self._load_initializers(graph)
         for value in graph.inputs:
             if value in self.values:
                 continue  # an initializer listed as input (old opsets): a constant
@@ -141,11 +136,16 @@ class Builder:
             self.values[value] = fx.Proxy(placeholder, self.tracer)
         for node in graph:
             self._lower(node)
-        outputs = [self.tensor(self.lookup(v)) for v in graph.outputs]
-        self.graph.output(tuple(p.node for p in outputs))
-        self.graph.eliminate_dead_code()
-        self.graph.lint()
-        return fx.GraphModule(self.root, self.graph, class_name="SlimgraphModule")
+        return self._finish(graph.outputs, "SlimgraphModule")
+
+    def _finish(self, outputs: list[ir.Value], class_name: str) -> fx.GraphModule:
+        """The GraphModule returning these values as a tuple (dead code removed)."""
+        self.graph.output(tuple(self.tensor(self.lookup(v)).node for v in outputs))
+        module = fx.GraphModule(self.root, self.graph, class_name=class_name)
+        module.graph.eliminate_dead_code()  # (after: call_module nodes need the owning module)
+        module.graph.lint()
+        module.recompile()
+        return module
 
     def subgraph(self, graph: ir.Graph, name: str) -> tuple[fx.Proxy, list[fx.Proxy]]:
         """A subgraph (If branch, Loop or Scan body) as a submodule of its own: (the submodule, the
@@ -155,6 +155,21 @@ class Builder:
         attribute = self._unique_attribute(name)
         _attach_module(self.root, attribute, module)
         return fx.Proxy(self.graph.get_attr(attribute), self.tracer), child.captured
+
+    def call_subgraph(self, graph: ir.Graph, name: str, *inputs: fx.Proxy) -> fx.Proxy:
+        """Call a subgraph that always runs (a modifier, not a branch): self.<name>(*inputs)."""
+        module, captured = self.subgraph(graph, name)
+        node = self.graph.call_module(module.node.target, tuple(_nodes(a) for a in (*inputs, *captured)))
+        module.node.graph.erase_node(module.node)  # (the get_attr `subgraph` made is not needed)
+        return fx.Proxy(node, self.tracer)
+
+    def _load_initializers(self, graph: ir.Graph) -> None:
+        for name, value in graph.initializers.items():
+            if value.const_value is not None:
+                array = _array(value.const_value)
+                self._keep.append(array)
+                self._tensor_names[id(array)] = name
+                self.values[value] = array
 
     def _lower(self, node: ir.Node) -> None:
         domain = "" if node.domain in ("", "ai.onnx") else node.domain
@@ -240,15 +255,12 @@ class SubgraphBuilder(Builder):
         return candidate
 
     def build_function(self) -> fx.GraphModule:
+        self._load_initializers(self.subgraph_ir)
         for value in self.subgraph_ir.inputs:
             self.values[value] = fx.Proxy(self.graph.placeholder(self._argument(value.name)), self.tracer)
         for node in self.subgraph_ir:
             self._lower(node)
-        outputs = [self.tensor(self.lookup(v)) for v in self.subgraph_ir.outputs]
-        self.graph.output(tuple(p.node for p in outputs))
-        self.graph.eliminate_dead_code()
-        self.graph.lint()
-        return fx.GraphModule(self.root, self.graph, class_name="Subgraph")
+        return self._finish(self.subgraph_ir.outputs, "Subgraph")
 
 
 def to_torch(array: np.ndarray) -> torch.Tensor:

@@ -184,3 +184,22 @@ def linear_attention(ctx, node, query, key, value, past_state=None, decay=None, 
         outputs.append(scale * torch.einsum("bhd,bhdm->bhm", q[:, :, i, :], shared))
     output = torch.stack(outputs, 2).transpose(1, 2).reshape(batch, steps, q_heads * d_v).to(query.dtype)
     return output, state.to(past_state.dtype if past_state is not None else query.dtype)
+
+
+@lowers("FlexAttention", domain="ai.onnx.preview")
+def flex_attention(ctx, node, q, k, v):
+    """softmax(score_mod(Q·Kᵀ · scale)), prob_mod on the result, then · V; the modifiers are
+    subgraphs (submodules). K/V heads are shared by contiguous groups of query heads."""
+    q_heads, kv_heads = node.inputs[0].shape[1], node.inputs[1].shape[1]
+    if q_heads != kv_heads:
+        k, v = k.repeat_interleave(q_heads // kv_heads, 1), v.repeat_interleave(q_heads // kv_heads, 1)
+    double = node.inputs[0].dtype == ir.DataType.DOUBLE
+    precision = torch_dtype(attr(node, "softmax_precision", ir.DataType.DOUBLE if double else ir.DataType.FLOAT))
+    scale = attr(node, "scale", 1.0 / math.sqrt(node.inputs[0].shape[3]))
+    scores = torch.matmul(q.to(precision), k.to(precision).transpose(-1, -2)) * scale
+    if attr(node, "score_mod") is not None:
+        scores = ctx.call_subgraph(attr(node, "score_mod"), "score_mod", scores)[0]
+    probabilities = torch.softmax(scores, -1)
+    if attr(node, "prob_mod") is not None:
+        probabilities = ctx.call_subgraph(attr(node, "prob_mod"), "prob_mod", probabilities)[0]
+    return torch.matmul(probabilities, v.to(precision)).to(v.dtype)

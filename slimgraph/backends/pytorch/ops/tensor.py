@@ -441,20 +441,33 @@ def pad(ctx, node, x, pads, value=None, axes=None):
     chosen = ctx.ints(axes) if axes is not None else list(range(rank))
     if isinstance(amounts, list) and isinstance(chosen, list):
         chosen = [axis_of(a, rank) for a in chosen]
-        begin, end = dict(zip(chosen, amounts[: len(chosen)])), dict(zip(chosen, amounts[len(chosen):]))
-        pairs = torch_pads([begin.get(a, 0) for a in range(rank)], [end.get(a, 0) for a in range(rank)])
-    else:  # pads or axes known only at run time: [begins..., ends...] → F.pad's (last dim first) pairs
+        by_axis = dict(zip(chosen, zip(amounts[: len(chosen)], amounts[len(chosen):])))
+        begin, end = [by_axis.get(a, (0, 0))[0] for a in range(rank)], [by_axis.get(a, (0, 0))[1] for a in range(rank)]
+    else:  # pads or axes known only at run time: scatter them into [2, rank] then read them back
         named = ctx.tensor(axes) % rank if axes is not None else ctx.call(torch.arange, rank)
         full = ctx.call(torch.zeros, 2, rank, dtype=torch.int64).index_copy(1, named, ctx.tensor(pads).reshape(2, -1))
-        pairs = full.t().flip(0).reshape(-1).tolist()
+        listed = full.tolist()
+        begin, end = [listed[0][a] for a in range(rank)], [listed[1][a] for a in range(rank)]
     mode = attr(node, "mode", "constant")
     if mode == "constant":
         fill = scalar(value) if value is not None else 0
-        return torch.nn.functional.pad(x, pairs, mode="constant", value=fill)
-    torch_mode = {"reflect": "reflect", "edge": "replicate", "wrap": "circular"}[mode]
-    if x.dtype in (torch.int32, torch.int64) or node.inputs[0].dtype.is_integer():
-        return torch.nn.functional.pad(x.to(torch.float64), pairs, mode=torch_mode).to(x.dtype)
-    return torch.nn.functional.pad(x, pairs, mode=torch_mode)
+        return torch.nn.functional.pad(x, torch_pads(begin, end), mode="constant", value=fill)
+    # edge/reflect/wrap on any axis and dtype (F.pad's modes cover the last three, floats only):
+    # each padded axis reads its source positions
+    for axis, (b, e) in enumerate(zip(begin, end)):
+        if isinstance(b, int) and isinstance(e, int) and b == e == 0:
+            continue
+        length = x.size(axis)
+        positions = ctx.call(torch.arange, -b, length + e)
+        if mode == "edge":
+            source = positions.clamp(0, length - 1)
+        elif mode == "wrap":
+            source = positions % length
+        else:  # reflect, without repeating the edge element
+            source = torch.where(positions < 0, -positions, torch.where(positions >= length,
+                                                                        2 * (length - 1) - positions, positions))
+        x = torch.index_select(x, axis, source)
+    return x
 
 
 @lowers("TopK", tensors=False)
