@@ -114,3 +114,65 @@ def scan(body, states: list, sequences: list, input_axes: list[int], input_rever
         values = list(reversed(values)) if backwards else list(values)
         stacked.append(torch.stack(values, axis if axis >= 0 else axis + values[0].dim() + 1))
     return (*states, *stacked)
+
+
+def resize_matrix(length_in: int, length_out: int, scale, roi_start=0.0, roi_end=1.0, mode: str = "nearest",
+                  transform: str = "half_pixel", nearest_mode: str = "round_prefer_floor", cubic_a: float = -0.75,
+                  exclude_outside: int = 0, antialias: int = 0,
+                  extrapolation: float = 0.0) -> tuple[torch.Tensor, torch.Tensor]:
+    """ONNX Resize along one axis as (M [out, in], offset [out]): resizing v gives M @ v + offset.
+    `scale` (and the roi) may be a Python number or a 0-D tensor known only at run time."""
+    f64 = torch.float64
+    scale = torch.as_tensor(scale, dtype=f64)
+    y = torch.arange(length_out, dtype=f64)
+    width = scale * length_in  # the output length before rounding
+    if transform == "align_corners":
+        x = torch.where(width == 1, torch.zeros_like(y), y * (length_in - 1) / (width - 1))
+    elif transform == "asymmetric":
+        x = y / scale
+    elif transform == "pytorch_half_pixel":
+        x = torch.where(width == 1, torch.full_like(y, -0.5), (y + 0.5) / scale - 0.5)
+    elif transform == "half_pixel_symmetric":
+        shift = length_in / 2 * (1 - length_out / width)
+        x = shift + (y + 0.5) / scale - 0.5
+    elif transform == "tf_crop_and_resize":
+        start, end = torch.as_tensor(roi_start, dtype=f64), torch.as_tensor(roi_end, dtype=f64)
+        span = (end - start) * (length_in - 1)
+        x = torch.where(width == 1, span / 2 + torch.zeros_like(y), y * span / (width - 1)) + start * (length_in - 1)
+    else:  # half_pixel
+        x = (y + 0.5) / scale - 0.5
+    if mode == "nearest":
+        rounded = {"round_prefer_floor": torch.ceil(x - 0.5), "round_prefer_ceil": torch.floor(x + 0.5),
+                   "floor": torch.floor(x), "ceil": torch.ceil(x)}[nearest_mode]
+        neighbors, weights = rounded.long().unsqueeze(1), torch.ones(length_out, 1, dtype=f64)
+    else:
+        base = torch.floor(x)
+        ratio = (x - base).unsqueeze(1)
+        reach = 1 if mode == "linear" else 2  # the kernel's support: |d| < reach (in input steps)
+        shrink = torch.clamp(scale, max=1.0) if antialias else torch.ones((), dtype=f64)
+        first = torch.floor(-reach / shrink) + 1  # the antialiased kernel widens by 1 / scale
+        count = int(2 - 2 * first)
+        steps = first + torch.arange(count, dtype=f64)
+        distance = ((steps - ratio) * shrink).abs()
+        if mode == "linear":
+            weights = (1 - distance).clamp(min=0)
+        else:
+            a = cubic_a
+            weights = torch.where(distance <= 1, ((a + 2) * distance - (a + 3)) * distance * distance + 1,
+                                  torch.where(distance < 2, ((a * distance - 5 * a) * distance + 8 * a) * distance - 4 * a,
+                                              torch.zeros_like(distance)))
+        neighbors = (base.unsqueeze(1) + steps).long()
+        if antialias:
+            weights = weights / weights.sum(1, keepdim=True)
+    if exclude_outside:  # outside weights drop out, the rest renormalized (a row left empty stays zero)
+        weights = torch.where((neighbors < 0) | (neighbors >= length_in), torch.zeros_like(weights), weights)
+        total = weights.sum(1, keepdim=True)
+        weights = weights / torch.where(total == 0, torch.ones_like(total), total)
+    matrix = torch.zeros(length_out, length_in, dtype=f64)
+    matrix.scatter_add_(1, neighbors.clamp(0, length_in - 1), weights)  # beyond the edge: the edge value
+    offset = torch.zeros(length_out, dtype=f64)
+    if transform == "tf_crop_and_resize":
+        outside = (x < 0) | (x > length_in - 1)
+        matrix = torch.where(outside.unsqueeze(1), torch.zeros_like(matrix), matrix)
+        offset = torch.where(outside, torch.full_like(offset, extrapolation), offset)
+    return matrix, offset

@@ -1,52 +1,35 @@
 """Resize: one interpolation matrix per resized axis, applied with a matmul along that axis.
 
-Resize is linear in its input along each axis (for every mode, coordinate transformation
-and nearest mode, with or without antialias), so the matrix M [out, in] of an axis is the
-op applied to the identity: we obtain it from onnx's reference implementation (the
-ReferenceEvaluator) on a 2-D identity, rather than re-deriving its formulas. The constant
-term that tf_crop_and_resize's extrapolation value adds is the op applied to zeros.
+Resize is linear in its input along each axis (every mode, coordinate transformation and
+nearest mode, with or without antialias), so each axis is M [out, in] @ v (+ the constant
+that tf_crop_and_resize's extrapolation value adds). `runtime.resize_matrix` builds M from the
+ONNX formulas: while building when the scales are constants (M becomes a buffer), in the
+generated code when they arrive at run time.
 """
 
 from __future__ import annotations
 
 import numpy as np
-import onnx
 import torch
-from onnx import TensorProto, helper
 
+from slimgraph.backends.pytorch import runtime
+from slimgraph.backends.pytorch.builder import to_numpy
 from slimgraph.backends.pytorch.lowering import attr, lowers
+from slimgraph.backends.pytorch.ops.tensor import torch_dtype
 from slimgraph.errors import SlimgraphError
 
-PASSED_ATTRIBUTES = ("mode", "coordinate_transformation_mode", "nearest_mode", "cubic_coeff_a", "exclude_outside",
-                     "extrapolation_value", "antialias")
+
+def _options(node) -> dict:
+    return dict(mode=attr(node, "mode", "nearest"), transform=attr(node, "coordinate_transformation_mode", "half_pixel"),
+                nearest_mode=attr(node, "nearest_mode", "round_prefer_floor"), cubic_a=attr(node, "cubic_coeff_a", -0.75),
+                exclude_outside=attr(node, "exclude_outside", 0), antialias=attr(node, "antialias", 0),
+                extrapolation=attr(node, "extrapolation_value", 0.0))
 
 
-def _axis_matrix(node, opset: int, length_in: int, length_out: int, scale: float | None,
-                 roi: tuple[float, float] | None) -> tuple[np.ndarray, np.ndarray]:
-    """(M [out, in], offset [out]) such that resizing a vector v gives M @ v + offset."""
-    from onnx.reference import ReferenceEvaluator
-
-    attributes = {n: attr(node, n) for n in PASSED_ATTRIBUTES if node.attributes.get(n) is not None}
-    inputs = ["x", "roi", "scales" if scale is not None else "", "sizes" if scale is None else ""]
-    resize = helper.make_node("Resize", [i for i in inputs if i] if scale is not None else ["x", "roi", "", "sizes"],
-                              ["y"], **attributes)
-    initializers = [onnx.numpy_helper.from_array(
-        np.array([0, roi[0], 1, roi[1]] if roi else [], np.float32), "roi")]
-    if scale is not None:
-        initializers.append(onnx.numpy_helper.from_array(np.array([1.0, scale], np.float32), "scales"))
-    else:
-        initializers.append(onnx.numpy_helper.from_array(np.array([length_in + 1, length_out], np.int64), "sizes"))
-    graph = helper.make_graph([resize], "axis", [helper.make_tensor_value_info("x", TensorProto.DOUBLE, None)],
-                              [helper.make_tensor_value_info("y", TensorProto.DOUBLE, None)], initializer=initializers)
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)])
-    evaluator = ReferenceEvaluator(model)
-    # rows 0..in-1: the identity; last row: zeros (gives the constant term)
-    basis = np.vstack([np.eye(length_in), np.zeros((1, length_in))])
-    (out,) = evaluator.run(None, {"x": basis})
-    if out.shape[1] != length_out:
-        raise SlimgraphError(f"pytorch backend: Resize axis gives {out.shape[1]} values, expected {length_out}")
-    offset = out[-1]
-    return (out[:-1] - offset).T, offset
+def _present(ctx, value):
+    """An optional input: None when absent or empty."""
+    known = ctx.const(value) if value is not None else None
+    return None if value is None or (known is not None and known.size == 0) else value
 
 
 @lowers("Resize", since=11, tensors=False)
@@ -57,31 +40,61 @@ def resize(ctx, node, x, roi=None, scales=None, sizes=None):
         raise SlimgraphError("pytorch backend: Resize needs static input and output shapes")
     rank = len(shape_in)
     axes = [a + rank if a < 0 else a for a in (attr(node, "axes") or range(rank))]
-    scale_values = ctx.const(scales) if scales is not None else None
-    roi_values = ctx.const(roi) if roi is not None else None
-    if scale_values is not None and scale_values.size == 0:
-        scale_values = None
-    if roi_values is not None and roi_values.size == 0:
-        roi_values = None
-    opset = ctx.model.opset_imports.get("", 11)
-    dtype = node.inputs[0].dtype.numpy()
+    roi, scales = _present(ctx, roi), _present(ctx, scales)
+    if scales is None:
+        scales = _scales_from_sizes(ctx, node, sizes, [shape_in[a] for a in axes])
+    return _resize_axes(ctx, node, x, axes, scales, roi, _options(node))
+
+
+def _resize_axes(ctx, node, x, axes: list[int], scales, roi, options: dict):
+    """Apply each axis's interpolation matrix (built now when everything is constant)."""
+    shape_in, shape_out = node.inputs[0].shape, node.outputs[0].shape
+    integer = node.inputs[0].dtype.is_integer()
     for position, axis in enumerate(axes):
-        length_in, length_out = shape_in[axis], shape_out[axis]
-        scale = float(scale_values[position]) if scale_values is not None else None
-        if scale is None and sizes is None:
-            raise SlimgraphError("pytorch backend: Resize needs constant scales or sizes")
-        if scale == 1.0 and length_in == length_out and attr(node, "coordinate_transformation_mode") != \
-                "tf_crop_and_resize":
-            continue
-        region = (float(roi_values[position]), float(roi_values[position + len(axes)])) \
-            if roi_values is not None else None
-        matrix, offset = _axis_matrix(node, opset, length_in, length_out, scale, region)
-        if np.array_equal(matrix, np.eye(length_in)) and not offset.any():
-            continue
-        weights = ctx.constant(matrix.T.astype(np.float64 if dtype.kind != "f" else dtype))
-        moved = x.movedim(axis, -1)
-        resized = torch.matmul(moved.to(weights.dtype), weights)
-        if offset.any():
-            resized = resized + ctx.constant(offset.astype(matrix.dtype if dtype.kind != "f" else dtype))
+        scale = _element(ctx, scales, position)
+        region = (_element(ctx, roi, position), _element(ctx, roi, position + len(axes))) if roi is not None \
+            else (0.0, 1.0)
+        arguments = (shape_in[axis], shape_out[axis], scale, *region)
+        if all(not isinstance(a, torch.fx.Proxy) for a in arguments):
+            matrix, offset = (to_numpy(t) for t in runtime.resize_matrix(*arguments, **options))
+            if matrix.shape[0] == matrix.shape[1] and np.array_equal(matrix, np.eye(len(matrix))) and not offset.any():
+                continue  # this axis is not resized
+            dtype = np.float64 if integer else node.inputs[0].dtype.numpy()
+            matrix, offset = ctx.constant(matrix.astype(dtype)), ctx.constant(offset.astype(dtype))
+        else:
+            computed = ctx.call(runtime.resize_matrix, *arguments, **options)
+            matrix, offset = computed[0].to(torch.float64 if integer else torch_dtype(node.inputs[0].dtype)), computed[1]
+        resized = torch.matmul(x.movedim(axis, -1).to(matrix.dtype), matrix.t()) + offset.to(matrix.dtype)
         x = resized.movedim(-1, axis)
-    return x.to(torch.from_numpy(np.empty(0, dtype)).dtype) if dtype.kind != "f" else x
+    return torch.round(x).to(torch_dtype(node.inputs[0].dtype)) if integer else x
+
+
+def _scales_from_sizes(ctx, node, sizes, lengths: list[int]):
+    """size / length per axis, or (keep_aspect_ratio_policy) their min or max on every axis."""
+    requested = ctx.const(sizes)
+    if requested is not None:
+        ratios = requested / np.array(lengths, np.float64)
+    else:
+        ratios = ctx.tensor(sizes).to(torch.float64) / ctx.constant(np.array(lengths, np.float64))
+    policy = attr(node, "keep_aspect_ratio_policy", "stretch")
+    if policy == "stretch":
+        return ratios
+    chosen = ratios.min() if policy == "not_larger" else ratios.max()
+    return np.full(len(lengths), chosen) if requested is not None else chosen.expand(len(lengths))
+
+
+def _element(ctx, value, index: int):
+    """One element of a 1-D input: a Python float when constant, else a traced 0-D tensor."""
+    known = ctx.const(value)
+    return float(known[index]) if known is not None else ctx.tensor(value)[index]
+
+
+@lowers("Upsample", since=7, until=9, tensors=False)
+def upsample(ctx, node, x, scales=None):
+    """Upsample (deprecated for Resize): Resize with asymmetric coordinates, nearest rounding down."""
+    shape_in, shape_out = node.inputs[0].shape, node.outputs[0].shape
+    if shape_out is None or not all(isinstance(d, int) for d in (*shape_in, *shape_out)):
+        raise SlimgraphError("pytorch backend: Upsample needs static input and output shapes")
+    scales = scales if scales is not None else np.array(attr(node, "scales"), np.float32)
+    options = dict(mode=attr(node, "mode", "nearest"), transform="asymmetric", nearest_mode="floor")
+    return _resize_axes(ctx, node, ctx.tensor(x), list(range(len(shape_in))), scales, None, options)

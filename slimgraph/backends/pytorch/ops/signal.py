@@ -1,4 +1,5 @@
-"""Window functions (HannWindow, HammingWindow, BlackmanWindow) → torch's *_window."""
+"""Signal processing: window functions (HannWindow, HammingWindow, BlackmanWindow → torch's
+*_window) and STFT (framing by unfold, then the DFT)."""
 
 from __future__ import annotations
 
@@ -6,6 +7,7 @@ import torch
 
 from slimgraph.backends.pytorch.lowering import attr, lowers
 from slimgraph.backends.pytorch.ops.tensor import scalar, torch_dtype
+from slimgraph.errors import SlimgraphError
 
 
 def _window(make):
@@ -24,3 +26,23 @@ lowers("HannWindow", since=17, tensors=False)(_window(lambda n, **kw: torch.hann
 lowers("HammingWindow", since=17, tensors=False)(
     _window(lambda n, **kw: torch.hamming_window(n, alpha=25 / 46, beta=21 / 46, **kw)))
 lowers("BlackmanWindow", since=17, tensors=False)(_window(lambda n, **kw: torch.blackman_window(n, **kw)))
+
+
+@lowers("STFT", since=17, tensors=False)
+def stft(ctx, node, signal, frame_step, window=None, frame_length=None):
+    """Frames of the signal (unfold), windowed, each through the DFT: [batch, frames, bins, 2]."""
+    signal = ctx.tensor(signal)
+    values = torch.complex(signal[..., 0], signal[..., 1]) if node.inputs[0].shape[-1] == 2 else signal[..., 0]
+    if frame_length is not None:
+        length = scalar(frame_length)
+    elif window is not None:
+        length = node.inputs[2].shape[0]
+    else:
+        raise SlimgraphError("pytorch backend: STFT needs a window or a frame_length")
+    frames = values.unfold(1, length, scalar(frame_step))
+    if window is not None:
+        frames = frames * ctx.tensor(window)
+    spectrum = torch.fft.fft(frames, dim=-1)
+    if attr(node, "onesided", 1):
+        spectrum = spectrum.narrow(-1, 0, length // 2 + 1)
+    return torch.stack([spectrum.real, spectrum.imag], -1).to(torch_dtype(node.inputs[0].dtype))

@@ -580,17 +580,20 @@ def affine_grid(ctx, node, theta, size):
 
 
 def _dft(ctx, node, x, length, axis: int):
-    """DFT over `axis` of a real ([..., 1]) or complex ([..., 2]) signal; output [..., 2]."""
+    """DFT over `axis` of a real ([..., 1]) or complex ([..., 2]) signal; output [..., 2], or
+    [..., 1] for the inverse of a one-sided spectrum."""
     rank = len(node.inputs[0].shape)
     axis = axis % rank  # an axis of the full input (also when traced); the same index in the complex view
     signal = torch.complex(x[..., 0], x[..., 1]) if node.inputs[0].shape[-1] == 2 else x[..., 0]
     n = scalar(length) if length is not None else None
     inverse, onesided = attr(node, "inverse", 0), attr(node, "onesided", 0)
+    dtype = torch_dtype(node.inputs[0].dtype)
+    if inverse and onesided:  # one-sided spectrum → real signal
+        return torch.fft.irfft(signal, n=n, dim=axis).unsqueeze(-1).to(dtype)
     transformed = (torch.fft.ifft if inverse else torch.fft.fft)(signal, n=n, dim=axis)
     if onesided:
-        size = transformed.size(axis)
-        transformed = transformed.narrow(axis, 0, size // 2 + 1)
-    return torch.stack([transformed.real, transformed.imag], -1).to(x.dtype)
+        transformed = transformed.narrow(axis, 0, transformed.size(axis) // 2 + 1)
+    return torch.stack([transformed.real, transformed.imag], -1).to(dtype)
 
 
 @lowers("DFT", since=20, tensors=False)

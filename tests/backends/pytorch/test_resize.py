@@ -1,0 +1,54 @@
+"""runtime.resize_matrix (the ONNX Resize formulas, per axis) against onnx's reference Resize
+on random lengths, scales and every mode, transformation, rounding and option."""
+
+from __future__ import annotations
+
+import warnings
+
+import numpy as np
+import onnx
+from hypothesis import assume, given, settings
+from hypothesis import strategies as st
+from onnx import TensorProto, helper
+from onnx.reference import ReferenceEvaluator
+
+from slimgraph.backends.pytorch import runtime
+
+TRANSFORMS = ["half_pixel", "half_pixel_symmetric", "pytorch_half_pixel", "align_corners", "asymmetric",
+              "tf_crop_and_resize"]
+
+
+def _reference(vector: np.ndarray, scale: float, roi: tuple[float, float], options: dict) -> np.ndarray:
+    attributes = {"mode": options["mode"], "coordinate_transformation_mode": options["transform"],
+                  "nearest_mode": options["nearest_mode"], "cubic_coeff_a": options["cubic_a"],
+                  "exclude_outside": options["exclude_outside"], "antialias": options["antialias"],
+                  "extrapolation_value": options["extrapolation"]}
+    node = helper.make_node("Resize", ["x", "roi", "scales"], ["y"], **attributes)
+    initializers = [onnx.numpy_helper.from_array(np.array([0, roi[0], 1, roi[1]], np.float32), "roi"),
+                    onnx.numpy_helper.from_array(np.array([1.0, scale], np.float32), "scales")]
+    graph = helper.make_graph([node], "g", [helper.make_tensor_value_info("x", TensorProto.DOUBLE, None)],
+                              [helper.make_tensor_value_info("y", TensorProto.DOUBLE, None)], initializers)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        (y,) = ReferenceEvaluator(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 19)])).run(
+            None, {"x": vector[None]})
+    return y[0]
+
+
+@settings(max_examples=300, deadline=None)
+@given(length=st.integers(1, 9), scale=st.sampled_from([0.25, 0.4, 0.5, 0.6, 0.75, 1.0, 1.3, 1.5, 2.0, 2.5, 3.0]),
+       mode=st.sampled_from(["nearest", "linear", "cubic"]), transform=st.sampled_from(TRANSFORMS),
+       nearest_mode=st.sampled_from(["round_prefer_floor", "round_prefer_ceil", "floor", "ceil"]),
+       exclude_outside=st.integers(0, 1), antialias=st.integers(0, 1), cubic_a=st.sampled_from([-0.75, -0.5]),
+       roi=st.sampled_from([(0.0, 1.0), (0.2, 0.7), (-0.1, 1.2)]), seed=st.integers(0, 2**16))
+def test_matches_the_reference(length, scale, mode, transform, nearest_mode, exclude_outside, antialias, cubic_a,
+                               roi, seed):
+    assume(not (mode == "nearest" and antialias))  # (antialias is defined for linear and cubic)
+    options = dict(mode=mode, transform=transform, nearest_mode=nearest_mode, cubic_a=cubic_a,
+                   exclude_outside=exclude_outside, antialias=antialias, extrapolation=-3.5)
+    vector = np.random.default_rng(seed).normal(size=length)
+    want = _reference(vector, np.float32(scale), roi, options)
+    matrix, offset = runtime.resize_matrix(length, len(want), float(np.float32(scale)), float(np.float32(roi[0])),
+                                           float(np.float32(roi[1])), **options)
+    # (the reference rounds some steps to float32: allow that, relative to the data's size)
+    np.testing.assert_allclose(matrix.numpy() @ vector + offset.numpy(), want, atol=1e-5 * np.abs(vector).max())
