@@ -176,3 +176,25 @@ def resize_matrix(length_in: int, length_out: int, scale, roi_start=0.0, roi_end
         matrix = torch.where(outside.unsqueeze(1), torch.zeros_like(matrix), matrix)
         offset = torch.where(outside, torch.full_like(offset, extrapolation), offset)
     return matrix, offset
+
+
+def ngram_counts(x: torch.Tensor, grams: list[list[int]], columns: list[int], width: int, min_length: int,
+                 max_length: int, max_skip: int) -> torch.Tensor:
+    """ONNX TfIdfVectorizer's counts: [rows, width], column columns[g] counting how often gram g
+    occurs in each row, its items `skip + 1` apart for every skip up to max_skip (unigrams once)."""
+    rows = x.reshape(-1, x.size(-1)) if x.dim() > 0 else x.reshape(1, 1)
+    counts = torch.zeros(rows.size(0), width, dtype=torch.float32)
+    for length in range(min_length, max_length + 1):
+        chosen = [g for g, gram in enumerate(grams) if len(gram) == length]
+        if not chosen:
+            continue
+        pool = torch.tensor([grams[g] for g in chosen], dtype=rows.dtype)  # [G, length]
+        target = torch.tensor([columns[g] for g in chosen])
+        for distance in range(1, (max_skip + 1 if length > 1 else 1) + 1):
+            starts = rows.size(1) - distance * (length - 1)
+            if starts <= 0:
+                break
+            windows = torch.stack([rows[:, k * distance:k * distance + starts] for k in range(length)], -1)
+            matches = (windows.unsqueeze(2) == pool).all(-1).sum(1)  # [rows, G]
+            counts.index_add_(1, target, matches.to(torch.float32))
+    return counts.reshape(width) if x.dim() < 2 else counts

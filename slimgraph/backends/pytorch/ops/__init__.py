@@ -7,6 +7,7 @@ from slimgraph.backends.pytorch.ops import (  # noqa: F401
     moe,
     nn,
     quantized,
+    random,
     recurrent,
     reduce,
     resize,

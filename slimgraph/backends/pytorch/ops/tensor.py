@@ -374,11 +374,6 @@ def einsum(ctx, node, *inputs):
     return torch.einsum(attr(node, "equation"), *inputs)
 
 
-@lowers("Dropout")
-def dropout(ctx, node, x, ratio=None, training=None):
-    return x, torch.ones_like(x, dtype=torch.bool)
-
-
 @lowers("DepthToSpace")
 def depth_to_space(ctx, node, x):
     b = attr(node, "blocksize")
@@ -657,3 +652,14 @@ def det(ctx, node, x):
 @lowers("ArrayFeatureExtractor", domain="ai.onnx.ml")
 def array_feature_extractor(ctx, node, x, indices):
     return torch.index_select(x, -1, indices.reshape(-1).to(torch.int64))
+
+
+@lowers("OptionalHasElement", since=15, tensors=False)
+def optional_has_element(ctx, node, x=None):
+    """On tensors (optional types are not lowered): whether the input is given."""
+    return np.array(x is not None)
+
+
+@lowers("OptionalGetElement", since=15)
+def optional_get_element(ctx, node, x):
+    return x
