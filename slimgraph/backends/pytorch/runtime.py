@@ -4,6 +4,8 @@ module copies the source of those it calls into its `model.py`, which so stays f
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 
@@ -198,3 +200,51 @@ def ngram_counts(x: torch.Tensor, grams: list[list[int]], columns: list[int], wi
             matches = (windows.unsqueeze(2) == pool).all(-1).sum(1)  # [rows, G]
             counts.index_add_(1, target, matches.to(torch.float32))
     return counts.reshape(width) if x.dim() < 2 else counts
+
+
+def roi_align(x: torch.Tensor, rois: torch.Tensor, batch_indices: torch.Tensor, output_height: int,
+              output_width: int, sampling_ratio: int, spatial_scale: float, mode: str,
+              half_pixel: bool) -> torch.Tensor:
+    """ONNX RoiAlign: each region [x1, y1, x2, y2] of image batch_indices[n] cut into
+    output_height × output_width bins, each the average (or max) of bilinear samples on a grid."""
+    channels, height, width = x.shape[1:]
+    pooled = []
+    for n in range(rois.size(0)):
+        start_x, start_y, end_x, end_y = (rois[n].double() * spatial_scale - (0.5 if half_pixel else 0.0)).tolist()
+        roi_height, roi_width = end_y - start_y, end_x - start_x
+        if not half_pixel:
+            roi_height, roi_width = max(roi_height, 1.0), max(roi_width, 1.0)
+        bin_height, bin_width = roi_height / output_height, roi_width / output_width
+        grid_h = sampling_ratio if sampling_ratio > 0 else math.ceil(roi_height / output_height)
+        grid_w = sampling_ratio if sampling_ratio > 0 else math.ceil(roi_width / output_width)
+        rows = _roi_axis(start_y, bin_height, grid_h, output_height, height)  # each [bins, grid]
+        columns = _roi_axis(start_x, bin_width, grid_w, output_width, width)
+        image = x[int(batch_indices[n])].double()
+        samples = []
+        for y_index, y_weight in ((rows[0], rows[2]), (rows[1], rows[3])):
+            for x_index, x_weight in ((columns[0], columns[2]), (columns[1], columns[3])):
+                weight = y_weight[:, :, None, None] * x_weight[None, None]  # [OH, gh, OW, gw]
+                samples.append(weight * image[:, y_index[:, :, None, None], x_index[None, None]])
+        valid = rows[4][:, :, None, None] & columns[4][None, None]
+        if mode == "avg":
+            result = (sum(samples) * valid).sum((2, 4)) / max(grid_h * grid_w, 1)
+        else:  # the largest weighted corner of any sample (as the ONNX reference and ORT)
+            result = (torch.stack(samples).amax(0) * valid).amax((2, 4))
+        pooled.append(result)
+    if not pooled:
+        return x.new_zeros(0, channels, output_height, output_width)
+    return torch.stack(pooled).to(x.dtype)
+
+
+def _roi_axis(start: float, bin_size: float, grid: int, bins: int, size: int):
+    """Sample positions along one axis: (low index, high index, low weight, high weight, valid)."""
+    positions = start + torch.arange(bins, dtype=torch.float64)[:, None] * bin_size \
+        + (torch.arange(grid, dtype=torch.float64)[None] + 0.5) * bin_size / grid
+    valid = (positions >= -1.0) & (positions <= size)
+    positions = positions.clamp(min=0)
+    low = positions.floor().long()
+    edge = low >= size - 1
+    low = torch.where(edge, size - 1, low)
+    high = torch.where(edge, size - 1, low + 1)
+    fraction = torch.where(edge, torch.zeros_like(positions), positions - low)
+    return low, high, 1 - fraction, fraction, valid

@@ -8,6 +8,7 @@ import sys
 
 import numpy as np
 import onnx_ir as ir
+import pytest
 from onnx import TensorProto, helper
 
 import slimgraph
@@ -60,3 +61,22 @@ def test_saved_module_carries_its_helpers(tmp_path):
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert result.returncode == 0, result.stderr
     np.testing.assert_array_equal(np.load(tmp_path / "selected.npy"), evaluate.run(model, feeds)["selected"])
+
+
+@pytest.mark.parametrize("mode, transform, sampling_ratio", [("avg", "half_pixel", 0), ("avg", "output_half_pixel", 2),
+                                                            ("max", "half_pixel", 2)])
+def test_roi_align_matches_onnxruntime(mode, transform, sampling_ratio):
+    inputs = [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 3, 12, 10]),
+              helper.make_tensor_value_info("rois", TensorProto.FLOAT, [6, 4]),
+              helper.make_tensor_value_info("batch", TensorProto.INT64, [6])]
+    node = helper.make_node("RoiAlign", ["x", "rois", "batch"], ["y"], mode=mode, output_height=4, output_width=3,
+                            sampling_ratio=sampling_ratio, spatial_scale=0.5, coordinate_transformation_mode=transform)
+    graph = helper.make_graph([node], "roi", inputs, [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)])
+    model = ir.serde.deserialize_model(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 16)]))
+    rng = np.random.default_rng(3)
+    corners = rng.uniform(-2, 18, (6, 2))
+    feeds = {"x": rng.normal(size=(2, 3, 12, 10)).astype(np.float32),
+             "rois": np.concatenate([corners, corners + rng.uniform(1, 8, (6, 2))], 1).astype(np.float32),
+             "batch": rng.integers(0, 2, 6)}
+    got = slimgraph.compile(model, backend="pytorch")(**feeds)["y"]
+    np.testing.assert_allclose(got, evaluate.run(model, feeds)["y"], rtol=1e-5, atol=1e-5)

@@ -9,6 +9,7 @@ import onnx_ir as ir
 import torch
 import torch.nn.functional as F
 
+from slimgraph.backends.pytorch import runtime
 from slimgraph.backends.pytorch.lowering import attr, lowers
 from slimgraph.backends.pytorch.ops.tensor import static_length, torch_pads
 from slimgraph.errors import SlimgraphError
@@ -383,3 +384,13 @@ def col2im(ctx, node, x, image_shape, block_shape):
         raise SlimgraphError("pytorch backend: Col2Im with asymmetric pads is not supported")
     return F.fold(ctx.tensor(x), image, block, dilation=attr(node, "dilations", [1, 1]), padding=pads[:2],
                   stride=attr(node, "strides", [1, 1]))
+
+
+@lowers("RoiAlign", since=10)
+def roi_align(ctx, node, x, rois, batch_indices):
+    half_pixel = attr(node, "coordinate_transformation_mode", "half_pixel") == "half_pixel"
+    if ctx.model.opset_imports.get("", 1) < 16:
+        half_pixel = False  # (the attribute came with opset 16; before, output_half_pixel)
+    return ctx.call(runtime.roi_align, x, rois, batch_indices, attr(node, "output_height", 1),
+                    attr(node, "output_width", 1), attr(node, "sampling_ratio", 0), attr(node, "spatial_scale", 1.0),
+                    attr(node, "mode", "avg"), half_pixel)
