@@ -128,6 +128,10 @@ def markdown(outcomes: list[Outcome]) -> str:
     lines += ["", "## Cases by op (first node of the case)", "", "| op | pass | fail |", "|---|---|---|"]
     for op in sorted(per_op):
         lines.append(f"| {op} | {per_op[op]['pass']} | {per_op[op]['fail']} |")
+    lines += ["", "## Failing cases", "", "| case | op | why |", "|---|---|---|"]
+    for o in outcomes:
+        if o.status == "fail":
+            lines.append(f"| {o.name} | {o.op} | {o.message.replace('|', '/')[:140]} |")
     lines += ["", "## Lowerings (op: opset ranges)", ""]
     for op, ranges in supported_ops().items():
         text = ", ".join(f"{lo}+" if hi is None else f"{lo}–{hi}" for lo, hi in ranges)

@@ -3,9 +3,6 @@ read outer values and nest, and saved as model.py (a class per subgraph)."""
 
 from __future__ import annotations
 
-import subprocess
-import sys
-
 import numpy as np
 import onnx
 import onnx_ir as ir
@@ -13,6 +10,7 @@ import pytest
 
 import slimgraph
 from slimgraph.ir import evaluate
+from tests.backends.pytorch.standalone import run_standalone
 
 # If: the branches read an outer value (w) and differ in shape; the then-branch nests a Loop
 # that sums x * w over `steps` iterations and keeps every partial sum.
@@ -83,16 +81,8 @@ def test_saved_subgraphs_run_without_slimgraph(tmp_path):
     folder = slimgraph.compile(model, backend="pytorch").save(tmp_path / "nested")
     source = (folder / "model.py").read_text()
     assert "class Subgraph_then_branch(" in source and "class Subgraph_then_branch_loop_body(" in source
-    code = (
-        "import sys, torch\n"
-        f"sys.path.insert(0, {str(folder)!r})\n"
-        "from model import load\n"
-        "(y,) = load()(torch.tensor(True), torch.tensor([0.5, -1.0, 2.0]), torch.tensor(3))\n"
-        "print(y.tolist())\n"
-        "assert 'slimgraph' not in sys.modules\n"
-    )
-    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
-    assert result.returncode == 0, result.stderr
+    printed = run_standalone(folder, "(y,) = load()(torch.tensor(True), torch.tensor([0.5, -1.0, 2.0]), "
+                                     "torch.tensor(3))\nprint(y.tolist())")
     want = evaluate.run(model, {"flag": np.array(True), "x": np.array([0.5, -1.0, 2.0], np.float32),
                                 "steps": np.array(3)})["y"]
-    np.testing.assert_allclose(eval(result.stdout), want, rtol=1e-6)
+    np.testing.assert_allclose(eval(printed), want, rtol=1e-6)

@@ -3,9 +3,6 @@ saved model.py that carries their source and so still imports nothing but torch.
 
 from __future__ import annotations
 
-import subprocess
-import sys
-
 import numpy as np
 import onnx_ir as ir
 import pytest
@@ -13,6 +10,7 @@ from onnx import TensorProto, helper
 
 import slimgraph
 from slimgraph.ir import evaluate
+from tests.backends.pytorch.standalone import run_standalone
 
 
 def _nms_model() -> ir.Model:
@@ -49,17 +47,9 @@ def test_saved_module_carries_its_helpers(tmp_path):
     assert "def non_max_suppression(" in (folder / "model.py").read_text()
     feeds = _feeds(7)
     np.savez(tmp_path / "feeds.npz", **feeds)
-    code = (
-        "import sys, numpy as np, torch\n"
-        f"sys.path.insert(0, {str(folder)!r})\n"
-        "from model import load\n"
-        f"feeds = np.load({str(tmp_path / 'feeds.npz')!r})\n"
-        "(selected,) = load()(torch.from_numpy(feeds['boxes']), torch.from_numpy(feeds['scores']))\n"
-        f"np.save({str(tmp_path / 'selected.npy')!r}, selected.numpy())\n"
-        "assert 'slimgraph' not in sys.modules\n"
-    )
-    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
-    assert result.returncode == 0, result.stderr
+    run_standalone(folder, f"feeds = np.load({str(tmp_path / 'feeds.npz')!r})\n"
+                           "(selected,) = load()(torch.from_numpy(feeds['boxes']), torch.from_numpy(feeds['scores']))\n"
+                           f"np.save({str(tmp_path / 'selected.npy')!r}, selected.numpy())")
     np.testing.assert_array_equal(np.load(tmp_path / "selected.npy"), evaluate.run(model, feeds)["selected"])
 
 
