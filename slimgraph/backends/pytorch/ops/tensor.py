@@ -253,9 +253,13 @@ def slice_(ctx, node, x, starts, ends, axes=None, steps=None):
                 x = x[(slice(None),) * axis + (slice(start, end, step),)]
             else:
                 x = x.index_select(axis, torch.tensor(list(range(start, end if end >= 0 else -1, step))))
+        elif isinstance(axis, int) and isinstance(steps[i], int) and steps[i] > 0:
+            # bounds known at run time: tensor slicing clamps them as ONNX does (x[:, 0:n])
+            where = (slice(None),) * axis if axis >= 0 else (Ellipsis,)
+            x = x[where + (slice(starts[i], ends[i], steps[i]),) + ((slice(None),) * (-axis - 1) if axis < 0 else ())]
         else:
-            # Bounds or length known only at run time. Python's range slicing clamps exactly as
-            # ONNX Slice does (negative steps included, which tensor slicing lacks).
+            # a step or axis known only at run time: Python's range slicing clamps exactly as
+            # ONNX Slice does, negative steps included (which tensor slicing lacks)
             picked = ctx.call(range, x.size(axis))[ctx.call(slice, starts[i], ends[i], steps[i])]
             x = torch.index_select(x, axis, ctx.call(torch.tensor, picked, dtype=torch.int64))
     return x
