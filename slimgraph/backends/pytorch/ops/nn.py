@@ -394,3 +394,35 @@ def roi_align(ctx, node, x, rois, batch_indices):
     return ctx.call(runtime.roi_align, x, rois, batch_indices, attr(node, "output_height", 1),
                     attr(node, "output_width", 1), attr(node, "sampling_ratio", 0), attr(node, "spatial_scale", 1.0),
                     attr(node, "mode", "avg"), half_pixel)
+
+
+@lowers("DeformConv", since=19)
+def deform_conv(ctx, node, x, weight, offset, bias=None, mask=None):
+    """2-D deformable convolution: each kernel tap reads the input at its place plus a learned
+    offset (bilinear, zero outside: F.grid_sample), scaled by the mask, then the grouped conv's
+    weights apply to those samples (one einsum)."""
+    shapes = [node.inputs[i].shape for i in range(3)]
+    if any(s is None or len(s) != 4 or not all(isinstance(d, int) for d in s) for s in shapes):
+        raise SlimgraphError("pytorch backend: DeformConv is supported in 2-D with static shapes")
+    (n, channels, height, width), (out_channels, per_group, kh, kw), (_, _, oh, ow) = shapes
+    groups, offset_groups = attr(node, "group", 1), attr(node, "offset_group", 1)
+    (sh, sw), (dh, dw) = attr(node, "strides", [1, 1]), attr(node, "dilations", [1, 1])
+    pads = attr(node, "pads", [0, 0, 0, 0])
+    rows = (np.arange(kh) * dh)[:, None, None, None] + (np.arange(oh) * sh - pads[0])[None, None, :, None]
+    columns = (np.arange(kw) * dw)[None, :, None, None] + (np.arange(ow) * sw - pads[1])[None, None, None, :]
+    moved = offset.reshape(n, offset_groups, kh, kw, 2, oh, ow)
+    y_at = ctx.constant(rows.astype(np.float64)) + moved[:, :, :, :, 0]  # [n, og, kh, kw, oh, ow]
+    x_at = ctx.constant(columns.astype(np.float64)) + moved[:, :, :, :, 1]
+    # pixel p ↦ (2p + 1) / size - 1: grid_sample's coordinates without align_corners (in float64,
+    # so that a sample on a pixel reads just that pixel)
+    grid = torch.stack([(2 * x_at + 1) / width - 1, (2 * y_at + 1) / height - 1], -1)
+    sampled = F.grid_sample(x.double().reshape(n * offset_groups, channels // offset_groups, height, width),
+                            grid.reshape(n * offset_groups, kh * kw * oh, ow, 2), mode="bilinear",
+                            padding_mode="zeros", align_corners=False).to(x.dtype)
+    sampled = sampled.reshape(n, offset_groups, channels // offset_groups, kh, kw, oh, ow)
+    if mask is not None:
+        sampled = sampled * mask.reshape(n, offset_groups, 1, kh, kw, oh, ow)
+    taps = sampled.reshape(n, groups, per_group, kh, kw, oh, ow)
+    y = torch.einsum("ngcabhw,gocab->ngohw", taps, weight.reshape(groups, out_channels // groups, per_group, kh, kw))
+    y = y.reshape(n, out_channels, oh, ow)
+    return y if bias is None else y + bias.reshape(1, -1, 1, 1)
