@@ -222,9 +222,14 @@ def split(ctx, node, x, sizes=None):
         parts = ctx.ints(sizes)  # a traced list when given at run time
     elif attr(node, "split") is not None:
         parts = attr(node, "split")
-    else:  # equal parts, the last one smaller when uneven: torch.chunk's rule
-        pieces = torch.chunk(x, attr(node, "num_outputs", len(node.outputs)), dim=axis)
-        return tuple(pieces[i] for i in range(len(node.outputs)))
+    else:  # equal parts of ceil(length / count), the last one smaller (or empty) when uneven
+        count = attr(node, "num_outputs", len(node.outputs))
+        length = node.inputs[0].shape[axis] if node.inputs[0].shape is not None else None
+        if not isinstance(length, int):  # known at run time: torch.chunk's rule (the same but for empty parts)
+            pieces = torch.chunk(x, count, dim=axis)
+            return tuple(pieces[i] for i in range(len(node.outputs)))
+        chunk = -(-length // count)
+        parts = [max(min(chunk, length - i * chunk), 0) for i in range(count)]
     pieces = torch.split(x, parts, dim=axis)
     return tuple(pieces[i] for i in range(len(node.outputs)))
 
