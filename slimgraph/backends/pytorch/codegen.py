@@ -126,6 +126,11 @@ def save_directory(module: fx.GraphModule, path: Path) -> Path:
 
 
 def save_pt2(module: fx.GraphModule, example: tuple[torch.Tensor, ...], path: Path, dynamic_shapes=None) -> Path:
+    helpers = sorted({node.target.__name__ for sub in module.modules() if isinstance(sub, fx.GraphModule)
+                      for node in sub.graph.nodes if getattr(node.target, "__module__", None) == runtime.__name__})
+    if helpers:
+        raise SlimgraphError(f"a .pt2 (torch.export) needs a graph without control flow or value-dependent shapes; "
+                             f"this one calls runtime.{', runtime.'.join(helpers)}: save it as a folder (model.py)")
     try:
         program = torch.export.export(module, example, dynamic_shapes=dynamic_shapes)
     except Exception as exc:

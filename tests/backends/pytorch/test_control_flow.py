@@ -86,3 +86,10 @@ def test_saved_subgraphs_run_without_slimgraph(tmp_path):
     want = evaluate.run(model, {"flag": np.array(True), "x": np.array([0.5, -1.0, 2.0], np.float32),
                                 "steps": np.array(3)})["y"]
     np.testing.assert_allclose(eval(printed), want, rtol=1e-6)
+
+
+def test_pt2_refuses_control_flow_clearly(tmp_path):
+    artifact = slimgraph.compile(_model(NESTED), backend="pytorch")
+    with pytest.raises(slimgraph.SlimgraphError, match=r"calls runtime.if_then_else, runtime.loop: save it as a folder"):
+        artifact.save(tmp_path / "nested.pt2")
+    assert not (tmp_path / "nested.pt2").exists()
