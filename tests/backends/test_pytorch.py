@@ -161,3 +161,17 @@ def test_model_functions_are_inlined():
     got = slimgraph.compile(model, backend="pytorch")(a=a)["c"]
     np.testing.assert_allclose(got, evaluate.run(model, {"a": a})["c"], rtol=1e-6)
     assert len(model.functions) == 1 and model.graph.node(0).op_type == "XPlusCube"  # the model is left as it was
+
+
+@pytest.mark.parametrize("which", ["minilm", "gpt2_ir", "llama_ir", "light_resnet50"])
+def test_module_follows_its_inputs_device(request, which):
+    """No tensor is pinned to the CPU: moved to another device (here `meta`, which refuses to mix
+    with CPU tensors as CUDA does), the module runs there, with gradients on (BatchNorm's running
+    statistics are buffers, not parameters), and its outputs land there."""
+    light = {path.stem: path for path in LIGHT_MODELS}
+    model = ir.load(light[which]) if which in light else copy_model(request.getfixturevalue(which))
+    artifact = slimgraph.compile(model, backend="pytorch")
+    feeds = sample_inputs(model)
+    module = artifact.module.to("meta")
+    outputs = module(*[torch.from_numpy(feeds[name]).to("meta") for name in artifact.input_names])
+    assert {o.device.type for o in outputs} == {"meta"}

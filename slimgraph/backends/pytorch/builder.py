@@ -95,7 +95,12 @@ class Builder:
         node = self.graph.call_function(fn, tuple(_nodes(a) for a in args), {k: _nodes(v) for k, v in kwargs.items()})
         return fx.Proxy(node, self.tracer)
 
-    def constant(self, array: np.ndarray, name: str | None = None) -> fx.Proxy:
+    def statistic(self, value: Any) -> fx.Proxy | None:
+        """Like tensor(), but a float initializer stays a buffer: running statistics (BatchNorm's
+        mean and variance) are state, not weights to train."""
+        return self.constant(value, trainable=False) if isinstance(value, np.ndarray) else self.tensor(value)
+
+    def constant(self, array: np.ndarray, name: str | None = None, trainable: bool = True) -> fx.Proxy:
         """A constant as a parameter (float initializers: trainable) or a buffer."""
         # Cached by id: keep the array alive, or a later temporary could reuse its id.
         self._keep.append(array)
@@ -104,7 +109,7 @@ class Builder:
             return self._materialized[key]
         name = self._unique_attribute(name or self._tensor_names.get(key) or "constant")
         data = to_torch(array)
-        if array.dtype.kind in FLOAT_KINDS and key in self._tensor_names:
+        if trainable and array.dtype.kind in FLOAT_KINDS and key in self._tensor_names:
             _attach(self.root, name, torch.nn.Parameter(data, requires_grad=True))
         else:
             _attach(self.root, name, data, buffer=True)
@@ -141,6 +146,7 @@ class Builder:
     def _finish(self, outputs: list[ir.Value], class_name: str) -> fx.GraphModule:
         """The GraphModule returning these values as a tuple (dead code removed)."""
         self.graph.output(tuple(self.tensor(self.lookup(v)).node for v in outputs))
+        _place_factories(self.graph)
         module = fx.GraphModule(self.root, self.graph, class_name=class_name)
         module.graph.eliminate_dead_code()  # (after: call_module nodes need the owning module)
         module.graph.lint()
@@ -235,9 +241,9 @@ class SubgraphBuilder(Builder):
             return outer  # (constants stay constants: folding and shape arithmetic keep working)
         return self._capture(value, lambda: self.parent.tensor(outer), value.name)
 
-    def constant(self, array: np.ndarray, name: str | None = None) -> fx.Proxy:
+    def constant(self, array: np.ndarray, name: str | None = None, trainable: bool = True) -> fx.Proxy:
         self._keep.append(array)
-        return self._capture(id(array), lambda: self.parent.constant(array, name), name or "constant")
+        return self._capture(id(array), lambda: self.parent.constant(array, name, trainable), name or "constant")
 
     def _capture(self, key: Any, outer, name: str) -> fx.Proxy:
         if key not in self._captures:
@@ -261,6 +267,26 @@ class SubgraphBuilder(Builder):
         for node in self.subgraph_ir:
             self._lower(node)
         return self._finish(self.subgraph_ir.outputs, "Subgraph")
+
+
+FACTORIES = {torch.arange, torch.zeros, torch.ones, torch.full, torch.empty, torch.tensor, torch.rand, torch.randn,
+             torch.eye}
+
+
+def _place_factories(graph: fx.Graph) -> None:
+    """Tensors made from scratch (torch.arange(n), ...) go on the first input's device, so that
+    the module runs wherever it and its inputs are moved (`module.cuda()`)."""
+    inputs = [n for n in graph.nodes if n.op == "placeholder"]
+    made = [n for n in graph.nodes if n.op == "call_function" and n.target in FACTORIES and "device" not in n.kwargs]
+    if not inputs or not made:
+        return
+    anchor = next(n for n in graph.nodes if n.op != "placeholder")
+    for placeholder in inputs:  # (a subgraph adds arguments as it meets outer values: gather them first)
+        anchor.prepend(placeholder)
+    with graph.inserting_after(inputs[-1]):
+        device = graph.call_function(getattr, (inputs[0], "device"))
+    for node in made:
+        node.kwargs = {**node.kwargs, "device": device}
 
 
 def to_torch(array: np.ndarray) -> torch.Tensor:

@@ -35,7 +35,7 @@ def non_max_suppression(boxes: torch.Tensor, scores: torch.Tensor, max_per_class
                 if not any(suppresses[batch, box, other] for other in kept):
                     kept.append(box)
                     selected.append([batch, cls, box])
-    return torch.tensor(selected, dtype=torch.int64).reshape(-1, 3)
+    return torch.tensor(selected, dtype=torch.int64, device=boxes.device).reshape(-1, 3)
 
 
 def mixture_of_experts(x: torch.Tensor, router_logits: torch.Tensor, fc1: torch.Tensor, fc1_bias: torch.Tensor | None,
@@ -88,8 +88,10 @@ def loop(body, trip_count: torch.Tensor | None, condition: torch.Tensor | None, 
     limit = int(trip_count) if trip_count is not None else None
     keep_going = bool(condition) if condition is not None else True
     iteration, scanned = 0, []
+    device = next((t.device for t in (trip_count, condition, *carried) if t is not None), None)
     while keep_going and (limit is None or iteration < limit):
-        results = body(torch.tensor(iteration, dtype=torch.int64), torch.tensor(keep_going), *carried, *captured)
+        results = body(torch.tensor(iteration, device=device), torch.tensor(keep_going, device=device), *carried,
+                       *captured)
         keep_going = bool(results[0])
         carried = list(results[1:1 + len(carried)])
         scanned.append(results[1 + len(carried):])
@@ -185,13 +187,13 @@ def ngram_counts(x: torch.Tensor, grams: list[list[int]], columns: list[int], wi
     """ONNX TfIdfVectorizer's counts: [rows, width], column columns[g] counting how often gram g
     occurs in each row, its items `skip + 1` apart for every skip up to max_skip (unigrams once)."""
     rows = x.reshape(-1, x.size(-1)) if x.dim() > 0 else x.reshape(1, 1)
-    counts = torch.zeros(rows.size(0), width, dtype=torch.float32)
+    counts = torch.zeros(rows.size(0), width, dtype=torch.float32, device=x.device)
     for length in range(min_length, max_length + 1):
         chosen = [g for g, gram in enumerate(grams) if len(gram) == length]
         if not chosen:
             continue
-        pool = torch.tensor([grams[g] for g in chosen], dtype=rows.dtype)  # [G, length]
-        target = torch.tensor([columns[g] for g in chosen])
+        pool = torch.tensor([grams[g] for g in chosen], dtype=rows.dtype, device=x.device)  # [G, length]
+        target = torch.tensor([columns[g] for g in chosen], device=x.device)
         for distance in range(1, (max_skip + 1 if length > 1 else 1) + 1):
             starts = rows.size(1) - distance * (length - 1)
             if starts <= 0:
@@ -217,8 +219,8 @@ def roi_align(x: torch.Tensor, rois: torch.Tensor, batch_indices: torch.Tensor, 
         bin_height, bin_width = roi_height / output_height, roi_width / output_width
         grid_h = sampling_ratio if sampling_ratio > 0 else math.ceil(roi_height / output_height)
         grid_w = sampling_ratio if sampling_ratio > 0 else math.ceil(roi_width / output_width)
-        rows = _roi_axis(start_y, bin_height, grid_h, output_height, height)  # each [bins, grid]
-        columns = _roi_axis(start_x, bin_width, grid_w, output_width, width)
+        rows = _roi_axis(start_y, bin_height, grid_h, output_height, height, x.device)  # each [bins, grid]
+        columns = _roi_axis(start_x, bin_width, grid_w, output_width, width, x.device)
         image = x[int(batch_indices[n])].double()
         samples = []
         for y_index, y_weight in ((rows[0], rows[2]), (rows[1], rows[3])):
@@ -236,10 +238,10 @@ def roi_align(x: torch.Tensor, rois: torch.Tensor, batch_indices: torch.Tensor, 
     return torch.stack(pooled).to(x.dtype)
 
 
-def _roi_axis(start: float, bin_size: float, grid: int, bins: int, size: int):
+def _roi_axis(start: float, bin_size: float, grid: int, bins: int, size: int, device: torch.device):
     """Sample positions along one axis: (low index, high index, low weight, high weight, valid)."""
-    positions = start + torch.arange(bins, dtype=torch.float64)[:, None] * bin_size \
-        + (torch.arange(grid, dtype=torch.float64)[None] + 0.5) * bin_size / grid
+    steps = torch.arange(max(bins, grid), dtype=torch.float64, device=device)
+    positions = start + steps[:bins, None] * bin_size + (steps[None, :grid] + 0.5) * bin_size / grid
     valid = (positions >= -1.0) & (positions <= size)
     positions = positions.clamp(min=0)
     low = positions.floor().long()

@@ -59,8 +59,10 @@ def layer_norm(ctx, node, x, scale, bias=None):
     return y, mean, inv_std
 
 
-@lowers("BatchNormalization")
+@lowers("BatchNormalization", tensors=False)
 def batch_norm(ctx, node, x, scale, bias, mean, var):
+    x, scale, bias, mean, var = ctx.tensor(x), ctx.tensor(scale), ctx.tensor(bias), ctx.statistic(mean), \
+        ctx.statistic(var)
     epsilon = attr(node, "epsilon", 1e-5)
     if not attr(node, "training_mode", 0):
         return F.batch_norm(x, mean, var, scale, bias, training=False, eps=epsilon)

@@ -63,7 +63,8 @@ def _resize_axes(ctx, node, x, axes: list[int], scales, roi, options: dict):
             matrix, offset = ctx.constant(matrix.astype(dtype)), ctx.constant(offset.astype(dtype))
         else:
             computed = ctx.call(runtime.resize_matrix, *arguments, **options)
-            matrix, offset = computed[0].to(torch.float64 if integer else torch_dtype(node.inputs[0].dtype)), computed[1]
+            dtype = torch.float64 if integer else torch_dtype(node.inputs[0].dtype)
+            matrix, offset = computed[0].to(x.device, dtype), computed[1].to(x.device)
         resized = torch.matmul(x.movedim(axis, -1).to(matrix.dtype), matrix.t()) + offset.to(matrix.dtype)
         x = resized.movedim(-1, axis)
     return torch.round(x).to(torch_dtype(node.inputs[0].dtype)) if integer else x
