@@ -175,3 +175,16 @@ def test_module_follows_its_inputs_device(request, which):
     module = artifact.module.to("meta")
     outputs = module(*[torch.from_numpy(feeds[name]).to("meta") for name in artifact.input_names])
     assert {o.device.type for o in outputs} == {"meta"}
+
+
+@pytest.mark.parametrize("which", ["gpt2_ir", "llama_ir"])
+def test_language_models_train(request, which):
+    model = copy_model(request.getfixturevalue(which))
+    artifact = slimgraph.compile(model, backend="pytorch")
+    module = artifact.module
+    feeds = sample_inputs(model, batch=2, sequence=7)
+    logits = module(*[torch.from_numpy(feeds[name]) for name in artifact.input_names])[0]
+    torch.nn.functional.cross_entropy(logits.reshape(-1, logits.size(-1)),
+                                      torch.from_numpy(feeds["input_ids"]).reshape(-1)).backward()
+    parameters = dict(module.named_parameters())
+    assert parameters and [n for n, p in parameters.items() if p.grad is None] == []
