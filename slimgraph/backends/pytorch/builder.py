@@ -100,6 +100,15 @@ class Builder:
         mean and variance) are state, not weights to train."""
         return self.constant(value, trainable=False) if isinstance(value, np.ndarray) else self.tensor(value)
 
+    def call_or_fold(self, fn, *args, **kwargs) -> Any:
+        """fn(*args) now when no argument is traced (a tensor result becomes a constant),
+        else recorded in the graph."""
+        if any(isinstance(a, fx.Proxy) for a in (*args, *kwargs.values())):
+            return self.call(fn, *args, **kwargs)
+        with torch.no_grad():
+            result = fn(*args, **kwargs)
+        return tuple(to_numpy(r) for r in result) if isinstance(result, tuple) else to_numpy(result)
+
     def constant(self, array: np.ndarray, name: str | None = None, trainable: bool = True) -> fx.Proxy:
         """A constant as a parameter (float initializers: trainable) or a buffer."""
         # Cached by id: keep the array alive, or a later temporary could reuse its id.
@@ -240,6 +249,15 @@ class SubgraphBuilder(Builder):
         if outer is None or isinstance(outer, np.ndarray):
             return outer  # (constants stay constants: folding and shape arithmetic keep working)
         return self._capture(value, lambda: self.parent.tensor(outer), value.name)
+
+    def call_or_fold(self, fn, *args, **kwargs) -> Any:
+        """fn(*args) now when no argument is traced (a tensor result becomes a constant),
+        else recorded in the graph."""
+        if any(isinstance(a, fx.Proxy) for a in (*args, *kwargs.values())):
+            return self.call(fn, *args, **kwargs)
+        with torch.no_grad():
+            result = fn(*args, **kwargs)
+        return tuple(to_numpy(r) for r in result) if isinstance(result, tuple) else to_numpy(result)
 
     def constant(self, array: np.ndarray, name: str | None = None, trainable: bool = True) -> fx.Proxy:
         self._keep.append(array)

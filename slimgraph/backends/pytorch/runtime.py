@@ -250,3 +250,44 @@ def _roi_axis(start: float, bin_size: float, grid: int, bins: int, size: int, de
     high = torch.where(edge, size - 1, low + 1)
     fraction = torch.where(edge, torch.zeros_like(positions), positions - low)
     return low, high, 1 - fraction, fraction, valid
+
+
+
+def scan_batched(body, sequence_lens: torch.Tensor | None, states: list, sequences: list, input_reversed: list[int],
+                 output_count: int, captured: list) -> tuple:
+    """ONNX Scan of opset 8: a batch axis first and the scan axis second; batch entry b scans its
+    first sequence_lens[b] steps (its outputs are zero past them)."""
+    length = sequences[0].size(1)
+    finals, outputs = [], []
+    for b in range(sequences[0].size(0)):
+        steps = int(sequence_lens[b]) if sequence_lens is not None else length
+        result = scan(body, [state[b] for state in states], [sequence[b, :steps] for sequence in sequences],
+                      [0] * len(sequences), input_reversed, [0] * output_count, [0] * output_count, captured)
+        finals.append(result[:len(states)])
+        outputs.append([torch.nn.functional.pad(o, [0, 0] * (o.dim() - 1) + [0, length - steps])
+                        for o in result[len(states):]])
+    return (*[torch.stack(list(values)) for values in zip(*finals)],
+            *[torch.stack(list(values)) for values in zip(*outputs)])
+
+
+def mel_weight_matrix(mel_bins: int, dft_length: int, sample_rate: int, lower_hertz: float, upper_hertz: float,
+                      dtype: torch.dtype) -> torch.Tensor:
+    """ONNX MelWeightMatrix [dft_length // 2 + 1, mel_bins]: triangular filters between mel-spaced
+    spectrum bins (each rises from its left neighbour's bin to its own, falls to its right's)."""
+    def to_mel(hertz: float) -> float:
+        return 2595 * math.log10(1 + hertz / 700)
+
+    low, high = to_mel(lower_hertz), to_mel(upper_hertz)
+    mels = torch.arange(mel_bins + 2, dtype=torch.float64) * ((high - low) / (mel_bins + 2)) + low
+    hertz = 700 * (torch.pow(10.0, mels / 2595) - 1)
+    bins = torch.div((dft_length + 1) * hertz, sample_rate, rounding_mode="floor").long().tolist()
+    weights = torch.zeros(dft_length // 2 + 1, mel_bins, dtype=torch.float64)
+    for i in range(mel_bins):
+        left, center, right = bins[i], bins[i + 1], bins[i + 2]
+        if center == left:
+            weights[center, i] = 1
+        else:
+            weights[left:center + 1, i] = (torch.arange(left, center + 1) - left) / (center - left)
+        if right > center:
+            weights[center:right, i] = (right - torch.arange(center, right)) / (right - center)
+    return weights.to(dtype)

@@ -93,3 +93,24 @@ def test_pt2_refuses_control_flow_clearly(tmp_path):
     with pytest.raises(slimgraph.SlimgraphError, match=r"calls runtime.if_then_else, runtime.loop: save it as a folder"):
         artifact.save(tmp_path / "nested.pt2")
     assert not (tmp_path / "nested.pt2").exists()
+
+
+# Scan of opset 8: a batch axis, and per-entry sequence lengths (outputs zero past them).
+SCAN_8 = """
+<ir_version: 4, opset_import: ["" : 8]>
+scanned8 (int64[2] lens, float[2, 2] init, float[2, 5, 2] xs) => (float[2, 2] final, float[2, 5, 2] sums) {
+    final, sums = Scan (lens, init, xs) <
+        num_scan_inputs = 1, directions = [1],
+        body = body (float[2] state, float[2] x) => (float[2] state_out, float[2] sum_out) {
+            state_out = Add (state, x)
+            sum_out = Identity (state_out)
+        }
+    >
+}
+"""
+
+
+def test_scan_of_opset_8_with_sequence_lengths():
+    feeds = {"lens": np.array([3, 5]), "init": np.ones((2, 2), np.float32),
+             "xs": np.arange(20, dtype=np.float32).reshape(2, 5, 2)}
+    _assert_matches_onnxruntime(_model(SCAN_8), feeds)

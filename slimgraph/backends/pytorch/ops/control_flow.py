@@ -43,3 +43,14 @@ def scan(ctx, node, *inputs):
         runtime.scan, body, [ctx.tensor(v) for v in states], [ctx.tensor(v) for v in sequences], input_axes,
         attr(node, "scan_input_directions") or [0] * sequences_count, attr(node, "scan_output_axes") or [0] * outputs_count,
         attr(node, "scan_output_directions") or [0] * outputs_count, captured))
+
+
+@lowers("Scan", since=8, until=8, tensors=False)
+def scan_with_batch(ctx, node, sequence_lens, *inputs):
+    sequences_count = attr(node, "num_scan_inputs")
+    states, sequences = inputs[:len(inputs) - sequences_count], inputs[len(inputs) - sequences_count:]
+    body, captured = ctx.subgraph(attr(node, "body"), "scan_body")
+    return _outputs(node, ctx.call(
+        runtime.scan_batched, body, ctx.tensor(sequence_lens), [ctx.tensor(v) for v in states],
+        [ctx.tensor(v) for v in sequences], attr(node, "directions") or [0] * sequences_count,
+        len(node.outputs) - len(states), captured))

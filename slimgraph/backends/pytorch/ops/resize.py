@@ -13,7 +13,6 @@ import numpy as np
 import torch
 
 from slimgraph.backends.pytorch import runtime
-from slimgraph.backends.pytorch.builder import to_numpy
 from slimgraph.backends.pytorch.lowering import attr, lowers
 from slimgraph.backends.pytorch.ops.tensor import torch_dtype
 from slimgraph.errors import SlimgraphError
@@ -54,17 +53,16 @@ def _resize_axes(ctx, node, x, axes: list[int], scales, roi, options: dict):
         scale = _element(ctx, scales, position)
         region = (_element(ctx, roi, position), _element(ctx, roi, position + len(axes))) if roi is not None \
             else (0.0, 1.0)
-        arguments = (shape_in[axis], shape_out[axis], scale, *region)
-        if all(not isinstance(a, torch.fx.Proxy) for a in arguments):
-            matrix, offset = (to_numpy(t) for t in runtime.resize_matrix(*arguments, **options))
+        matrix, offset = ctx.call_or_fold(runtime.resize_matrix, shape_in[axis], shape_out[axis], scale, *region,
+                                          **options)
+        if isinstance(matrix, np.ndarray):  # built now: a buffer (or nothing, when the axis stays as it is)
             if matrix.shape[0] == matrix.shape[1] and np.array_equal(matrix, np.eye(len(matrix))) and not offset.any():
-                continue  # this axis is not resized
+                continue
             dtype = np.float64 if integer else node.inputs[0].dtype.numpy()
             matrix, offset = ctx.constant(matrix.astype(dtype)), ctx.constant(offset.astype(dtype))
         else:
-            computed = ctx.call(runtime.resize_matrix, *arguments, **options)
             dtype = torch.float64 if integer else torch_dtype(node.inputs[0].dtype)
-            matrix, offset = computed[0].to(x.device, dtype), computed[1].to(x.device)
+            matrix, offset = matrix.to(x.device, dtype), offset.to(x.device)
         resized = torch.matmul(x.movedim(axis, -1).to(matrix.dtype), matrix.t()) + offset.to(matrix.dtype)
         x = resized.movedim(-1, axis)
     return torch.round(x).to(torch_dtype(node.inputs[0].dtype)) if integer else x

@@ -1,10 +1,11 @@
 """Signal processing: window functions (HannWindow, HammingWindow, BlackmanWindow → torch's
-*_window) and STFT (framing by unfold, then the DFT)."""
+*_window), STFT (framing by unfold, then the DFT) and MelWeightMatrix (runtime.mel_weight_matrix)."""
 
 from __future__ import annotations
 
 import torch
 
+from slimgraph.backends.pytorch import runtime
 from slimgraph.backends.pytorch.lowering import attr, lowers
 from slimgraph.backends.pytorch.ops.tensor import scalar, torch_dtype
 from slimgraph.errors import SlimgraphError
@@ -46,3 +47,9 @@ def stft(ctx, node, signal, frame_step, window=None, frame_length=None):
     if attr(node, "onesided", 1):
         spectrum = spectrum.narrow(-1, 0, length // 2 + 1)
     return torch.stack([spectrum.real, spectrum.imag], -1).to(torch_dtype(node.inputs[0].dtype))
+
+
+@lowers("MelWeightMatrix", since=17, tensors=False)
+def mel_weight_matrix(ctx, node, mel_bins, dft_length, sample_rate, lower_hertz, upper_hertz):
+    arguments = [scalar(v) for v in (mel_bins, dft_length, sample_rate, lower_hertz, upper_hertz)]
+    return ctx.call_or_fold(runtime.mel_weight_matrix, *arguments, torch_dtype(attr(node, "output_datatype", 1)))
