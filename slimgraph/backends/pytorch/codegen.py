@@ -75,7 +75,7 @@ def _imports(modules: list[fx.GraphModule]) -> tuple[str, str]:
         if getattr(value, "__module__", None) == "builtins":
             continue
         if getattr(value, "__module__", None) == runtime.__name__:
-            helpers.append(textwrap.indent(f"\n@staticmethod\n{inspect.getsource(value)}", "    "))
+            helpers.append(value)
             continue
         if isinstance(value, type(torch)):  # a module, e.g. torch.fx._pytree as fx_pytree
             lines.append(f"import {value.__name__} as {name}")
@@ -88,9 +88,27 @@ def _imports(modules: list[fx.GraphModule]) -> tuple[str, str]:
         top = qualified.split(".")[0]
         lines.append(f"from {owner} import {top} as {name}" if top == qualified else
                      f"from {owner} import {top}\n{name} = {qualified}")
-    if helpers:  # referred to as runtime.<name>: see _source
-        helpers.insert(0, "\n\nclass runtime:\n    \"\"\"Helpers copied from slimgraph.backends.pytorch.runtime.\"\"\"\n")
-    return "\n".join(lines), "".join(helpers)
+    if helpers:  # (what the copied helpers need besides torch)
+        lines += ["import math", "from types import SimpleNamespace"]
+    return "\n".join(lines), _helper_source(helpers)
+
+
+def _helper_source(called: list) -> str:
+    """The source of the runtime helpers the forwards call, with the helpers those call in turn,
+    and `runtime`, the namespace through which the forwards reach them (see _source)."""
+    if not called:
+        return ""
+    copied, pending = {}, list(called)
+    while pending:
+        fn = pending.pop()
+        if fn.__name__ not in copied:
+            copied[fn.__name__] = fn
+            pending += [getattr(runtime, n) for n in fn.__code__.co_names if inspect.isfunction(getattr(runtime, n, None))]
+    in_order = sorted(copied.values(), key=lambda fn: fn.__code__.co_firstlineno)
+    names = ", ".join(f"{fn.__name__}={fn.__name__}" for fn in sorted(called, key=lambda fn: fn.__name__))
+    return ("\n\n# Helpers copied from slimgraph.backends.pytorch.runtime\n\n\n"
+            + "\n\n".join(inspect.getsource(fn) for fn in in_order)
+            + f"\n\nruntime = SimpleNamespace({names})\n")
 
 
 def _source(module: fx.GraphModule) -> str:

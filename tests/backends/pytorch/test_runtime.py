@@ -70,3 +70,20 @@ def test_roi_align_matches_onnxruntime(mode, transform, sampling_ratio):
              "batch": rng.integers(0, 2, 6)}
     got = slimgraph.compile(model, backend="pytorch")(**feeds)["y"]
     np.testing.assert_allclose(got, evaluate.run(model, feeds)["y"], rtol=1e-5, atol=1e-5)
+
+
+def test_saved_helpers_bring_the_helpers_they_call(tmp_path):
+    """roi_align calls _roi_axis and math: the copy in model.py must too."""
+    inputs = [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 2, 6, 6]),
+              helper.make_tensor_value_info("rois", TensorProto.FLOAT, [2, 4])]
+    batch = helper.make_tensor("batch", TensorProto.INT64, [2], [0, 0])
+    node = helper.make_node("RoiAlign", ["x", "rois", "batch"], ["y"], output_height=2, output_width=2)
+    graph = helper.make_graph([node], "roi", inputs, [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)],
+                              [batch])
+    model = ir.serde.deserialize_model(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 16)]))
+    folder = slimgraph.compile(model, backend="pytorch").save(tmp_path / "roi")
+    feeds = {"x": np.arange(72, dtype=np.float32).reshape(1, 2, 6, 6),
+             "rois": np.array([[0, 0, 3, 3], [1, 2, 5, 4]], np.float32)}
+    printed = run_standalone(folder, "(y,) = load()(torch.arange(72.0).reshape(1, 2, 6, 6), "
+                                     "torch.tensor([[0.0, 0, 3, 3], [1, 2, 5, 4]]))\nprint(y.flatten().tolist())")
+    np.testing.assert_allclose(eval(printed), evaluate.run(model, feeds)["y"].ravel(), rtol=1e-5)
