@@ -62,6 +62,10 @@ def load(path: str | Path = Path(__file__).with_name("model.safetensors")) -> Sl
 '''
 
 
+BUILTIN_GLOBALS = {"inf": "from math import inf", "nan": "from math import nan", "NoneType": "NoneType = type(None)",
+                   "device": "from torch import device"}
+
+
 def _imports(modules: list[fx.GraphModule]) -> tuple[str, str]:
     """Import lines for the globals the generated forwards use besides torch itself, and the
     source of the runtime helpers they call (copied, so that model.py needs no slimgraph)."""
@@ -70,7 +74,10 @@ def _imports(modules: list[fx.GraphModule]) -> tuple[str, str]:
         used.update(module.graph.python_code(root_module="self").globals)
     lines, helpers = [], []
     for name, value in sorted(used.items()):
-        if name in ("torch", "inf", "nan", "NoneType", "device") or name.startswith("__"):
+        if name == "torch" or name.startswith("__"):
+            continue
+        if name in BUILTIN_GLOBALS:  # names fx's code uses without importing them
+            lines.append(BUILTIN_GLOBALS[name])
             continue
         if getattr(value, "__module__", None) == "builtins":
             continue
