@@ -291,3 +291,34 @@ def mel_weight_matrix(mel_bins: int, dft_length: int, sample_rate: int, lower_he
         if right > center:
             weights[center:right, i] = (right - torch.arange(center, right)) / (right - center)
     return weights.to(dtype)
+
+
+def tree_ensemble(x: torch.Tensor, features: torch.Tensor, splits: torch.Tensor, modes: torch.Tensor,
+                  members: torch.Tensor, true_ids: torch.Tensor, false_ids: torch.Tensor, true_leaf: torch.Tensor,
+                  false_leaf: torch.Tensor, missing_goes_true: torch.Tensor, leaf_weights: torch.Tensor,
+                  leaf_targets: torch.Tensor, roots: torch.Tensor, root_is_leaf: torch.Tensor, depth: int,
+                  targets: int, aggregate: int) -> torch.Tensor:
+    """ai.onnx.ml TreeEnsemble: every sample walks every tree at once, one level per step (a
+    node's comparison by its mode: <=, <, >=, >, ==, !=, member of a set), then the leaves'
+    weights are summed, averaged, or reduced by min or max per target."""
+    node = roots.expand(x.size(0), -1)  # [samples, trees]: a node index, or a leaf index once at_leaf
+    at_leaf = root_is_leaf.expand(x.size(0), -1)
+    for _ in range(depth):
+        inner = torch.where(at_leaf, torch.zeros_like(node), node)
+        value = torch.gather(x, 1, features[inner])
+        split = splits[inner]
+        outcomes = torch.stack([value <= split, value < split, value >= split, value > split, value == split,
+                                value != split, (value.unsqueeze(-1) == members[inner]).any(-1)], -1)
+        goes_true = outcomes.gather(-1, modes[inner].unsqueeze(-1)).squeeze(-1)
+        goes_true = goes_true | (missing_goes_true[inner] & torch.isnan(value))
+        node = torch.where(at_leaf, node, torch.where(goes_true, true_ids[inner], false_ids[inner]))
+        at_leaf = at_leaf | torch.where(goes_true, true_leaf[inner], false_leaf[inner])
+    weights, target = leaf_weights[node].to(x.dtype), leaf_targets[node]
+    if aggregate in (0, 1):  # AVERAGE, SUM
+        total = torch.zeros(x.size(0), targets, dtype=x.dtype, device=x.device).scatter_add(1, target, weights)
+        return total / node.size(1) if aggregate == 0 else total
+    start = torch.finfo(x.dtype).max if aggregate == 2 else torch.finfo(x.dtype).min
+    reduced = torch.full((x.size(0), targets), start, dtype=x.dtype, device=x.device).scatter_reduce(
+        1, target, weights, "amin" if aggregate == 2 else "amax")
+    reached = torch.zeros_like(reduced).scatter_add(1, target, torch.ones_like(weights)) > 0
+    return torch.where(reached, reduced, torch.zeros_like(reduced))  # a target no leaf names: 0, as ORT

@@ -4,6 +4,7 @@ from slimgraph.backends.pytorch.ops import (  # noqa: F401
     attention,
     control_flow,
     elementwise,
+    ml,
     moe,
     nn,
     quantized,

@@ -256,8 +256,3 @@ def shrink(ctx, node, x):
 @lowers("SwiGLU", since=28)
 def swiglu(ctx, node, gate, value):
     return gate * torch.sigmoid(attr(node, "alpha", 1.0) * gate) * value
-
-
-@lowers("Binarizer", domain="ai.onnx.ml")
-def binarizer(ctx, node, x):
-    return (x > attr(node, "threshold", 0.0)).to(x.dtype)

@@ -658,11 +658,6 @@ def det(ctx, node, x):
     return torch.linalg.det(x)
 
 
-@lowers("ArrayFeatureExtractor", domain="ai.onnx.ml")
-def array_feature_extractor(ctx, node, x, indices):
-    return torch.index_select(x, -1, indices.reshape(-1).to(torch.int64))
-
-
 @lowers("OptionalHasElement", since=15, tensors=False)
 def optional_has_element(ctx, node, x=None):
     """On tensors (optional types are not lowered): whether the input is given."""
