@@ -322,3 +322,29 @@ def tree_ensemble(x: torch.Tensor, features: torch.Tensor, splits: torch.Tensor,
         1, target, weights, "amin" if aggregate == 2 else "amax")
     reached = torch.zeros_like(reduced).scatter_add(1, target, torch.ones_like(weights)) > 0
     return torch.where(reached, reduced, torch.zeros_like(reduced))  # a target no leaf names: 0, as ORT
+
+
+def col2im(x: torch.Tensor, image: list[int], block: list[int], dilations: list[int], pads: list[int],
+           strides: list[int]) -> torch.Tensor:
+    """ONNX Col2Im in any number of dimensions: each column of x [N, C·prod(block), L] holds one
+    block's values; they are summed back into the padded image, whose pads are then cut off."""
+    dims = len(image)
+    padded = [size + pads[d] + pads[d + dims] for d, size in enumerate(image)]
+    spans = [(p - (dilation * (b - 1) + 1)) // stride + 1
+             for p, b, dilation, stride in zip(padded, block, dilations, strides)]
+
+    def grid(sizes: list[int]) -> torch.Tensor:  # every index of an array of these sizes, [count, dims]
+        axes = torch.meshgrid(*[torch.arange(s, device=x.device) for s in sizes], indexing="ij")
+        return torch.stack(axes, -1).reshape(-1, dims)
+
+    places = grid(block)[:, None] * torch.tensor(dilations, device=x.device) \
+        + grid(spans)[None] * torch.tensor(strides, device=x.device)  # [kernel, blocks, dims]
+    place_values = torch.tensor([math.prod(padded[d + 1:]) for d in range(dims)], device=x.device)
+    flat = (places * place_values).sum(-1).reshape(-1)
+    batch, channels = x.size(0), x.size(1) // math.prod(block)
+    summed = torch.zeros(batch, channels, math.prod(padded), dtype=x.dtype, device=x.device)
+    summed.index_add_(2, flat, x.reshape(batch, channels, -1))
+    result = summed.reshape(batch, channels, *padded)
+    for d in range(dims):
+        result = result.narrow(2 + d, pads[d], image[d])
+    return result

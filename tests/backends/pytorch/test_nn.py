@@ -29,3 +29,23 @@ def test_deform_conv_with_groups_strides_dilations_padding_and_mask():
     (want,) = ReferenceEvaluator(proto).run(None, feeds)
     got = PyTorchArtifact(ir.serde.deserialize_model(proto))(**feeds)["y"]
     np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4)
+
+
+def test_col2im_in_two_and_three_dimensions_with_uneven_pads():
+    rng = np.random.default_rng(1)
+    for image, block, pads, strides, dilations in [([7, 6], [2, 3], [1, 0, 2, 1], [2, 1], [1, 2]),
+                                                    ([5, 4, 6], [2, 2, 3], [0, 1, 1, 1, 0, 2], [1, 2, 1], [2, 1, 1])]:
+        padded = [i + pads[d] + pads[d + len(image)] for d, i in enumerate(image)]
+        blocks = int(np.prod([(p - (d * (b - 1) + 1)) // s + 1
+                              for p, b, d, s in zip(padded, block, dilations, strides)]))
+        x = rng.normal(size=(2, 3 * int(np.prod(block)), blocks)).astype(np.float32)
+        node = helper.make_node("Col2Im", ["x", "image", "block"], ["y"], pads=pads, strides=strides,
+                                dilations=dilations)
+        graph = helper.make_graph([node], "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, x.shape)],
+                                  [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)],
+                                  [helper.make_tensor("image", TensorProto.INT64, [len(image)], image),
+                                   helper.make_tensor("block", TensorProto.INT64, [len(block)], block)])
+        proto = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
+        (want,) = ReferenceEvaluator(proto).run(None, {"x": x})
+        got = PyTorchArtifact(ir.serde.deserialize_model(proto))(x=x)["y"]
+        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)

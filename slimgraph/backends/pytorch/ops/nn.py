@@ -377,16 +377,15 @@ def max_unpool(ctx, node, x, indices, output_shape=None):
 
 @lowers("Col2Im", since=18, tensors=False)
 def col2im(ctx, node, x, image_shape, block_shape):
-    """Column blocks back into an image: F.fold (torch folds 2-D images)."""
+    """Column blocks back into an image: F.fold for 2-D images with even pads, else runtime.col2im
+    (any number of dimensions)."""
     image, block = ctx.ints(image_shape), ctx.ints(block_shape)  # traced lists when given at run time
-    if static_length(node.inputs[1]) != 2:
-        raise SlimgraphError("pytorch backend: Col2Im is supported for 2-D images (torch's fold)")
-    pads = attr(node, "pads", [0] * 4)
-    if pads[:2] != pads[2:]:
-        raise SlimgraphError("pytorch backend: Col2Im with asymmetric pads is not supported")
-    return F.fold(ctx.tensor(x), image, block, dilation=attr(node, "dilations", [1, 1]), padding=pads[:2],
-                  stride=attr(node, "strides", [1, 1]))
-
+    dims = static_length(node.inputs[1])
+    dilations, strides = attr(node, "dilations", [1] * dims), attr(node, "strides", [1] * dims)
+    pads = attr(node, "pads", [0] * (2 * dims))
+    if dims == 2 and pads[:2] == pads[2:]:
+        return F.fold(ctx.tensor(x), image, block, dilation=dilations, padding=pads[:2], stride=strides)
+    return ctx.call(runtime.col2im, ctx.tensor(x), image, block, dilations, pads, strides)
 
 @lowers("RoiAlign", since=10)
 def roi_align(ctx, node, x, rois, batch_indices):
