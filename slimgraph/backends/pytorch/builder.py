@@ -250,15 +250,6 @@ class SubgraphBuilder(Builder):
             return outer  # (constants stay constants: folding and shape arithmetic keep working)
         return self._capture(value, lambda: self.parent.tensor(outer), value.name)
 
-    def call_or_fold(self, fn, *args, **kwargs) -> Any:
-        """fn(*args) now when no argument is traced (a tensor result becomes a constant),
-        else recorded in the graph."""
-        if any(isinstance(a, fx.Proxy) for a in (*args, *kwargs.values())):
-            return self.call(fn, *args, **kwargs)
-        with torch.no_grad():
-            result = fn(*args, **kwargs)
-        return tuple(to_numpy(r) for r in result) if isinstance(result, tuple) else to_numpy(result)
-
     def constant(self, array: np.ndarray, name: str | None = None, trainable: bool = True) -> fx.Proxy:
         self._keep.append(array)
         return self._capture(id(array), lambda: self.parent.constant(array, name, trainable), name or "constant")

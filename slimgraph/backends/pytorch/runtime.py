@@ -139,10 +139,11 @@ def resize_matrix(length_in: int, length_out: int, scale, roi_start=0.0, roi_end
     elif transform == "half_pixel_symmetric":
         shift = length_in / 2 * (1 - length_out / width)
         x = shift + (y + 0.5) / scale - 0.5
-    elif transform == "tf_crop_and_resize":
-        start, end = torch.as_tensor(roi_start, dtype=f64), torch.as_tensor(roi_end, dtype=f64)
-        span = (end - start) * (length_in - 1)
-        x = torch.where(width == 1, span / 2 + torch.zeros_like(y), y * span / (width - 1)) + start * (length_in - 1)
+    elif transform == "tf_crop_and_resize":  # (the roi in float32 and this order of operations: as the ONNX reference)
+        start, end = torch.as_tensor(roi_start, dtype=torch.float32), torch.as_tensor(roi_end, dtype=torch.float32)
+        span = (end - start).double()
+        x = torch.where(width == 1, span * (length_in - 1) / 2 + torch.zeros_like(y),
+                        y * span * (length_in - 1) / (width - 1)) + (start * (length_in - 1)).double()
     else:  # half_pixel
         x = (y + 0.5) / scale - 0.5
     if mode == "nearest":

@@ -35,7 +35,7 @@ def _reference(vector: np.ndarray, scale: float, roi: tuple[float, float], optio
     return y[0]
 
 
-@settings(max_examples=1000, deadline=None)
+@settings(max_examples=1000, deadline=None, derandomize=True)  # (the same cases on every run: CI stays steady)
 @given(length=st.integers(1, 9), scale=st.sampled_from([0.25, 0.4, 0.5, 0.6, 0.75, 1.0, 1.3, 1.5, 2.0, 2.5, 3.0]),
        mode=st.sampled_from(["nearest", "linear", "cubic"]), transform=st.sampled_from(TRANSFORMS),
        nearest_mode=st.sampled_from(["round_prefer_floor", "round_prefer_ceil", "floor", "ceil"]),
