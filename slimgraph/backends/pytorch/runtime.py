@@ -127,6 +127,8 @@ def resize_matrix(length_in: int, length_out: int, scale, roi_start=0.0, roi_end
     """ONNX Resize along one axis as (M [out, in], offset [out]): resizing v gives M @ v + offset.
     `scale` (and the roi) may be a Python number or a 0-D tensor known only at run time."""
     f64 = torch.float64
+    if length_in == length_out and math.isclose(float(scale), 1.0) and (float(roi_start), float(roi_end)) == (0, 1):
+        return torch.eye(length_in, dtype=f64), torch.zeros(length_out, dtype=f64)  # not resized (as the reference)
     scale = torch.as_tensor(scale, dtype=f64)
     y = torch.arange(length_out, dtype=f64)
     width = scale * length_in  # the output length before rounding
