@@ -1,6 +1,7 @@
 """Quantized ops, with onnxruntime's semantics: com.microsoft.MatMulNBits and
 GatherBlockQuantized (unpack, subtract the zero point, scale), and the standard
-DynamicQuantizeLinear / MatMulInteger / QuantizeLinear / DequantizeLinear."""
+DynamicQuantizeLinear / MatMulInteger / ConvInteger / QLinearConv (integer sums in float64, which
+holds them exactly) and QuantizeLinear / DequantizeLinear (per tensor, per axis or blocked)."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ import onnx_ir as ir
 import torch
 
 from slimgraph.backends.pytorch.lowering import attr, lowers
+from slimgraph.backends.pytorch.ops.nn import conv
 from slimgraph.errors import SlimgraphError
 
 MS = "com.microsoft"
@@ -126,11 +128,8 @@ def quantize_linear(ctx, node, x, scale, zero_point=None):
     return torch.clamp(values, torch.iinfo(dtype).min, torch.iinfo(dtype).max).to(dtype)
 
 
-
 def _integer_conv(ctx, node, x, x_zero_point, w, w_zero_point, bias=None):
     """Conv of zero-point-shifted integers, accumulated exactly (float64 holds these sums)."""
-    from slimgraph.backends.pytorch.ops.nn import conv
-
     x = x.to(torch.float64)
     if x_zero_point is not None:
         x = x - x_zero_point.to(torch.float64)
@@ -154,4 +153,3 @@ def qlinear_conv(ctx, node, x, x_scale, x_zero_point, w, w_scale, w_zero_point, 
     y = torch.clamp(accumulated * scale + y_zero_point.to(torch.float64), torch.iinfo(dtype).min,
                     torch.iinfo(dtype).max)
     return torch.round(y).to(dtype)
-
