@@ -168,7 +168,7 @@ class Builder:
         child = SubgraphBuilder(self, graph)
         module = child.build_function()
         attribute = self._unique_attribute(name)
-        _attach_module(self.root, attribute, module)
+        _attach(self.root, attribute, module)
         return fx.Proxy(self.graph.get_attr(attribute), self.tracer), child.captured
 
     def call_subgraph(self, graph: ir.Graph, name: str, *inputs: fx.Proxy) -> fx.Proxy:
@@ -338,7 +338,8 @@ def _clashes(name: str, taken: set[str]) -> bool:
     return any(t.startswith(name + ".") or name.startswith(t + ".") for t in taken)
 
 
-def _attach(root: torch.nn.Module, dotted: str, tensor: torch.Tensor, buffer: bool = False) -> None:
+def _attach(root: torch.nn.Module, dotted: str, value: torch.Tensor | torch.nn.Module, buffer: bool = False) -> None:
+    """Put a parameter, buffer or submodule at a dotted path under root, making the modules above it."""
     # (codegen.TEMPLATE has its twin: the generated model.py must not import slimgraph)
     *path, leaf = dotted.split(".")
     module = root
@@ -346,20 +347,12 @@ def _attach(root: torch.nn.Module, dotted: str, tensor: torch.Tensor, buffer: bo
         if not hasattr(module, part):
             module.add_module(part, torch.nn.Module())
         module = getattr(module, part)
-    if buffer:
-        module.register_buffer(leaf, tensor)
+    if isinstance(value, torch.nn.Module):
+        module.add_module(leaf, value)
+    elif buffer:
+        module.register_buffer(leaf, value)
     else:
-        module.register_parameter(leaf, tensor)
-
-
-def _attach_module(root: torch.nn.Module, dotted: str, module: torch.nn.Module) -> None:
-    *path, leaf = dotted.split(".")
-    parent = root
-    for part in path:
-        if not hasattr(parent, part):
-            parent.add_module(part, torch.nn.Module())
-        parent = getattr(parent, part)
-    parent.add_module(leaf, module)
+        module.register_parameter(leaf, value)
 
 
 def build_module(model: ir.Model) -> fx.GraphModule:
