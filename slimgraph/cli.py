@@ -15,6 +15,7 @@ import sys
 from pathlib import Path
 from typing import Any, NoReturn
 
+from slimgraph.backends import backends
 from slimgraph.errors import SlimgraphError
 
 PROG = "slimgraph"
@@ -39,8 +40,9 @@ def build_parser() -> argparse.ArgumentParser:
     source.add_argument("-p", "--pipeline", help="pipeline text, e.g. 'cleanup,fold-constants'")
     source.add_argument("--recipe", help="YAML or TOML recipe file")
     optimize.add_argument("-o", "--output", required=True,
-                          help="output: .onnx (onnxruntime backend); a folder or .pt2 (pytorch backend)")
-    optimize.add_argument("--backend", default="onnxruntime", choices=["onnxruntime", "pytorch"])
+                          help="the output the backend writes (see --backend)")
+    optimize.add_argument("--backend", default="onnxruntime", choices=list(backends()),
+                          help="; ".join(f"{b.name}: writes {b.writes}" for b in backends().values()))
     optimize.add_argument("--calib", help="calibration inputs: .npz of named arrays, or a text file (one sample a line)")
     optimize.add_argument("--max-drop", type=float, help="fail (exit 1) when 1 - cosine vs the original exceeds this")
     optimize.add_argument("--no-verify", action="store_true", help="skip verification against the original")
@@ -107,7 +109,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def cmd_optimize(args: argparse.Namespace) -> int:
-    from slimgraph.backends import compile
+    from slimgraph.backends import check_output, compile
     from slimgraph.frontend import load
     from slimgraph.passes import PassContext, Pipeline
 
@@ -115,10 +117,7 @@ def cmd_optimize(args: argparse.Namespace) -> int:
     output = Path(args.output)
     if output.exists() and model_path.exists() and output.resolve() == model_path.resolve():
         raise SlimgraphError("the output would overwrite the input model; choose another -o path")
-    if args.backend == "onnxruntime" and output.suffix.lower() != ".onnx":
-        raise SlimgraphError(f"-o {output}: the onnxruntime backend writes a .onnx file")
-    if args.backend == "pytorch" and output.suffix.lower() not in ("", ".pt2"):
-        raise SlimgraphError(f"-o {output}: the pytorch backend writes a folder or a .pt2 file")
+    check_output(args.backend, output)
     if args.pipeline is not None:
         pipeline, settings = Pipeline.parse(args.pipeline), {}
     else:
@@ -171,9 +170,9 @@ def cmd_diff(args: argparse.Namespace) -> int:
     if args.json:
         _print_json(result.to_json())
     else:
-        from slimgraph.report import print_renderable
+        from slimgraph.report import print_renderable, render_diff
 
-        print_renderable(result.render(depth=args.depth, only=args.only))
+        print_renderable(render_diff(result, depth=args.depth, only=args.only))
     return 0 if result.identical else 1
 
 

@@ -13,7 +13,7 @@ from slimgraph.ir.diff import fold
 from slimgraph.ir.fidelity import Fidelity
 from slimgraph.ir.stats import human_bytes, human_count
 from slimgraph.ir.summary import ModelSummary
-from slimgraph.passes._infra.pipeline import PipelineReport
+from slimgraph.passes import PipelineReport
 
 
 def _row(table: Table, *cells) -> None:

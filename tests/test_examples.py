@@ -4,9 +4,12 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
+@pytest.mark.slow
 def test_compose_example(tmp_path):
     out = tmp_path / "minilm.onnx"
     result = subprocess.run([sys.executable, str(ROOT / "examples" / "compose.py"), str(out)],

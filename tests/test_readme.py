@@ -5,9 +5,12 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
+@pytest.mark.slow
 def test_readme_python_example(tmp_path):
     text = (ROOT / "README.md").read_text()
     block = re.search(r"## Python\n\n```python\n(.*?)```", text, re.S).group(1)

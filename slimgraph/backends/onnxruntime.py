@@ -16,6 +16,7 @@ import numpy as np
 import onnx_ir as ir
 import onnxruntime as ort
 
+from slimgraph.backends.output import check_writable
 from slimgraph.errors import SlimgraphError
 from slimgraph.ir import evaluate
 
@@ -24,10 +25,7 @@ def save_onnx(model: ir.Model, path: str | os.PathLike, *, external_data: bool |
     """Write `model` to `path` atomically; weights go to `<name>.data` when asked or when
     the model is too large for one protobuf (2 GB)."""
     path = Path(path)
-    if path.suffix.lower() != ".onnx":
-        raise SlimgraphError(f"the onnxruntime backend writes .onnx files, not '{path.name}'")
-    if path.is_dir():
-        raise SlimgraphError(f"{path} is a folder; give a .onnx file name")
+    OnnxRuntimeArtifact.check_output(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     if external_data is None:
         external_data = evaluate.initializer_bytes(model) >= evaluate.PROTO_LIMIT_BYTES
@@ -48,6 +46,12 @@ class OnnxRuntimeArtifact:
     """A model compiled for ONNX Runtime: call it on inputs, or save it."""
 
     backend = "onnxruntime"
+
+    @staticmethod
+    def check_output(path: Path) -> None:
+        if path.suffix.lower() != ".onnx":
+            raise SlimgraphError(f"-o {path}: the onnxruntime backend writes a .onnx file")
+        check_writable(path, folder=False)
 
     def __init__(self, model: ir.Model, *, threads: int | None = None, external_data: bool | None = None) -> None:
         self.model = model

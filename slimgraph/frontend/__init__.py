@@ -15,10 +15,6 @@ import onnx_ir as ir
 
 from slimgraph.errors import SlimgraphError
 
-EXAMPLE_INPUTS_KEY = "slimgraph.example_inputs"
-EXAMPLE_INPUTS_SOURCE_KEY = "slimgraph.example_inputs_source"
-SOURCE_KEY = "slimgraph.source"
-
 
 def load(source: Any, *, example_inputs: Any = None, dynamic_shapes: Any = None, **options: Any) -> ir.Model:
     """Capture `source` into the IR.

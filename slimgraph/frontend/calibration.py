@@ -12,7 +12,7 @@ import numpy as np
 import onnx_ir as ir
 
 from slimgraph.errors import SlimgraphError
-from slimgraph.frontend import SOURCE_KEY
+from slimgraph.ir.meta import SOURCE_KEY
 
 TEXT_BATCH = 8
 

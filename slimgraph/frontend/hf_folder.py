@@ -15,8 +15,8 @@ from typing import Any
 import onnx_ir as ir
 
 from slimgraph.errors import SlimgraphError, first_line
-from slimgraph.frontend import SOURCE_KEY
 from slimgraph.frontend.calibration import has_tokenizer, load_tokenizer
+from slimgraph.ir.meta import SOURCE_KEY
 
 EXAMPLE_SENTENCES = [
     "The quick brown fox jumps over the lazy dog.",

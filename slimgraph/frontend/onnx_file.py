@@ -7,6 +7,7 @@ from pathlib import Path
 import onnx_ir as ir
 
 from slimgraph.errors import SlimgraphError, first_line
+from slimgraph.ir.meta import SOURCE_KEY
 
 MIN_OPSET = 9
 
@@ -24,7 +25,7 @@ def load_onnx(path: Path) -> ir.Model:
     if opset < MIN_OPSET:
         raise SlimgraphError(f"{path} uses opset {opset}; slimgraph reads opset {MIN_OPSET} and newer")
     _check_external_data(model, path)
-    model.meta["slimgraph.source"] = str(path)
+    model.meta[SOURCE_KEY] = str(path)
     return model
 
 

@@ -19,8 +19,9 @@ import numpy as np
 import onnx_ir as ir
 
 from slimgraph.errors import ANSI, SlimgraphError, first_line
-from slimgraph.frontend import EXAMPLE_INPUTS_KEY, EXAMPLE_INPUTS_SOURCE_KEY, SOURCE_KEY
-from slimgraph.ir.structure import find_linear, module_path
+from slimgraph.ir.graph import module_path
+from slimgraph.ir.meta import EXAMPLE_INPUTS_KEY, EXAMPLE_INPUTS_SOURCE_KEY, SOURCE_KEY
+from slimgraph.ir.structure import find_linear
 
 GENERATED_NAME = re.compile(r"^_?val_\d+$")  # names the exporter gives folded constants
 

@@ -29,8 +29,9 @@ import networkx as nx
 import numpy as np
 import onnx_ir as ir
 
+from slimgraph.ir.graph import constant_tensor, module_path
 from slimgraph.ir.stats import ModelStats, model_stats, op_key
-from slimgraph.ir.structure import _strip_weight_suffix, constant_tensor, module_path
+from slimgraph.ir.structure import _strip_weight_suffix
 
 ChangeKind = Literal["added", "removed", "changed", "replaced"]
 KINDS: tuple[ChangeKind, ...] = ("replaced", "changed", "added", "removed")
@@ -96,11 +97,6 @@ class DiffResult:
         changes = [c for c in self.changes if only is None or c.kind == only or
                    (only == "changed" and c.kind == "replaced")]
         return fold(changes)
-
-    def render(self, depth: int = 2, only: ChangeKind | None = None):
-        from slimgraph.report import render_diff
-
-        return render_diff(self, depth=depth, only=only)
 
     def to_json(self) -> dict:
         return {

@@ -14,6 +14,7 @@ import numpy as np
 import onnx_ir as ir
 
 from slimgraph.errors import SlimgraphError
+from slimgraph.ir.meta import EXAMPLE_INPUTS_KEY, EXAMPLE_INPUTS_SOURCE_KEY
 
 DEFAULT_BATCH = 2
 DEFAULT_SEQUENCE = 16
@@ -85,10 +86,10 @@ def model_inputs(model: ir.Model, *, seed: int = 0, count: int = 2) -> tuple[lis
     """The inputs a pipeline verifies and calibrates on, and where they came from.
 
     A frontend that knows real inputs (a tokenizer, the user's example inputs) stores them in
-    `model.meta["slimgraph.example_inputs"]`; otherwise they are synthesized.
+    `model.meta[EXAMPLE_INPUTS_KEY]`; otherwise they are synthesized.
     """
-    examples = model.meta.get("slimgraph.example_inputs")
+    examples = model.meta.get(EXAMPLE_INPUTS_KEY)
     if examples:
-        return list(examples), model.meta.get("slimgraph.example_inputs_source", "example inputs")
+        return list(examples), model.meta.get(EXAMPLE_INPUTS_SOURCE_KEY, "example inputs")
     feeds = [sample_inputs(model, seed=seed + i, batch=1 + i) for i in range(count)]
     return feeds, "synthesized"

@@ -8,7 +8,7 @@ from dataclasses import asdict, dataclass, field
 
 import onnx_ir as ir
 
-from slimgraph.ir.structure import ensure_shapes
+from slimgraph.ir.graph import ensure_shapes
 
 # Symbolic dims are bound to these values for the FLOPs estimate.
 FLOPS_BATCH = 1

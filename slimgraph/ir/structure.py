@@ -18,7 +18,6 @@ so a plain `.onnx` file without metadata yields the same answer:
 
 from __future__ import annotations
 
-import ast
 import collections
 import re
 from collections.abc import Iterable
@@ -27,7 +26,20 @@ from dataclasses import dataclass, field
 import networkx as nx
 import onnx_ir as ir
 
-NAME_SCOPES_KEY = "pkg.torch.onnx.name_scopes"
+from slimgraph.ir.graph import (
+    MAX_WALK,
+    SHAPE_ONLY_OPS,
+    Walk,
+    constant_tensor,
+    data_inputs,
+    ensure_shapes,
+    find_downstream,
+    find_upstream,
+    is_default_domain,
+    module_path,
+    ops,
+    weight_tensor,
+)
 
 # Ops an FFN's activation may be built from (decomposed GELU/SiLU/… included).
 ELEMENTWISE_OPS = {
@@ -35,63 +47,8 @@ ELEMENTWISE_OPS = {
     "LeakyRelu", "Elu", "Selu", "Softplus", "Softsign", "HardSigmoid", "HardSwish", "Mish",
     "Exp", "Clip", "Cast", "FastGelu", "BiasGelu", "QuickGelu", "Swish",
 }
-SHAPE_ONLY_OPS = {"Reshape", "Flatten", "Squeeze", "Unsqueeze"}
 # Ops allowed between a projection and the attention scores (bias, RoPE, head split, GQA repeat).
 ATTENTION_PATH_OPS = ELEMENTWISE_OPS | SHAPE_ONLY_OPS | {"Transpose", "Split", "Slice", "Concat", "Expand", "Identity", "Gather"}
-MAX_WALK = 64
-
-
-def is_default_domain(node: ir.Node) -> bool:
-    return node.domain in ("", "ai.onnx")
-
-
-def constant_tensor(value: ir.Value | None) -> ir.TensorProtocol | None:
-    """The constant behind a value: an initializer, or the output of a Constant node."""
-    if value is None:
-        return None
-    if value.const_value is not None:
-        return value.const_value
-    producer = value.producer()
-    if producer is not None and producer.op_type == "Constant" and is_default_domain(producer):
-        attr = producer.attributes.get("value")
-        if attr is not None and attr.type == ir.AttributeType.TENSOR:
-            return attr.as_tensor()
-    return None
-
-
-def weight_tensor(value: ir.Value | None) -> tuple[ir.TensorProtocol, str, bool] | None:
-    """A 2-D linear weight: (tensor, name, transposed). `transposed` marks a tied weight read
-    through Transpose (e.g. an LM head sharing the embedding table)."""
-    tensor = constant_tensor(value)
-    if tensor is not None:
-        return tensor, value.name or "", False
-    producer = value.producer() if value is not None else None
-    if producer is not None and producer.op_type == "Transpose" and is_default_domain(producer):
-        source = constant_tensor(producer.inputs[0])
-        perm = producer.attributes.get_ints("perm", [1, 0])
-        if source is not None and len(source.shape) == 2 and list(perm) == [1, 0]:
-            return source, producer.inputs[0].name or "", True
-    return None
-
-
-def data_inputs(node: ir.Node) -> list[ir.Value]:
-    """The inputs that carry data (not shapes, axes or constants) through a node."""
-    if node.op_type in SHAPE_ONLY_OPS or node.op_type in ("Expand", "Slice", "Split", "Gather", "Transpose"):
-        first = node.inputs[0] if node.inputs else None
-        return [first] if first is not None and constant_tensor(first) is None else []
-    return [v for v in node.inputs if v is not None and constant_tensor(v) is None]
-
-
-def module_path(node: ir.Node) -> str | None:
-    """The innermost PyTorch module a node came from ('' for the root), if recorded."""
-    raw = node.metadata_props.get(NAME_SCOPES_KEY)
-    if not raw:
-        return None
-    try:
-        scopes = ast.literal_eval(raw)
-    except (ValueError, SyntaxError):
-        return None
-    return scopes[-2] if isinstance(scopes, list) and len(scopes) >= 2 else None
 
 
 def _strip_weight_suffix(name: str) -> str:
@@ -312,96 +269,31 @@ def _walk_back(start: ir.Value, allowed: set[str], linear_of: dict[ir.Node, Line
     """
     found: list[Linear] = []
     clean = True
-    seen: set[ir.Value] = set()
-    queue = collections.deque([start])
-    while queue:
-        value = queue.popleft()
-        if value in seen:
-            continue
-        seen.add(value)
-        if len(seen) > MAX_WALK:
-            return found, False
-        if constant_tensor(value) is not None:
-            continue
-        node = value.producer()
-        if node is None:
-            clean = False
-            continue
+    walk = Walk(start, up=True, through=lambda n: n not in linear_of and n.op_type in allowed)
+    for _, node in walk:
         if node in linear_of:
             if linear_of[node] not in found:
                 found.append(linear_of[node])
-            continue
-        if node.op_type not in allowed:
+        elif node is None or node.op_type not in allowed:
             clean = False
-            continue
-        queue.extend(data_inputs(node))
-    return found, clean
+    return found, clean and not walk.truncated
 
 
 def _nearest_linear_and_width(start: ir.Value, linear_of: dict[ir.Node, Linear]) -> tuple[Linear | None, int | None]:
     """The closest linear upstream of an attention operand, and the width it contributes.
 
     The width is the linear's output width, or, when a Split/Slice lies in between (fused
-    QKV projections), the width of the slice taken from it.
+    QKV projections), the width of the slice taken from it (the one nearest the linear).
     """
-    queue = collections.deque([(start, None)])
-    seen: set[ir.Value] = set()
-    while queue:
-        value, width = queue.popleft()
-        if value in seen or len(seen) > MAX_WALK:
-            continue
-        seen.add(value)
-        node = value.producer()
-        if node is None or constant_tensor(value) is not None:
-            continue
+    width = None
+    for value, node in Walk(start, up=True, through=lambda n: n not in linear_of and n.op_type in ATTENTION_PATH_OPS):
         if node in linear_of:
-            lin = linear_of[node]
-            return lin, width or lin.out_features
-        if node.op_type not in ATTENTION_PATH_OPS:
-            continue
-        if node.op_type in ("Split", "Slice") and value.shape is not None and len(value.shape) == 3:
+            return linear_of[node], width or linear_of[node].out_features
+        if node is not None and node.op_type in ("Split", "Slice") and value.shape is not None and len(value.shape) == 3:
             last = value.shape[-1]
             if isinstance(last, int):
                 width = last
-        queue.extend((operand, width) for operand in data_inputs(node))
     return None, None
-
-
-def _find_producer(value: ir.Value, target: str, through: set[str]) -> ir.Node | None:
-    """The nearest `target` op upstream of `value`, passing only `through` ops."""
-    queue = collections.deque([value])
-    seen: set[ir.Value] = set()
-    while queue:
-        current = queue.popleft()
-        if current in seen or len(seen) > MAX_WALK:
-            continue
-        seen.add(current)
-        node = current.producer()
-        if node is None:
-            continue
-        if node.op_type == target:
-            return node
-        if node.op_type in through:
-            queue.extend(data_inputs(node))
-    return None
-
-
-def _find_consumer(value: ir.Value, is_target, through: set[str]) -> tuple[ir.Node, ir.Value] | None:
-    """The nearest consumer downstream of `value` for which `is_target(node)`, passing only
-    `through` ops; returned with the value it reads."""
-    queue = collections.deque([value])
-    seen: set[ir.Value] = set()
-    while queue:
-        current = queue.popleft()
-        if current in seen or len(seen) > MAX_WALK:
-            continue
-        seen.add(current)
-        for consumer, _ in current.uses():
-            if is_target(consumer):
-                return consumer, current
-            if consumer.op_type in through:
-                queue.extend(consumer.outputs)
-    return None
 
 
 def _heads_from_shape(value: ir.Value) -> tuple[int | None, int | None]:
@@ -435,7 +327,7 @@ def find_attention(model: ir.Model, linears: list[Linear]) -> list[Attention]:
     for softmax in model.graph:
         if softmax.op_type != "Softmax":
             continue
-        scores = _find_producer(softmax.inputs[0], "MatMul", score_path)
+        scores = find_upstream(softmax.inputs[0], lambda n: n.op_type == "MatMul", ops(score_path))
         if scores is None or any(constant_tensor(v) is not None for v in scores.inputs):
             continue
         q_in, k_in = scores.inputs
@@ -449,14 +341,14 @@ def find_attention(model: ir.Model, linears: list[Linear]) -> list[Attention]:
         if not heads or not head_dim:
             continue
         v = o = None
-        weighted = _find_consumer(softmax.outputs[0], lambda n: n.op_type == "MatMul",
-                                  {"Cast", "Dropout", "Where", "Identity"})
+        weighted = find_downstream(softmax.outputs[0], lambda n: n.op_type == "MatMul",
+                                   ops({"Cast", "Dropout", "Where", "Identity"}))
         if weighted is not None:
             matmul, probs = weighted
             if matmul.inputs[0] is probs:
                 v, _ = _nearest_linear_and_width(matmul.inputs[1], linear_of)
-            projection = _find_consumer(matmul.outputs[0], linear_of.__contains__,
-                                        SHAPE_ONLY_OPS | {"Transpose", "Cast", "Identity"})
+            projection = find_downstream(matmul.outputs[0], linear_of.__contains__,
+                                         ops(SHAPE_ONLY_OPS | {"Transpose", "Cast", "Identity"}))
             o = linear_of[projection[0]] if projection else None
         kv_heads = k_width // head_dim if k_width and k_width % head_dim == 0 else heads
         name = module_path(scores) or (_common_prefix([x.name for x in (q, k, v) if x]) or scores.name or "attention")
@@ -481,20 +373,8 @@ def _activation_name(ops: set[str]) -> str:
 
 
 def _ops_between(end: ir.Value, stops: set[ir.Node]) -> set[str]:
-    ops: set[str] = set()
-    queue = collections.deque([end])
-    seen: set[ir.Value] = set()
-    while queue:
-        value = queue.popleft()
-        if value in seen or len(seen) > MAX_WALK:
-            continue
-        seen.add(value)
-        node = value.producer()
-        if node is None or node in stops:
-            continue
-        ops.add(node.op_type)
-        queue.extend(data_inputs(node))
-    return ops
+    return {node.op_type for _, node in Walk(end, up=True, through=lambda n: n not in stops)
+            if node is not None and node not in stops}
 
 
 def find_ffns(model: ir.Model, linears: list[Linear], attention: list[Attention]) -> list[FFN]:
@@ -589,19 +469,6 @@ def residual_adds(model: ir.Model, max_span: int = MAX_WALK) -> list[ir.Node]:
         if common and order[node] - order[max(common, key=order.__getitem__)] <= max_span:
             found.append(node)
     return found
-
-
-def ensure_shapes(model: ir.Model) -> None:
-    """Run ONNX shape inference when some intermediate values have no shape.
-
-    Attention heads are read from shapes, and a plain `.onnx` file often has none. This
-    only adds shape information; the graph is otherwise unchanged.
-    """
-    values = [v for node in ir.traversal.RecursiveGraphIterator(model.graph) for v in node.outputs]  # subgraphs too
-    if values and sum(v.shape is None for v in values) > 0:
-        import onnx_ir.passes.common as common
-
-        common.ShapeInferencePass(strict_mode=False)(model)
 
 
 def discover(model: ir.Model) -> Structures:

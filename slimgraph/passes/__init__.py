@@ -1,15 +1,17 @@
 """Passes and the machinery to run them. Pass modules are imported when first named."""
 
-from slimgraph.passes._infra.base import Pass, PassContext, PassResult
+from slimgraph.passes._infra.base import Changes, Pass, PassContext, PassRecord, PassResult, PipelineReport
 from slimgraph.passes._infra.instruments import Instrument, Journal, PrintAfterChange, Timing, Verify
-from slimgraph.passes._infra.pipeline import Pipeline, PipelineReport, make_pass
+from slimgraph.passes._infra.pipeline import Pipeline, make_pass
 from slimgraph.passes._infra.registry import all_pass_classes, get_pass_class, known_pass_names, register_pass
 
 __all__ = [
+    "Changes",
     "Instrument",
     "Journal",
     "Pass",
     "PassContext",
+    "PassRecord",
     "PassResult",
     "Pipeline",
     "PipelineReport",

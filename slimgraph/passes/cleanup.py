@@ -10,6 +10,8 @@
 
 from __future__ import annotations
 
+import functools
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import ClassVar
 
@@ -27,11 +29,12 @@ def _counts(model: ir.Model) -> tuple[int, int]:
     return len(model.graph), len(model.graph.initializers)
 
 
-def _run(model: ir.Model, *passes: ir.passes.PassBase) -> PassResult:
+def _run(model: ir.Model, *steps: Callable[[ir.Model], ir.passes.PassResult]) -> PassResult:
+    """Run onnx_ir/onnxscript passes (anything returning a result with `.modified`) in order."""
     nodes, inits = _counts(model)
     modified = False
-    for p in passes:
-        modified |= p(model).modified
+    for step in steps:
+        modified |= step(model).modified
     after_nodes, after_inits = _counts(model)
     return PassResult(modified, {"nodes removed": nodes - after_nodes, "initializers removed": inits - after_inits})
 
@@ -49,14 +52,13 @@ class FoldConstants(Pass):
             raise SlimgraphError(f"fold-constants: max_elements must be >= 1, got {self.max_elements}")
 
     def run(self, model: ir.Model, ctx: PassContext) -> PassResult:
-        from onnxscript.optimizer._constant_folding import FoldConstantsPass
+        import onnxscript.optimizer
 
-        folder = FoldConstantsPass(
-            shape_inference=True, input_size_limit=self.max_elements, output_size_limit=self.max_elements
-        )
+        fold = functools.partial(onnxscript.optimizer.fold_constants, onnx_shape_inference=True,
+                                 input_size_limit=self.max_elements, output_size_limit=self.max_elements)
         return _run(
             model,
-            folder,
+            fold,
             common.RemoveUnusedNodesPass(),
             common.LiftConstantsToInitializersPass(lift_all_constants=True, size_limit=0),
         )

@@ -52,10 +52,17 @@ def test_failed_save_leaves_nothing(tmp_path, mlp_model, monkeypatch):
     assert list(tmp_path.iterdir()) == []
 
 
-@pytest.mark.parametrize("name, message", [("model.bin", "writes .onnx files")])
+@pytest.mark.parametrize("name, message", [
+    ("model.bin", "writes a .onnx file"),
+    ("afile/model.onnx", "afile is a file, not a folder"),
+    ("adir.onnx", "is a folder; give a file name"),
+])
 def test_bad_output_path(tmp_path, mlp_model, name, message):
+    (tmp_path / "afile").write_text("not a folder")
+    (tmp_path / "adir.onnx").mkdir()
     with pytest.raises(SlimgraphError, match=message):
         slimgraph.compile(mlp_model).save(tmp_path / name)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["adir.onnx", "afile"]
 
 
 def test_unknown_backend(mlp_model):

@@ -29,12 +29,14 @@ def test_minilm(minilm):
 
 
 @pytest.mark.parametrize("path", LIGHT_MODELS, ids=lambda p: p.stem)
+@pytest.mark.slow
 def test_model_zoo_cnns(path):
     model = ir.load(path)
     assert_matches_onnxruntime(model, sample_inputs(model))
 
 
 @pytest.mark.parametrize("which", ["gpt2", "llama"])
+@pytest.mark.slow
 def test_small_language_models(request, which):
     model = copy_model(request.getfixturevalue(f"{which}_ir"))
     assert_matches_onnxruntime(model, sample_inputs(model, batch=2, sequence=7))
@@ -124,6 +126,7 @@ def test_save_pt2(mlp_model, tmp_path):
         artifact.save(tmp_path / "mlp.bin")
 
 
+@pytest.mark.slow
 def test_minilm_under_torch_compile_fullgraph(minilm):
     artifact = slimgraph.compile(minilm, backend="pytorch")
     feeds = minilm.meta["slimgraph.example_inputs"][0]

@@ -1,3 +1,5 @@
+import pytest
+
 """The ONNX backend node cases through ONNX → IR → PyTorch backend, at the reference tolerances."""
 
 from tests.backends.conformance import UNREPRESENTABLE, all_outcomes, summary
@@ -6,6 +8,7 @@ from tests.backends.conformance import UNREPRESENTABLE, all_outcomes, summary
 PASS_RATE_FLOOR = 0.97
 
 
+@pytest.mark.slow
 def test_conformance_pass_rate():
     outcomes = all_outcomes()
     result = summary(outcomes)

@@ -78,6 +78,7 @@ def test_npz_calibration(tmp_path, mlp_path, capsys):
     assert json.loads(capsys.readouterr().out)["inputs"] == "calib.npz (npz)"
 
 
+@pytest.mark.slow
 def test_text_calibration_with_tokenizer(tmp_path, minilm_path, capsys):
     calib = tmp_path / "calib.txt"
     calib.write_text("first sentence\nsecond one, a little longer\n\nthird\n")
@@ -241,6 +242,7 @@ def test_quantize_cli_warning_and_bad_bits(tmp_path):
     assert result.returncode == 2 and "bits=3 is not a valid 2|4|8" in result.stderr
 
 
+@pytest.mark.slow
 def test_recipe_with_calibration_file(tmp_path, minilm_path, capsys):
     (tmp_path / "calib.txt").write_text("one sentence\nand another one\n")
     recipe = tmp_path / "r.yaml"

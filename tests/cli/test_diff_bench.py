@@ -11,6 +11,7 @@ import pytest
 
 import slimgraph
 from slimgraph.cli import main
+from slimgraph.report import render_diff
 from tests.cli.test_cli import run_cli
 from tests.conftest import LIGHT_DIR, LIGHT_MODELS, assert_golden, render_text
 
@@ -63,7 +64,7 @@ def test_diff_bad_input_exits_2(tmp_path, mlp_path):
 def test_python_diff_api(minilm_onnx, mlp_path):
     result = slimgraph.diff(minilm_onnx, minilm_onnx, weights=True)
     assert result.identical and result.weights == []
-    assert "slimgraph diff" in render_text(result.render())
+    assert "slimgraph diff" in render_text(render_diff(result))
     assert json.loads(json.dumps(result.to_json()))["identical"]
 
 

@@ -35,6 +35,7 @@ def test_minilm_folder_matches_pytorch(minilm, minilm_path, minilm_torch):
     assert rel_error(got["pooler_output"], want.pooler_output.numpy()) < 1e-4
 
 
+@pytest.mark.slow
 def test_minilm_as_module_matches_pytorch(minilm_path, minilm_torch):
     encoded = tokenize(minilm_path, SENTENCES)
     model = load(
@@ -50,6 +51,7 @@ def test_minilm_as_module_matches_pytorch(minilm_path, minilm_torch):
 
 
 @pytest.mark.parametrize("which", ["gpt2", "llama"])
+@pytest.mark.slow
 def test_small_lms_with_dynamic_axes(request, which):
     model = request.getfixturevalue(f"{which}_ir")
     folder = request.getfixturevalue(f"{which}_folder")

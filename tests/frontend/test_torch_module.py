@@ -9,7 +9,7 @@ import torch
 from slimgraph.errors import SlimgraphError
 from slimgraph.frontend import load
 from slimgraph.ir import evaluate
-from slimgraph.ir.structure import module_path
+from slimgraph.ir.graph import module_path
 
 
 class TinyNet(torch.nn.Module):

@@ -12,6 +12,7 @@ import pytest
 
 from slimgraph.ir.diff import Change, diff_models, fold
 from slimgraph.passes import Pipeline
+from slimgraph.report import render_diff
 from tests.conftest import LIGHT_DIR, assert_golden, copy_model, render_text
 
 DIFF_SCHEMA = json.loads(resources.files("slimgraph").joinpath("schemas/diff.schema.json").read_text())
@@ -85,7 +86,7 @@ def test_replaced_ops_fold_per_block(minilm):
     assert result.op_delta() == {"Gelu": (6, 0), "Relu": (0, 6)}
     assert result.rewired == []  # the down projections read the replacement: not a rewiring
     assert validate(result)["changes"][0]["count"] == 6
-    assert_golden("diff_minilm_gelu_relu.txt", render_text(result.render()))
+    assert_golden("diff_minilm_gelu_relu.txt", render_text(render_diff(result)))
 
 
 def test_rewired_and_removed_render(mlp_model):
@@ -95,9 +96,9 @@ def test_rewired_and_removed_render(mlp_model):
     kinds = {(c.module, c.kind) for c in result.changes}
     assert {("relu_dup", "removed"), ("identity", "removed"), ("half", "removed")} <= kinds
     assert {c.module for c in result.rewired} == {"fc2", "sum_dup", "one"}
-    assert_golden("diff_mlp_cleanup.txt", render_text(result.render()))
-    assert_golden("diff_mlp_cleanup_depth0.txt", render_text(result.render(depth=0)))
-    removed_only = render_text(result.render(only="removed"))
+    assert_golden("diff_mlp_cleanup.txt", render_text(render_diff(result)))
+    assert_golden("diff_mlp_cleanup_depth0.txt", render_text(render_diff(result, depth=0)))
+    removed_only = render_text(render_diff(result, only="removed"))
     assert "removed" in removed_only and "rewired" not in removed_only
 
 
@@ -170,4 +171,4 @@ def test_minilm_vs_int4_names_every_quantized_linear(minilm, tmp_path):
     assert [c for c in folded if c.kind != "replaced"] == [] and result.rewired == []
     assert result.op_delta()["com.microsoft.MatMulNBits"] == (0, 37)
     validate(result)
-    assert_golden("diff_minilm_int4.txt", render_text(result.render()))
+    assert_golden("diff_minilm_int4.txt", render_text(render_diff(result)))

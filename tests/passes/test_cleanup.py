@@ -78,6 +78,7 @@ def test_cleanup_runs_everything_and_reports(mlp_model):
 
 
 @pytest.mark.parametrize("path", LIGHT_MODELS, ids=lambda p: p.stem)
+@pytest.mark.slow
 def test_cleanup_keeps_model_zoo_outputs(path):
     model = ir.load(path)
     feeds = sample_inputs(model)

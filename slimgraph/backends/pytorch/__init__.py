@@ -11,6 +11,7 @@ from typing import Any
 import numpy as np
 import onnx_ir as ir
 
+from slimgraph.backends.output import check_writable
 from slimgraph.errors import SlimgraphError
 
 
@@ -18,6 +19,13 @@ class PyTorchArtifact:
     """A model compiled to PyTorch: `artifact.module` is the torch.fx.GraphModule."""
 
     backend = "pytorch"
+
+    @staticmethod
+    def check_output(path: Path) -> None:
+        if path.suffix.lower() not in ("", ".pt2"):
+            raise SlimgraphError(f"-o {path}: the pytorch backend writes a folder (model.py + model.safetensors) "
+                                 "or a .pt2 file")
+        check_writable(path, folder=not path.suffix)
 
     def __init__(self, model: ir.Model) -> None:
         from slimgraph.backends.pytorch.builder import build_module
@@ -62,11 +70,9 @@ class PyTorchArtifact:
         from slimgraph.ir.inputs import model_inputs
 
         path = Path(path)
+        self.check_output(path)
         if path.suffix.lower() == ".pt2":
             feeds = model_inputs(self.model)[0][-1]  # the last synthesized feed has batch 2: not specialized to 1
             example = tuple(to_torch(feeds[n]) for n in self.input_names)
             return save_pt2(self.module, example, path, self._dynamic_shapes())
-        if path.suffix:
-            raise SlimgraphError(f"the pytorch backend writes a folder (model.py + model.safetensors) or a .pt2 "
-                                 f"file, not '{path.name}'")
         return save_directory(self.module, path)

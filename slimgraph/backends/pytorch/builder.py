@@ -138,7 +138,7 @@ class Builder:
         return candidate
 
     def build(self) -> fx.GraphModule:
-        from slimgraph.ir.structure import ensure_shapes
+        from slimgraph.ir.graph import ensure_shapes
 
         ensure_shapes(self.model)  # ranks and static sizes let lowerings write plain Python
         graph = self.model.graph

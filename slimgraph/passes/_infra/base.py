@@ -1,4 +1,4 @@
-"""The Pass base class, its result, and the context passes run in.
+"""The Pass base class, its result, the context passes run in, and the records a pipeline keeps.
 
 A pass is a frozen dataclass: its fields are its options, so one definition serves the
 Python API, the pipeline text, `slimgraph passes NAME` and the reproducer. A pass mutates
@@ -10,11 +10,15 @@ with the model being optimized.
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from typing import Any, ClassVar
 
 import numpy as np
 import onnx_ir as ir
+
+from slimgraph.ir.diff import Change
+from slimgraph.ir.fidelity import Fidelity
+from slimgraph.ir.stats import ModelStats
 
 
 @dataclass
@@ -88,3 +92,80 @@ class Pass:
             return self.name
         body = ",".join(f"{k}={format_value(v)}" for k, v in opts.items())
         return f"{self.name}{{{body}}}"
+
+
+# --- what a pipeline records -------------------------------------------------------------
+
+
+@dataclass
+class Changes:
+    """What one pass touched: node changes by module path, and initializer names."""
+
+    nodes: list[Change] = field(default_factory=list)
+    added_initializers: list[str] = field(default_factory=list)
+    removed_initializers: list[str] = field(default_factory=list)
+    changed_initializers: list[str] = field(default_factory=list)
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "nodes": [asdict(c) for c in self.nodes],
+            "added_initializers": self.added_initializers,
+            "removed_initializers": self.removed_initializers,
+            "changed_initializers": self.changed_initializers,
+        }
+
+
+@dataclass
+class PassRecord:
+    """What happened in one pass; filled in by the pipeline and its instruments."""
+
+    name: str
+    text: str
+    exact: bool
+    modified: bool = False
+    stats: dict[str, Any] = field(default_factory=dict)
+    seconds: float | None = None
+    fidelity: Fidelity | None = None
+    changes: Changes | None = None
+    warnings: list[str] = field(default_factory=list)
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "name": self.name,
+            "text": self.text,
+            "exact": self.exact,
+            "modified": self.modified,
+            "stats": self.stats,
+            "seconds": self.seconds,
+            "fidelity": self.fidelity.to_json() if self.fidelity else None,
+            "changes": self.changes.to_json() if self.changes else None,
+            "warnings": self.warnings,
+        }
+
+
+@dataclass
+class PipelineReport:
+    pipeline: str
+    before: ModelStats
+    after: ModelStats
+    records: list[PassRecord]
+    inputs_source: str
+    verified: bool
+
+    @property
+    def fidelity(self) -> Fidelity | None:
+        """Fidelity of the final model against the original (the last verified pass)."""
+        measured = [r.fidelity for r in self.records if r.fidelity is not None]
+        return measured[-1] if measured else None
+
+    def to_json(self) -> dict[str, Any]:
+        fidelity = self.fidelity
+        return {
+            "pipeline": self.pipeline,
+            "inputs": self.inputs_source,
+            "verified": self.verified,
+            "before": self.before.to_json(),
+            "after": self.after.to_json(),
+            "fidelity": fidelity.to_json() if fidelity else None,
+            "passes": [r.to_json() for r in self.records],
+        }

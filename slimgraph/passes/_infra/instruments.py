@@ -14,8 +14,7 @@ from __future__ import annotations
 
 import sys
 import time
-from dataclasses import asdict, dataclass, field
-from typing import TYPE_CHECKING, Any, TextIO
+from typing import TextIO
 
 import numpy as np
 import onnx_ir as ir
@@ -24,10 +23,7 @@ from slimgraph.errors import FidelityError, SlimgraphError
 from slimgraph.ir import evaluate
 from slimgraph.ir.diff import Change, describe, group_of, module_changes
 from slimgraph.ir.fidelity import EXACT_RTOL, compare
-from slimgraph.passes._infra.base import Pass, PassContext
-
-if TYPE_CHECKING:
-    from slimgraph.passes._infra.pipeline import PassRecord, PipelineReport
+from slimgraph.passes._infra.base import Changes, Pass, PassContext, PassRecord, PipelineReport
 
 
 class Instrument:
@@ -51,24 +47,6 @@ class Timing(Instrument):
 
 
 # --- Journal ------------------------------------------------------------------------------
-
-
-@dataclass
-class Changes:
-    """What one pass touched: node changes by module path, and initializer names."""
-
-    nodes: list[Change] = field(default_factory=list)
-    added_initializers: list[str] = field(default_factory=list)
-    removed_initializers: list[str] = field(default_factory=list)
-    changed_initializers: list[str] = field(default_factory=list)
-
-    def to_json(self) -> dict[str, Any]:
-        return {
-            "nodes": [asdict(c) for c in self.nodes],
-            "added_initializers": self.added_initializers,
-            "removed_initializers": self.removed_initializers,
-            "changed_initializers": self.changed_initializers,
-        }
 
 
 def _node_signature(node: ir.Node) -> tuple:

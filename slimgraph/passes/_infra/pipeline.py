@@ -23,7 +23,6 @@ import difflib
 import re
 import tomllib
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -31,10 +30,9 @@ import onnx_ir as ir
 import yaml
 
 from slimgraph.errors import SlimgraphError, first_line
-from slimgraph.ir.fidelity import Fidelity
-from slimgraph.ir.stats import ModelStats, model_stats
-from slimgraph.passes._infra.base import Pass, PassContext
-from slimgraph.passes._infra.instruments import Changes, Instrument, Journal, Timing, Verify
+from slimgraph.ir.stats import model_stats
+from slimgraph.passes._infra.base import Pass, PassContext, PassRecord, PipelineReport
+from slimgraph.passes._infra.instruments import Instrument, Journal, Timing, Verify
 from slimgraph.passes._infra.options import convert, option_types, split_top_level
 from slimgraph.passes._infra.registry import get_pass_class
 
@@ -75,62 +73,6 @@ def parse_pass(text: str) -> Pass:
                 raise SlimgraphError(f"{name}: cannot parse option {item.strip()!r}: expected key=value")
             options[key.strip()] = value.strip()
     return make_pass(name, options)
-
-
-@dataclass
-class PassRecord:
-    """What happened in one pass; filled in by the pipeline and its instruments."""
-
-    name: str
-    text: str
-    exact: bool
-    modified: bool = False
-    stats: dict[str, Any] = field(default_factory=dict)
-    seconds: float | None = None
-    fidelity: Fidelity | None = None
-    changes: Changes | None = None
-    warnings: list[str] = field(default_factory=list)
-
-    def to_json(self) -> dict[str, Any]:
-        return {
-            "name": self.name,
-            "text": self.text,
-            "exact": self.exact,
-            "modified": self.modified,
-            "stats": self.stats,
-            "seconds": self.seconds,
-            "fidelity": self.fidelity.to_json() if self.fidelity else None,
-            "changes": self.changes.to_json() if self.changes else None,
-            "warnings": self.warnings,
-        }
-
-
-@dataclass
-class PipelineReport:
-    pipeline: str
-    before: ModelStats
-    after: ModelStats
-    records: list[PassRecord]
-    inputs_source: str
-    verified: bool
-
-    @property
-    def fidelity(self) -> Fidelity | None:
-        """Fidelity of the final model against the original (the last verified pass)."""
-        measured = [r.fidelity for r in self.records if r.fidelity is not None]
-        return measured[-1] if measured else None
-
-    def to_json(self) -> dict[str, Any]:
-        fidelity = self.fidelity
-        return {
-            "pipeline": self.pipeline,
-            "inputs": self.inputs_source,
-            "verified": self.verified,
-            "before": self.before.to_json(),
-            "after": self.after.to_json(),
-            "fidelity": fidelity.to_json() if fidelity else None,
-            "passes": [r.to_json() for r in self.records],
-        }
 
 
 class Pipeline:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 import onnx_ir as ir
+import pytest
 from onnxruntime.quantization import quantize_dynamic
 
 import slimgraph
@@ -12,6 +13,7 @@ from slimgraph.passes.quantize.dynamic import quantize_int8_symmetric
 from tests.conftest import copy_model
 
 
+@pytest.mark.slow
 def test_fidelity_floor_and_no_worse_than_onnxruntime(minilm, sentence_eval, tmp_path):
     ours = copy_model(minilm)
     report = Pipeline.parse("quantize-dynamic").run(ours, sentence_eval.context())

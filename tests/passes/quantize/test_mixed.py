@@ -21,6 +21,7 @@ def test_choose_bits_prefers_the_cheapest_error_per_byte():
     assert {k: c.bits for k, c in choose_bits(options, 0, 75).items()} == {"a": 2, "b": 4}
 
 
+@pytest.mark.slow
 def test_beats_uniform_int4_at_the_same_size(minilm, sentence_eval):
     uniform = copy_model(minilm)
     uniform_report = Pipeline.parse("quantize-weights{bits=4}").run(uniform, sentence_eval.context())
@@ -33,6 +34,7 @@ def test_beats_uniform_int4_at_the_same_size(minilm, sentence_eval):
     assert sentence_eval.cosines(mixed).mean() > sentence_eval.cosines(uniform).mean()
 
 
+@pytest.mark.slow
 def test_budget_too_small(minilm):
     with pytest.raises(SlimgraphError, match="below the smallest reachable size"):
         Pipeline.parse("mixed-precision{budget_mb=10,measure=layer}").run(copy_model(minilm))

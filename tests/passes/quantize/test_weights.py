@@ -35,6 +35,7 @@ def test_rtn_fidelity_floor(minilm, sentence_eval, text):
     assert report.after.bytes < report.before.bytes
 
 
+@pytest.mark.slow
 def test_awq_and_gptq_beat_rtn(minilm, sentence_eval):
     rtn, _ = quantized_cosine(minilm, sentence_eval, "quantize-weights{bits=4,group_size=32}")
     awq, awq_report = quantized_cosine(minilm, sentence_eval, "quantize-weights{bits=4,group_size=32,method=awq}")

@@ -11,7 +11,7 @@ import onnx_ir as ir
 import torch
 
 from slimgraph.backends.pytorch.lowering import attr, lowers
-from slimgraph.backends.pytorch.ops.tensor import torch_dtype
+from slimgraph.backends.pytorch.ops._common import torch_dtype
 
 
 def _minus_inf_where_false(ctx, allowed, dtype):

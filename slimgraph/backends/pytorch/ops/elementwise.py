@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 
 from slimgraph.backends.pytorch.lowering import Dims, attr, lowers
-from slimgraph.backends.pytorch.ops.tensor import torch_dtype
+from slimgraph.backends.pytorch.ops._common import torch_dtype
 
 UNARY = {
     "Abs": torch.abs, "Neg": torch.neg, "Exp": torch.exp, "Log": torch.log, "Sqrt": torch.sqrt,

@@ -11,7 +11,7 @@ import torch.nn.functional as F
 
 from slimgraph.backends.pytorch import runtime
 from slimgraph.backends.pytorch.lowering import attr, lowers
-from slimgraph.backends.pytorch.ops.tensor import static_length, torch_pads
+from slimgraph.backends.pytorch.ops._common import static_length, torch_pads
 from slimgraph.errors import SlimgraphError
 
 

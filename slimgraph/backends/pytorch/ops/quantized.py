@@ -1,7 +1,7 @@
 """Quantized ops, with onnxruntime's semantics: com.microsoft.MatMulNBits and
 GatherBlockQuantized (unpack, subtract the zero point, scale), and the standard
-DynamicQuantizeLinear / MatMulInteger / ConvInteger / QLinearConv (integer sums in float64, which
-holds them exactly) and QuantizeLinear / DequantizeLinear (per tensor, per axis or blocked)."""
+DynamicQuantizeLinear / MatMulInteger / ConvInteger / QLinearConv / QLinearMatMul (integer sums in
+float64, which holds them exactly) and QuantizeLinear / DequantizeLinear (per tensor, per axis or blocked)."""
 
 from __future__ import annotations
 
@@ -153,3 +153,15 @@ def qlinear_conv(ctx, node, x, x_scale, x_zero_point, w, w_scale, w_zero_point, 
     y = torch.clamp(accumulated * scale + y_zero_point.to(torch.float64), torch.iinfo(dtype).min,
                     torch.iinfo(dtype).max)
     return torch.round(y).to(dtype)
+
+
+@lowers("QLinearMatMul")
+def qlinear_matmul(ctx, node, a, a_scale, a_zero_point, b, b_scale, b_zero_point, y_scale, y_zero_point):
+    real_a = (a.to(torch.float32) - a_zero_point.to(torch.float32)) * a_scale.to(torch.float32)
+    b_scale_f, b_zero_f = b_scale.to(torch.float32), b_zero_point.to(torch.float32)
+    if node.inputs[4].shape is not None and len(node.inputs[4].shape) == 1 and node.inputs[4].shape[0] != 1:
+        b_scale_f, b_zero_f = b_scale_f.reshape(1, -1), b_zero_f.reshape(1, -1)  # per output column
+    real_b = (b.to(torch.float32) - b_zero_f) * b_scale_f
+    y = torch.round(torch.matmul(real_a, real_b) / y_scale.to(torch.float32)) + y_zero_point.to(torch.float32)
+    low, high = (0, 255) if node.inputs[7].dtype == ir.DataType.UINT8 else (-128, 127)
+    return torch.clamp(y, low, high).to(y_zero_point.dtype)

@@ -8,7 +8,7 @@ import numpy as np
 import torch
 
 from slimgraph.backends.pytorch.lowering import attr, lowers
-from slimgraph.backends.pytorch.ops.tensor import scalar, torch_dtype
+from slimgraph.backends.pytorch.ops._common import scalar, torch_dtype
 
 
 def _shape(node) -> list[int]:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from slimgraph.backends.pytorch.lowering import attr, lowers
-from slimgraph.backends.pytorch.ops.tensor import static_length, torch_dtype
+from slimgraph.backends.pytorch.ops._common import static_length, torch_dtype
 
 # op → (function over (x, dims, keepdim), opset where axes moved from attribute to input)
 REDUCTIONS = {

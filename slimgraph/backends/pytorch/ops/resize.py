@@ -14,7 +14,7 @@ import torch
 
 from slimgraph.backends.pytorch import runtime
 from slimgraph.backends.pytorch.lowering import attr, lowers
-from slimgraph.backends.pytorch.ops.tensor import torch_dtype
+from slimgraph.backends.pytorch.ops._common import torch_dtype
 from slimgraph.errors import SlimgraphError
 
 

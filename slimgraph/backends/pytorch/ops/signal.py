@@ -1,5 +1,6 @@
 """Signal processing: window functions (HannWindow, HammingWindow, BlackmanWindow → torch's
-*_window), STFT (framing by unfold, then the DFT) and MelWeightMatrix (runtime.mel_weight_matrix)."""
+*_window), DFT (torch.fft, real or complex, one-sided, inverse), STFT (framing by unfold, then the
+DFT) and MelWeightMatrix (runtime.mel_weight_matrix)."""
 
 from __future__ import annotations
 
@@ -7,7 +8,7 @@ import torch
 
 from slimgraph.backends.pytorch import runtime
 from slimgraph.backends.pytorch.lowering import attr, lowers
-from slimgraph.backends.pytorch.ops.tensor import scalar, torch_dtype
+from slimgraph.backends.pytorch.ops._common import scalar, torch_dtype
 from slimgraph.errors import SlimgraphError
 
 
@@ -53,3 +54,30 @@ def stft(ctx, node, signal, frame_step, window=None, frame_length=None):
 def mel_weight_matrix(ctx, node, mel_bins, dft_length, sample_rate, lower_hertz, upper_hertz):
     arguments = [scalar(v) for v in (mel_bins, dft_length, sample_rate, lower_hertz, upper_hertz)]
     return ctx.call_or_fold(runtime.mel_weight_matrix, *arguments, torch_dtype(attr(node, "output_datatype", 1)))
+
+
+def _dft(ctx, node, x, length, axis: int):
+    """DFT over `axis` of a real ([..., 1]) or complex ([..., 2]) signal; output [..., 2], or
+    [..., 1] for the inverse of a one-sided spectrum."""
+    rank = len(node.inputs[0].shape)
+    axis = axis % rank  # an axis of the full input (also when traced); the same index in the complex view
+    signal = torch.complex(x[..., 0], x[..., 1]) if node.inputs[0].shape[-1] == 2 else x[..., 0]
+    n = scalar(length) if length is not None else None
+    inverse, onesided = attr(node, "inverse", 0), attr(node, "onesided", 0)
+    dtype = torch_dtype(node.inputs[0].dtype)
+    if inverse and onesided:  # one-sided spectrum → real signal
+        return torch.fft.irfft(signal, n=n, dim=axis).unsqueeze(-1).to(dtype)
+    transformed = (torch.fft.ifft if inverse else torch.fft.fft)(signal, n=n, dim=axis)
+    if onesided:
+        transformed = transformed.narrow(axis, 0, transformed.size(axis) // 2 + 1)
+    return torch.stack([transformed.real, transformed.imag], -1).to(dtype)
+
+
+@lowers("DFT", since=20, tensors=False)
+def dft(ctx, node, x, length=None, axis=None):
+    return _dft(ctx, node, ctx.tensor(x), length, scalar(axis) if axis is not None else -2)
+
+
+@lowers("DFT", until=19, tensors=False)
+def dft_attribute_axis(ctx, node, x, length=None):
+    return _dft(ctx, node, ctx.tensor(x), length, attr(node, "axis", 1))

@@ -1,4 +1,4 @@
-"""Tensor and shape ops: constants, casts, reshapes, slicing, gathers, concatenation, matmul.
+"""Tensor and shape ops: constants, casts, reshapes, slicing, gathers, concatenation, matmul, padding.
 
 Shape arithmetic (Shape, Gather/Slice/Concat/Unsqueeze on its result) stays as Python
 values (`Dims`) so the generated code reads `x.reshape(x.size(0), -1, 12, 32)`.
@@ -13,34 +13,8 @@ import onnx_ir as ir
 import torch
 
 from slimgraph.backends.pytorch.lowering import Dims, attr, lowers
+from slimgraph.backends.pytorch.ops._common import axis_of, scalar, torch_dtype, torch_pads
 from slimgraph.errors import SlimgraphError
-
-TORCH_DTYPES = {
-    "FLOAT": torch.float32, "DOUBLE": torch.float64, "FLOAT16": torch.float16, "BFLOAT16": torch.bfloat16,
-    "INT8": torch.int8, "INT16": torch.int16, "INT32": torch.int32, "INT64": torch.int64, "UINT8": torch.uint8,
-    "UINT16": torch.uint16, "UINT32": torch.uint32, "UINT64": torch.uint64, "BOOL": torch.bool,
-    "COMPLEX64": torch.complex64, "COMPLEX128": torch.complex128,
-}
-
-
-def torch_dtype(onnx_type: int) -> torch.dtype:
-    name = ir.DataType(onnx_type).name
-    if name not in TORCH_DTYPES:
-        raise SlimgraphError(f"pytorch backend: torch has no dtype for {name.lower()}")
-    return TORCH_DTYPES[name]
-
-
-def axis_of(axis: int, rank: int) -> int:
-    return axis + rank if axis < 0 else axis
-
-
-def torch_pads(begin: list, end: list) -> list:
-    """ONNX pads (begins per axis, ends per axis) as F.pad wants them: pairs, last dim first."""
-    pairs = []
-    for b, e in zip(reversed(begin), reversed(end)):
-        pairs += [b, e]
-    return pairs
-
 
 # --- constants ------------------------------------------------------------------------------
 
@@ -280,13 +254,6 @@ def _slice_count(node, *bounds) -> int:
     raise SlimgraphError("pytorch backend: Slice needs to know how many axes it slices")
 
 
-def static_length(value: ir.Value) -> int:
-    """The static length of a 1-D input (how many axes a run-time `axes` or `pads` names)."""
-    if value.shape is None or not isinstance(value.shape[0], int):
-        raise SlimgraphError(f"pytorch backend: the length of {value.name!r} is not known")
-    return value.shape[0]
-
-
 def _clamp(start: int, end: int, step: int, length: int) -> tuple[int, int, int]:
     """ONNX Slice bounds, clamped as the spec says, for a dimension of `length`."""
     if start < 0:
@@ -340,17 +307,6 @@ def range_(ctx, node, start, limit, delta):
     bounds = [scalar(v) for v in (start, limit, delta)]
     dtype = node.outputs[0].dtype or node.inputs[0].dtype
     return ctx.call(torch.arange, *bounds, dtype=torch_dtype(dtype) if dtype is not None else None)
-
-
-def scalar(value):
-    """A 0-D input as a Python number or traced size (a traced tensor becomes .item())."""
-    if isinstance(value, Dims):
-        return value.items[0]
-    if isinstance(value, np.ndarray):
-        return value.reshape(()).item()
-    if isinstance(value, (int, float)):
-        return value
-    return value.item()
 
 
 @lowers("Trilu")
@@ -560,18 +516,6 @@ def center_crop_pad(ctx, node, x, shape):
     return x
 
 
-@lowers("QLinearMatMul")
-def qlinear_matmul(ctx, node, a, a_scale, a_zero_point, b, b_scale, b_zero_point, y_scale, y_zero_point):
-    real_a = (a.to(torch.float32) - a_zero_point.to(torch.float32)) * a_scale.to(torch.float32)
-    b_scale_f, b_zero_f = b_scale.to(torch.float32), b_zero_point.to(torch.float32)
-    if node.inputs[4].shape is not None and len(node.inputs[4].shape) == 1 and node.inputs[4].shape[0] != 1:
-        b_scale_f, b_zero_f = b_scale_f.reshape(1, -1), b_zero_f.reshape(1, -1)  # per output column
-    real_b = (b.to(torch.float32) - b_zero_f) * b_scale_f
-    y = torch.round(torch.matmul(real_a, real_b) / y_scale.to(torch.float32)) + y_zero_point.to(torch.float32)
-    low, high = (0, 255) if node.inputs[7].dtype == ir.DataType.UINT8 else (-128, 127)
-    return torch.clamp(y, low, high).to(y_zero_point.dtype)
-
-
 @lowers("AffineGrid", tensors=False)
 def affine_grid(ctx, node, theta, size):
     theta = ctx.tensor(theta)
@@ -581,33 +525,6 @@ def affine_grid(ctx, node, theta, size):
         sizes = [out[0], 1, *out[1:-1]]  # C only shapes the call; the grid does not depend on it
     sizes = [int(s) for s in sizes]
     return torch.nn.functional.affine_grid(theta, sizes, align_corners=bool(attr(node, "align_corners", 0)))
-
-
-def _dft(ctx, node, x, length, axis: int):
-    """DFT over `axis` of a real ([..., 1]) or complex ([..., 2]) signal; output [..., 2], or
-    [..., 1] for the inverse of a one-sided spectrum."""
-    rank = len(node.inputs[0].shape)
-    axis = axis % rank  # an axis of the full input (also when traced); the same index in the complex view
-    signal = torch.complex(x[..., 0], x[..., 1]) if node.inputs[0].shape[-1] == 2 else x[..., 0]
-    n = scalar(length) if length is not None else None
-    inverse, onesided = attr(node, "inverse", 0), attr(node, "onesided", 0)
-    dtype = torch_dtype(node.inputs[0].dtype)
-    if inverse and onesided:  # one-sided spectrum → real signal
-        return torch.fft.irfft(signal, n=n, dim=axis).unsqueeze(-1).to(dtype)
-    transformed = (torch.fft.ifft if inverse else torch.fft.fft)(signal, n=n, dim=axis)
-    if onesided:
-        transformed = transformed.narrow(axis, 0, transformed.size(axis) // 2 + 1)
-    return torch.stack([transformed.real, transformed.imag], -1).to(dtype)
-
-
-@lowers("DFT", since=20, tensors=False)
-def dft(ctx, node, x, length=None, axis=None):
-    return _dft(ctx, node, ctx.tensor(x), length, scalar(axis) if axis is not None else -2)
-
-
-@lowers("DFT", until=19, tensors=False)
-def dft_attribute_axis(ctx, node, x, length=None):
-    return _dft(ctx, node, ctx.tensor(x), length, attr(node, "axis", 1))
 
 
 @lowers("EyeLike")

@@ -9,7 +9,7 @@ import torch
 
 from slimgraph.backends.pytorch import runtime
 from slimgraph.backends.pytorch.lowering import attr, lowers
-from slimgraph.backends.pytorch.ops.tensor import axis_of, scalar
+from slimgraph.backends.pytorch.ops._common import axis_of, scalar
 from slimgraph.errors import SlimgraphError
 
 

@@ -1,0 +1,91 @@
+"""The package's layering: imports point one way (ir ← passes ← frontend/backends ← cli), no circles.
+
+Every `import` counts, the ones inside functions too: a lazy import is still a dependency.
+"""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+import networkx as nx
+
+import slimgraph
+
+ROOT = Path(slimgraph.__file__).parent
+# Lower numbers may not import higher ones. The package's own `__init__` (lazy re-exports) is the top.
+LAYERS = {
+    "slimgraph.errors": 0,
+    "slimgraph.ir": 1,
+    "slimgraph.passes": 2,
+    "slimgraph.frontend": 3,
+    "slimgraph.backends": 3,
+    "slimgraph.zoo": 3,
+    "slimgraph.api": 4,
+    "slimgraph.bench": 4,
+    "slimgraph.report": 5,
+    "slimgraph.search": 5,
+    "slimgraph.cli": 6,
+}
+
+
+def module_name(path: Path) -> str:
+    parts = path.relative_to(ROOT.parent).with_suffix("").parts
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+def modules() -> dict[str, Path]:
+    return {module_name(p): p for p in ROOT.rglob("*.py")}
+
+
+def imports_of(path: Path, name: str, known: set[str]) -> set[str]:
+    found = set()
+    package = name if path.name == "__init__.py" else name.rpartition(".")[0]
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            found.update(a.name for a in node.names)
+        elif isinstance(node, ast.ImportFrom):
+            base = node.module or ""
+            if node.level:
+                anchor = package.split(".")[: len(package.split(".")) - node.level + 1]
+                base = ".".join([*anchor, base] if base else anchor)
+            submodules = {f"{base}.{a.name}" for a in node.names} & known
+            found.update(submodules)
+            if len(submodules) < len(node.names):  # names defined in `base` itself
+                found.add(base)
+    # A module's own parent packages are imported before it in any case.
+    return {m for m in found if m in known and m != name and not name.startswith(m + ".")}
+
+
+def layer(name: str) -> int | None:
+    for prefix, rank in LAYERS.items():
+        if name == prefix or name.startswith(prefix + "."):
+            return rank
+    return None
+
+
+def import_graph() -> nx.DiGraph:
+    mods = modules()
+    graph = nx.DiGraph()
+    for name, path in mods.items():
+        if name == "slimgraph":
+            continue
+        graph.add_node(name)
+        for target in imports_of(path, name, set(mods)):
+            if target != "slimgraph":
+                graph.add_edge(name, target)
+    return graph
+
+
+def test_every_module_has_a_layer():
+    assert [m for m in import_graph() if layer(m) is None] == []
+
+
+def test_imports_point_down():
+    upward = [(a, b) for a, b in import_graph().edges if layer(b) > layer(a)]
+    assert upward == []
+
+
+def test_no_import_circles():
+    cycles = list(nx.simple_cycles(import_graph(), length_bound=8))
+    assert cycles == []
