@@ -1,6 +1,7 @@
 """The package's layering: imports point one way (ir ← passes ← frontend/backends ← cli), no circles.
 
-Every `import` counts, the ones inside functions too: a lazy import is still a dependency.
+Every `import` counts, the ones inside functions too: a lazy import is still a dependency. Imports
+under `if TYPE_CHECKING:` do not: they never run.
 """
 
 from __future__ import annotations
@@ -22,6 +23,8 @@ LAYERS = {
     "slimgraph.backends": 3,
     "slimgraph.zoo": 3,
     "slimgraph.api": 4,
+    "slimgraph.generate": 4,
+    "slimgraph.adapters": 4,
     "slimgraph.bench": 4,
     "slimgraph.report": 5,
     "slimgraph.search": 5,
@@ -41,7 +44,12 @@ def modules() -> dict[str, Path]:
 def imports_of(path: Path, name: str, known: set[str]) -> set[str]:
     found = set()
     package = name if path.name == "__init__.py" else name.rpartition(".")[0]
-    for node in ast.walk(ast.parse(path.read_text())):
+    tree = ast.parse(path.read_text())
+    type_only = {id(n) for block in ast.walk(tree) if isinstance(block, ast.If) and _is_type_checking(block.test)
+                 for stmt in block.body for n in ast.walk(stmt)}
+    for node in ast.walk(tree):
+        if id(node) in type_only:
+            continue
         if isinstance(node, ast.Import):
             found.update(a.name for a in node.names)
         elif isinstance(node, ast.ImportFrom):
@@ -55,6 +63,11 @@ def imports_of(path: Path, name: str, known: set[str]) -> set[str]:
                 found.add(base)
     # A module's own parent packages are imported before it in any case.
     return {m for m in found if m in known and m != name and not name.startswith(m + ".")}
+
+
+def _is_type_checking(test: ast.expr) -> bool:
+    return (isinstance(test, ast.Name) and test.id == "TYPE_CHECKING") or (
+        isinstance(test, ast.Attribute) and test.attr == "TYPE_CHECKING")
 
 
 def layer(name: str) -> int | None:

@@ -12,12 +12,21 @@ import ast
 import collections
 from collections.abc import Callable, Iterable, Iterator
 
+import numpy as np
 import onnx_ir as ir
 
 from slimgraph.ir.meta import NAME_SCOPES_KEY
 
 MAX_WALK = 64  # values a pattern walk may visit before it gives up
 SHAPE_ONLY_OPS = frozenset({"Reshape", "Flatten", "Squeeze", "Unsqueeze"})
+# Ops an FFN's activation may be built from (decomposed GELU/SiLU/… included).
+ELEMENTWISE_OPS = {
+    "Add", "Sub", "Mul", "Div", "Pow", "Sqrt", "Neg", "Erf", "Tanh", "Sigmoid", "Gelu", "Relu",
+    "LeakyRelu", "Elu", "Selu", "Softplus", "Softsign", "HardSigmoid", "HardSwish", "Mish",
+    "Exp", "Clip", "Cast", "FastGelu", "BiasGelu", "QuickGelu", "Swish",
+}
+# Ops allowed between a projection and the attention scores (bias, RoPE, head split, GQA repeat).
+ATTENTION_PATH_OPS = ELEMENTWISE_OPS | SHAPE_ONLY_OPS | {"Transpose", "Split", "Slice", "Concat", "Expand", "Identity", "Gather"}
 # Ops whose later inputs are shapes, axes or indices, not data flowing through.
 _FIRST_INPUT_ONLY = SHAPE_ONLY_OPS | {"Expand", "Slice", "Split", "Gather", "Transpose"}
 
@@ -38,6 +47,20 @@ def constant_tensor(value: ir.Value | None) -> ir.TensorProtocol | None:
         if attr is not None and attr.type == ir.AttributeType.TENSOR:
             return attr.as_tensor()
     return None
+
+
+def filled_constant(value: ir.Value | None) -> tuple[tuple[int, ...], np.ndarray] | None:
+    """(shape, fill value) of a ConstantOfShape output with a constant shape — how the onnx
+    model zoo's 'light' models store their weights — else None."""
+    producer = value.producer() if value is not None else None
+    if producer is None or producer.op_type != "ConstantOfShape" or not is_default_domain(producer):
+        return None
+    shape = constant_tensor(producer.inputs[0])
+    if shape is None:
+        return None
+    attr = producer.attributes.get("value")
+    fill = attr.as_tensor().numpy().reshape(-1)[:1] if attr is not None else np.zeros(1, np.float32)
+    return tuple(int(d) for d in shape.numpy().reshape(-1)), fill
 
 
 def weight_tensor(value: ir.Value | None) -> tuple[ir.TensorProtocol, str, bool] | None:

@@ -13,7 +13,9 @@ so a plain `.onnx` file without metadata yields the same answer:
   on the same input (gate, up);
 - LM head: a linear whose width is an input embedding's vocabulary;
 - blocks: module paths `prefix.N` repeated (name scopes), else the attention blocks, else
-  residual adds (an Add whose operands are connected: one feeds the other).
+  residual adds (an Add whose operands are connected: one feeds the other);
+- MoE: a com.microsoft.MoE node, or TopK over a Softmax whose indices pick the tokens of one FFN
+  per expert (the decomposed form); the shared expert is an FFN reading the same rows.
 """
 
 from __future__ import annotations
@@ -26,7 +28,11 @@ from dataclasses import dataclass, field
 import networkx as nx
 import onnx_ir as ir
 
+from slimgraph.ir import groups
+from slimgraph.ir.channels import conv_channel_groups
 from slimgraph.ir.graph import (
+    ATTENTION_PATH_OPS,
+    ELEMENTWISE_OPS,
     MAX_WALK,
     SHAPE_ONLY_OPS,
     Walk,
@@ -38,17 +44,10 @@ from slimgraph.ir.graph import (
     is_default_domain,
     module_path,
     ops,
+    static_dim,
     weight_tensor,
 )
-
-# Ops an FFN's activation may be built from (decomposed GELU/SiLU/… included).
-ELEMENTWISE_OPS = {
-    "Add", "Sub", "Mul", "Div", "Pow", "Sqrt", "Neg", "Erf", "Tanh", "Sigmoid", "Gelu", "Relu",
-    "LeakyRelu", "Elu", "Selu", "Softplus", "Softsign", "HardSigmoid", "HardSwish", "Mish",
-    "Exp", "Clip", "Cast", "FastGelu", "BiasGelu", "QuickGelu", "Swish",
-}
-# Ops allowed between a projection and the attention scores (bias, RoPE, head split, GQA repeat).
-ATTENTION_PATH_OPS = ELEMENTWISE_OPS | SHAPE_ONLY_OPS | {"Transpose", "Split", "Slice", "Concat", "Expand", "Identity", "Gather"}
+from slimgraph.ir.groups import Group
 
 
 def _strip_weight_suffix(name: str) -> str:
@@ -114,6 +113,27 @@ class FFN:
 
 
 @dataclass(frozen=True)
+class MoE:
+    """A mixture of experts: `form` is "com.microsoft.MoE" or "decomposed"; `shared` counts the
+    neurons of the shared expert (0: none); `parts` are the FFNs it is made of (shared, experts)."""
+
+    name: str
+    form: str
+    experts: int
+    top_k: int
+    hidden: int
+    expert_inner: int
+    activation: str
+    shared: int
+    parts: tuple[FFN, ...] = field(default=(), repr=False, compare=False)
+
+    def to_json(self) -> dict:
+        return {"name": self.name, "form": self.form, "experts": self.experts, "top_k": self.top_k,
+                "hidden": self.hidden, "expert_inner": self.expert_inner, "activation": self.activation,
+                "shared": self.shared}
+
+
+@dataclass(frozen=True)
 class Attention:
     name: str
     heads: int
@@ -123,6 +143,8 @@ class Attention:
     k: Linear | None
     v: Linear | None
     o: Linear | None
+    scores: ir.Node | None = field(default=None, repr=False, compare=False)  # MatMul(q, kᵀ)
+    context: ir.Node | None = field(default=None, repr=False, compare=False)  # MatMul(probs, v)
 
     @property
     def kv_groups(self) -> int:
@@ -136,15 +158,31 @@ class Attention:
 
 
 @dataclass(frozen=True)
+class Block:
+    """One repeated block and the residual stream into and out of it: bypassing the block
+    (`slimgraph.ir.edit.bypass(model, entry, exit)`) drops it; a map inserted at `entry`
+    changes everything the block and the blocks after it see."""
+
+    index: int
+    name: str
+    entry: ir.Value = field(repr=False, compare=False)
+    exit: ir.Value = field(repr=False, compare=False)
+
+
+@dataclass(frozen=True)
 class BlockGroup:
     """A repeated block: `count` copies, e.g. prefix 'encoder.layer' with 6 layers."""
 
     prefix: str
     count: int
     source: str  # "name scopes", "attention blocks" or "residual adds"
+    # entry/exit handles, where the residual stream in and out of each block is clear
+    blocks: tuple[Block, ...] = field(default=(), compare=False, repr=False)
 
     def to_json(self) -> dict:
-        return {"prefix": self.prefix, "count": self.count, "source": self.source}
+        return {"prefix": self.prefix, "count": self.count, "source": self.source,
+                "boundaries": [{"index": b.index, "name": b.name, "entry": b.entry.name, "exit": b.exit.name}
+                               for b in self.blocks]}
 
 
 @dataclass(frozen=True)
@@ -156,6 +194,12 @@ class Structures:
     lm_heads: list[Linear]
     blocks: BlockGroup | None
     named_from_scopes: bool
+    groups: list[Group] = field(default_factory=list)  # dependency groups, see slimgraph.ir.groups
+    not_prunable: list[str] = field(default_factory=list)  # why a structure has no group
+    moes: list[MoE] = field(default_factory=list)
+
+    def groups_of(self, kind: str) -> list[Group]:
+        return [g for g in self.groups if g.kind == kind]
 
     @property
     def vocab_size(self) -> int | None:
@@ -172,6 +216,9 @@ class Structures:
             "ffns": [x.to_json() for x in self.ffns],
             "attention": [x.to_json() for x in self.attention],
             "lm_heads": [x.to_json() for x in self.lm_heads],
+            "groups": [g.to_json() for g in self.groups],
+            "not_prunable": self.not_prunable,
+            "moes": [m.to_json() for m in self.moes],
         }
 
 
@@ -340,19 +387,21 @@ def find_attention(model: ir.Model, linears: list[Linear]) -> list[Attention]:
             head_dim = q_width // heads
         if not heads or not head_dim:
             continue
-        v = o = None
+        v = o = context = None
         weighted = find_downstream(softmax.outputs[0], lambda n: n.op_type == "MatMul",
                                    ops({"Cast", "Dropout", "Where", "Identity"}))
         if weighted is not None:
             matmul, probs = weighted
             if matmul.inputs[0] is probs:
                 v, _ = _nearest_linear_and_width(matmul.inputs[1], linear_of)
+                context = matmul
             projection = find_downstream(matmul.outputs[0], linear_of.__contains__,
                                          ops(SHAPE_ONLY_OPS | {"Transpose", "Cast", "Identity"}))
             o = linear_of[projection[0]] if projection else None
         kv_heads = k_width // head_dim if k_width and k_width % head_dim == 0 else heads
         name = module_path(scores) or (_common_prefix([x.name for x in (q, k, v) if x]) or scores.name or "attention")
-        found.append(Attention(name=name, heads=heads, head_dim=head_dim, kv_heads=kv_heads, q=q, k=k, v=v, o=o))
+        found.append(Attention(name=name, heads=heads, head_dim=head_dim, kv_heads=kv_heads, q=q, k=k, v=v, o=o,
+                               scores=scores, context=context))
     return found
 
 
@@ -407,6 +456,61 @@ def _feeds_activation(lin: Linear) -> bool:
     return any(c.op_type != "Mul" for c, _ in lin.output.uses())
 
 
+def find_moes(model: ir.Model, ffns: list[FFN]) -> list[MoE]:
+    """Mixtures of experts (see `MoE`), with the FFNs they are made of."""
+    reading: dict[ir.Value, list[FFN]] = collections.defaultdict(list)
+    for ffn in ffns:
+        reading[ffn.up.node.inputs[0]].append(ffn)
+    found = []
+    for node in model.graph:
+        if node.op_type == "MoE" and node.domain == "com.microsoft":
+            moe = _contrib_moe(node)
+        elif node.op_type == "TopK" and is_default_domain(node):
+            moe = _decomposed_moe(node, reading)
+        else:
+            continue
+        if moe is None:
+            continue
+        fields, rows, experts = moe
+        reshaped = rows.producer()
+        sources = [rows] + ([reshaped.inputs[0]] if reshaped is not None and reshaped.op_type == "Reshape" else [])
+        shared = [f for value in sources for f in reading.get(value, []) if all(f is not e for e in experts)]
+        name = module_path(node) or (shared[0].name if shared else node.name or "moe")
+        found.append(MoE(name, *fields, shared=shared[0].inner if len(shared) == 1 else 0,
+                         parts=tuple(shared[:1]) + tuple(experts)))
+    return found
+
+
+def _contrib_moe(node: ir.Node) -> tuple[tuple, ir.Value, list[FFN]] | None:
+    fc1 = constant_tensor(node.inputs[2]) if len(node.inputs) > 4 else None
+    fc2 = constant_tensor(node.inputs[4]) if len(node.inputs) > 4 else None
+    if fc1 is None or fc2 is None or len(fc1.shape) != 3 or len(fc2.shape) != 3:
+        return None
+    attrs = node.attributes
+    fields = ("com.microsoft.MoE", fc1.shape[0], attrs.get_int("k", 1), fc1.shape[2], fc2.shape[2],
+              attrs.get_string("activation_type", "relu"))
+    return fields, node.inputs[0], []
+
+
+def _decomposed_moe(topk: ir.Node, reading: dict[ir.Value, list[FFN]]) -> tuple[tuple, ir.Value, list[FFN]] | None:
+    """TopK over a Softmax whose indices select, per expert, the token rows one FFN reads."""
+    probabilities = topk.inputs[0]
+    softmax, k = probabilities.producer(), constant_tensor(topk.inputs[1])
+    experts = static_dim(probabilities, -1)
+    if softmax is None or softmax.op_type != "Softmax" or k is None or not experts:
+        return None
+    picks = Walk(topk.outputs[1], up=False, through=ops({"Equal", "NonZero", "Gather", "Transpose"}), limit=4096)
+    parts = list({id(f): f for value, _ in picks for f in reading.get(value, [])}.values())
+    if len(parts) != experts:
+        return None
+    gather = parts[0].up.node.inputs[0].producer()  # Gather(rows, tokens)
+    if gather is None or gather.op_type != "Gather":
+        return None
+    first = parts[0]
+    fields = ("decomposed", experts, int(k.numpy().reshape(-1)[0]), first.hidden, first.inner, first.activation)
+    return fields, gather.inputs[0], parts
+
+
 def find_lm_heads(linears: list[Linear], embeddings: list[Embedding]) -> list[Linear]:
     vocab = {e.num_embeddings for e in embeddings if e.from_graph_input and e.num_embeddings > 2}
     return [lin for lin in linears if lin.out_features in vocab and lin.out_features > lin.in_features]
@@ -440,7 +544,77 @@ def blocks_from_scopes(model: ir.Model) -> BlockGroup | None:
     if not candidates:
         return None
     _, prefix = max(candidates)
-    return BlockGroup(prefix=prefix, count=len(indices[prefix]), source="name scopes")
+    members: dict[int, list[ir.Node]] = collections.defaultdict(list)
+    pattern = re.compile(re.escape(prefix) + r"\.(\d+)(?:\.|$)")
+    for node in model.graph:
+        match = pattern.match(module_path(node) or "")
+        if match:
+            members[int(match.group(1))].append(node)
+    # A block left with no weights (a dropped block's shared mask or rotary nodes) is no block.
+    members = {i: nodes for i, nodes in members.items() if any(_has_weight(n) for n in nodes)}
+    if len(members) < 2:
+        return None
+    _adopt_unscoped(model, members)
+    blocks = [_boundary(i, f"{prefix}.{i}", nodes) for i, nodes in sorted(members.items())]
+    return BlockGroup(prefix=prefix, count=len(members), source="name scopes",
+                      blocks=tuple(b for b in blocks if b is not None) if all(blocks) else ())
+
+
+def _has_weight(node: ir.Node) -> bool:
+    return node.op_type not in ("Shape", "Reshape", "Concat", "Expand", "Unsqueeze") and any(
+        (t := constant_tensor(v)) is not None and t.size > 1 for v in node.inputs)
+
+
+def _adopt_unscoped(model: ir.Model, members: dict[int, list[ir.Node]]) -> None:
+    """Give a node without a module path (e.g. the Split after a fused projection) to the block
+    that every data input and every user of it belongs to."""
+    block_of = {node: i for i, nodes in members.items() for node in nodes}
+    for node in model.graph:
+        if module_path(node) or node in block_of:
+            continue
+        neighbours = {block_of.get(v.producer()) for v in data_inputs(node)}
+        neighbours |= {block_of.get(user) for out in node.outputs for user, _ in out.uses()}
+        if len(neighbours) == 1 and None not in neighbours:
+            index = neighbours.pop()
+            block_of[node] = index
+            members[index].append(node)
+
+
+def _boundary(index: int, name: str, nodes: list[ir.Node]) -> Block | None:
+    """The block's residual stream: the one value it hands on that has the shape and dtype of one
+    value it reads (other outputs, such as a mask computed once and shared, do not)."""
+    inside = set(nodes)
+    outputs = [v for n in nodes for v in n.outputs
+               if v.is_graph_output() or any(user not in inside for user, _ in v.uses())]
+    inputs = list(dict.fromkeys(v for n in nodes for v in n.inputs
+                                if v is not None and constant_tensor(v) is None and v.producer() not in inside))
+    pairs = [(i, o) for o in outputs for i in inputs if i.dtype == o.dtype and same_shape(i, o)]
+    return Block(index, name, *pairs[0]) if len(pairs) == 1 else None
+
+
+def _residual_block(index: int, add: ir.Node) -> Block | None:
+    """A residual block ending in `add`, when its shortcut is the identity: entry is the operand
+    the other branch forks from, exit the sum (after the activation that alone reads it)."""
+    left, right = (v for v in add.inputs if v is not None)
+    for entry, branch in ((left, right), (right, left)):
+        forks = any(user is not add for user, _ in entry.uses())
+        if forks and _reaches(entry, branch):
+            exit_ = add.outputs[0]
+            users = exit_.uses()
+            if len(users) == 1 and users[0][0].op_type in ("Relu", "Gelu", "Clip") and not exit_.is_graph_output():
+                exit_ = users[0][0].outputs[0]
+            if same_shape(entry, exit_) and entry.dtype == exit_.dtype:
+                return Block(index, add.name or f"residual {index}", entry, exit_)
+    return None
+
+
+def _reaches(source: ir.Value, target: ir.Value) -> bool:
+    """`target` is computed from `source` (within a pattern walk)."""
+    return any(value is source for value, _ in Walk(target, up=True, through=lambda n: True))
+
+
+def same_shape(a: ir.Value, b: ir.Value) -> bool:
+    return a.shape is not None and b.shape is not None and [str(d) for d in a.shape] == [str(d) for d in b.shape]
 
 
 def residual_adds(model: ir.Model, max_span: int = MAX_WALK) -> list[ir.Node]:
@@ -472,25 +646,58 @@ def residual_adds(model: ir.Model, max_span: int = MAX_WALK) -> list[ir.Node]:
 
 
 def discover(model: ir.Model) -> Structures:
-    """Everything slimgraph knows how to find in `model` (adds inferred shapes if missing)."""
+    """Everything slimgraph knows how to find in `model`, with its dependency groups (adds
+    inferred shapes if missing)."""
     ensure_shapes(model)
     linears = find_linears(model)
     embeddings = find_embeddings(model)
     attention = find_attention(model, linears)
     ffns = find_ffns(model, linears, attention)
+    lm_heads = find_lm_heads(linears, embeddings)
     blocks = blocks_from_scopes(model)
     if blocks is None and len(attention) >= 2:
         blocks = BlockGroup(prefix="", count=len(attention), source="attention blocks")
     if blocks is None:
         adds = residual_adds(model)
         if len(adds) >= 2:
-            blocks = BlockGroup(prefix="", count=len(adds), source="residual adds")
+            handles = tuple(b for i, add in enumerate(adds) if (b := _residual_block(i, add)) is not None)
+            blocks = BlockGroup(prefix="", count=len(adds), source="residual adds", blocks=handles)
+    found, notes = find_groups(model, ffns, attention, lm_heads, embeddings)
     return Structures(
         linears=linears,
         embeddings=embeddings,
         ffns=ffns,
         attention=attention,
-        lm_heads=find_lm_heads(linears, embeddings),
+        lm_heads=lm_heads,
         blocks=blocks,
         named_from_scopes=any(module_path(n) for n in model.graph),
+        groups=found,
+        not_prunable=notes,
+        moes=find_moes(model, ffns),
     )
+
+
+def find_groups(model: ir.Model, ffns: list[FFN], attention: list[Attention], lm_heads: list[Linear],
+                embeddings: list[Embedding]) -> tuple[list[Group], list[str]]:
+    """The dependency groups of the structures found, and why the others have none."""
+    found: list[Group] = []
+    notes: list[str] = []
+
+    def add(result: Group | list[Group] | str) -> None:
+        if isinstance(result, str):
+            notes.append(result)
+        else:
+            found.extend(result if isinstance(result, list) else [result])
+
+    for ffn in ffns:
+        add(groups.ffn_group(model, ffn))
+    for block in attention:
+        add(groups.attention_groups(model, block))
+    for head in lm_heads:
+        tables = [e.node.inputs[0] for e in embeddings if e.from_graph_input and e.num_embeddings == head.out_features]
+        add(groups.vocab_group(model, head, list(dict.fromkeys(tables))))
+    if any(node.op_type == "Conv" for node in model.graph):
+        conv_groups, reasons = conv_channel_groups(model)
+        found += conv_groups
+        notes += reasons
+    return found, notes

@@ -6,7 +6,7 @@ from dataclasses import dataclass
 
 import onnx_ir as ir
 
-from slimgraph.ir.stats import ModelStats, model_stats
+from slimgraph.ir.stats import ModelStats, human_bytes, human_count, model_stats
 from slimgraph.ir.structure import Structures, discover
 
 
@@ -34,6 +34,21 @@ class ModelSummary:
             "structures": self.structures.to_json(),
             "largest_tensors": [t.__dict__ | {"shape": list(t.shape)} for t in self.largest_tensors],
         }
+
+    def __repr__(self) -> str:
+        stats, found = self.stats, self.structures
+        parts = [f"{human_count(stats.parameters)} parameters ({human_bytes(stats.bytes)})", f"{stats.nodes:,} nodes"]
+        if found.blocks:
+            parts.append(f"{found.blocks.count} blocks" + (f" '{found.blocks.prefix}'" if found.blocks.prefix else ""))
+        parts.append(f"{len(found.linears)} linear layers")
+        if found.attention:
+            first = found.attention[0]
+            parts.append(f"{len(found.attention)} attention ({first.heads} heads × {first.head_dim})")
+        if found.ffns:
+            parts.append(f"{len(found.ffns)} FFNs")
+        if found.embeddings:
+            parts.append(f"{len(found.embeddings)} embeddings")
+        return f"<ModelSummary {', '.join(parts)}>"
 
 
 def summarize(model: ir.Model, top: int = 10) -> ModelSummary:

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import collections
+
+import numpy as np
 import onnx_ir as ir
 import onnx_ir.passes.common as common
 import pytest
@@ -85,3 +88,65 @@ def test_residual_blocks_in_cnns(name, count):
 def test_no_structures_in_a_plain_cnn():
     found = discover(ir.load(LIGHT_DIR / "light_vgg19.onnx"))
     assert found.blocks is None and found.attention == [] and found.ffns == []
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("which", ["gpt2", "llama"])
+@pytest.mark.parametrize("block", [0, 1])
+def test_bypassing_a_block_equals_the_model_without_it(request, tmp_path, which, block):
+    """Bypass block i through its entry/exit handles == the same model built with that layer left out."""
+    import torch
+    import transformers
+
+    from slimgraph.frontend import load
+    from slimgraph.ir import edit, evaluate
+    from slimgraph.ir.inputs import sample_inputs
+
+    full = copy_model(request.getfixturevalue(f"{which}_ir"))
+    spec = SMALL_CONFIGS[which]
+    folder = request.getfixturevalue(f"{which}_folder")
+    original = getattr(transformers, spec["cls"]).from_pretrained(folder)
+    layers_key = "n_layer" if which == "gpt2" else "num_hidden_layers"
+    config = getattr(transformers, spec["config"])(**{**spec["kwargs"], layers_key: spec["kwargs"][layers_key] - 1})
+    shorter = getattr(transformers, spec["cls"])(config).eval()
+    prefix = "transformer.h." if which == "gpt2" else "model.layers."
+    state = {}
+    for key, tensor in original.state_dict().items():
+        if key.startswith(prefix):
+            index, rest = key[len(prefix):].split(".", 1)
+            if int(index) == block:
+                continue
+            key = f"{prefix}{int(index) - (int(index) > block)}.{rest}"
+        state[key] = tensor
+    shorter.load_state_dict(state, strict=True)
+    shorter.save_pretrained(tmp_path)
+    with torch.no_grad():
+        expected_model = load(tmp_path)
+
+    found = discover(full)
+    assert len(found.blocks.blocks) == found.blocks.count
+    target = found.blocks.blocks[block]
+    assert target.name == f"{prefix}{block}"
+    edit.bypass(full, target.entry, target.exit)
+    feeds = sample_inputs(full, batch=2, sequence=9, seed=5)
+    got, want = evaluate.run(full, feeds), evaluate.run(expected_model, feeds)
+    for name in want:
+        assert np.abs(got[name] - want[name]).max() / np.abs(want[name]).max() < 1e-5, name
+
+
+def test_resnet_blocks_with_an_identity_shortcut_can_be_bypassed():
+    from slimgraph.ir import edit, evaluate
+    from slimgraph.ir.inputs import sample_inputs
+
+    model = ir.load(LIGHT_DIR / "light_resnet50.onnx")
+    found = discover(model)
+    # 16 bottlenecks; the first of each of the 4 stages has a projection shortcut
+    assert found.blocks.source == "residual adds" and len(found.blocks.blocks) == 12
+    block = found.blocks.blocks[1]
+    assert block.exit.producer().op_type == "Relu" and block.entry.producer().op_type == "Relu"
+    ops = collections.Counter(n.op_type for n in model.graph)
+    edit.bypass(model, block.entry, block.exit)
+    gone = ops - collections.Counter(n.op_type for n in model.graph)
+    assert {op: gone[op] for op in ("Conv", "BatchNormalization", "Relu", "Sum")} == {
+        "Conv": 3, "BatchNormalization": 3, "Relu": 3, "Sum": 1}
+    assert evaluate.run(model, sample_inputs(model, batch=1))["gpu_0/softmax_1"].shape == (1, 1000)

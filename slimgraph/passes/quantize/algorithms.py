@@ -74,9 +74,8 @@ def quantize_clipped(weight: np.ndarray, h: np.ndarray, bits: int, block_size: i
     return BlockQuantized(best_codes.reshape(best_codes.shape[0], -1), best_scale, best_zp, bits, block_size, k)
 
 
-def quantize_awq(weight: np.ndarray, x: np.ndarray, bits: int, block_size: int, symmetric: bool
-                 ) -> tuple[BlockQuantized, np.ndarray]:
-    """AWQ: returns the quantized scaled weight Q(W·s) and the input scale s (the layer reads x / s)."""
+def awq_scale(weight: np.ndarray, x: np.ndarray, bits: int, block_size: int, symmetric: bool) -> np.ndarray:
+    """The per-input-channel scale s = mean|x|^α (α on a grid) that minimises ||X (Q(W·s)/s − W)||²."""
     h = gram(x)
     mean_abs = np.abs(x).mean(axis=0).astype(np.float64) + 1e-8
     best_error, best_scale = None, np.ones(weight.shape[0])
@@ -87,10 +86,21 @@ def quantize_awq(weight: np.ndarray, x: np.ndarray, bits: int, block_size: int, 
         error = output_error(h, q.dequantize() / s[:, None] - weight)
         if best_error is None or error < best_error:
             best_error, best_scale = error, s
-    s = best_scale
-    scaled_h = h / np.outer(s, s)  # the Gram matrix of x / s
-    q = quantize_clipped((weight * s[:, None]).astype(np.float32), scaled_h, bits, block_size, symmetric)
-    return q, s.astype(np.float32)
+    return best_scale.astype(np.float32)
+
+
+def quantize_scaled(scaled_weight: np.ndarray, x: np.ndarray, s: np.ndarray, bits: int, block_size: int,
+                    symmetric: bool) -> BlockQuantized:
+    """The clip search on an AWQ-scaled weight W·s, whose layer reads x / s."""
+    s64 = s.astype(np.float64)
+    return quantize_clipped(scaled_weight, gram(x) / np.outer(s64, s64), bits, block_size, symmetric)
+
+
+def quantize_awq(weight: np.ndarray, x: np.ndarray, bits: int, block_size: int, symmetric: bool
+                 ) -> tuple[BlockQuantized, np.ndarray]:
+    """AWQ for one linear: the quantized scaled weight Q(W·s) and the input scale s (the layer reads x / s)."""
+    s = awq_scale(weight, x, bits, block_size, symmetric)
+    return quantize_scaled((weight * s[:, None]).astype(np.float32), x, s, bits, block_size, symmetric), s
 
 
 def quantize_gptq(weight: np.ndarray, x: np.ndarray, bits: int, block_size: int, symmetric: bool,

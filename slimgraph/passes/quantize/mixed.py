@@ -21,20 +21,19 @@ import onnx_ir as ir
 
 from slimgraph.errors import SlimgraphError
 from slimgraph.ir import evaluate
+from slimgraph.ir.edit import replace_linear, weight_matrix
 from slimgraph.ir.fidelity import compare
 from slimgraph.ir.stats import human_bytes
 from slimgraph.passes._infra.base import Pass, PassContext, PassResult
 from slimgraph.passes._infra.registry import register_pass
+from slimgraph.passes.calibration import linear_inputs
 from slimgraph.passes.quantize.algorithms import gram, output_error
-from slimgraph.passes.quantize.calibration import linear_inputs
 from slimgraph.passes.quantize.packing import quantize_rtn
 from slimgraph.passes.quantize.rewrite import (
     input_dtype,
     matmul_nbits,
     nothing_to_quantize,
     quantizable_linears,
-    replace_linear,
-    weight_matrix,
 )
 from slimgraph.passes.quantize.weights import validate_group_size
 
@@ -84,6 +83,16 @@ def _model_error(model: ir.Model, linear, dequantized: np.ndarray, reference: li
     return compare(reference, outputs).drop
 
 
+def _packed_nbytes(k: int, n: int, bits: int, block_size: int) -> int:
+    """`BlockQuantized.nbytes()` of a [K, N] weight, without quantizing it (32: float)."""
+    if bits == FLOAT:
+        return k * n * 4
+    blocks = -(-k // block_size)
+    per_byte = 8 // bits
+    zero_points = n * (-(-blocks // per_byte) * per_byte) * bits // 8
+    return n * blocks * block_size * bits // 8 + n * blocks * 4 + zero_points
+
+
 @register_pass
 @dataclass(frozen=True, kw_only=True)
 class MixedPrecision(Pass):
@@ -96,6 +105,7 @@ class MixedPrecision(Pass):
     group_size: int = 32
     measure: Literal["output", "layer"] = "output"
     exclude: tuple[str, ...] = ()
+    accuracy_level: Literal[0, 4] = 4  # 4: onnxruntime's fast int8 kernels (level 0 is slow for 8 and 2 bits)
 
     def __post_init__(self) -> None:
         if self.budget_mb <= 0:
@@ -107,6 +117,25 @@ class MixedPrecision(Pass):
         if self.measure not in ("output", "layer"):
             raise SlimgraphError(f"{self.name}: measure must be output or layer, got {self.measure!r}")
 
+    def check(self, model: ir.Model) -> None:
+        """Refuse a budget below the smallest size the candidates can reach, before measuring."""
+        super().check(model)
+        linears, _ = quantizable_linears(model, self.exclude)
+        if not linears:
+            return
+        graph = model.graph
+        unused = sum(v.const_value.nbytes for v in graph.initializers.values()  # an earlier cleanup may drop them
+                     if v.const_value is not None and not v.uses() and not v.is_graph_output())
+        linear_bytes = sum(lin.in_features * lin.out_features * 4 for lin in linears)
+        smallest = evaluate.initializer_bytes(model) - unused - linear_bytes + sum(
+            min(_packed_nbytes(lin.in_features, lin.out_features, b, self.group_size) for b in self.candidates)
+            for lin in linears)
+        if smallest > self.budget_mb * 1e6:
+            raise SlimgraphError(
+                f"{self.name}: budget_mb={self.budget_mb} is below the smallest reachable size "
+                f"{smallest / 1e6:.1f} MB (layers at {min(self.candidates)} bits)"
+            )
+
     def run(self, model: ir.Model, ctx: PassContext) -> PassResult:
         linears, skipped = quantizable_linears(model, self.exclude)
         if not linears:
@@ -116,7 +145,7 @@ class MixedPrecision(Pass):
         options: dict[str, list[Choice]] = {}
         quantized = {}
         linear_bytes = 0
-        for linear in linears:
+        for linear in ctx.track(linears, f"sensitivity ({self.measure})"):
             weight = weight_matrix(linear)
             linear_bytes += weight.nbytes
             options[linear.name] = []
@@ -146,7 +175,8 @@ class MixedPrecision(Pass):
             bits = chosen[linear.name].bits
             if bits == FLOAT:
                 continue
-            node = matmul_nbits(model, linear, quantized[linear.name, bits], dtype=input_dtype(linear))
+            node = matmul_nbits(model, linear, quantized[linear.name, bits], dtype=input_dtype(linear),
+                                accuracy_level=self.accuracy_level)
             replace_linear(model, linear, [node], node.outputs[0])
         histogram = {b: sum(c.bits == b for c in chosen.values()) for b in sorted(self.candidates, reverse=True)}
         return PassResult(True, {

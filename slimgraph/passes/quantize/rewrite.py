@@ -1,5 +1,6 @@
-"""Graph surgery shared by the quantization passes: pick linears, read their weights,
-and swap a linear (MatMul/Gemm + bias Add) for a quantized node that computes the same thing."""
+"""What the quantization passes share beyond the editing layer (`slimgraph.ir.edit`): which
+linears and embeddings can be quantized, and the quantized nodes that replace them
+(com.microsoft.MatMulNBits, GatherBlockQuantized)."""
 
 from __future__ import annotations
 
@@ -10,7 +11,9 @@ import numpy as np
 import onnx_ir as ir
 
 from slimgraph.errors import SlimgraphError
-from slimgraph.ir.structure import Embedding, Linear, constant_tensor, find_embeddings, find_linears, weight_tensor
+from slimgraph.ir.edit import add_initializer, bias_value, replace_region
+from slimgraph.ir.graph import constant_tensor, weight_tensor
+from slimgraph.ir.structure import Embedding, Linear, find_embeddings, find_linears
 from slimgraph.passes._infra.base import PassResult
 from slimgraph.passes.quantize.packing import BlockQuantized, pack, quantize_rtn
 
@@ -60,87 +63,6 @@ def _unsupported(linear: Linear) -> str | None:
     return None
 
 
-def weight_matrix(linear: Linear) -> np.ndarray:
-    """The [K, N] float32 weight of a linear, whatever its layout in the graph."""
-    tensor, _, transposed = weight_tensor(linear.node.inputs[1])
-    w = np.asarray(tensor.numpy(), dtype=np.float32)  # no copy when it already is float32
-    if transposed:
-        w = w.T
-    if linear.node.op_type == "Gemm" and linear.node.attributes.get_int("transB", 0):
-        w = w.T
-    return np.ascontiguousarray(w)
-
-
-def bias_vector(linear: Linear) -> ir.Value | None:
-    """The bias value a linear adds (MatMul + Add, or Gemm's C), if any."""
-    if linear.bias is None:
-        return None
-    if linear.node.op_type == "Gemm":
-        return linear.node.inputs[2]
-    (add, _), = linear.node.outputs[0].uses()
-    return next(v for v in add.inputs if v is not None and v.name == linear.bias)
-
-
-def add_initializer(model: ir.Model, name: str, tensor: ir.TensorProtocol | np.ndarray) -> ir.Value:
-    """Register a new initializer under a unique name derived from `name`."""
-    taken = model.graph.initializers
-    unique, i = name, 1
-    while unique in taken:
-        i += 1
-        unique = f"{name}.{i}"
-    if isinstance(tensor, np.ndarray):
-        tensor = ir.tensor(tensor, name=unique)
-    else:
-        tensor.name = unique
-    value = ir.Value(name=unique, const_value=tensor, shape=ir.Shape(tensor.shape), type=ir.TensorType(tensor.dtype))
-    model.graph.register_initializer(value)
-    return value
-
-
-def replace_linear(model: ir.Model, linear: Linear, nodes: list[ir.Node], output: ir.Value) -> None:
-    """Put `nodes` (producing `output`) in place of the linear and its bias Add.
-
-    The new nodes keep the old node's metadata (module path), so the Journal, `diff`
-    and `inspect` still see which module they belong to.
-    """
-    graph = model.graph
-    old_nodes = [linear.node]
-    if linear.bias is not None and linear.node.op_type == "MatMul":
-        old_nodes.append(linear.output.producer())
-    for node in nodes:
-        node.metadata_props.update(linear.node.metadata_props)
-    graph.insert_before(linear.node, nodes)
-    swap_output(model, old_nodes, linear.output, output)
-
-
-def swap_output(model: ir.Model, old_nodes: list[ir.Node], old: ir.Value, new: ir.Value) -> None:
-    """Make `new` stand where `old` stood (type, shape, users, graph-output name), then drop `old_nodes`."""
-    was_graph_output, name = old.is_graph_output(), old.name
-    new.type, new.shape = old.type, old.shape
-    ir.convenience.replace_all_uses_with(old, new, replace_graph_outputs=True)
-    model.graph.remove(old_nodes, safe=True)
-    if was_graph_output:  # the model's output keeps its name
-        new.name = name
-    remove_dead_producers(model)
-    remove_unused_initializers(model)
-
-
-def remove_dead_producers(model: ir.Model) -> None:
-    """Nodes whose outputs nobody reads any more (e.g. the Transpose of a tied weight)."""
-    import onnx_ir.passes.common as common
-
-    common.RemoveUnusedNodesPass()(model)
-
-
-def remove_unused_initializers(model: ir.Model) -> None:
-    """Initializers no node reads any more (the float weights a quantized node replaced)."""
-    graph = model.graph
-    keep = set(graph.inputs) | set(graph.outputs)
-    for name, value in list(graph.initializers.items()):
-        if not value.uses() and value not in keep:
-            del graph.initializers[name]
-
-
 def matmul_nbits(
     model: ir.Model, linear: Linear, q: BlockQuantized, *, accuracy_level: int = 0, symmetric: bool = False,
     input_value: ir.Value | None = None, dtype: ir.DataType = ir.DataType.FLOAT,
@@ -150,7 +72,7 @@ def matmul_nbits(
     b = add_initializer(model, f"{base}.q{q.bits}", q.packed_b())
     scales = add_initializer(model, f"{base}.scales", q.scales.astype(dtype.numpy()))
     zero_points = None if symmetric else add_initializer(model, f"{base}.zero_points", q.packed_zero_points())
-    inputs = [input_value or linear.node.inputs[0], b, scales, zero_points, None, bias_vector(linear)]
+    inputs = [input_value or linear.node.inputs[0], b, scales, zero_points, None, bias_value(linear)]
     while inputs[-1] is None:
         inputs.pop()
     attributes = {"K": linear.in_features, "N": linear.out_features, "bits": q.bits, "block_size": q.block_size}
@@ -208,9 +130,7 @@ def quantize_embedding(model: ir.Model, table: Embedding, bits: int, block_size:
     model.opset_imports.setdefault(MS_DOMAIN, 1)
     new = ir.node("GatherBlockQuantized", inputs, attributes=attributes, domain=MS_DOMAIN,
                   name=f"{node.name or table.table}_Q{bits}")
-    new.metadata_props.update(node.metadata_props)
-    model.graph.insert_before(node, new)
-    swap_output(model, [node], node.outputs[0], new.outputs[0])
+    replace_region(model, [node], [new], {node.outputs[0]: new.outputs[0]})
     return True
 
 

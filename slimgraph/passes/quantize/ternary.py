@@ -20,18 +20,16 @@ from typing import ClassVar, Literal
 import numpy as np
 import onnx_ir as ir
 
+from slimgraph.ir.edit import add_initializer, replace_linear, weight_matrix
 from slimgraph.passes._infra.base import Pass, PassContext, PassResult
 from slimgraph.passes._infra.registry import register_pass
-from slimgraph.passes.quantize.calibration import linear_inputs
+from slimgraph.passes.calibration import linear_inputs
 from slimgraph.passes.quantize.packing import BlockQuantized, blocks_of
 from slimgraph.passes.quantize.rewrite import (
-    add_initializer,
     input_dtype,
     matmul_nbits,
     nothing_to_quantize,
     quantizable_linears,
-    replace_linear,
-    weight_matrix,
 )
 from slimgraph.passes.quantize.weights import validate_group_size
 

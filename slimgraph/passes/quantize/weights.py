@@ -3,7 +3,8 @@ with embeddings=true, Gather(table, ids) → com.microsoft.GatherBlockQuantized.
 
 Weights are quantized in blocks of `group_size` input channels per output column, to 8, 4
 or 2 bits: rtn (round to nearest; bit-identical to onnxruntime's MatMulNBitsQuantizer),
-awq (activation-aware channel scales + clip search; the layer reads x / s through a Mul)
+awq (activation-aware channel scales, shared by the linears reading one input and folded into
+the norm or linear before them where exact, else a Mul; then a clip search)
 or gptq (error feedback through the inverse Hessian). awq and gptq use the pipeline's
 calibration inputs (--calib), or synthesized ones, as the report says. accuracy_level=4
 lets onnxruntime quantize activations to int8 per block: faster, slightly lossy; for 8
@@ -19,23 +20,22 @@ import numpy as np
 import onnx_ir as ir
 
 from slimgraph.errors import SlimgraphError
+from slimgraph.ir.edit import replace_linear, weight_matrix
 from slimgraph.ir.evaluate import initializer_bytes
 from slimgraph.ir.stats import human_bytes
 from slimgraph.passes._infra.base import Pass, PassContext, PassResult
 from slimgraph.passes._infra.registry import register_pass
+from slimgraph.passes.calibration import linear_inputs
 from slimgraph.passes.quantize import algorithms
-from slimgraph.passes.quantize.calibration import linear_inputs
+from slimgraph.passes.quantize.awq_scales import apply_input_scales
 from slimgraph.passes.quantize.packing import SUPPORTED_BITS, BlockQuantized, quantize_rtn
 from slimgraph.passes.quantize.rewrite import (
-    add_initializer,
     embedding_tables,
     input_dtype,
     matmul_nbits,
     nothing_to_quantize,
     quantizable_linears,
     quantize_embedding,
-    replace_linear,
-    weight_matrix,
 )
 
 GROUP_SIZES = (16, 32, 64, 128, 256)
@@ -79,13 +79,13 @@ class QuantizeWeights(Pass):
         if self.embeddings and self.bits == 2:
             raise SlimgraphError(f"{self.name}: embeddings can be quantized to 4 or 8 bits, not 2")
 
-    def quantize(self, weight: np.ndarray, x: np.ndarray | None) -> tuple[BlockQuantized, np.ndarray | None]:
-        """The quantized weight, and the input scale s the layer must divide by (awq) or None."""
+    def quantize(self, weight: np.ndarray, x: np.ndarray | None, s: np.ndarray | None) -> BlockQuantized:
+        """The quantized weight; for awq, `weight` is already scaled by s and the layer reads x / s."""
         if self.method == "rtn":
-            return quantize_rtn(weight, self.bits, self.group_size, self.symmetric), None
+            return quantize_rtn(weight, self.bits, self.group_size, self.symmetric)
         if self.method == "awq":
-            return algorithms.quantize_awq(weight, x, self.bits, self.group_size, self.symmetric)
-        return algorithms.quantize_gptq(weight, x, self.bits, self.group_size, self.symmetric), None
+            return algorithms.quantize_scaled(weight, x, s, self.bits, self.group_size, self.symmetric)
+        return algorithms.quantize_gptq(weight, x, self.bits, self.group_size, self.symmetric)
 
     def run(self, model: ir.Model, ctx: PassContext) -> PassResult:
         linears, skipped = quantizable_linears(model, self.exclude)
@@ -94,21 +94,15 @@ class QuantizeWeights(Pass):
             return nothing_to_quantize(self.name, skipped, "linears quantized")
         before = initializer_bytes(model)
         activations = linear_inputs(model, linears, ctx) if self.method != "rtn" else {}
-        for linear in linears:
-            q, input_scale = self.quantize(weight_matrix(linear), activations.get(linear.name))
-            dtype = input_dtype(linear)
-            nodes, x = [], linear.node.inputs[0]
-            if input_scale is not None:
-                inverse = add_initializer(model, f"{linear.weight or linear.name}.awq_inv_scale",
-                                          (1.0 / input_scale).astype(dtype.numpy()))
-                mul = ir.node("Mul", [x, inverse], name=f"{linear.node.name or linear.name}_awq_scale")
-                mul.outputs[0].type, mul.outputs[0].shape = x.type, x.shape
-                nodes.append(mul)
-                x = mul.outputs[0]
+        scales, folded = {}, ""
+        if self.method == "awq":
+            scales, folded = apply_input_scales(model, linears, activations, self.bits, self.group_size,
+                                                self.symmetric)
+        for linear in ctx.track(linears, f"{self.method} int{self.bits}"):
+            q = self.quantize(weight_matrix(linear), activations.get(linear.name), scales.get(linear.name))
             node = matmul_nbits(model, linear, q, accuracy_level=self.accuracy_level, symmetric=self.symmetric,
-                                input_value=x, dtype=dtype)
-            nodes.append(node)
-            replace_linear(model, linear, nodes, node.outputs[0])
+                                dtype=input_dtype(linear))
+            replace_linear(model, linear, [node], node.outputs[0])
         quantized_tables = [quantize_embedding(model, t, self.bits, self.group_size, self.symmetric) for t in tables]
         stats = {
             "linears quantized": len(linears),
@@ -119,6 +113,8 @@ class QuantizeWeights(Pass):
             stats["embeddings quantized"] = sum(quantized_tables)
         if self.method != "rtn":
             stats["calibration"] = ctx.inputs_source
+        if folded:
+            stats["input scales"] = folded
         if skipped:
             stats["skipped"] = len(skipped)
         warnings = []

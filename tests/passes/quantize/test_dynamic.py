@@ -44,3 +44,32 @@ def test_int8_symmetric_codes():
     np.testing.assert_array_equal(codes, [[64, -127], [-127, 64]])
     codes, scale = quantize_int8_symmetric(np.zeros((2, 2), np.float32), per_channel=False)
     assert scale.tolist() == [1.0] and not codes.any()
+
+
+@pytest.mark.parametrize("target, fmt, dtype, low, high", [
+    ("cpu-vnni", "s8", np.int8, -127, 127),
+    ("cpu-avx2", "s8-reduced", np.int8, -63, 63),  # U8S8 pair sums must fit int16 without VNNI
+    ("cpu", "s8", np.int8, -127, 127),
+])
+def test_weight_format_follows_the_target(mlp_model, target, fmt, dtype, low, high):
+    from slimgraph.ir.target import parse
+    from slimgraph.passes import PassContext
+
+    model = copy_model(mlp_model)
+    report = Pipeline.parse("quantize-dynamic").run(model, PassContext(target=parse(target)))
+    assert report.records[0].stats["weights"].startswith(f"{fmt} per channel (target {target}")
+    codes = [v.const_value.numpy() for v in model.graph.initializers.values() if v.name.endswith(".int8")]
+    assert codes and all(c.dtype == dtype and c.min() >= low and c.max() <= high for c in codes)
+    assert max(int(np.abs(c).max()) for c in codes) == high  # the whole range is used
+
+
+def test_uint8_weights_hold_the_same_levels(mlp_model):
+    s8, u8 = copy_model(mlp_model), copy_model(mlp_model)
+    Pipeline.parse("quantize-dynamic{weights=s8}").run(s8)
+    Pipeline.parse("quantize-dynamic{weights=u8}").run(u8)
+    signed = {k[:-len(".int8")]: v.const_value.numpy() for k, v in s8.graph.initializers.items() if k.endswith(".int8")}
+    unsigned = {k[:-len(".uint8")]: v.const_value.numpy() for k, v in u8.graph.initializers.items()
+                if k.endswith(".uint8")}
+    assert signed.keys() == unsigned.keys()
+    for name in signed:
+        np.testing.assert_array_equal(unsigned[name].astype(np.int16) - 128, signed[name])

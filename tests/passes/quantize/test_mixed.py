@@ -41,7 +41,7 @@ def test_budget_too_small(minilm):
 
 
 @pytest.mark.parametrize("text, message", [
-    ("mixed-precision", "missing"),
+    ("mixed-precision", "option budget_mb is required"),
     ("mixed-precision{budget_mb=-1}", "budget_mb must be positive"),
     ("mixed-precision{budget_mb=50,candidates=[8,3]}", "candidates must be chosen from 2, 4, 8 and 32"),
 ])

@@ -68,9 +68,9 @@ def test_whole_model_matches_matmul_nbits_quantizer(minilm, bits, symmetric):
 @pytest.mark.parametrize("bits", [2, 4, 8])
 def test_matmul_nbits_computes_the_dequantized_weight(mlp_model, bits):
     """MatMulNBits(x) == x @ dequantize(codes) + bias: the rewrite is exact up to the weight rounding."""
+    from slimgraph.ir.edit import weight_matrix
     from slimgraph.ir.inputs import sample_inputs
     from slimgraph.ir.structure import find_linears
-    from slimgraph.passes.quantize.rewrite import weight_matrix
 
     feeds = sample_inputs(mlp_model, batch=4)
     expected = {}
