@@ -1,7 +1,7 @@
 """Frontends: capture a model from any supported source into the IR (an onnx_ir.Model).
 
 `load` dispatches on the source: an `ir.Model` or `onnx.ModelProto`, a torch `nn.Module`
-(with example inputs), a `.pt2` file, a `.onnx` file, or a Hugging Face model folder.
+(with example inputs), a `.pt2` file, a `.onnx` file, a `.gguf` file, or a Hugging Face model folder.
 Torch and transformers are imported only by the frontends that need them.
 """
 
@@ -14,6 +14,9 @@ from typing import Any
 import onnx_ir as ir
 
 from slimgraph.errors import SlimgraphError
+from slimgraph.ir.meta import TOKENIZER_KEY
+from slimgraph.passes._infra.pipeline import set_calibration_reader
+from slimgraph.passes.calibration import set_tokenizer_loader
 
 
 def load(source: Any, *, example_inputs: Any = None, dynamic_shapes: Any = None, **options: Any) -> ir.Model:
@@ -22,13 +25,13 @@ def load(source: Any, *, example_inputs: Any = None, dynamic_shapes: Any = None,
     - `ir.Model` / `onnx.ModelProto`: used as is (a proto is deserialized).
     - `nn.Module`: exported with torch.export; needs `example_inputs` (a tuple of tensors or
       a dict of keyword tensors); `dynamic_shapes` maps input names to {axis: "dim name"}.
-    - path to `.onnx`, `.pt2`, or a folder with `config.json` (Hugging Face).
+    - path to `.onnx`, `.pt2`, `.gguf` (dequantized to float32), or a folder with `config.json` (Hugging Face).
     """
     if isinstance(source, ir.Model):
-        return source
+        return _as_exported(source, options)
     module = type(source).__module__
     if module.startswith("onnx") and type(source).__name__ == "ModelProto":
-        return ir.serde.deserialize_model(source)
+        return _as_exported(ir.serde.deserialize_model(source), options)
     if module.startswith("torch") or _is_torch_module(source):
         from slimgraph.frontend import torch_module
 
@@ -46,13 +49,50 @@ def load(source: Any, *, example_inputs: Any = None, dynamic_shapes: Any = None,
     if suffix == ".onnx":
         from slimgraph.frontend import onnx_file
 
-        return onnx_file.load_onnx(path)
+        return _as_exported(onnx_file.load_onnx(path), options)
     if suffix == ".pt2":
         from slimgraph.frontend import torch_module
 
+        if options.pop("kv_cache", False):
+            raise SlimgraphError("kv_cache applies to exports of a Hugging Face folder, a .gguf or an nn.Module; "
+                                 "a .pt2 program has its inputs fixed already")
         return torch_module.load_pt2(path, example_inputs=example_inputs, **options)
-    raise SlimgraphError(f"unsupported file type '{suffix or path.name}': expected .onnx, .pt2 or a Hugging Face model folder")
+    if suffix == ".gguf":
+        from slimgraph.frontend import gguf_file
+
+        return gguf_file.load_gguf(path, example_inputs=example_inputs, dynamic_shapes=dynamic_shapes, **options)
+    raise SlimgraphError(
+        f"unsupported file type '{suffix or path.name}': expected .onnx, .pt2, .gguf or a Hugging Face model folder")
+
+
+def _as_exported(model: ir.Model, options: dict[str, Any]) -> ir.Model:
+    """An ONNX model is used as it was exported: `kv_cache=True` only confirms it has a KV cache."""
+    if options.pop("kv_cache", False):
+        from slimgraph.frontend.kv_cache import cache_layers
+
+        if not cache_layers(model):
+            raise SlimgraphError("kv_cache=True: this ONNX model has no KV cache inputs (past_key_values.N.key/value); "
+                                 "export it again from its Hugging Face folder or .gguf with kv_cache")
+    return model
 
 
 def _is_torch_module(obj: Any) -> bool:
     return any(cls.__module__.startswith("torch.nn") and cls.__name__ == "Module" for cls in type(obj).__mro__)
+
+
+def _read_calibration(path: Path, model: ir.Model) -> tuple[list, str]:
+    from slimgraph.frontend.calibration import load_calibration
+
+    return load_calibration(path, model)
+
+
+def _tokenizer(model: ir.Model):
+    from slimgraph.frontend.calibration import load_tokenizer
+
+    return load_tokenizer(Path(model.meta[TOKENIZER_KEY]))
+
+
+# `Pipeline.run(model, calib="file")` reads files, and passes find tokenizers, through here:
+# passes may not import frontends.
+set_calibration_reader(_read_calibration)
+set_tokenizer_loader(_tokenizer)

@@ -2,7 +2,12 @@
 
 Loaded offline with transformers: the model class is chosen from `config.architectures`;
 example inputs come from the tokenizer when the folder has one, else from the config.
-Batch and sequence axes are exported as dynamic.
+Batch and sequence axes are exported as dynamic. The export is cached on disk, keyed by the
+folder's content (`slimgraph.frontend.cache`), so loading the same folder again is fast.
+
+A causal LM is exported without a KV cache (each call computes the whole sequence), or with
+`kv_cache=True` with past/present keys and values (`slimgraph.frontend.kv_cache`), the graph
+that `slimgraph.generate` runs one token at a time.
 """
 
 from __future__ import annotations
@@ -15,8 +20,10 @@ from typing import Any
 import onnx_ir as ir
 
 from slimgraph.errors import SlimgraphError, first_line
+from slimgraph.frontend.cache import cached_export
 from slimgraph.frontend.calibration import has_tokenizer, load_tokenizer
-from slimgraph.ir.meta import SOURCE_KEY
+from slimgraph.frontend.kv_cache import check_kv_options
+from slimgraph.ir.meta import SOURCE_KEY, TOKENIZER_KEY
 
 EXAMPLE_SENTENCES = [
     "The quick brown fox jumps over the lazy dog.",
@@ -27,7 +34,8 @@ EXAMPLE_SENTENCES = [
 TEXT_INPUTS = ("input_ids", "attention_mask", "token_type_ids")
 
 
-def load_folder(path: Path, *, example_inputs: Any = None, dynamic_shapes: Any = None) -> ir.Model:
+def load_folder(path: Path, *, example_inputs: Any = None, dynamic_shapes: Any = None,
+                kv_cache: bool = False) -> ir.Model:
     config_path = path / "config.json"
     if not config_path.is_file():
         raise SlimgraphError(f"{path} is not a Hugging Face model folder: no config.json")
@@ -35,6 +43,20 @@ def load_folder(path: Path, *, example_inputs: Any = None, dynamic_shapes: Any =
         json.loads(config_path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise SlimgraphError(f"{config_path} is not valid JSON: {exc}") from exc
+    check_kv_options(kv_cache, dynamic_shapes)
+    export = _export_with_cache if kv_cache else _export
+    if example_inputs is None and dynamic_shapes is None:
+        options = {"kv_cache": True} if kv_cache else None
+        ir_model = cached_export("hf-folder", path, lambda: export(path, None, None), options)
+    else:  # inputs chosen by the caller are not part of the cache key: export every time
+        ir_model = export(path, example_inputs, dynamic_shapes)
+    ir_model.meta[SOURCE_KEY] = str(path)
+    if has_tokenizer(path):
+        ir_model.meta[TOKENIZER_KEY] = str(path)
+    return ir_model
+
+
+def _export(path: Path, example_inputs: Any, dynamic_shapes: Any) -> ir.Model:
     model = load_transformers_model(path)
     source = "example inputs"
     if example_inputs is None:
@@ -44,9 +66,40 @@ def load_folder(path: Path, *, example_inputs: Any = None, dynamic_shapes: Any =
                           for name in example_inputs}
     from slimgraph.frontend.torch_module import load_module
 
-    ir_model = load_module(model, example_inputs=example_inputs, dynamic_shapes=dynamic_shapes, inputs_source=source)
-    ir_model.meta[SOURCE_KEY] = str(path)
-    return ir_model
+    return load_module(model, example_inputs=example_inputs, dynamic_shapes=dynamic_shapes, inputs_source=source)
+
+
+def _export_with_cache(path: Path, example_inputs: Any, dynamic_shapes: Any) -> ir.Model:
+    from slimgraph.frontend.kv_cache import check_causal_lm
+    from slimgraph.frontend.torch_module import load_module
+
+    model = load_transformers_model(path)
+    check_causal_lm(model)
+    source = "example inputs"
+    if example_inputs is None:
+        example_inputs, source = prompt_inputs(path, model.config)
+    return load_module(model, example_inputs=example_inputs, inputs_source=f"{source}, as two generation steps",
+                       kv_cache=True)
+
+
+def prompt_inputs(tokenizer_source: Path | None, config: Any) -> tuple[dict, str]:
+    """The built-in sentences left-padded (as generation pads a batch), or random ids of 16 tokens."""
+    import torch
+
+    if tokenizer_source is not None and has_tokenizer(tokenizer_source):
+        tokenizer = load_tokenizer(tokenizer_source)
+        side, tokenizer.padding_side = tokenizer.padding_side, "left"
+        try:
+            encoded = tokenizer(EXAMPLE_SENTENCES, padding=True, return_tensors="pt")
+        finally:
+            tokenizer.padding_side = side
+        return {k: encoded[k] for k in ("input_ids", "attention_mask")}, \
+            f"tokenizer: {len(EXAMPLE_SENTENCES)} built-in sentences"
+    vocab = getattr(config, "vocab_size", None)
+    if not vocab:
+        raise SlimgraphError("no tokenizer and no vocab_size in config.json; pass example_inputs")
+    ids = torch.randint(0, vocab, (2, 16), generator=torch.Generator().manual_seed(0))
+    return {"input_ids": ids, "attention_mask": torch.ones_like(ids)}, "synthesized from config"
 
 
 def load_transformers_model(path: Path) -> Any:
@@ -73,12 +126,12 @@ def _example_inputs(path: Path, model: Any) -> tuple[dict, str]:
     if has_tokenizer(path):
         tokenizer = load_tokenizer(path)
         encoded = tokenizer(EXAMPLE_SENTENCES, padding=True, return_tensors="pt")
-        accepted = _forward_parameters(model)
+        accepted = forward_parameters(model)
         inputs = {k: v for k, v in encoded.items() if k in accepted}
         return inputs, f"tokenizer: {len(EXAMPLE_SENTENCES)} built-in sentences"
     config = model.config
     generator = torch.Generator().manual_seed(0)
-    if "pixel_values" in _forward_parameters(model):
+    if "pixel_values" in forward_parameters(model):
         size = getattr(config, "image_size", 224)
         channels = getattr(config, "num_channels", 3)
         return {"pixel_values": torch.randn(2, channels, size, size, generator=generator)}, "synthesized from config"
@@ -89,7 +142,7 @@ def _example_inputs(path: Path, model: Any) -> tuple[dict, str]:
     return {"input_ids": ids, "attention_mask": torch.ones_like(ids)}, "synthesized from config"
 
 
-def _forward_parameters(model: Any) -> set[str]:
+def forward_parameters(model: Any) -> set[str]:
     import inspect
 
     return set(inspect.signature(model.forward).parameters)

@@ -3,6 +3,9 @@
 `torch.onnx.export(..., dynamo=True)` yields an onnx_ir.Model whose nodes keep the module
 path in `pkg.torch.onnx.name_scopes`. Linear weights come out transposed under generated
 names (`val_83`); we rename them after the module they belong to.
+
+A transformers causal LM loaded with `kv_cache=True` is exported with past/present keys and
+values instead (`slimgraph.frontend.kv_cache`); `example_inputs` is then its prompt.
 """
 
 from __future__ import annotations
@@ -33,11 +36,20 @@ def load_module(
     dynamic_shapes: dict[str, dict[int, str]] | None = None,
     output_names: list[str] | None = None,
     inputs_source: str = "example inputs",
+    kv_cache: bool = False,
 ) -> ir.Model:
     import torch
 
     if example_inputs is None:
         raise SlimgraphError(f"exporting {type(module).__name__} needs example_inputs (a tuple or dict of tensors)")
+    if kv_cache:
+        from slimgraph.frontend.kv_cache import check_kv_options, export_causal_lm
+
+        check_kv_options(kv_cache, dynamic_shapes)
+        if not isinstance(example_inputs, dict) or "input_ids" not in example_inputs:
+            raise SlimgraphError("kv_cache=True takes example_inputs as a dict with input_ids (and attention_mask): "
+                                 "a prompt of at least 4 tokens")
+        return export_causal_lm(module, example_inputs, inputs_source=inputs_source, export=load_module)
     args, kwargs = _split_inputs(example_inputs)
     module.eval()
     if output_names is None:
@@ -192,7 +204,8 @@ def _export_reason(exc: BaseException) -> str:
         return f"unsupported op {ops[0]}"
     reason = first_line(chain[-1], limit=300)
     if re.search(r"\w*Cache\b.* in output", text):
-        reason += " (a transformers model: set model.config.use_cache = False before exporting)"
+        reason += (" (a transformers model: set model.config.use_cache = False before exporting, or load it with "
+                   "kv_cache=True)")
     where = re.search(r'File "([^"]+)", line (\d+), in (\w+)', text)
     if where:
         reason += f" (at {Path(where.group(1)).name}:{where.group(2)} in {where.group(3)})"

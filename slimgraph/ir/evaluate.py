@@ -18,6 +18,7 @@ from slimgraph.errors import SlimgraphError, first_line
 PROTO_LIMIT_BYTES = 1_800_000_000
 
 Feeds = Mapping[str, np.ndarray]
+FATAL = 4  # ORT's log severity: only fatal errors are printed
 
 
 def initializer_bytes(model: ir.Model) -> int:
@@ -28,7 +29,9 @@ def session_options(threads: int | None = None, *, spinning: bool = True) -> ort
     """`spinning=False` for benchmarks: idle worker threads must not spin and steal time
     from another session's run."""
     options = ort.SessionOptions()
-    options.log_severity_level = 3  # errors only: ORT's warnings are noise for our users
+    # ORT's own log lines (coloured, on stderr) are noise for our users: a failed run logs
+    # an ERROR line before raising, and the exception says the same in slimgraph's words.
+    options.log_severity_level = FATAL
     if threads:
         options.intra_op_num_threads = threads
     if not spinning:
@@ -53,6 +56,7 @@ def serialized(model: ir.Model) -> Iterator[bytes | str]:
 def make_session(
     model: ir.Model, threads: int | None = None, *, options: ort.SessionOptions | None = None
 ) -> ort.InferenceSession:
+    ort.set_default_logger_severity(FATAL)  # the process-wide logger, used while a session is built
     with serialized(model) as blob:
         try:
             return ort.InferenceSession(blob, options or session_options(threads), providers=["CPUExecutionProvider"])

@@ -65,19 +65,20 @@ class FoldConstants(Pass):
 
 
 class _IdentityElimination(common.IdentityEliminationPass):
-    """onnx_ir's pass, plus one rule it lacks (onnx_ir 1.1.0): keep `y = Identity(x)` when
-    both x and y are graph outputs. Otherwise x is renamed to y and the model loses output
-    x (found by the random-graph property test in tests/passes/test_cleanup.py)."""
+    """onnx_ir's pass, plus two rules it lacks (onnx_ir 1.1.0), both for `y = Identity(x)`
+    where y is a graph output:
+    - keep it when x is a graph output too; otherwise x is renamed to y and the model loses
+      output x (found by the random-graph property test in tests/passes/test_cleanup.py);
+    - keep it when x is not made by a node of y's own graph: in an `If`/`Loop` branch, x from
+      the enclosing graph would be renamed and the branch output made by no node of the
+      branch, which ONNX forbids (found on Silero VAD, benchmarks/real_models.py)."""
 
     def _try_eliminate_identity_node(self, node: ir.Node) -> bool:
-        if (
-            node.op_type == "Identity"
-            and node.inputs
-            and node.inputs[0] is not None
-            and node.inputs[0].is_graph_output()
-            and node.outputs[0].is_graph_output()
-        ):
-            return False
+        source = node.inputs[0] if node.op_type == "Identity" and node.inputs else None
+        if source is not None and node.outputs[0].is_graph_output():
+            producer = source.producer()
+            if source.is_graph_output() or producer is None or producer.graph is not node.graph:
+                return False
         return super()._try_eliminate_identity_node(node)
 
 

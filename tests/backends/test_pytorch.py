@@ -47,7 +47,9 @@ def test_small_language_models(request, which):
     "quantize-weights{bits=2,group_size=64}",
     "quantize-weights{bits=8,embeddings=true}",
     "quantize-weights{bits=4,embeddings=true,symmetric=true}",
-    "quantize-dynamic",
+    # u8 weights: ORT's U8U8 kernel is exact on every CPU (U8S8 saturates on AVX2 without VNNI);
+    # quantized embeddings are compared in fidelity below
+    "quantize-dynamic{weights=u8,embeddings=false}",
     "ternarize",
 ])
 def test_quantized_minilm(minilm, text):

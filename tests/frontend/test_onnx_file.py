@@ -63,13 +63,37 @@ def test_missing_and_truncated_external_data(tmp_path, mlp_model):
         load(out)
 
 
-def test_too_old_opset(tmp_path):
-    proto = make_mlp(redundant=False)
-    proto.opset_import[0].version = 7
+@pytest.mark.parametrize("opset", [7, 8])
+def test_old_opsets_are_upgraded(tmp_path, opset):
+    """Opset 7/8 files (Upsample with a `scales` attribute, BatchNormalization, MaxPool of
+    their time) are converted to opset 9 with the same outputs."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    rng = np.random.default_rng(0)
+    weights = [numpy_helper.from_array(rng.standard_normal(shape).astype(np.float32), name) for name, shape in
+               [("w", (4, 2, 3, 3)), ("scale", (4,)), ("bias", (4,)), ("mean", (4,)), ("var", (4,))]]
+    weights[-1] = numpy_helper.from_array(np.abs(numpy_helper.to_array(weights[-1])) + 0.5, "var")
+    graph = helper.make_graph(
+        [helper.make_node("Conv", ["x", "w"], ["c"], pads=[1, 1, 1, 1]),
+         helper.make_node("BatchNormalization", ["c", "scale", "bias", "mean", "var"], ["b"]),
+         helper.make_node("MaxPool", ["b"], ["p"], kernel_shape=[2, 2], strides=[2, 2]),
+         helper.make_node("Upsample", ["p"], ["y"], scales=[1.0, 1.0, 2.0, 2.0], mode="nearest")],
+        "old", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", 2, 8, 8])]
+        # IR version 3: initializers are graph inputs too, as the exporters of the time wrote them
+        + [helper.make_tensor_value_info(w.name, TensorProto.FLOAT, list(w.dims)) for w in weights],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", 4, 8, 8])], initializer=weights)
+    proto = helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)], ir_version=3)
     path = tmp_path / "old.onnx"
     onnx.save(proto, path)
-    with pytest.raises(SlimgraphError, match="uses opset 7; slimgraph reads opset 9 and newer"):
-        load(path)
+    feeds = {"x": rng.standard_normal((2, 2, 8, 8)).astype(np.float32)}
+    import onnxruntime as ort
+
+    expected = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"]).run(None, feeds)[0]
+    model = load(path)
+    assert model.opset_imports[""] == 9
+    assert "Upsample" in {n.op_type for n in model.graph}  # opset 9's Upsample takes scales as an input
+    np.testing.assert_allclose(evaluate.run(model, feeds)["y"], expected, rtol=1e-5, atol=1e-6)
+    assert path.read_bytes() == proto.SerializeToString()  # the file is left as it was
 
 
 @pytest.mark.parametrize("name, message", [("nope.onnx", "no such file"), ("model.tflite", "unsupported file type '.tflite'")])
@@ -83,3 +107,18 @@ def test_missing_or_unsupported(tmp_path, name, message):
 def test_unsupported_object():
     with pytest.raises(SlimgraphError, match="cannot load a int"):
         load(3)
+
+
+def test_minus_one_dims_load_as_unknown(tmp_path):
+    """paddle2onnx and early converters write -1 for "any length": loaded as an unnamed symbolic
+    axis, so that nothing downstream takes -1 for a length."""
+    proto = onnx.parser.parse_model("""
+        <ir_version: 7, opset_import: ["" : 11]>
+        g (float[N, 3, H, W] x) => (float[N, 3, H, W] y) { y = Relu (x) }""")
+    proto.graph.input[0].type.tensor_type.shape.dim[0].dim_value = -1
+    proto.graph.output[0].type.tensor_type.shape.dim[2].dim_value = -1
+    onnx.save(proto, tmp_path / "old.onnx")
+    model = load(tmp_path / "old.onnx")
+    x, y = model.graph.inputs[0], model.graph.outputs[0]
+    assert not isinstance(x.shape[0], int) and x.shape[0].value is None and x.shape[1] == 3
+    assert not isinstance(y.shape[2], int)

@@ -33,3 +33,20 @@ def test_check_model_rejects_invalid_graphs(mlp_model):
     node.op_type = "NoSuchOp"
     with pytest.raises(SlimgraphError, match="not valid ONNX"):
         evaluate.check_model(mlp_model)
+
+
+def test_onnxruntime_logs_nothing_when_a_run_fails(capfd):
+    """ORT logs a coloured ERROR line of its own (on the process's stderr, below Python) before
+    raising; slimgraph's error says it once, and nothing else may reach the user's terminal."""
+    import onnx
+    import onnx_ir as ir
+
+    model = ir.serde.deserialize_model(onnx.parser.parse_model("""
+        <ir_version: 8, opset_import: ["" : 17]>
+        g (float[B, T] audio) => (float[B, S] y) <int64[4] pads = {0, 64, 0, 64}> {
+            y = Pad <mode = "reflect"> (audio, pads)
+        }"""))
+    with pytest.raises(SlimgraphError, match="ONNX Runtime failed to run the model"):
+        evaluate.run(model, {"audio": np.zeros((1, 16), np.float32)})
+    captured = capfd.readouterr()
+    assert captured.err == "" and captured.out == ""

@@ -154,3 +154,37 @@ def test_cleanup_is_exact_on_random_graphs(proto):
     Pipeline.parse("cleanup").run(model, verify=False)
     assert len(model.graph) <= nodes_before
     assert_same_outputs(before, outputs_of(model, feeds))
+
+
+def _if_model_with_identity_outputs() -> ir.Model:
+    """y = If(c) { then: Identity(outer) } else { Identity(Neg(outer)) }, outer = Relu(x):
+    each branch's output is an Identity, the then-branch's of a value from the outer graph."""
+    then_branch = helper.make_graph(
+        [helper.make_node("Identity", ["outer"], ["then_out"])], "then", [],
+        [helper.make_tensor_value_info("then_out", TensorProto.FLOAT, [2, 3])])
+    else_branch = helper.make_graph(
+        [helper.make_node("Neg", ["outer"], ["negated"]), helper.make_node("Identity", ["negated"], ["else_out"])],
+        "else", [], [helper.make_tensor_value_info("else_out", TensorProto.FLOAT, [2, 3])])
+    graph = helper.make_graph(
+        [helper.make_node("Relu", ["x"], ["outer"]),
+         helper.make_node("If", ["c"], ["y"], then_branch=then_branch, else_branch=else_branch)],
+        "if_identity",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 3]),
+         helper.make_tensor_value_info("c", TensorProto.BOOL, [])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2, 3])])
+    return ir.serde.deserialize_model(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]))
+
+
+def test_remove_identity_keeps_a_branch_output_made_in_the_outer_graph():
+    model = _if_model_with_identity_outputs()
+    x = np.random.default_rng(0).standard_normal((2, 3)).astype(np.float32)
+    before = [outputs_of(model, {"x": x, "c": np.array(flag)}) for flag in (True, False)]
+    Pipeline.parse("cleanup").run(model, verify_inputs=[{"x": x, "c": np.array(True)}])
+    evaluate.check_model(model)  # the then-branch output must still be made by a node of the branch
+    if_node = next(n for n in model.graph if n.op_type == "If")
+    then_ops = [n.op_type for n in if_node.attributes["then_branch"].value]
+    else_ops = [n.op_type for n in if_node.attributes["else_branch"].value]
+    assert then_ops == ["Identity"] and else_ops == ["Neg"]  # the inner Identity went, the outer-value one stayed
+    assert "outer" in {v.name for n in model.graph for v in n.outputs}  # the outer value was not renamed
+    for flag, expected in zip((True, False), before):
+        assert_same_outputs(expected, outputs_of(model, {"x": x, "c": np.array(flag)}))

@@ -28,13 +28,28 @@ def identifier(name: str, fallback: str = "value") -> str:
     return f"{text}_" if keyword.iskeyword(text) else text
 
 
+class _Tracer(fx.proxy.GraphAppendingTracer):
+    """fx's tracer for appending to a graph, except that a tensor a lowering passes as an argument
+    (`x.index_select(0, torch.tensor([2, 1]))`) becomes a buffer: fx would write it into the code
+    as `torch.Tensor(size=[2], dtype=int64)`, which neither holds its values nor runs."""
+
+    def __init__(self, graph: fx.Graph, builder: Builder) -> None:
+        super().__init__(graph)
+        self.builder = builder
+
+    def create_arg(self, a: Any) -> Any:
+        if isinstance(a, torch.Tensor) and not isinstance(a, fx.Proxy):
+            return self.builder.constant(to_numpy(a), trainable=False).node
+        return super().create_arg(a)
+
+
 class Builder:
     """Holds the fx graph being built and what each IR value became."""
 
     def __init__(self, model: ir.Model) -> None:
         self.model = model
         self.graph = fx.Graph()
-        self.tracer = fx.proxy.GraphAppendingTracer(self.graph)
+        self.tracer = _Tracer(self.graph, self)
         self.root = torch.nn.Module()
         self.values: dict[ir.Value, Any] = {}
         self._tensor_names: dict[int, str] = {}  # id(array) → preferred attribute name
@@ -127,13 +142,11 @@ class Builder:
         return proxy
 
     def _unique_attribute(self, name: str) -> str:
-        parts = [identifier(p) if not p.isdigit() else p for p in name.split(".")]
-        # a segment may not shadow an nn.Module attribute (`half`, `eval`, `training`, ...)
-        parts = [f"{p}_" if hasattr(torch.nn.Module, p) or p == "training" else p for p in parts]
-        candidate, i = ".".join(parts), 1
+        base = attribute_path(name)
+        candidate, i = base, 1
         while candidate in self._attribute_names or _clashes(candidate, self._attribute_names):
             i += 1
-            candidate = f"{'.'.join(parts)}_{i}"
+            candidate = f"{base}_{i}"
         self._attribute_names.add(candidate)
         return candidate
 
@@ -331,6 +344,15 @@ def _nodes(arg: Any) -> Any:
     if isinstance(arg, (list, tuple)):
         return type(arg)(_nodes(a) for a in arg)
     return arg
+
+
+def attribute_path(name: str) -> str:
+    """The dotted attribute an initializer named `name` becomes (unless it clashes with one taken
+    before it: then `_2`, `_3`, ... is appended)."""
+    parts = [identifier(p) if not p.isdigit() else p for p in name.split(".")]
+    # a segment may not shadow an nn.Module attribute (`half`, `eval`, `training`, ...)
+    parts = [f"{p}_" if hasattr(torch.nn.Module, p) or p == "training" else p for p in parts]
+    return ".".join(parts)
 
 
 def _clashes(name: str, taken: set[str]) -> bool:

@@ -120,13 +120,19 @@ def scan(body, states: list, sequences: list, input_axes: list[int], input_rever
     return (*states, *stacked)
 
 
-def resize_matrix(length_in: int, length_out: int, scale, roi_start=0.0, roi_end=1.0, mode: str = "nearest",
+def resize_matrix(length_in: int, length_out: int | None, scale, roi_start=0.0, roi_end=1.0, mode: str = "nearest",
                   transform: str = "half_pixel", nearest_mode: str = "round_prefer_floor", cubic_a: float = -0.75,
                   exclude_outside: int = 0, antialias: int = 0,
                   extrapolation: float = 0.0) -> tuple[torch.Tensor, torch.Tensor]:
     """ONNX Resize along one axis as (M [out, in], offset [out]): resizing v gives M @ v + offset.
-    `scale` (and the roi) may be a Python number or a 0-D tensor known only at run time."""
+    `scale` (and the roi) may be a Python number or a 0-D tensor known only at run time; so may
+    the lengths. `length_out` None: floor(length_in · scale) (of the roi's share of it, for
+    tf_crop_and_resize), as ONNX defines the output shape."""
     f64 = torch.float64
+    if length_out is None:
+        share = float(roi_end) - float(roi_start) if transform == "tf_crop_and_resize" else 1.0
+        length_out = math.floor(int(length_in) * share * float(scale))
+    length_in, length_out = int(length_in), int(length_out)
     if length_in == length_out and math.isclose(float(scale), 1.0) and (float(roi_start), float(roi_end)) == (0, 1):
         return torch.eye(length_in, dtype=f64), torch.zeros(length_out, dtype=f64)  # not resized (as the reference)
     scale = torch.as_tensor(scale, dtype=f64)
@@ -351,3 +357,116 @@ def col2im(x: torch.Tensor, image: list[int], block: list[int], dilations: list[
     for d in range(dims):
         result = result.narrow(2 + d, pads[d], image[d])
     return result
+
+
+# --- recurrent ops (RNN, GRU, LSTM, com.microsoft.DynamicQuantizeLSTM) ------------------------
+# The cells are plain torch code: with a static sequence length the lowering calls them while
+# tracing (the steps unrolled into the forward); otherwise `recurrent` loops over the steps at
+# run time. Weights per direction are [input, gates·hidden] (x @ w), gates in ONNX order.
+
+
+def recurrent_matmul(a: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor | None = None,
+                     zero_point: torch.Tensor | None = None, per_row: bool = False) -> torch.Tensor:
+    """a @ weight. With a scale, weight holds 8-bit codes and `a` is quantized to uint8 (min/max
+    including 0, round half to even) as ONNX Runtime's DynamicQuantizeLSTM does: the inputs of
+    the whole sequence at once, the hidden state (`per_row`) per batch entry, which is what ORT
+    does when it has at least as many threads as batch entries (it quantizes each thread's
+    rows together). (qa - za) @ (qw - zw) · sa · sw, the integer sums in float64, which holds
+    them exactly."""
+    if scale is None:
+        return a @ weight
+    low = torch.clamp(torch.amin(a, -1, keepdim=True) if per_row else torch.amin(a), max=0.0)
+    high = torch.clamp(torch.amax(a, -1, keepdim=True) if per_row else torch.amax(a), min=0.0)
+    a_scale = (high - low) / 255.0
+    a_scale = torch.where(a_scale == 0, torch.ones_like(a_scale), a_scale)
+    a_zero = torch.clamp(torch.round(-low / a_scale), 0, 255)
+    codes = torch.clamp(torch.round(a / a_scale) + a_zero, 0, 255)
+    zero = zero_point.to(torch.float64) if zero_point is not None else 0.0
+    sums = (codes - a_zero).to(torch.float64) @ (weight.to(torch.float64) - zero)
+    return (sums * a_scale.to(torch.float64) * scale.to(torch.float64)).to(a.dtype)
+
+
+def rnn_cell(xw: torch.Tensor, h: torch.Tensor, r: torch.Tensor, b: torch.Tensor | None, clip: float | None,
+             r_scale=None, r_zero=None) -> torch.Tensor:
+    """One RNN step (tanh); xw = x_t @ w, already computed."""
+    z = xw + recurrent_matmul(h, r, r_scale, r_zero, per_row=True)
+    if b is not None:
+        hidden = r.size(-1)
+        z = z + b[:hidden] + b[hidden:]
+    return torch.tanh(torch.clamp(z, -clip, clip) if clip is not None else z)
+
+
+def gru_cell(xw: torch.Tensor, h: torch.Tensor, r: torch.Tensor, b: torch.Tensor | None, clip: float | None,
+             linear_before_reset: int, r_scale=None, r_zero=None) -> torch.Tensor:
+    """One GRU step, gates z, r, h."""
+    hidden = h.size(-1)
+    xz, xr, xh = xw.split(hidden, dim=-1)
+    rz, rr, rh = r.split(hidden, dim=-1)
+    if b is not None:
+        wbz, wbr, wbh, rbz, rbr, rbh = b.split(hidden)
+        xz, xr, xh = xz + wbz, xr + wbr, xh + wbh
+    else:
+        rbz = rbr = rbh = 0.0
+
+    def limit(value):
+        return torch.clamp(value, -clip, clip) if clip is not None else value
+
+    hz = recurrent_matmul(h, torch.cat([rz, rr], -1), r_scale, r_zero, per_row=True)
+    z = torch.sigmoid(limit(xz + hz[..., :hidden] + rbz))
+    reset = torch.sigmoid(limit(xr + hz[..., hidden:] + rbr))
+    if linear_before_reset:
+        candidate = torch.tanh(limit(xh + reset * (recurrent_matmul(h, rh, r_scale, r_zero, per_row=True) + rbh)))
+    else:
+        candidate = torch.tanh(limit(xh + recurrent_matmul(reset * h, rh, r_scale, r_zero, per_row=True) + rbh))
+    return (1 - z) * candidate + z * h
+
+
+def lstm_cell(xw: torch.Tensor, h: torch.Tensor, c: torch.Tensor, r: torch.Tensor, b: torch.Tensor | None,
+              p: torch.Tensor | None, clip: float | None, r_scale=None, r_zero=None) -> tuple:
+    """One LSTM step, gates i, o, f, c, with optional peepholes p = (pi, po, pf): → (h, c)."""
+    hidden = h.size(-1)
+    gates = xw + recurrent_matmul(h, r, r_scale, r_zero, per_row=True)
+    if b is not None:
+        gates = gates + b[: 4 * hidden] + b[4 * hidden:]
+    i, o, f, g = gates.split(hidden, dim=-1)
+
+    def limit(value):
+        return torch.clamp(value, -clip, clip) if clip is not None else value
+
+    if p is not None:
+        pi, po, pf = p.split(hidden)
+        i, f = i + pi * c, f + pf * c
+    c = torch.sigmoid(limit(f)) * c + torch.sigmoid(limit(i)) * torch.tanh(limit(g))
+    if p is not None:
+        o = o + po * c
+    return torch.sigmoid(limit(o)) * torch.tanh(c), c
+
+
+def recurrent(kind: str, xw: torch.Tensor, r: torch.Tensor, b: torch.Tensor | None, p: torch.Tensor | None,
+              h: torch.Tensor, c: torch.Tensor | None, lengths: torch.Tensor | None, reverse: bool,
+              clip: float | None, linear_before_reset: int, r_scale=None, r_zero=None) -> tuple:
+    """One direction of a recurrent op over a sequence of run-time length: xw [seq, batch, gates·hidden]
+    (the inputs already multiplied by the weights). → (outputs [seq, batch, hidden], final h, final c).
+    With `lengths`, batch entry i runs for lengths[i] steps (reverse: from its last valid step);
+    its outputs after that are zeros and its final state is the one after its last step."""
+    steps = xw.size(0)
+    if steps == 0:
+        return h.new_zeros((0, *h.shape)), h, c
+    outputs = [h] * steps
+    order = range(steps - 1, -1, -1) if reverse else range(steps)
+    for t in order:
+        if kind == "lstm":
+            new_h, new_c = lstm_cell(xw[t], h, c, r, b, p, clip, r_scale, r_zero)
+        elif kind == "gru":
+            new_h, new_c = gru_cell(xw[t], h, r, b, clip, linear_before_reset, r_scale, r_zero), c
+        else:
+            new_h, new_c = rnn_cell(xw[t], h, r, b, clip, r_scale, r_zero), c
+        if lengths is not None:
+            valid = (lengths > t).unsqueeze(-1)
+            new_h = torch.where(valid, new_h, h)
+            new_c = torch.where(valid, new_c, c) if c is not None else None
+            outputs[t] = torch.where(valid, new_h, torch.zeros_like(new_h))
+        else:
+            outputs[t] = new_h
+        h, c = new_h, new_c
+    return torch.stack(outputs, 0), h, c

@@ -56,3 +56,39 @@ def test_matches_the_reference(length, scale, mode, transform, nearest_mode, exc
                                            float(np.float32(roi[1])), **options)
     # (the reference rounds some steps to float32: allow that, relative to the data's size)
     np.testing.assert_allclose(matrix.numpy() @ vector + offset.numpy(), want, atol=1e-5 * np.abs(vector).max())
+
+
+# --- Resize in a graph whose image size is known only at run time ---------------------------
+
+FEATURE_PYRAMID = """
+<ir_version: 8, opset_import: ["" : 15]>
+pyramid (float[N, 2, H, W] fine, float[N, 2, h, w] coarse) => (float[N, 2, H, W] by_sizes, float[N, 2, S, T] by_scales)
+    <int64[1] start = {2}, int64[1] end = {4}, float[4] scales = {1.0, 1.0, 2.0, 2.0}> {
+    shape = Shape (fine)
+    spatial = Slice (shape, start, end)
+    batch_channels = Shape <end = 2> (coarse)
+    sizes = Concat <axis = 0> (batch_channels, spatial)
+    by_sizes = Resize <mode = "nearest"> (coarse, , , sizes)
+    by_scales = Resize <mode = "linear", coordinate_transformation_mode = "half_pixel"> (coarse, , scales)
+}
+"""
+
+
+def test_resize_with_run_time_sizes_and_scales():
+    """A feature pyramid's upsampling (YOLO necks, DBNet text detectors): the coarse map resized
+    to the fine one's run-time size, and by constant scales of a run-time size."""
+    import onnx_ir as ir
+
+    import slimgraph
+    from slimgraph.ir import evaluate
+
+    model = ir.serde.deserialize_model(onnx.parser.parse_model(FEATURE_PYRAMID))
+    artifact = slimgraph.compile(model, backend="pytorch")
+    rng = np.random.default_rng(0)
+    for (height, width) in ((8, 12), (6, 10), (16, 16)):
+        feeds = {"fine": rng.standard_normal((1, 2, height, width)).astype(np.float32),
+                 "coarse": rng.standard_normal((1, 2, height // 2, width // 2)).astype(np.float32)}
+        want, got = evaluate.run(model, feeds), artifact(**feeds)
+        for name in want:
+            assert got[name].shape == want[name].shape
+            np.testing.assert_allclose(got[name], want[name], rtol=1e-5, atol=1e-6)

@@ -8,6 +8,7 @@ from slimgraph.backends.pytorch.ops import (  # noqa: F401
     moe,
     nn,
     quantized,
+    quantized_contrib,
     random,
     recurrent,
     reduce,

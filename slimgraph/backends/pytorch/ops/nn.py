@@ -30,8 +30,8 @@ def _flattened(fn):
 
     def lower(ctx, node, x):
         axis = attr(node, "axis", 1)
-        rank = len(node.inputs[0].shape)
-        axis = axis + rank if axis < 0 else axis
+        if axis < 0 and node.inputs[0].shape is not None:
+            axis += len(node.inputs[0].shape)  # (rank unknown: x.shape[:axis] takes a negative axis as it is)
         flat = x.reshape(x.shape[:axis].numel() if axis else 1, -1)
         return fn(flat, 1).reshape(x.shape)
 

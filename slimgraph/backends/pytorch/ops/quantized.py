@@ -84,7 +84,11 @@ def _per_axis(node, scale, zero_point):
     """A scale (and zero point) shaped to broadcast against the input: per tensor as it is,
     per axis (1-D) along `axis`, blocked (same rank, `block_size` elements per scale along `axis`)
     repeated over each block."""
-    scale_shape, rank = node.inputs[1].shape, len(node.inputs[0].shape)
+    scale_shape = node.inputs[1].shape
+    per_tensor = scale_shape is not None and (len(scale_shape) == 0 or list(scale_shape) == [1])
+    if per_tensor and not attr(node, "block_size", 0):
+        return scale, zero_point  # (the input's rank is not needed, nor always known: contrib ops' outputs)
+    rank = len(node.inputs[0].shape)
     axis = attr(node, "axis", 1) % rank
     if attr(node, "block_size", 0):
         block, length = attr(node, "block_size"), node.inputs[0].shape[axis]

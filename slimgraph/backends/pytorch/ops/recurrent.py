@@ -1,139 +1,127 @@
-"""RNN, GRU and LSTM, unrolled over the (static) sequence length, per the ONNX spec:
-gate orders LSTM i, o, f, c and GRU z, r, h; direction forward, reverse or bidirectional;
-layout 0 ([seq, batch, ·]) or 1 ([batch, seq, ·]); clip; GRU linear_before_reset;
-LSTM peepholes. Default activations only (sigmoid / tanh)."""
+"""RNN, GRU, LSTM and com.microsoft.DynamicQuantizeLSTM, per the ONNX spec: gate orders LSTM
+i, o, f, c and GRU z, r, h; direction forward, reverse or bidirectional; layout 0
+([seq, batch, ·]) or 1 ([batch, seq, ·]); clip; GRU linear_before_reset; LSTM peepholes;
+per-batch sequence lengths. Default activations only (sigmoid / tanh).
+
+The inputs are multiplied by the weights for the whole sequence at once; the steps then run
+the cells of `runtime` (plain torch). A static sequence length without per-batch lengths is
+unrolled into the forward (plain code, torch.export works); otherwise `runtime.recurrent`
+loops over the steps at run time (a run-time length, e.g. in an `If` branch or a streaming
+model). DynamicQuantizeLSTM (what ORT's quantizer makes of an LSTM) quantizes the inputs
+and each step's hidden state to uint8 as ORT does (`runtime.recurrent_matmul`)."""
 
 from __future__ import annotations
 
 import torch
 
+from slimgraph.backends.pytorch import runtime
 from slimgraph.backends.pytorch.lowering import attr, lowers
 from slimgraph.errors import SlimgraphError
 
+MS = "com.microsoft"
+DEFAULT_ACTIVATIONS = (None, ["Sigmoid", "Tanh"], ["Sigmoid", "Tanh", "Tanh"], ["Tanh"],
+                       ["Sigmoid", "Tanh", "Sigmoid", "Tanh"], ["Sigmoid", "Tanh", "Tanh", "Sigmoid", "Tanh", "Tanh"],
+                       ["Tanh", "Tanh"])
 
-def _setup(node, x):
-    if attr(node, "activations") not in (None, ["Sigmoid", "Tanh"], ["Sigmoid", "Tanh", "Tanh"], ["Tanh"],
-                                          ["Sigmoid", "Tanh", "Sigmoid", "Tanh"],
-                                          ["Sigmoid", "Tanh", "Tanh", "Sigmoid", "Tanh", "Tanh"], ["Tanh", "Tanh"]):
+
+def _directions(node) -> list[str]:
+    if attr(node, "activations") not in DEFAULT_ACTIVATIONS:
         raise SlimgraphError("pytorch backend: only default RNN activations are supported")
+    direction = attr(node, "direction", "forward")
+    return ["forward", "reverse"] if direction == "bidirectional" else [direction]
+
+
+def _static_steps(node, layout: int, lengths) -> int | None:
+    """The sequence length when it is known while building and every batch entry runs all of it."""
+    shape = node.inputs[0].shape
+    steps = shape[1 if layout else 0] if shape is not None and len(shape) == 3 else None
+    return steps if isinstance(steps, int) and lengths is None else None
+
+
+def _run(ctx, node, kind, x, weights, r, b, p, initial_h, initial_c, lengths, scales=(None, None, None, None)):
+    """All directions of a recurrent op. `weights[d]`/`r[d]` are [input, gates·hidden]; returns
+    (y, y_h, y_c) in the node's layout."""
+    w_scale, w_zero, r_scale, r_zero = scales
     layout = attr(node, "layout", 0)
     if layout:
         x = x.transpose(0, 1)
-    steps = node.inputs[0].shape[1 if layout else 0]
-    if not isinstance(steps, int):
-        raise SlimgraphError("pytorch backend: recurrent ops need a static sequence length")
-    directions = ["forward", "reverse"] if attr(node, "direction", "forward") == "bidirectional" else \
-        [attr(node, "direction", "forward")]
-    return x, layout, steps, directions
-
-
-def _clip(node, value):
-    clip = attr(node, "clip")
-    return torch.clamp(value, -clip, clip) if clip is not None else value
-
-
-def _finish(layout, outputs, finals):
-    y = torch.stack(outputs, 0)  # [seq, dirs, batch, hidden]
-    y_h = torch.stack(finals, 0)  # [dirs, batch, hidden]
+        initial_h = initial_h.transpose(0, 1) if initial_h is not None else None
+        initial_c = initial_c.transpose(0, 1) if initial_c is not None else None
+    hidden, clip = attr(node, "hidden_size"), attr(node, "clip")
+    before_reset = attr(node, "linear_before_reset", 0)
+    steps = _static_steps(node, layout, lengths)
+    outputs, finals_h, finals_c = [], [], []
+    for d, direction in enumerate(_directions(node)):
+        pick = [v[d] if v is not None else None for v in (w_scale, w_zero, r_scale, r_zero)]  # per direction
+        xw = runtime.recurrent_matmul(x, weights[d], pick[0], pick[1])
+        h = initial_h[d] if initial_h is not None else x.new_zeros(x.size(1), hidden)
+        c = (initial_c[d] if initial_c is not None else x.new_zeros(x.size(1), hidden)) if kind == "lstm" else None
+        bias = b[d] if b is not None else None
+        peephole = p[d] if p is not None else None
+        if steps is None:
+            result = ctx.call(runtime.recurrent, kind, xw, r[d], bias, peephole, h, c, lengths,
+                              direction == "reverse", clip, before_reset, pick[2], pick[3])
+            y, h, c = result[0], result[1], result[2]
+        else:
+            per_step = [None] * steps
+            for t in (range(steps) if direction == "forward" else reversed(range(steps))):
+                if kind == "lstm":
+                    h, c = runtime.lstm_cell(xw[t], h, c, r[d], bias, peephole, clip, pick[2], pick[3])
+                elif kind == "gru":
+                    h = runtime.gru_cell(xw[t], h, r[d], bias, clip, before_reset, pick[2], pick[3])
+                else:
+                    h = runtime.rnn_cell(xw[t], h, r[d], bias, clip, pick[2], pick[3])
+                per_step[t] = h
+            y = torch.stack(per_step, 0)
+        outputs.append(y)
+        finals_h.append(h)
+        finals_c.append(c)
+    y = torch.stack(outputs, 1)  # [seq, dirs, batch, hidden]
+    y_h = torch.stack(finals_h, 0)  # [dirs, batch, hidden]
+    y_c = torch.stack(finals_c, 0) if kind == "lstm" else None
     if layout:
         y, y_h = y.permute(2, 0, 1, 3), y_h.transpose(0, 1)
-    return y, y_h
+        y_c = y_c.transpose(0, 1) if y_c is not None else None
+    return y, y_h, y_c
 
 
-def _run(node, x, steps, directions, cell, initial):
-    """Run `cell(d, x_t, state) -> (h, state)` for each direction; outputs per step and final states."""
-    per_step = [[None] * len(directions) for _ in range(steps)]
-    finals = []
-    for d, direction in enumerate(directions):
-        state = initial(d)
-        order = range(steps) if direction == "forward" else reversed(range(steps))
-        for t in order:
-            h, state = cell(d, x[t], state)
-            per_step[t][d] = h
-        finals.append(state)
-    return [torch.stack(hs, 0) for hs in per_step], finals
+def _transposed(weights, count: int) -> list:
+    """ONNX stores W and R per direction as [gates·hidden, input]: → [input, gates·hidden]."""
+    return [weights[d].t() for d in range(count)]
 
 
 @lowers("RNN")
 def rnn(ctx, node, x, w, r, b=None, sequence_lens=None, initial_h=None):
-    x, layout, steps, directions = _setup(node, x)
-    hidden = attr(node, "hidden_size")
-    batch = x.size(1)
-
-    def initial(d):
-        return initial_h[d] if initial_h is not None else x.new_zeros(batch, hidden)
-
-    def cell(d, x_t, h):
-        z = x_t @ w[d].t() + h @ r[d].t()
-        if b is not None:
-            z = z + b[d, :hidden] + b[d, hidden:]
-        h = torch.tanh(_clip(node, z))
-        return h, h
-
-    outputs, finals = _run(node, x, steps, directions, cell, initial)
-    return _finish(layout, outputs, finals)
+    count = len(_directions(node))
+    y, y_h, _ = _run(ctx, node, "rnn", x, _transposed(w, count), _transposed(r, count), b, None, initial_h, None,
+                     sequence_lens)
+    return y, y_h
 
 
 @lowers("GRU")
 def gru(ctx, node, x, w, r, b=None, sequence_lens=None, initial_h=None):
-    x, layout, steps, directions = _setup(node, x)
-    hidden = attr(node, "hidden_size")
-    batch = x.size(1)
-    before_reset = attr(node, "linear_before_reset", 0)
-
-    def initial(d):
-        return initial_h[d] if initial_h is not None else x.new_zeros(batch, hidden)
-
-    def cell(d, x_t, h):
-        wz, wr, wh = w[d].split(hidden)
-        rz, rr, rh = r[d].split(hidden)
-        if b is not None:
-            wbz, wbr, wbh, rbz, rbr, rbh = b[d].split(hidden)
-        else:
-            wbz = wbr = wbh = rbz = rbr = rbh = 0
-        zt = torch.sigmoid(_clip(node, x_t @ wz.t() + h @ rz.t() + wbz + rbz))
-        rt = torch.sigmoid(_clip(node, x_t @ wr.t() + h @ rr.t() + wbr + rbr))
-        if before_reset:
-            ht = torch.tanh(_clip(node, x_t @ wh.t() + rt * (h @ rh.t() + rbh) + wbh))
-        else:
-            ht = torch.tanh(_clip(node, x_t @ wh.t() + (rt * h) @ rh.t() + rbh + wbh))
-        h = (1 - zt) * ht + zt * h
-        return h, h
-
-    outputs, finals = _run(node, x, steps, directions, cell, initial)
-    return _finish(layout, outputs, finals)
+    count = len(_directions(node))
+    y, y_h, _ = _run(ctx, node, "gru", x, _transposed(w, count), _transposed(r, count), b, None, initial_h, None,
+                     sequence_lens)
+    return y, y_h
 
 
 @lowers("LSTM")
 def lstm(ctx, node, x, w, r, b=None, sequence_lens=None, initial_h=None, initial_c=None, p=None):
-    x, layout, steps, directions = _setup(node, x)
-    hidden = attr(node, "hidden_size")
-    batch = x.size(1)
     if attr(node, "input_forget", 0):
         raise SlimgraphError("pytorch backend: LSTM input_forget is not supported")
+    count = len(_directions(node))
+    return _run(ctx, node, "lstm", x, _transposed(w, count), _transposed(r, count), b, p, initial_h, initial_c,
+                sequence_lens)
 
-    def initial(d):
-        h = initial_h[d] if initial_h is not None else x.new_zeros(batch, hidden)
-        c = initial_c[d] if initial_c is not None else x.new_zeros(batch, hidden)
-        return h, c
 
-    def cell(d, x_t, state):
-        h, c = state
-        gates = x_t @ w[d].t() + h @ r[d].t()
-        if b is not None:
-            gates = gates + b[d, : 4 * hidden] + b[d, 4 * hidden:]
-        i, o, f, g = gates.split(hidden, dim=-1)
-        pi, po, pf = p[d].split(hidden) if p is not None else (0, 0, 0)
-        i = torch.sigmoid(_clip(node, i + pi * c))
-        f = torch.sigmoid(_clip(node, f + pf * c))
-        c = f * c + i * torch.tanh(_clip(node, g))
-        o = torch.sigmoid(_clip(node, o + po * c))
-        h = o * torch.tanh(c)
-        return h, (h, c)
-
-    outputs, finals = _run(node, x, steps, directions, cell, initial)
-    y, y_h = _finish(layout, outputs, [h for h, _ in finals])
-    y_c = torch.stack([c for _, c in finals], 0)
-    if layout:
-        y_c = y_c.transpose(0, 1)
-    return y, y_h, y_c
+@lowers("DynamicQuantizeLSTM", domain=MS)
+def dynamic_quantize_lstm(ctx, node, x, w, r, b=None, sequence_lens=None, initial_h=None, initial_c=None, p=None,
+                          w_scale=None, w_zero_point=None, r_scale=None, r_zero_point=None):
+    """W [dirs, input, 4·hidden] and R [dirs, hidden, 4·hidden] hold 8-bit codes with scales and
+    zero points per direction (or per direction and column)."""
+    if attr(node, "input_forget", 0):
+        raise SlimgraphError("pytorch backend: LSTM input_forget is not supported")
+    count = len(_directions(node))
+    return _run(ctx, node, "lstm", x, [w[d] for d in range(count)], [r[d] for d in range(count)], b, p, initial_h,
+                initial_c, sequence_lens, (w_scale, w_zero_point, r_scale, r_zero_point))

@@ -6,6 +6,7 @@ import torch
 
 from slimgraph.backends.pytorch.lowering import attr, lowers
 from slimgraph.backends.pytorch.ops._common import static_length, torch_dtype
+from slimgraph.errors import SlimgraphError
 
 # op → (function over (x, dims, keepdim), opset where axes moved from attribute to input)
 REDUCTIONS = {
@@ -46,8 +47,11 @@ def _reduction(op_type, fn, axes_input_since):
         if not dims:
             if attr(node, "noop_with_empty_axes", 0) and opset >= axes_input_since:
                 return x
+            if rank is None:
+                raise SlimgraphError(f"pytorch backend: {op_type} over every axis needs the rank of its input")
             dims = list(range(rank))
-        dims = [d % rank if isinstance(d, int) else d for d in dims]
+        # (with the rank unknown, as exporters' graphs sometimes leave it, torch takes negative axes as they are)
+        dims = [d % rank if isinstance(d, int) and rank is not None else d for d in dims]
         if op_type in EMPTY_SET_IDENTITY and node.inputs[0].shape is not None and 0 in node.inputs[0].shape:
             x = _append_identity(x, dims, EMPTY_SET_IDENTITY[op_type](torch_dtype(node.inputs[0].dtype)))
         return fn(x, dims, keepdims)

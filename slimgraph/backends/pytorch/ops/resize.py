@@ -34,27 +34,43 @@ def _present(ctx, value):
 @lowers("Resize", since=11, tensors=False)
 def resize(ctx, node, x, roi=None, scales=None, sizes=None):
     x = ctx.tensor(x)
-    shape_in, shape_out = node.inputs[0].shape, node.outputs[0].shape
-    if shape_in is None or shape_out is None or not all(isinstance(d, int) for d in (*shape_in, *shape_out)):
-        raise SlimgraphError("pytorch backend: Resize needs static input and output shapes")
+    shape_in = node.inputs[0].shape
+    if shape_in is None:
+        raise SlimgraphError("pytorch backend: Resize needs the rank of its input")
     rank = len(shape_in)
     axes = [a + rank if a < 0 else a for a in (attr(node, "axes") or range(rank))]
     roi, scales = _present(ctx, roi), _present(ctx, scales)
+    if attr(node, "coordinate_transformation_mode", "half_pixel") != "tf_crop_and_resize":
+        roi = None  # only tf_crop_and_resize reads it (paddle2onnx writes ones there)
+    lengths = [_length(node.inputs[0], x, a) for a in axes]
+    outputs = None
     if scales is None:
-        scales = _scales_from_sizes(ctx, node, sizes, [shape_in[a] for a in axes])
-    return _resize_axes(ctx, node, x, axes, scales, roi, _options(node))
+        scales, outputs = _scales_from_sizes(ctx, node, sizes, lengths)
+    return _resize_axes(ctx, node, x, axes, scales, roi, _options(node), outputs)
 
 
-def _resize_axes(ctx, node, x, axes: list[int], scales, roi, options: dict):
-    """Apply each axis's interpolation matrix (built now when everything is constant)."""
-    shape_in, shape_out = node.inputs[0].shape, node.outputs[0].shape
+def _length(value, x, axis: int):
+    """An axis's length: a Python int when the graph knows it, else `x.size(axis)` (known at run time)."""
+    dim = value.shape[axis] if value.shape is not None else None
+    return dim if isinstance(dim, int) else x.size(axis)
+
+
+def _resize_axes(ctx, node, x, axes: list[int], scales, roi, options: dict, outputs: list | None = None):
+    """Apply each axis's interpolation matrix (built now when everything is constant, else in the
+    generated code). `outputs`: the output lengths the sizes input asks for, when given."""
     integer = node.inputs[0].dtype.is_integer()
     for position, axis in enumerate(axes):
         scale = _element(ctx, scales, position)
         region = (_element(ctx, roi, position), _element(ctx, roi, position + len(axes))) if roi is not None \
             else (0.0, 1.0)
-        matrix, offset = ctx.call_or_fold(runtime.resize_matrix, shape_in[axis], shape_out[axis], scale, *region,
-                                          **options)
+        length_in = _length(node.inputs[0], x, axis)
+        length_out = _static_out(node, axis)
+        if length_out is None:
+            length_out = outputs[position] if outputs is not None else None  # None: floor(length_in · scale)
+        if not isinstance(length_in, int) and outputs is None and isinstance(scale, float) and scale == 1.0 \
+                and roi is None:
+            continue  # a run-time length not resized (batch, channels): nothing to do
+        matrix, offset = ctx.call_or_fold(runtime.resize_matrix, length_in, length_out, scale, *region, **options)
         if isinstance(matrix, np.ndarray):  # built now: a buffer (or nothing, when the axis stays as it is)
             if matrix.shape[0] == matrix.shape[1] and np.array_equal(matrix, np.eye(len(matrix))) and not offset.any():
                 continue
@@ -68,22 +84,35 @@ def _resize_axes(ctx, node, x, axes: list[int], scales, roi, options: dict):
     return torch.round(x).to(torch_dtype(node.inputs[0].dtype)) if integer else x
 
 
-def _scales_from_sizes(ctx, node, sizes, lengths: list[int]):
-    """size / length per axis, or (keep_aspect_ratio_policy) their min or max on every axis."""
+def _static_out(node, axis: int) -> int | None:
+    shape = node.outputs[0].shape
+    dim = shape[axis] if shape is not None and len(shape) > axis else None
+    return dim if isinstance(dim, int) else None
+
+
+def _scales_from_sizes(ctx, node, sizes, lengths: list) -> tuple:
+    """(scales, output lengths): size / length per axis, or (keep_aspect_ratio_policy) their min
+    or max on every axis. Lengths known only at run time give traced scales."""
     requested = ctx.const(sizes)
-    if requested is not None:
-        ratios = requested / np.array(lengths, np.float64)
-    else:
-        ratios = ctx.tensor(sizes).to(torch.float64) / ctx.constant(np.array(lengths, np.float64))
     policy = attr(node, "keep_aspect_ratio_policy", "stretch")
+    if requested is not None and all(isinstance(n, int) for n in lengths):
+        ratios = requested / np.array(lengths, np.float64)
+        if policy == "stretch":
+            return ratios, None
+        chosen = ratios.min() if policy == "not_larger" else ratios.max()
+        return np.full(len(lengths), chosen), None
+    wanted = ctx.tensor(sizes)
+    ratios = [wanted[i].to(torch.float64) / lengths[i] for i in range(len(lengths))]
     if policy == "stretch":
-        return ratios
-    chosen = ratios.min() if policy == "not_larger" else ratios.max()
-    return np.full(len(lengths), chosen) if requested is not None else chosen.expand(len(lengths))
+        return ratios, [wanted[i] for i in range(len(lengths))]
+    chosen = torch.stack(ratios).amin() if policy == "not_larger" else torch.stack(ratios).amax()
+    return [chosen] * len(lengths), [torch.round(chosen * length) for length in lengths]  # (as the spec rounds)
 
 
 def _element(ctx, value, index: int):
     """One element of a 1-D input: a Python float when constant, else a traced 0-D tensor."""
+    if isinstance(value, list):
+        return value[index]
     known = ctx.const(value)
     return float(known[index]) if known is not None else ctx.tensor(value)[index]
 

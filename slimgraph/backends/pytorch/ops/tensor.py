@@ -41,7 +41,7 @@ def constant_of_shape(ctx, node, shape):
     known = ctx.const(shape)
     if known is not None:
         return np.full(tuple(int(d) for d in known), fill[0], dtype=fill.dtype)
-    return torch.full(dims, fill[0].item(), dtype=torch.from_numpy(fill).dtype)
+    return torch.full(dims, fill[0].item(), dtype=torch.from_numpy(np.array(fill)).dtype)  # (a writable copy)
 
 
 @lowers("Shape", tensors=False)
@@ -244,11 +244,20 @@ def slice_(ctx, node, x, starts, ends, axes=None, steps=None):
     return x
 
 
+@lowers("Slice", since=1, until=9, tensors=False)
+def slice_with_attributes(ctx, node, x):
+    """Slice before opset 10: starts, ends and axes are attributes (no steps)."""
+    axes = attr(node, "axes")
+    return slice_(ctx, node, x, np.array(attr(node, "starts"), np.int64), np.array(attr(node, "ends"), np.int64),
+                  np.array(axes, np.int64) if axes is not None else None)
+
+
 def _slice_count(node, *bounds) -> int:
     """How many axes a Slice slices: from whichever of starts/ends/axes/steps is known."""
-    for value, bound in zip(node.inputs[1:], bounds):
+    for bound in bounds:
         if isinstance(bound, list):
             return len(bound)
+    for value in node.inputs[1:]:
         if value is not None and value.shape is not None and isinstance(value.shape[0], int):
             return value.shape[0]
     raise SlimgraphError("pytorch backend: Slice needs to know how many axes it slices")

