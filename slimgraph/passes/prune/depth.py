@@ -1,0 +1,149 @@
+"""prune-depth: drop whole repeated blocks, or only their attention or MLP sub-block.
+
+A block becomes the identity on its residual stream: `x + f(LN(x))` → `x` (the block's entry
+value goes where its exit went; `slimgraph.ir.edit.bypass`). Which blocks: ShortGPT's block
+influence, BI = 1 − cos(x_in, x_out) averaged over calibration tokens (the blocks that change
+the residual stream least go first), or the ones `drop` names. `part=attention|mlp` removes one
+residual branch inside each chosen block instead (BlockPruner): its residual Add then passes its
+input through. The last block is never dropped unless named.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import ClassVar, Literal
+
+import numpy as np
+import onnx_ir as ir
+
+from slimgraph.errors import SlimgraphError
+from slimgraph.ir import edit, evaluate
+from slimgraph.ir.graph import Walk, constant_tensor
+from slimgraph.ir.structure import Block, discover, same_shape
+from slimgraph.passes._infra.base import Pass, PassContext, PassResult
+from slimgraph.passes._infra.registry import register_pass
+from slimgraph.passes.calibration import token_rows
+
+
+@dataclass(frozen=True)
+class _Span:
+    """What one choice removes: the values it joins (exit takes entry's place)."""
+
+    name: str
+    entry: ir.Value
+    exit: ir.Value
+
+
+@register_pass
+@dataclass(frozen=True, kw_only=True)
+class PruneDepth(Pass):
+    """Drop the blocks (or their attention/MLP sub-blocks) that change the residual stream least: block(x) → x."""
+
+    name: ClassVar[str] = "prune-depth"
+    exact: ClassVar[bool] = False
+    blocks: int = 0  # how many; 0: use ratio
+    ratio: float = 0.2
+    importance: Literal["block-influence", "explicit"] = "block-influence"
+    drop: tuple[int, ...] = ()
+    part: Literal["block", "attention", "mlp"] = "block"
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.ratio < 1:
+            raise SlimgraphError(f"{self.name}: ratio must be in [0, 1), got {self.ratio}")
+        if self.blocks < 0:
+            raise SlimgraphError(f"{self.name}: blocks must be 0 or more, got {self.blocks}")
+        if self.importance == "explicit" and not self.drop:
+            raise SlimgraphError(f"{self.name}: importance=explicit needs drop=[i,...]")
+        if self.drop and self.importance != "explicit":
+            object.__setattr__(self, "importance", "explicit")
+
+    def spans(self, model: ir.Model) -> list[_Span]:
+        found = discover(model).blocks
+        if found is None:
+            raise SlimgraphError(f"{self.name}: no repeated blocks found (looked for numbered module paths, "
+                                 "attention blocks and residual adds)")
+        if len(found.blocks) != found.count:
+            raise SlimgraphError(f"{self.name}: found {found.count} blocks but the residual stream in and out of "
+                                 f"only {len(found.blocks)} of them; cannot drop blocks safely")
+        if self.part == "block":
+            return [_Span(b.name, b.entry, b.exit) for b in found.blocks]
+        spans = [_sub_block(b, self.part) for b in found.blocks]
+        missing = [b.name for b, s in zip(found.blocks, spans) if s is None]
+        if missing:
+            raise SlimgraphError(f"{self.name}: part={self.part}: no residual Add for it in {missing[0]}")
+        return spans
+
+    def check(self, model: ir.Model) -> None:
+        super().check(model)
+        spans = self.spans(model)
+        bad = [i for i in self.drop if not 0 <= i < len(spans)]
+        if bad:
+            raise SlimgraphError(f"{self.name}: drop={bad[0]} does not exist (blocks 0..{len(spans) - 1})")
+        if len(set(self.drop)) >= len(spans) or self._count(len(spans)) >= len(spans):
+            raise SlimgraphError(f"{self.name}: dropping all {len(spans)} blocks would leave no model")
+
+    def _count(self, total: int) -> int:
+        return len(set(self.drop)) if self.drop else (self.blocks or int(round(self.ratio * total)))
+
+    def run(self, model: ir.Model, ctx: PassContext) -> PassResult:
+        self.check(model)
+        spans = self.spans(model)
+        if self.drop:
+            chosen = sorted(set(self.drop))
+            scores = None
+        else:
+            scores = block_influence(model, spans, ctx)
+            candidates = np.argsort(scores[:-1], kind="stable")  # never the last block unless named
+            chosen = sorted(candidates[: self._count(len(spans))].tolist())
+        if not chosen:
+            raise SlimgraphError(f"{self.name}: ratio={self.ratio} of {len(spans)} blocks rounds to none")
+        for i in reversed(chosen):  # the last first: a later block's entry is an earlier one's exit
+            edit.bypass(model, spans[i].entry, spans[i].exit)
+        stats = {"dropped": ", ".join(spans[i].name for i in chosen),
+                 "blocks": f"{len(spans)} → {len(spans) - len(chosen)}" + ("" if self.part == "block" else f" {self.part}")}
+        if scores is not None:
+            stats["block influence"] = " ".join(f"{s:.3f}" for s in scores)
+            stats["calibration"] = ctx.inputs_source
+        return PassResult(True, stats)
+
+
+def block_influence(model: ir.Model, spans: list[_Span], ctx: PassContext) -> np.ndarray:
+    """ShortGPT's BI per span: 1 − cos(x_in, x_out) per token, averaged over calibration tokens."""
+    names = [n for span in spans for n in (span.entry.name, span.exit.name)]
+    captured = evaluate.capture(model, names, ctx.inputs)
+    total, count = np.zeros(len(spans)), 0
+    for feeds, values in zip(ctx.inputs, captured):
+        for i, span in enumerate(spans):
+            a = token_rows(values[span.entry.name], feeds).astype(np.float64)
+            b = token_rows(values[span.exit.name], feeds).astype(np.float64)
+            cos = (a * b).sum(axis=1) / np.maximum(np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1), 1e-30)
+            total[i] += (1 - cos).sum()
+            if i == 0:
+                count += a.shape[0]
+    return total / max(count, 1)
+
+
+def _sub_block(block: Block, part: str) -> _Span | None:
+    """The attention (first) or MLP (last) residual branch of a block: its residual Add, whose
+    output is replaced by the Add's residual operand."""
+    start = block.entry.producer()
+    adds = []  # walking up from the exit: the MLP's residual Add comes before the attention's
+    for value, node in Walk(block.exit, up=True, through=lambda n: n is not start, limit=4096):
+        if node is not None and node is not start and node.op_type == "Add" and value is node.outputs[0]:
+            residual = _residual_operand(node)
+            if residual is not None and same_shape(residual, block.entry):  # on the residual stream
+                adds.append((node, residual))
+    if len(adds) < 2:
+        return None
+    add, residual = adds[-1] if part == "attention" else adds[0]
+    return _Span(f"{block.name}.{part}", residual, add.outputs[0])
+
+
+def _residual_operand(add: ir.Node) -> ir.Value | None:
+    """The operand of an Add that the other operand is computed from (the skip connection)."""
+    left, right = add.inputs
+    for skip, branch in ((left, right), (right, left)):
+        if skip is not None and branch is not None and constant_tensor(skip) is None and any(
+                v is skip for v, _ in Walk(branch, up=True, through=lambda n: True, limit=1024)):
+            return skip
+    return None

@@ -1,0 +1,157 @@
+"""low-rank: MatMul(x, W) [+ b] → MatMul(MatMul(x, L), R) [+ b], a linear factored at rank r.
+
+`W [K, N] ≈ L [K, r] · R [r, N]`, only where it saves at least `min_saving` of the layer's
+multiply-adds (`r·(K + N) ≤ (1 − min_saving)·K·N`; never at r ≥ K·N / (K + N)).
+
+- method=svd: `W = U S Vᵀ`, `L = U_r S_r^½`, `R = S_r^½ V_rᵀ`; the relative Frobenius error is
+  exactly `√(1 − energy)` where energy = Σ_{i≤r} s_i² / Σ s_i².
+- method=activation (SVD-LLM): minimise the layer's output error ‖X(W − LR)‖ on calibration
+  activations instead: with `XᵀX = C Cᵀ` (Cholesky, 1% damping), take the SVD of `Cᵀ W`; then
+  `L = C⁻ᵀ U_r S_r^½`. It tracks the model's error much better than plain SVD.
+
+The rank: `rank=R`, or `ratio` (the fraction of each layer's parameters kept), or the smallest
+rank whose energy reaches `energy` (of the decomposition the method uses).
+"""
+
+from __future__ import annotations
+
+import fnmatch
+from dataclasses import dataclass
+from typing import ClassVar, Literal
+
+import numpy as np
+import onnx_ir as ir
+
+from slimgraph.errors import SlimgraphError
+from slimgraph.ir.edit import add_initializer, bias_value, replace_linear, weight_matrix
+from slimgraph.ir.structure import Linear, find_linears
+from slimgraph.passes._infra.base import Pass, PassContext, PassResult
+from slimgraph.passes._infra.registry import register_pass
+from slimgraph.passes.calibration import linear_inputs
+
+DAMPING = 0.01
+
+
+@dataclass(frozen=True)
+class Factors:
+    left: np.ndarray  # [K, r]
+    right: np.ndarray  # [r, N]
+    energy: float  # of the kept singular values
+
+    @property
+    def rank(self) -> int:
+        return self.left.shape[1]
+
+
+def factor(weight: np.ndarray, x: np.ndarray | None = None, *, rank: int = 0, ratio: float = 0.0,
+           energy: float = 1.0) -> Factors:
+    """Factor a [K, N] weight; with activations `x` [tokens, K], activation-aware (SVD-LLM)."""
+    w = weight.astype(np.float64)
+    k, n = w.shape
+    if x is None:
+        whitening = None
+        u, s, vt = np.linalg.svd(w, full_matrices=False)
+    else:
+        gram = x.astype(np.float64).T @ x.astype(np.float64)
+        gram += np.eye(k) * DAMPING * max(np.mean(np.diag(gram)), 1e-12)
+        whitening = np.linalg.cholesky(gram)  # lower: XᵀX ≈ C Cᵀ, so ‖X D‖ = ‖Cᵀ D‖
+        u, s, vt = np.linalg.svd(whitening.T @ w, full_matrices=False)
+    shares = np.cumsum(s**2) / max(np.sum(s**2), 1e-300)
+    if rank:
+        r = min(rank, len(s))
+    elif ratio:
+        r = max(1, int(ratio * k * n / (k + n)))
+    else:
+        r = int(np.searchsorted(shares, energy - 1e-12) + 1)
+    r = min(r, len(s))
+    root = np.sqrt(s[:r])
+    left = u[:, :r] * root
+    if whitening is not None:
+        left = np.linalg.solve(whitening.T, left)
+    return Factors(left.astype(np.float32), (root[:, None] * vt[:r]).astype(np.float32), float(shares[r - 1]))
+
+
+@register_pass
+@dataclass(frozen=True, kw_only=True)
+class LowRank(Pass):
+    """MatMul(x, W) → MatMul(MatMul(x, L), R): linears factored at low rank where it saves multiply-adds."""
+
+    name: ClassVar[str] = "low-rank"
+    exact: ClassVar[bool] = False
+    energy: float = 0.9
+    rank: int = 0
+    ratio: float = 0.0
+    method: Literal["svd", "activation"] = "svd"
+    min_saving: float = 0.1
+    exclude: tuple[str, ...] = ()
+
+    def __post_init__(self) -> None:
+        if not 0 < self.energy <= 1:
+            raise SlimgraphError(f"{self.name}: energy must be in (0, 1], got {self.energy}")
+        if self.rank < 0:
+            raise SlimgraphError(f"{self.name}: rank must be positive, got {self.rank}")
+        if not 0 <= self.ratio < 1:
+            raise SlimgraphError(f"{self.name}: ratio must be in [0, 1), got {self.ratio}")
+        if self.rank and self.ratio:
+            raise SlimgraphError(f"{self.name}: give rank or ratio, not both")
+        if not 0 <= self.min_saving < 1:
+            raise SlimgraphError(f"{self.name}: min_saving must be in [0, 1), got {self.min_saving}")
+
+    def linears(self, model: ir.Model) -> list[Linear]:
+        chosen = []
+        for linear in find_linears(model):
+            names = (linear.name, linear.weight, linear.node.name or "")
+            if any(fnmatch.fnmatchcase(n, p) for p in self.exclude for n in names if n):
+                continue
+            node = linear.node
+            if node.op_type == "Gemm" and (node.attributes.get_float("alpha", 1.0) != 1.0
+                                           or node.attributes.get_float("beta", 1.0) != 1.0):
+                continue
+            chosen.append(linear)
+        return chosen
+
+    def check(self, model: ir.Model) -> None:
+        super().check(model)
+        if not self.linears(model):
+            raise SlimgraphError(f"{self.name}: no linear layer (MatMul/Gemm with a constant 2-D weight) to factor")
+
+    def run(self, model: ir.Model, ctx: PassContext) -> PassResult:
+        self.check(model)
+        linears = self.linears(model)
+        activations = linear_inputs(model, linears, ctx) if self.method == "activation" else {}
+        factored, skipped, before, after, energies = 0, 0, 0, 0, []
+        for linear in ctx.track(linears, f"low-rank {self.method}"):
+            k, n = linear.in_features, linear.out_features
+            f = factor(weight_matrix(linear), activations.get(linear.name), rank=self.rank, ratio=self.ratio,
+                       energy=self.energy)
+            if f.rank * (k + n) > (1 - self.min_saving) * k * n:
+                skipped += 1
+                continue
+            _replace(model, linear, f)
+            factored += 1
+            before, after = before + k * n, after + f.rank * (k + n)
+            energies.append(f.energy)
+        if not factored:
+            raise SlimgraphError(f"{self.name}: no layer saves {self.min_saving:.0%} of its multiply-adds at the "
+                                 f"rank asked for (energy={self.energy}, rank={self.rank}, ratio={self.ratio})")
+        return PassResult(True, {
+            "linears factored": f"{factored} of {factored + skipped}",
+            "parameters": f"{before:,} → {after:,} ({after / before:.2f}x) in the factored layers",
+            "energy kept": f"{min(energies):.3f}–{max(energies):.3f}",
+            "method": self.method + ("" if self.method == "svd" else f" ({ctx.inputs_source})"),
+        })
+
+
+def _replace(model: ir.Model, linear: Linear, f: Factors) -> None:
+    base = linear.name
+    dtype = linear.node.inputs[0].dtype
+    numpy_dtype = dtype.numpy() if dtype is not None else np.float32
+    left = add_initializer(model, f"{base}.low_rank.left", f.left.astype(numpy_dtype))
+    right = add_initializer(model, f"{base}.low_rank.right", f.right.astype(numpy_dtype))
+    first = ir.node("MatMul", [linear.node.inputs[0], left], name=f"{linear.node.name or base}_low_rank_left")
+    second = ir.node("MatMul", [first.outputs[0], right], name=f"{linear.node.name or base}_low_rank_right")
+    nodes = [first, second]
+    bias = bias_value(linear)
+    if bias is not None:
+        nodes.append(ir.node("Add", [second.outputs[0], bias], name=f"{linear.node.name or base}_bias"))
+    replace_linear(model, linear, nodes, nodes[-1].outputs[0])

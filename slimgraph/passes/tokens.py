@@ -1,0 +1,405 @@
+"""dct-tokens: tokens `X [B, N, D]` → `A·X [B, N', D]`, their low-frequency DCT coefficients (Fourier-VLM).
+
+`A` keeps the first `N'` coefficients of the orthonormal DCT-II over the tokens and inverts them at
+length `N'`, scaled by `√(N'/N)` so that the mean token is unchanged (the DC component):
+
+    A = √(N'/N) · C_{N'}ᵀ · C_N[:N', :]
+
+With `layout=grid` the tokens are an `H×W` grid (vision tokens) and the map is 2-D, `A = A_H ⊗ A_W`
+over the kept `h×w` block; with `layout=sequence` it is 1-D over `N`, computed in the graph from the
+run-time length when the length is not fixed (`N' = ceil(keep·N)`). Either way it is one MatMul with
+a constant (or computed) matrix; no FFT op.
+
+Where: at the entry of block `at` (the residual stream the block reads) or at a named `value`. What
+follows the token count downstream: the attention masks of the later blocks (pooled the same way: a
+compressed token is real when most of what it mixes was), and a leading CLS token is kept apart
+(`cls=auto`: when something after the map reads token 0 alone). `restore=true` maps outputs that
+still carry the token axis back to `N` tokens (`(N/N')·Aᵀ`, the low-pass reconstruction), so their
+shapes do not change; without it they keep `N'` tokens and are compared by their mean token.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import ClassVar, Literal
+
+import numpy as np
+import onnx_ir as ir
+
+from slimgraph.errors import SlimgraphError
+from slimgraph.ir import edit
+from slimgraph.ir.factors import Factor, FactorFlow, ShapeElement, resized, rewrite_elements, same
+from slimgraph.ir.fidelity import OutputMap
+from slimgraph.ir.graph import constant_tensor, static_dim
+from slimgraph.ir.meta import OUTPUT_MAPS_KEY
+from slimgraph.ir.structure import discover
+from slimgraph.passes._infra.base import Pass, PassContext, PassResult
+from slimgraph.passes._infra.registry import register_pass
+
+
+def dct_matrix(n: int) -> np.ndarray:
+    """The orthonormal DCT-II matrix C_n [n, n]: coefficients = C_n · x."""
+    k = np.arange(n)[:, None]
+    i = np.arange(n)[None, :]
+    c = np.cos(np.pi * (2 * i + 1) * k / (2 * n)) * np.sqrt(2.0 / n)
+    c[0] /= np.sqrt(2.0)
+    return c
+
+
+def compression(n: int, kept: int) -> np.ndarray:
+    """A [kept, n]: the first `kept` DCT coefficients of n tokens, as `kept` tokens, mean unchanged."""
+    return np.sqrt(kept / n) * dct_matrix(kept).T @ dct_matrix(n)[:kept]
+
+
+def grid_compression(height: int, width: int, h: int, w: int) -> np.ndarray:
+    """A [h·w, H·W] for tokens laid out row-major on an H×W grid (2-D DCT, top-left h×w block)."""
+    return np.kron(compression(height, h), compression(width, w))
+
+
+@register_pass
+@dataclass(frozen=True, kw_only=True)
+class DctTokens(Pass):
+    """Tokens [B, N, D] → their low-frequency DCT coefficients [B, N', D]: every later layer sees fewer tokens."""
+
+    name: ClassVar[str] = "dct-tokens"
+    exact: ClassVar[bool] = False
+    at: int = -1  # the block whose entry is compressed; -1: use `value`
+    value: str = ""
+    keep: float = 0.5
+    grid: tuple[int, ...] = ()  # [h, w] kept of the H×W grid (layout=grid)
+    layout: Literal["sequence", "grid"] = "sequence"
+    cls: Literal["auto", "first", "none"] = "auto"
+    restore: bool = True
+
+    def __post_init__(self) -> None:
+        if not 0 < self.keep <= 1:
+            raise SlimgraphError(f"{self.name}: keep must be in (0, 1], got {self.keep}")
+        if (self.at < 0) == (not self.value):
+            raise SlimgraphError(f"{self.name}: give at=BLOCK or value=NAME (one of them)")
+        if self.grid and (len(self.grid) != 2 or min(self.grid) < 1):
+            raise SlimgraphError(f"{self.name}: grid must be [h, w] with h, w ≥ 1, got {list(self.grid)}")
+        if self.grid and self.layout != "grid":
+            raise SlimgraphError(f"{self.name}: grid=[h,w] needs layout=grid")
+
+    def tokens(self, model: ir.Model) -> ir.Value:
+        if self.value:
+            found = {v.name: v for node in model.graph for v in node.outputs}
+            found.update({v.name: v for v in model.graph.inputs})
+            if self.value not in found:
+                raise SlimgraphError(f"{self.name}: no value named {self.value!r}")
+            value = found[self.value]
+        else:
+            blocks = discover(model).blocks
+            handles = blocks.blocks if blocks else ()
+            if not handles:
+                raise SlimgraphError(f"{self.name}: no blocks with a clear residual stream (see `slimgraph inspect`)")
+            if self.at >= len(handles):
+                raise SlimgraphError(f"{self.name}: at={self.at} does not exist (blocks 0..{len(handles) - 1})")
+            value = handles[self.at].entry
+        if value.shape is None or len(value.shape) != 3:
+            raise SlimgraphError(f"{self.name}: {value.name!r} is not a [batch, tokens, dim] value "
+                                 f"(shape {value.shape})")
+        return value
+
+    def check(self, model: ir.Model) -> None:
+        super().check(model)
+        value = self.tokens(model)
+        if self.layout == "grid":
+            self._grid(value)
+
+    def _grid(self, value: ir.Value) -> tuple[int, int, int, int, int]:
+        """(CLS tokens before the grid, H, W, h, w) for layout=grid."""
+        n = static_dim(value, 1)
+        if n is None:
+            raise SlimgraphError(f"{self.name}: layout=grid needs a fixed token count; {value.name!r} has "
+                                 f"{value.shape[1]}")
+        for lead in (0, 1):
+            side = math.isqrt(n - lead)
+            if side * side == n - lead:
+                h, w = self.grid or (max(1, round(side * math.sqrt(self.keep))),) * 2
+                if h > side or w > side:
+                    raise SlimgraphError(f"{self.name}: grid={[h, w]} is larger than the {side}×{side} token grid")
+                return lead, side, side, h, w
+        raise SlimgraphError(f"{self.name}: {n} tokens are not a square grid (with or without one CLS token); "
+                             "grid layouts need H×W tokens")
+
+    def run(self, model: ir.Model, ctx: PassContext) -> PassResult:
+        self.check(model)
+        value = self.tokens(model)
+        downstream = _values_after(value)
+        lead = 1 if self.cls == "first" or (self.cls == "auto" and _reads_first_token(downstream)) else 0
+        if self.layout == "sequence" and discover(model).lm_heads:
+            raise SlimgraphError(f"{self.name}: layout=sequence mixes tokens across positions, which a causal LM "
+                                 "cannot take; compress a prefix of vision tokens with value=NAME, layout=grid")
+        builder = _Builder(model, value.name or "tokens")
+        if self.layout == "grid":
+            grid_lead, height, width, h, w = self._grid(value)
+            lead = max(lead, grid_lead)
+            matrix = builder.constant("dct", grid_compression(height, width, h, w).astype(np.float32))
+            described = f"{height}×{width} → {h}×{w} tokens"
+        else:
+            n = static_dim(value, 1)
+            if n is not None:
+                kept = max(1, math.ceil(self.keep * (n - lead)))
+                matrix = builder.constant("dct", compression(n - lead, kept).astype(np.float32))
+                described = f"{n - lead} → {kept} tokens"
+            else:
+                matrix = builder.runtime_matrix(value, lead, self.keep)
+                described = f"N → ceil({self.keep}·N) tokens (computed at run time)"
+        counting = _static_lengths(model, value)  # shape constants after the map that count the tokens
+        compressed = builder.apply(value, matrix, lead)
+        edit.insert_after(model, value, builder.nodes, compressed)
+        compressed.shape = None
+        lengths = _follow_lengths(model, builder, value, compressed)
+        if counting:
+            tokens, elements = counting
+            new_length = lead + edit.constant_shape(matrix)[0]
+            rewrite_elements(model, {e: resized(e, {tokens: new_length}) for e in elements},
+                             lambda array: edit.add_initializer(model, "shape", array))
+            lengths += len(elements)
+        masks = _follow_masks(model, builder, compressed, matrix, lead)
+        restored = self._outputs(model, builder, compressed, matrix, lead)
+        edit.clear_shapes(_values_after(compressed))
+        edit.refresh_shapes(model)
+        stats = {"at": value.name, "tokens": described + (f" (+{lead} CLS kept apart)" if lead else ""),
+                 "masks pooled": str(masks), "run-time lengths followed": str(lengths)}
+        if restored:
+            stats["restored"] = ", ".join(restored)
+        return PassResult(True, stats)
+
+    def _outputs(self, model: ir.Model, builder: _Builder, compressed: ir.Value, matrix: ir.Value, lead: int
+                 ) -> list[str]:
+        """Outputs that carry the compressed token axis: restored to N tokens, or mapped for Verify."""
+        reached = [o for o in model.graph.outputs if o in set(_values_after(compressed)) | {compressed}
+                   and o.shape is not None and len(o.shape) == 3]
+        if not self.restore:
+            maps = dict(model.meta.get(OUTPUT_MAPS_KEY) or {})
+            maps.update({o.name: OutputMap(token_mean=True) for o in reached})
+            model.meta[OUTPUT_MAPS_KEY] = maps
+            return []
+        names = [o.name for o in reached]  # (insert_after renames the value it moves off the output)
+        for output in reached:
+            builder.nodes = []
+            restored = builder.restore(output, matrix, lead)
+            edit.insert_after(model, output, builder.nodes, restored)
+        return names
+
+
+def _values_after(value: ir.Value) -> list[ir.Value]:
+    """Every value computed from `value`, in the order found."""
+    seen, queue = [], [value]
+    found = set()
+    while queue:
+        current = queue.pop()
+        for node, _ in current.uses():
+            for out in node.outputs:
+                if out not in found:
+                    found.add(out)
+                    seen.append(out)
+                    queue.append(out)
+    return seen
+
+
+def _reads_first_token(values: list[ir.Value]) -> bool:
+    """Something downstream takes token 0 alone (a BERT pooler, a ViT classifier)."""
+    for value in values:
+        node = value.producer()
+        if node is None or value.shape is None:
+            continue
+        if node.op_type == "Gather" and node.attributes.get_int("axis", 0) == 1:
+            index = constant_tensor(node.inputs[1])
+            if index is not None and index.size == 1 and int(index.numpy().reshape(-1)[0]) == 0:
+                return True
+        if node.op_type == "Slice" and len(node.inputs) >= 4:
+            starts, ends, axes = (constant_tensor(v) for v in node.inputs[1:4])
+            if None not in (starts, ends, axes) and axes.numpy().reshape(-1).tolist() == [1] and \
+                    starts.numpy().reshape(-1).tolist() == [0] and ends.numpy().reshape(-1).tolist() == [1]:
+                return True
+    return False
+
+
+class _Builder:
+    """The nodes of the map, named after the value they compress."""
+
+    def __init__(self, model: ir.Model, base: str) -> None:
+        self.model, self.base, self.nodes = model, base, []
+        self.constants: dict[str, ir.Value] = {}
+        self.made = 0
+
+    def node(self, op: str, inputs: list, **attributes) -> ir.Value:
+        self.made += 1
+        node = ir.node(op, inputs, attributes=attributes or None, name=f"{self.base}_dct_{self.made}")
+        self.nodes.append(node)
+        return node.outputs[0]
+
+    def constant(self, name: str, array: np.ndarray | float | list[int]) -> ir.Value:
+        """A constant of the map (floats as float32 scalars, lists as int64 vectors), made once."""
+        if name not in self.constants:
+            if isinstance(array, float):
+                array = np.array(array, np.float32)
+            elif isinstance(array, list):
+                array = np.array(array, np.int64)
+            self.constants[name] = edit.add_initializer(self.model, f"{self.base}.dct_{name}", array)
+        return self.constants[name]
+
+    def reduce(self, op: str, x: ir.Value, axes: list[int]) -> ir.Value:
+        """ReduceMax/ReduceSum over `axes` keeping them (axes as an input from opset 18, else an attribute)."""
+        if op == "ReduceSum" or self.model.opset_imports.get("", 1) >= 18:
+            return self.node(op, [x, self.constant(f"axes_{'_'.join(map(str, axes))}", axes)], keepdims=1)
+        return self.node(op, [x], axes=axes, keepdims=1)
+
+    def apply(self, tokens: ir.Value, matrix: ir.Value, lead: int) -> ir.Value:
+        """A·X over the tokens after the `lead` CLS tokens, which stay in front as they were."""
+        if not lead:
+            return self.node("MatMul", [matrix, tokens])
+        head, rest = self._split(tokens, lead)
+        return self.node("Concat", [head, self.node("MatMul", [matrix, rest])], axis=1)
+
+    def restore(self, tokens: ir.Value, matrix: ir.Value, lead: int) -> ir.Value:
+        """(N/N')·Aᵀ·Y: back to N tokens, the dropped frequencies zero."""
+        if lead:
+            head, tokens = self._split(tokens, lead)
+        transposed = self.node("Transpose", [matrix], perm=[1, 0])
+        rows = self.node("Cast", [self.node("Shape", [transposed], start=0, end=1)], to=ir.DataType.FLOAT)
+        cols = self.node("Cast", [self.node("Shape", [transposed], start=1, end=2)], to=ir.DataType.FLOAT)
+        scale = self.node("Div", [rows, cols])
+        up = self.node("Mul", [self.node("MatMul", [transposed, tokens]), scale])
+        return self.node("Concat", [head, up], axis=1) if lead else up
+
+    def _split(self, tokens: ir.Value, lead: int) -> tuple[ir.Value, ir.Value]:
+        """(the first `lead` tokens, the rest), along axis 1."""
+        axis = self.constant("axis1", [1])
+        return (self.node("Slice", [tokens, self.constant("zero_i", [0]), self.constant(f"at_{lead}", [lead]), axis]),
+                self.node("Slice", [tokens, self.constant(f"at_{lead}", [lead]), self.constant("end", [2**62]), axis]))
+
+    def runtime_matrix(self, tokens: ir.Value, lead: int, keep: float) -> ir.Value:
+        """A [K, N] from the run-time token count (N = length − lead, K = ceil(keep·N))."""
+        length = self.node("Shape", [tokens], start=1, end=2)
+        n = self.node("Cast", [self.node("Sub", [length, self.constant(f"at_{lead}", [lead])])], to=ir.DataType.FLOAT)
+        k = self.node("Ceil", [self.node("Mul", [n, self.constant("keep", float(keep))])])
+        c_k, c_n = self._dct(k, k), self._dct(k, n)  # C_K [K, K] and the first K rows of C_N [K, N]
+        basis = self.node("MatMul", [self.node("Transpose", [c_k], perm=[1, 0]), c_n])
+        return self.node("Mul", [basis, self.node("Sqrt", [self.node("Div", [k, n])])])
+
+    def _dct(self, rows: ir.Value, size: ir.Value) -> ir.Value:
+        """The first `rows` rows of the orthonormal DCT-II of `size` points: √(2/N)·cos(π(2i+1)k / 2N),
+        row 0 scaled by 1/√2 (as `dct_matrix`), built from Range and Cos."""
+        zero, one, two = self.constant("zero", 0.0), self.constant("one", 1.0), self.constant("two", 2.0)
+        k = self.node("Unsqueeze", [self.node("Range", [zero, self.node("Squeeze", [rows]), one]), self.constant("axis1", [1])])
+        i = self.node("Unsqueeze", [self.node("Range", [zero, self.node("Squeeze", [size]), one]), self.constant("axis0", [0])])
+        odd = self.node("Add", [self.node("Mul", [i, two]), one])
+        angle = self.node("Div", [self.node("Mul", [self.node("Mul", [odd, k]), self.constant("pi", float(np.pi))]),
+                                  self.node("Mul", [size, two])])
+        first_row = self.node("Cast", [self.node("Equal", [k, zero])], to=ir.DataType.FLOAT)
+        row_scale = self.node("Sub", [one, self.node("Mul", [first_row, self.constant("root_half", float(1 - 1 / np.sqrt(2)))])])
+        norm = self.node("Sqrt", [self.node("Div", [two, size])])
+        return self.node("Mul", [self.node("Mul", [self.node("Cos", [angle]), row_scale]), norm])
+
+
+def _static_lengths(model: ir.Model, value: ir.Value) -> tuple[Factor, list[ShapeElement]] | None:
+    """With a fixed token count, the reshape targets after `value` that count the tokens (followed
+    through the graph by `slimgraph.ir.factors`)."""
+    length = static_dim(value, 1)
+    if length is None:
+        return None
+    flow = FactorFlow()
+    tokens = Factor(length, "tokens")
+    start = {value: (flow.dim_factors(value.shape[0]), (tokens,), flow.dim_factors(value.shape[2]))}
+    flow.run(model, start, stop=lambda n: False, outputs_allowed=True)
+    return tokens, [e for e in flow.elements if any(same(f, tokens) for f in e.factors)]
+
+
+_VECTOR_OPS = {"Shape", "Concat", "Slice", "Gather", "Cast", "Identity", "Unsqueeze", "Squeeze"}
+
+
+def _follow_lengths(model: ir.Model, builder: _Builder, value: ir.Value, compressed: ir.Value) -> int:
+    """Shapes computed at run time from a tensor before the map (the exporter's `Shape(input_ids)`)
+    and used after it: their token length becomes the compressed one. Each user gets its own copy
+    of the shape computation, reading a patched `Shape` whose token axis is the compressed length."""
+    token = value.shape[1]
+    if isinstance(token, int):
+        return 0
+    later = set(_values_after(compressed))
+    patched: dict[ir.Value, ir.Value] = {}
+
+    def rebuild(vector: ir.Value) -> ir.Value:
+        node = vector.producer()
+        if node is None or node.op_type not in _VECTOR_OPS or vector in later:
+            return vector
+        if node.op_type == "Shape":
+            source = node.inputs[0]
+            if source.shape is None or all(str(d) != str(token) for d in source.shape):
+                return vector
+            if vector not in patched:
+                pieces = [builder.node("Shape", [compressed], start=1, end=2) if str(d) == str(token)
+                          else builder.node("Shape", [source], start=i, end=i + 1) for i, d in enumerate(source.shape)]
+                start, end = node.attributes.get_int("start", 0), node.attributes.get_int("end", len(pieces))
+                patched[vector] = builder.node("Concat", pieces[slice(start, end)], axis=0)
+            return patched[vector]
+        inputs = [rebuild(v) if v is not None else None for v in node.inputs]
+        if all(a is b for a, b in zip(inputs, node.inputs)):
+            return vector
+        builder.made += 1
+        clone = ir.node(node.op_type, inputs, attributes=dict(node.attributes), name=f"{node.name}_dct{builder.made}")
+        builder.nodes.append(clone)
+        return clone.outputs[0]
+
+    followed = 0
+    for node in [n for n in model.graph if any(o in later for o in n.outputs)]:
+        for index, vector in enumerate(node.inputs):
+            if vector is None or vector in later or vector.dtype != ir.DataType.INT64:
+                continue
+            builder.nodes = []
+            rebuilt = rebuild(vector)
+            if rebuilt is not vector:
+                model.graph.insert_before(node, builder.nodes)
+                node.replace_input_with(index, rebuilt)
+                followed += 1
+    return followed
+
+
+def _follow_masks(model: ir.Model, builder: _Builder, compressed: ir.Value, matrix: ir.Value, lead: int) -> int:
+    """Additive attention masks read after the map: their key axis pooled the same way."""
+    later = set(_values_after(compressed))
+    pooled = {}
+    count = 0
+    for attention in discover(model).attention:
+        scores = attention.scores
+        if scores is None or scores.outputs[0] not in later:
+            continue
+        for node, _ in scores.outputs[0].uses():
+            if node.op_type != "Add":
+                continue
+            mask = next((v for v in node.inputs if v is not scores.outputs[0]), None)
+            if mask is None or mask in later or mask.shape is None or len(mask.shape) != 4:
+                continue
+            if mask not in pooled:
+                builder.nodes = []
+                pooled[mask] = _pool_mask(builder, mask, matrix, lead)
+                model.graph.insert_before(node, builder.nodes)
+            node.replace_input_with(list(node.inputs).index(mask), pooled[mask])
+            count += 1
+    return count
+
+
+def _pool_mask(builder: _Builder, mask: ir.Value, matrix: ir.Value, lead: int) -> ir.Value:
+    """An additive mask [B, 1, Q, K] (0 where attended) → [B, 1, 1, K']: a compressed key is
+    attended when most of the keys it mixes were (their share, weighted by |A|, above one half)."""
+    zero, one = builder.constant("zero", 0.0), builder.constant("one", 1.0)
+    keys = builder.reduce("ReduceMax", mask, [1, 2])  # [B, 1, 1, K]: 0 where any query attends the key
+    valid = builder.node("Cast", [builder.node("Equal", [keys, zero])], to=ir.DataType.FLOAT)
+    column = builder.node("Transpose", [valid], perm=[0, 3, 1, 2])  # [B, K, 1, 1] → tokens on axis 1
+    column = builder.node("Squeeze", [column, builder.constant("axis3", [3])])  # [B, K, 1]
+    head = None
+    if lead:
+        head, column = builder._split(column, lead)
+    weights = builder.node("Abs", [matrix])
+    share = builder.node("Div", [builder.node("MatMul", [weights, column]), builder.reduce("ReduceSum", weights, [1])])
+    pooled = builder.node("Cast", [builder.node("Greater", [share, builder.constant("half", 0.5)])], to=ir.DataType.FLOAT)
+    if lead:
+        pooled = builder.node("Concat", [head, pooled], axis=1)
+    additive = builder.node("Mul", [builder.node("Sub", [one, pooled]),
+                                    builder.constant("lowest", float(np.finfo(np.float32).min))])  # [B, K', 1]
+    return builder.node("Unsqueeze", [builder.node("Transpose", [additive], perm=[0, 2, 1]),
+                                      builder.constant("axis1", [1])])  # [B, 1, 1, K']

@@ -1,0 +1,111 @@
+"""dct-tokens: the DCT maps are exact where they must be, and compressed models run and keep fidelity."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from slimgraph.errors import SlimgraphError
+from slimgraph.ir import evaluate
+from slimgraph.ir.inputs import sample_inputs
+from slimgraph.ir.stats import model_stats
+from slimgraph.passes import PassContext, Pipeline
+from slimgraph.passes.tokens import compression, dct_matrix, grid_compression
+from tests.conftest import copy_model
+
+RNG = np.random.default_rng(0)
+
+
+@pytest.mark.parametrize("n", [1, 5, 16, 17])
+def test_the_dct_is_orthonormal_and_keep_one_is_the_identity(n):
+    c = dct_matrix(n)
+    np.testing.assert_allclose(c @ c.T, np.eye(n), atol=1e-12)
+    np.testing.assert_allclose(compression(n, n), np.eye(n), atol=1e-12)
+
+
+@pytest.mark.parametrize("n, kept", [(16, 8), (17, 9), (12, 3)])
+def test_the_mean_token_is_preserved(n, kept):
+    tokens = RNG.standard_normal((n, 6))
+    compressed = compression(n, kept) @ tokens
+    assert compressed.shape == (kept, 6)
+    np.testing.assert_allclose(compressed.mean(axis=0), tokens.mean(axis=0), atol=1e-12)
+    square = RNG.standard_normal((16, 6))
+    grid = grid_compression(4, 4, 2, 2) @ square
+    np.testing.assert_allclose(grid.mean(axis=0), square.mean(axis=0), atol=1e-12)
+
+
+def run(model, text: str, ctx: PassContext | None = None, verify: bool = True):
+    model = copy_model(model)
+    report = Pipeline.parse(text).run(model, ctx or PassContext(), verify=verify)
+    return model, report.records[0]
+
+
+def test_keep_one_is_exact_on_minilm(minilm):
+    _, record = run(minilm, "dct-tokens{at=1,keep=1.0}")
+    assert record.fidelity.max_rel_error < 1e-5
+    assert record.stats["tokens"].startswith("N → ceil(1.0·N) tokens") and "1 CLS kept apart" in record.stats["tokens"]
+    assert int(record.stats["masks pooled"]) == 5  # the attention of blocks 1–5
+
+
+@pytest.mark.slow
+def test_minilm_fidelity_floor_on_padded_sentences(minilm, sentence_eval):
+    model, record = run(minilm, "dct-tokens{at=2,keep=0.5}", sentence_eval.context())
+    assert record.stats["restored"] == "last_hidden_state"
+    assert sentence_eval.cosines(model).mean() >= 0.78  # measured 0.816, training-free
+    feeds = sentence_eval.evaluation[0]
+    assert evaluate.run(model, feeds)["last_hidden_state"].shape == feeds["input_ids"].shape + (384,)
+
+
+def test_without_restore_the_output_keeps_fewer_tokens(minilm):
+    model, record = run(minilm, "dct-tokens{at=4,keep=0.5,restore=false}")
+    assert record.fidelity is not None  # compared by the mean token
+    feeds = sample_inputs(model, batch=2, sequence=16)
+    hidden = evaluate.run(model, feeds)["last_hidden_state"]
+    assert hidden.shape == (2, 1 + 8, 384)  # the CLS token and half of the other 15, rounded up
+
+
+@pytest.fixture(scope="module")
+def vit(tmp_path_factory):
+    """A ViT classifier (random weights): 8×8 patches + CLS."""
+    import torch
+    import transformers
+
+    from slimgraph.frontend import load
+
+    torch.manual_seed(0)
+    config = transformers.ViTConfig(image_size=32, patch_size=4, hidden_size=48, num_hidden_layers=3,
+                                    num_attention_heads=4, intermediate_size=96, num_labels=10)
+    folder = tmp_path_factory.mktemp("vit")
+    transformers.ViTForImageClassification(config).eval().save_pretrained(folder)
+    return load(folder)
+
+
+def test_vit_grid_keep_all_is_exact_and_half_grid_saves_flops(vit):
+    _, exact = run(vit, "dct-tokens{at=1,layout=grid,grid=[8,8]}")
+    assert exact.fidelity.max_rel_error < 1e-5 and exact.stats["tokens"] == "8×8 → 8×8 tokens (+1 CLS kept apart)"
+    before = model_stats(vit).flops
+    model, record = run(vit, "dct-tokens{at=1,layout=grid,grid=[4,4]}")
+    assert record.stats["tokens"] == "8×8 → 4×4 tokens (+1 CLS kept apart)"
+    assert model_stats(model).flops < 0.6 * before
+    assert evaluate.run(model, sample_inputs(model, batch=2))["logits"].shape == (2, 10)
+
+
+@pytest.mark.parametrize("text, message", [
+    ("dct-tokens{at=1,keep=0}", r"keep must be in \(0, 1\]"),
+    ("dct-tokens{keep=0.5}", "give at=BLOCK or value=NAME"),
+    ("dct-tokens{at=9}", "at=9 does not exist"),
+    ("dct-tokens{at=1,layout=grid,grid=[9,9]}", "larger than the 8×8 token grid"),
+])
+def test_bad_input(vit, text, message):
+    with pytest.raises(SlimgraphError, match=message):
+        run(vit, text)
+
+
+def test_a_causal_lm_is_refused(llama_ir):
+    with pytest.raises(SlimgraphError, match="causal LM"):
+        run(llama_ir, "dct-tokens{at=1,keep=0.5}")
+
+
+def test_a_sequence_that_is_not_a_grid(minilm):
+    with pytest.raises(SlimgraphError, match="fixed token count"):
+        run(minilm, "dct-tokens{at=1,layout=grid}")

@@ -1,0 +1,85 @@
+"""trim-vocab: the kept logits are the full model's, ids map back, and what it refuses."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from slimgraph.errors import SlimgraphError
+from slimgraph.frontend.calibration import tokenize_lines
+from slimgraph.ir import evaluate
+from slimgraph.ir.inputs import sample_inputs
+from slimgraph.passes import PassContext, Pipeline
+from tests.conftest import copy_model
+
+
+def trimmed(model, text: str, ctx: PassContext):
+    model = copy_model(model)
+    report = Pipeline.parse(text).run(model, ctx)
+    return model, report.records[0]
+
+
+def calibration(model, vocab: int, seed: int = 0) -> PassContext:
+    """Feeds that use a quarter of the vocabulary."""
+    rng = np.random.default_rng(seed)
+    feeds = sample_inputs(model, batch=8, sequence=64, seed=seed)
+    feeds["input_ids"] = rng.integers(0, vocab // 4, size=feeds["input_ids"].shape)
+    return PassContext(inputs=[feeds], inputs_source="ids below vocab/4")
+
+
+def test_kept_logits_are_the_full_models_bit_for_bit(gpt2_ir):
+    """GPT-2 (tied head): the head gets its own trimmed table, the embedding keeps all 1000 rows."""
+    model, record = trimmed(gpt2_ir, "trim-vocab{keep=120,keep_ids=[0]}", calibration(gpt2_ir, 1000))
+    assert record.stats["tokens kept"].startswith("1,000 → 121")
+    feeds = sample_inputs(gpt2_ir, batch=2, sequence=9, seed=7)  # any ids: the embedding is whole
+    full, got = evaluate.run(gpt2_ir, feeds), evaluate.run(model, feeds)
+    ids = got["token_ids"]
+    assert ids.shape == (121,) and ids[0] == 0 and np.all(np.diff(ids) > 0)
+    np.testing.assert_array_equal(got["logits"], full["logits"][..., ids])
+    assert record.fidelity.cosine > 0.999999  # what Verify compared: the logits at the kept ids
+
+
+def test_trimmed_embeddings_remap_incoming_ids(llama_ir):
+    model, record = trimmed(llama_ir, "trim-vocab{keep=200,keep_ids=[0],embeddings=trim}", calibration(llama_ir, 1000))
+    feeds = sample_inputs(llama_ir, batch=2, sequence=9, seed=7)
+    ids = evaluate.run(model, feeds)["token_ids"]
+    feeds["input_ids"] = ids[np.random.default_rng(1).integers(0, len(ids), feeds["input_ids"].shape)]
+    np.testing.assert_array_equal(evaluate.run(model, feeds)["logits"],
+                                  evaluate.run(llama_ir, feeds)["logits"][..., ids])
+    tables = [v for v in model.graph.initializers.values() if v.name.endswith("embed_tokens.weight")]
+    assert tables and tables[0].const_value.shape[0] == len(ids)
+
+
+@pytest.mark.slow
+def test_smollm2_coverage_and_special_tokens(smollm2, smollm2_folder):
+    from slimgraph.zoo import text
+
+    lines = text.calibration_texts(48)
+    ctx = PassContext(inputs=tokenize_lines(smollm2_folder, lines, ["input_ids", "attention_mask"]),
+                      inputs_source="48 pydoc paragraphs")
+    model, record = trimmed(smollm2, "trim-vocab", ctx)
+    ids = set(evaluate.run(model, ctx.inputs[0])["token_ids"].tolist())
+    assert set(range(17)) <= ids  # SmolLM2's special and chat-template tokens
+    kept, share = record.stats["tokens kept"].split(" (")[0], record.stats["tokens kept"].split("(")[1]
+    assert float(share.split("%")[0]) >= 99.0 and int(kept.split("→ ")[1].replace(",", "")) < 5000
+
+
+def test_generated_continuations_count_too(gpt2_ir):
+    with pytest.raises(SlimgraphError, match="source=generate needs the model's tokenizer"):
+        trimmed(gpt2_ir, "trim-vocab{keep=100,keep_ids=[0],source=generate}", calibration(gpt2_ir, 1000))
+
+
+@pytest.mark.parametrize("text, message", [
+    ("trim-vocab{keep=100}", "special tokens to keep are unknown"),
+    ("trim-vocab{keep=100,keep_ids=[5000]}", "keep_ids=5000 is not a token id"),
+    ("trim-vocab{keep=1000,keep_ids=[0]}", "keep=1000 is not below the vocabulary"),
+    ("trim-vocab{coverage=1.5}", r"coverage must be in \(0, 1\]"),
+])
+def test_bad_input(gpt2_ir, text, message):
+    with pytest.raises(SlimgraphError, match=message):
+        trimmed(gpt2_ir, text, calibration(gpt2_ir, 1000))
+
+
+def test_a_model_without_an_lm_head(minilm):
+    with pytest.raises(SlimgraphError, match="no LM head found"):
+        trimmed(minilm, "trim-vocab{keep=100,keep_ids=[0]}", PassContext())
