@@ -14,6 +14,7 @@ import argparse
 import contextlib
 import io
 import logging
+import os
 import resource
 import statistics
 import tempfile
@@ -72,6 +73,7 @@ def main() -> None:
         with contextlib.redirect_stdout(io.StringIO()):
             return torch.onnx.export(model, (), kwargs=enc, dynamo=True, dynamic_shapes=dims, optimize=True).model
 
+    os.environ["SLIMGRAPH_NO_CACHE"] = "1"  # the export itself; benchmarks/export_cache.py measures the cache
     t_ours, t_plain, model = side_by_side(lambda: slimgraph.load(folder), plain_load, args.repeat)
     rows.append(("load (HF folder → IR)", t_ours, t_plain, "AutoModel + torch.onnx.export by hand"))
     rss["load"] = peak_rss_mb()

@@ -22,7 +22,9 @@ _EXPORTS = {
     "inspect": "slimgraph.api",
     "diff": "slimgraph.api",
     "compile": "slimgraph.backends",
+    "generate": "slimgraph.generate",
     "Pipeline": "slimgraph.passes",
+    "Recipe": "slimgraph.passes",
     "Pass": "slimgraph.passes",
     "PassContext": "slimgraph.passes",
     "PassResult": "slimgraph.passes",
@@ -38,7 +40,8 @@ if TYPE_CHECKING:
     from slimgraph.backends import compile
     from slimgraph.errors import FidelityError, SlimgraphError
     from slimgraph.frontend import load
-    from slimgraph.passes import Pass, PassContext, PassResult, Pipeline, register_pass
+    from slimgraph.generate import generate
+    from slimgraph.passes import Pass, PassContext, PassResult, Pipeline, Recipe, register_pass
 
 
 def __getattr__(name: str) -> Any:
@@ -47,3 +50,8 @@ def __getattr__(name: str) -> Any:
         globals()[name] = value
         return value
     raise AttributeError(f"module 'slimgraph' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    # What completion should offer: the public API (imported on first use), not this module's imports.
+    return sorted({*__all__, "__version__"})

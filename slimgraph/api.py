@@ -20,17 +20,28 @@ def save(model: ir.Model, path: str | os.PathLike, *, external_data: bool | None
 
 
 def inspect(source: Any, **load_options: Any) -> ModelSummary:
-    """Statistics, structures and largest tensors of a model or anything `load` accepts."""
+    """What `slimgraph inspect` shows, as data: statistics (`.stats`: parameters, bytes by
+    dtype, op histogram, FLOPs), the structures found (`.structures`: blocks, linears,
+    attention, FFNs, embeddings, LM heads) and the largest tensors.
+
+    `source` is a model or anything `slimgraph.load` accepts; `load_options` go to `load`.
+    """
     from slimgraph.frontend import load
 
     return summarize(load(source, **load_options))
 
 
-def diff(a: Any, b: Any, *, weights: bool = False) -> DiffResult:
-    """What changed from model `a` to model `b` (models or anything `load` accepts)."""
+def diff(a: Any, b: Any, *, weights: bool = False, a_name: str | None = None, b_name: str | None = None) -> DiffResult:
+    """What changed from model `a` to model `b` (models or anything `slimgraph.load` accepts).
+
+    Nodes are matched by name, module path and structure; `.changes` lists what was added,
+    removed, replaced or changed by module path, `.weights` the initializers whose bytes
+    differ (with `weights=True`, each with its relative L2 change), and `.identical` is
+    true only when nothing differs. The names label A and B in the report.
+    """
     from slimgraph.frontend import load
 
-    return diff_models(load(a), load(b), weights=weights, a_name=_name(a), b_name=_name(b))
+    return diff_models(load(a), load(b), weights=weights, a_name=a_name or _name(a), b_name=b_name or _name(b))
 
 
 def _name(source: Any) -> str:

@@ -4,6 +4,17 @@ With two models, runs alternate (A, B, B, A, …) on the same inputs so that mac
 hits both alike; ratios are B / A. Peak memory is measured in a child process per model
 (session + one run at the largest batch) minus a child that only imports onnxruntime,
 because two sessions in one process cannot be told apart.
+
+Only what ran is reported: a batch size a model cannot take (an input whose first axis is
+fixed at another size) is listed as not run, with the reason, and gets no figures.
+
+Decode mode (`bench_decode`, `slimgraph bench --new-tokens N`) times greedy generation of a
+causal LM (`slimgraph.generate.Decoder`): a prompt (text through the model's tokenizer, or
+`--seq` random token ids), then N new tokens. It reports the time to the first token (the
+prompt's step) and the decode rate, new tokens per second after the first (batch × (N − 1) /
+the time of those steps). A graph with a KV cache runs one token per step; one without runs the
+whole sequence each time, so two models, one of each, show what the cache buys. Folders and
+`.gguf` files are exported with the KV cache (`kv_cache=True`) for this mode.
 """
 
 from __future__ import annotations
@@ -25,6 +36,9 @@ import onnx_ir as ir
 from slimgraph.errors import SlimgraphError
 from slimgraph.ir import evaluate
 from slimgraph.ir.inputs import sample_inputs
+from slimgraph.ir.stats import human_bytes
+
+Progress = Callable[[str, int, int], None]
 
 
 @dataclass(frozen=True)
@@ -35,15 +49,49 @@ class Latency:
     throughput: float  # samples per second at p50
 
 
+@dataclass(frozen=True)
+class DecodeSpeed:
+    batch: int
+    prompt_tokens: int
+    new_tokens: int
+    first_token_ms: float  # p50 of the prompt's step
+    tokens_per_s: float  # p50 decode rate after the first token, all rows counted
+    kv_cache: bool
+
+
 @dataclass
 class BenchResult:
     name: str
     file_bytes: int
     peak_rss_mb: float | None
     latency: list[Latency] = field(default_factory=list)
+    skipped: dict[int, str] = field(default_factory=dict)  # batch size → why it did not run
+    decode: list[DecodeSpeed] = field(default_factory=list)
 
     def to_json(self) -> dict:
-        return asdict(self)
+        data = asdict(self)
+        data["skipped"] = [{"batch": b, "reason": r} for b, r in self.skipped.items()]
+        return data
+
+    def __repr__(self) -> str:
+        latency = ", ".join([f"batch {lat.batch}: p50 {lat.p50_ms:.2f} ms" for lat in self.latency] +
+                            [f"batch {d.batch}: {d.tokens_per_s:.1f} tokens/s" for d in self.decode])
+        memory = f", peak RSS {self.peak_rss_mb:.1f} MB" if self.peak_rss_mb is not None else ""
+        return f"<BenchResult {Path(self.name).name}: {human_bytes(self.file_bytes)}{memory}; {latency}>"
+
+
+def batch_problem(model: ir.Model, batch: int) -> str | None:
+    """Why `model` cannot run `batch` samples at once (an input fixed at another batch), or None."""
+    for value in model.graph.inputs:
+        if value.is_initializer() or value.shape is None:
+            continue
+        if len(value.shape) == 0:
+            return f"input '{value.name}' is a scalar (no batch axis)"
+        first = value.shape[0]
+        if isinstance(first, int) and first != batch:
+            dims = "×".join(str(d) for d in value.shape)
+            return f"input '{value.name}' is fixed at batch {first} ({dims})"
+    return None
 
 
 def model_file_bytes(path: Path) -> int:
@@ -111,40 +159,171 @@ def bench(
     warmup: int = 3,
     threads: int | None = None,
     memory: bool = True,
+    progress: Progress | None = None,
+    kv_cache: bool = False,
 ) -> list[BenchResult]:
+    """Latency (p50, p90), throughput, file size and peak memory of one or two models under
+    ONNX Runtime, per batch size; `progress(what, done, total)` hears how far it got.
+    `kv_cache`: folders and `.gguf` files are exported with past/present keys and values."""
     from slimgraph.frontend import load
 
     if not 1 <= len(paths) <= 2:
         raise SlimgraphError("bench takes one model, or two to compare")
     if runs < 1 or warmup < 0 or any(b < 1 for b in batches) or sequence < 1:
         raise SlimgraphError("runs, batches and --seq must be positive")
+    for path in paths:
+        _check_benchable(path)
+    report = progress or (lambda what, done, total: None)
     with tempfile.TemporaryDirectory(prefix="slimgraph-bench-") as tmp:
         models, files = [], []
         for i, path in enumerate(paths):
-            model = load(path)
+            report(f"loading {path.name}", i, len(paths))
+            model = load(path, **({"kv_cache": True} if kv_cache else {}))
             if path.suffix.lower() != ".onnx":  # a folder or .pt2: bench what slimgraph would write
                 from slimgraph.api import save
 
                 path = save(model, Path(tmp) / f"model{i}.onnx")
             models.append(model)
             files.append(path)
+        report("building sessions", len(paths), len(paths))
+        _check_same_inputs(models, paths)
         options = evaluate.session_options(threads, spinning=False)
         sessions = [evaluate.make_session(m, options=options) for m in models]
-        _check_same_inputs(models, paths)
         results = [BenchResult(name=str(p), file_bytes=model_file_bytes(f), peak_rss_mb=None) for p, f in zip(paths, files)]
+        runnable = []
         for batch in batches:
+            problems = [(p, batch_problem(m, batch)) for p, m in zip(paths, models)]
+            problems = [f"{p.name}: {why}" for p, why in problems if why]
+            if problems:  # both or neither: ratios compare like with like
+                for result in results:
+                    result.skipped[batch] = "; ".join(problems)
+            else:
+                runnable.append(batch)
+        if not runnable:
+            raise SlimgraphError(f"no batch size in --batch {','.join(map(str, batches))} can run: "
+                                 f"{results[0].skipped[batches[0]]}")
+        for batch in runnable:
             feeds = sample_inputs(models[0], batch=batch, sequence=sequence)
             contenders = {i: (lambda s=s: evaluate.run(s, feeds)) for i, s in enumerate(sessions)}
+            what = f"batch {batch}: {runs} runs × {len(sessions)} model{'s' if len(sessions) > 1 else ''}"
+            report(what, 0, 1)
             times = alternating_runs(contenders, runs, warmup)
+            report(what, 1, 1)
             for result, samples in zip(results, times.values()):
                 p50 = statistics.median(samples)
                 p90 = float(np.percentile(samples, 90))
                 result.latency.append(Latency(batch, p50 * 1e3, p90 * 1e3, batch / p50))
         if memory:
-            feeds = sample_inputs(models[0], batch=max(batches), sequence=sequence)
-            for result, path in zip(results, files):
+            feeds = sample_inputs(models[0], batch=max(runnable), sequence=sequence)
+            for i, (result, path) in enumerate(zip(results, files)):
+                report("peak memory (a child process per model)", i, len(files))
                 result.peak_rss_mb = peak_rss_mb(path, feeds)
+            report("peak memory (a child process per model)", len(files), len(files))
     return results
+
+
+def bench_decode(
+    paths: list[Path],
+    *,
+    new_tokens: int,
+    prompt: str | None = None,
+    prompt_tokens: int = 128,
+    batches: tuple[int, ...] = (1,),
+    runs: int = 3,
+    warmup: int = 1,
+    threads: int | None = None,
+    progress: Progress | None = None,
+) -> list[BenchResult]:
+    """Greedy generation speed of one or two causal LMs under ONNX Runtime: the time to the first
+    token and new tokens per second, per batch size (each row the same prompt)."""
+    from slimgraph.frontend import load
+    from slimgraph.generate import Decoder, left_pad
+
+    if not 1 <= len(paths) <= 2:
+        raise SlimgraphError("bench takes one model, or two to compare")
+    if new_tokens < 2 or runs < 1 or warmup < 0 or any(b < 1 for b in batches) or prompt_tokens < 1:
+        raise SlimgraphError("--new-tokens must be 2 or more; runs, batches and --seq positive")
+    if prompt is not None and not prompt.strip():
+        raise SlimgraphError("--prompt is empty")
+    for path in paths:
+        _check_benchable(path)
+    report = progress or (lambda what, done, total: None)
+    options = evaluate.session_options(threads, spinning=False)
+    models, decoders = [], []
+    for i, path in enumerate(paths):
+        report(f"loading {path.name}", i, len(paths))
+        model = load(path) if path.suffix.lower() == ".onnx" else load(path, kv_cache=True)
+        session = evaluate.make_session(model, options=options)
+        decoders.append(Decoder(model, lambda feeds, s=session: evaluate.run(s, feeds)))
+        models.append(model)
+    ids = _prompt_ids(models, paths, prompt, prompt_tokens)
+    results = [BenchResult(name=str(p), file_bytes=_source_bytes(p, m), peak_rss_mb=None) for p, m in zip(paths, models)]
+    for batch in batches:
+        tokens, mask = left_pad([ids] * batch, 0)
+        records: dict[int, list[tuple[float, float]]] = {i: [] for i in range(len(decoders))}
+
+        def generation(decoder: Decoder, record: list) -> None:
+            start = time.perf_counter()
+            logits = decoder.start(tokens, mask)
+            first = time.perf_counter()
+            for _ in range(new_tokens - 1):
+                logits = decoder.advance(logits.argmax(axis=-1))
+            record.append((first - start, time.perf_counter() - first))
+
+        what = f"batch {batch}: {runs} generations of {new_tokens} tokens × {len(decoders)} model" + \
+            ("s" if len(decoders) > 1 else "")
+        report(what, 0, 1)
+        alternating_runs({i: (lambda d=d, i=i: generation(d, records[i])) for i, d in enumerate(decoders)},
+                         runs, warmup)
+        report(what, 1, 1)
+        for i, (result, decoder) in enumerate(zip(results, decoders)):
+            timed = records[i][warmup:]
+            first_token = statistics.median(t[0] for t in timed)
+            rate = statistics.median(batch * (new_tokens - 1) / t[1] for t in timed)
+            result.decode.append(DecodeSpeed(batch, len(ids), new_tokens, first_token * 1e3, rate, decoder.has_cache))
+    return results
+
+
+def _prompt_ids(models: list[ir.Model], paths: list[Path], prompt: str | None, length: int) -> list[int]:
+    """The prompt's token ids: the text through the first tokenizer found, or `length` random ids
+    below every model's vocabulary."""
+    from slimgraph.ir.inputs import index_bound
+    from slimgraph.ir.meta import TOKENIZER_KEY
+
+    if prompt is not None:
+        source = next((m.meta.get(TOKENIZER_KEY) for m in models if m.meta.get(TOKENIZER_KEY)), None)
+        if source is None:
+            raise SlimgraphError("--prompt needs a model with a tokenizer (a Hugging Face folder or a .gguf); for a "
+                                 ".onnx file, give a prompt length in tokens with --seq")
+        from slimgraph.frontend.calibration import load_tokenizer
+
+        ids = list(load_tokenizer(Path(source))(prompt)["input_ids"])
+        if not ids:
+            raise SlimgraphError("--prompt tokenizes to no tokens")
+        return ids
+    bounds = []
+    for model, path in zip(models, paths):
+        ids_input = next(v for v in model.graph.inputs if v.name == "input_ids")
+        logits = next(v for v in model.graph.outputs if v.name == "logits")
+        vocab = index_bound(ids_input) or (logits.shape[-1] if logits.shape is not None else None)
+        if not isinstance(vocab, int):
+            raise SlimgraphError(f"{path.name}: cannot tell its vocabulary size; give a --prompt")
+        bounds.append(vocab)
+    return np.random.default_rng(0).integers(0, min(bounds), size=length).tolist()
+
+
+def _source_bytes(path: Path, model: ir.Model) -> int:
+    if path.suffix.lower() == ".onnx":
+        return model_file_bytes(path)
+    return evaluate.initializer_bytes(model)  # an export: what its weights take
+
+
+def _check_benchable(path: Path) -> None:
+    if path.is_dir() and (path / "model.py").is_file() and not (path / "config.json").is_file():
+        raise SlimgraphError(
+            f"{path} is a PyTorch-backend folder (model.py + model.safetensors); bench measures ONNX Runtime "
+            "sessions: give it the .onnx model (or a .pt2 file, a Hugging Face folder)"
+        )
 
 
 def _check_same_inputs(models: list[ir.Model], paths: list[Path]) -> None:
@@ -155,11 +334,15 @@ def _check_same_inputs(models: list[ir.Model], paths: list[Path]) -> None:
 
 
 def ratios(results: list[BenchResult]) -> dict:
-    """B / A for each measure (below 1 means B is smaller or faster, except throughput)."""
+    """B / A for each measure that ran for both: below 1 means B is smaller, uses less memory
+    or has lower latency; for throughput, above 1 means B is faster."""
     if len(results) != 2:
         return {}
     a, b = results
     out = {"file_bytes": b.file_bytes / a.file_bytes}
+    for da, db in zip(a.decode, b.decode):
+        out[f"first_token_batch{da.batch}"] = db.first_token_ms / da.first_token_ms
+        out[f"tokens_per_s_batch{da.batch}"] = db.tokens_per_s / da.tokens_per_s
     if a.peak_rss_mb and b.peak_rss_mb:
         out["peak_rss_mb"] = b.peak_rss_mb / a.peak_rss_mb
     for la, lb in zip(a.latency, b.latency):

@@ -1,17 +1,28 @@
 """The `slimgraph` command: optimize, inspect, diff, bench, passes.
 
 Exit codes: 0 success; 1 the fidelity budget was exceeded (or an exact pass changed the
-outputs), or `diff` found differences; 2 user error (bad file, bad option, unsupported model), reported as one line on
-stderr without a traceback unless --debug. Torch and transformers are imported only when a
+outputs), or `diff` found differences; 2 user error (bad file, bad option, unsupported
+model, an OS error such as a full disk), reported as one line on stderr without a traceback
+unless --debug; with --json, also as `{"error": ...}` on stdout. Everything that can be
+checked before work is: the output path, the options, the calibration file (its format
+before the model is loaded, its arrays against the graph inputs right after), `exclude`
+globs and size budgets (before any pass). Torch and transformers are imported only when a
 command needs them, so `slimgraph --help` stays fast.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import difflib
 import inspect
 import json
+import logging
+import os
+import re
 import sys
+import warnings
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, NoReturn
 
@@ -21,12 +32,15 @@ from slimgraph.errors import SlimgraphError
 PROG = "slimgraph"
 
 
+class UsageError(SlimgraphError):
+    """A command line argparse (or our spelling check) refused."""
+
+
 class _Parser(argparse.ArgumentParser):
-    """argparse, but a usage error is one line on stderr (exit 2)."""
+    """argparse, but a usage error is a `UsageError` (one line on stderr, exit 2)."""
 
     def error(self, message: str) -> NoReturn:
-        sys.stderr.write(f"{self.prog}: error: {message} (see --help)\n")
-        raise SystemExit(2)
+        raise UsageError(f"{message} (see {self.prog} --help)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -35,44 +49,62 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
 
     optimize = sub.add_parser("optimize", help="run a pass pipeline on a model and write the result")
-    optimize.add_argument("model", help=".onnx file, .pt2 file, or Hugging Face model folder")
+    optimize.add_argument("model", help=".onnx file, .pt2 file, .gguf file, or Hugging Face model folder")
     source = optimize.add_mutually_exclusive_group(required=True)
-    source.add_argument("-p", "--pipeline", help="pipeline text, e.g. 'cleanup,fold-constants'")
+    source.add_argument("-p", "--pipeline", help="pipeline text, e.g. 'cleanup,quantize-weights{bits=4}'")
     source.add_argument("--recipe", help="YAML or TOML recipe file")
     optimize.add_argument("-o", "--output", required=True,
                           help="the output the backend writes (see --backend)")
     optimize.add_argument("--backend", default="onnxruntime", choices=list(backends()),
                           help="; ".join(f"{b.name}: writes {b.writes}" for b in backends().values()))
-    optimize.add_argument("--calib", help="calibration inputs: .npz of named arrays, or a text file (one sample a line)")
+    optimize.add_argument("--calib", help="calibration inputs: .npz of named arrays, or a text file (one sample a "
+                                          "line); with 4 samples or more, the last quarter is held out to verify on")
     optimize.add_argument("--max-drop", type=float, help="fail (exit 1) when 1 - cosine vs the original exceeds this")
     optimize.add_argument("--no-verify", action="store_true", help="skip verification against the original")
     optimize.add_argument("--external-data", action="store_true", help="store weights in a separate .data file")
+    _kv_cache(optimize)
+    _plugin(optimize)
     _common(optimize)
 
-    inspect = sub.add_parser("inspect", help="show statistics and detected structures of a model")
-    inspect.add_argument("model")
-    _common(inspect)
+    inspect_ = sub.add_parser("inspect", help="show statistics and detected structures of a model")
+    inspect_.add_argument("model")
+    _kv_cache(inspect_)
+    _common(inspect_)
 
     diff = sub.add_parser("diff", help="show what changed between two models (exit 1 when they differ)")
     diff.add_argument("a")
     diff.add_argument("b")
-    diff.add_argument("--weights", action="store_true", help="also compare weight values (relative L2)")
+    diff.add_argument("--weights", action="store_true",
+                      help="also measure how much each differing weight changed (relative L2); weights are always "
+                           "compared by fingerprint")
     diff.add_argument("--depth", type=int, default=2, help="group changes under this many module-path segments "
                                                           "(0: summary only; default 2)")
     diff.add_argument("--only", choices=["added", "removed", "changed"], help="show only these changes")
+    _kv_cache(diff)
     _common(diff)
 
     bench = sub.add_parser("bench", help="ONNX Runtime latency, throughput, memory and size (two models: ratios)")
     bench.add_argument("models", nargs="+", metavar="MODEL", help="one model, or two to compare (B / A)")
-    bench.add_argument("--batch", default="1,8", help="comma-separated batch sizes (default 1,8)")
-    bench.add_argument("--seq", type=int, default=128, help="length of symbolic sequence dims (default 128)")
-    bench.add_argument("--runs", type=int, default=30, help="timed runs per model and batch (default 30)")
+    bench.add_argument("--batch", help="comma-separated batch sizes (default 1,8; with --new-tokens, 1); sizes a model "
+                                                      "cannot take are listed as not run")
+    bench.add_argument("--seq", type=int, default=128, help="length of symbolic sequence dims (default 128); with "
+                                                            "--new-tokens, the prompt's length in tokens")
+    bench.add_argument("--runs", type=int, help="timed runs per model and batch (default 30; with --new-tokens, 3 "
+                                                "generations)")
     bench.add_argument("--threads", type=int, help="ONNX Runtime intra-op threads")
+    bench.add_argument("--new-tokens", type=int, metavar="N",
+                       help="decode mode: time greedy generation of N tokens of a causal LM (time to first token, "
+                            "tokens/s); folders and .gguf files are exported with a KV cache")
+    bench.add_argument("--prompt", help="with --new-tokens: the prompt text (tokenized with the model's tokenizer) "
+                                        "instead of --seq random token ids")
+    _kv_cache(bench)
     _common(bench)
 
     passes = sub.add_parser("passes", help="list passes, or show one pass's options")
     passes.add_argument("name", nargs="?")
+    _plugin(passes)
     _common(passes)
+    parser.commands = dict(sub.choices)  # type: ignore[attr-defined]
     return parser
 
 
@@ -81,28 +113,87 @@ def _common(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--debug", action="store_true", help="show tracebacks")
 
 
+def _kv_cache(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--kv-cache", action="store_true",
+                        help="export a causal LM (folder or .gguf) with past/present key-value inputs and outputs, "
+                             "for generation one token at a time")
+
+
+def _plugin(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--plugin", action="append", default=[], metavar="MODULE",
+                        help="import MODULE first, so that the passes it registers can be named (repeatable)")
+
+
 def _version() -> str:
     from slimgraph import __version__
 
     return __version__
 
 
+_NUMBER = re.compile(r"^-\d+(\.\d*)?([eE][-+]?\d+)?$|^-\.\d+$")
+
+
+def check_option_spelling(parser: argparse.ArgumentParser, argv: list[str]) -> None:
+    """Refuse an unknown option before argparse does: argparse reports a missing required
+    option first (`--pipline x` → "-p/--pipeline is required"), which hides the typo."""
+    command = next((a for a in argv if not a.startswith("-")), None)
+    sub = getattr(parser, "commands", {}).get(command)
+    if sub is None:
+        return
+    known = [o for o in sub._option_string_actions if o.startswith("-")]
+    long = [o for o in known if o.startswith("--")]
+    for token in argv[argv.index(command) + 1:]:
+        if token == "--":
+            return
+        if not token.startswith("-") or token == "-" or _NUMBER.match(token):
+            continue
+        name = token.split("=", 1)[0]
+        if name in known or (name.startswith("--") and any(o.startswith(name) for o in long)):
+            continue  # known, or an abbreviation argparse accepts
+        if not name.startswith("--") and token[:2] in known:
+            continue  # a short option with its value attached: -pcleanup
+        close = difflib.get_close_matches(name, long if name.startswith("--") else known, n=1, cutoff=0.6)
+        hint = f"; did you mean {close[0]}?" if close else ""
+        raise UsageError(f"{command}: unknown option {name}{hint} (see {PROG} {command} --help)")
+
+
 def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    if args.command is None:
-        parser.print_help()
-        return 2
+    argv = sys.argv[1:] if argv is None else list(argv)
+    wants_json, debug = "--json" in argv, "--debug" in argv
     try:
-        return COMMANDS[args.command](args)
+        try:
+            parser = build_parser()
+            check_option_spelling(parser, argv)
+            args = parser.parse_args(argv)
+            if args.command is None:
+                parser.print_help()
+                return 2
+            with _library_output_hidden(debug):
+                return COMMANDS[args.command](args)
+        except BrokenPipeError:
+            raise
+        except OSError as exc:  # a full disk, a permission refused: the user's to fix, one line
+            if debug:
+                raise
+            where = f": {exc.filename}" if exc.filename else ""
+            raise SlimgraphError(f"{exc.strerror or exc}{where}") from exc
     except SlimgraphError as exc:
-        if args.debug:
+        if debug:
             raise
         sys.stderr.write(f"{PROG}: error: {exc}\n")
+        if wants_json:
+            _print_json({"error": str(exc), "exit_code": exc.exit_code})
         return exc.exit_code
     except KeyboardInterrupt:
         sys.stderr.write(f"{PROG}: interrupted\n")
         return 130
+    except BrokenPipeError:
+        # The reader went away (`slimgraph passes --json | head`): stop quietly, as a pipe
+        # closed early by SIGPIPE would. Point stdout at devnull so that the final flush
+        # at exit does not raise again.
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        return 141
 
 
 # --- commands -----------------------------------------------------------------------------
@@ -111,49 +202,68 @@ def main(argv: list[str] | None = None) -> int:
 def cmd_optimize(args: argparse.Namespace) -> int:
     from slimgraph.backends import check_output, compile
     from slimgraph.frontend import load
-    from slimgraph.passes import PassContext, Pipeline
+    from slimgraph.frontend.calibration import check_calibration_file
+    from slimgraph.passes import Pipeline, load_plugin
 
+    for module in args.plugin:
+        load_plugin(module)
     model_path = Path(args.model)
     output = Path(args.output)
-    if output.exists() and model_path.exists() and output.resolve() == model_path.resolve():
+    if not model_path.exists():
+        raise SlimgraphError(f"no such file or folder: {model_path}")
+    if output.exists() and output.resolve() == model_path.resolve():
         raise SlimgraphError("the output would overwrite the input model; choose another -o path")
     check_output(args.backend, output)
     if args.pipeline is not None:
-        pipeline, settings = Pipeline.parse(args.pipeline), {}
+        pipeline, recipe_drop, recipe_calib = Pipeline.parse(args.pipeline), None, None
     else:
-        pipeline, settings = Pipeline.from_recipe(args.recipe)
-    max_drop = args.max_drop if args.max_drop is not None else settings.get("max_drop")
-    if max_drop is not None and not (isinstance(max_drop, (int, float)) and 0 <= max_drop <= 2):
-        raise SlimgraphError(f"max_drop must be a number between 0 and 2, got {max_drop!r}")
+        recipe = Pipeline.from_recipe(args.recipe)
+        pipeline, recipe_drop, recipe_calib = recipe.pipeline, recipe.max_drop, recipe.calib
+    max_drop = args.max_drop if args.max_drop is not None else recipe_drop
+    if max_drop is not None and args.no_verify:
+        where = "--max-drop" if args.max_drop is not None else f"max_drop in {args.recipe}"
+        raise SlimgraphError(f"--no-verify and {where} cannot go together: the budget is measured by verification")
+    calib = Path(args.calib) if args.calib else recipe_calib
+    if calib is not None:
+        check_calibration_file(calib, model_path)
 
-    model = load(model_path)
-    ctx = PassContext(max_drop=max_drop)
-    calib = args.calib or settings.get("calib")
-    if calib:
-        from slimgraph.frontend.calibration import load_calibration
+    from slimgraph.report import TerminalProgress
 
-        ctx.inputs, ctx.inputs_source = load_calibration(Path(calib), model)
-    with _progress(args, len(pipeline)) as instruments:
-        report = pipeline.run(model, ctx, verify=not args.no_verify, instruments=instruments)
-    for record in report.records:
-        for warning in record.warnings:
-            sys.stderr.write(f"{PROG}: warning: {warning}\n")
-    options = {"external_data": args.external_data or None} if args.backend == "onnxruntime" else {}
-    compile(model, backend=args.backend, **options).save(output)
+    with TerminalProgress(enabled=_show_progress(args)) as progress:
+        with progress.stage(_loading(model_path)):
+            model = load(model_path, **_load_options(args))
+        report = pipeline.run(model, verify=not args.no_verify, max_drop=max_drop, calib=calib,
+                              progress=progress.step, instruments=progress.passes(len(pipeline)))
+        options = {"external_data": args.external_data or None} if args.backend == "onnxruntime" else {}
+        with progress.stage(f"writing {output}"):
+            artifact = compile(model, backend=args.backend, **options)
+            artifact.save(output)
+    for warning in report.warnings:
+        _warn(warning)
+    lowering = getattr(artifact, "report", None)  # (the triton backend: which ops run as kernels, which do not)
 
     if args.json:
-        _print_json(report.to_json() | {"output": str(output), "backend": args.backend})
+        _print_json(report.to_json() | {"output": str(output), "backend": args.backend}
+                    | ({"lowering": lowering.to_json()} if lowering is not None else {}))
     else:
         from slimgraph.report import print_renderable, render_pipeline_report
 
         print_renderable(render_pipeline_report(report, output=str(output)))
+        if lowering is not None:
+            print("\n".join(lowering.lines()))
     return 0
 
 
 def cmd_inspect(args: argparse.Namespace) -> int:
     from slimgraph.api import inspect as inspect_model
+    from slimgraph.frontend import load
+    from slimgraph.report import TerminalProgress
 
-    summary = inspect_model(Path(args.model))
+    with TerminalProgress(enabled=_show_progress(args)) as progress:
+        with progress.stage(_loading(Path(args.model))):
+            model = load(Path(args.model), **_load_options(args))
+        with progress.stage("finding structures"):
+            summary = inspect_model(model)
     if args.json:
         _print_json(summary.to_json())
     else:
@@ -165,8 +275,16 @@ def cmd_inspect(args: argparse.Namespace) -> int:
 
 def cmd_diff(args: argparse.Namespace) -> int:
     from slimgraph.api import diff
+    from slimgraph.frontend import load
+    from slimgraph.report import TerminalProgress
 
-    result = diff(Path(args.a), Path(args.b), weights=args.weights)
+    with TerminalProgress(enabled=_show_progress(args)) as progress:
+        models = []
+        for path in (Path(args.a), Path(args.b)):
+            with progress.stage(_loading(path)):
+                models.append(load(path, **_load_options(args)))
+        with progress.stage("matching nodes and comparing weights"):
+            result = diff(*models, weights=args.weights, a_name=args.a, b_name=args.b)
     if args.json:
         _print_json(result.to_json())
     else:
@@ -177,14 +295,24 @@ def cmd_diff(args: argparse.Namespace) -> int:
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
-    from slimgraph.bench import bench, to_json
+    from slimgraph.bench import bench, bench_decode, to_json
+    from slimgraph.report import TerminalProgress
 
+    batch_text = args.batch or ("1" if args.new_tokens is not None else "1,8")
     try:
-        batches = tuple(int(b) for b in args.batch.split(","))
+        batches = tuple(int(b) for b in batch_text.split(","))
     except ValueError:
         raise SlimgraphError(f"--batch {args.batch}: expected comma-separated integers, e.g. 1,8") from None
-    results = bench([Path(m) for m in args.models], batches=batches, sequence=args.seq, runs=args.runs,
-                    threads=args.threads)
+    if args.prompt is not None and args.new_tokens is None:
+        raise SlimgraphError("--prompt goes with --new-tokens (decode mode)")
+    paths = [Path(m) for m in args.models]
+    with TerminalProgress(enabled=_show_progress(args)) as progress:
+        if args.new_tokens is not None:
+            results = bench_decode(paths, new_tokens=args.new_tokens, prompt=args.prompt, prompt_tokens=args.seq,
+                                   batches=batches, runs=args.runs or 3, threads=args.threads, progress=progress.step)
+        else:
+            results = bench(paths, batches=batches, sequence=args.seq, runs=args.runs or 30, threads=args.threads,
+                            progress=progress.step, kv_cache=args.kv_cache)
     if args.json:
         sys.stdout.write(to_json(results) + "\n")
     else:
@@ -195,9 +323,11 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
 
 def cmd_passes(args: argparse.Namespace) -> int:
-    from slimgraph.passes import all_pass_classes, get_pass_class
+    from slimgraph.passes import all_pass_classes, get_pass_class, load_plugin
     from slimgraph.passes._infra.pipeline import pass_help
 
+    for module in args.plugin:
+        load_plugin(module)
     if args.name:
         cls = get_pass_class(args.name)
         options = pass_help(cls)
@@ -218,9 +348,9 @@ def cmd_passes(args: argparse.Namespace) -> int:
     if args.json:
         _print_json([{"name": c.name, "exact": c.exact, "summary": c.summary()} for c in classes])
         return 0
-    width = max(len(c.name) for c in classes)
-    for cls in classes:
-        print(f"{cls.name:<{width}}  {'exact' if cls.exact else 'lossy'}  {cls.summary()}")
+    from slimgraph.report import print_renderable, render_pass_list
+
+    print_renderable(render_pass_list(classes))
     return 0
 
 
@@ -229,6 +359,25 @@ COMMANDS = {"optimize": cmd_optimize, "inspect": cmd_inspect, "diff": cmd_diff, 
 
 
 # --- helpers ------------------------------------------------------------------------------
+
+
+@contextlib.contextmanager
+def _library_output_hidden(debug: bool) -> Iterator[None]:
+    """Libraries' Python warnings and log records (onnx_ir's "The model is invalid but we will
+    still…", a shape-inference traceback, numpy's overflow notes) are not for the user, who gets
+    slimgraph's one line instead; `--debug` shows them. Found by fuzzing malformed models."""
+    if debug:
+        yield
+        return
+    root, handler = logging.getLogger(), logging.NullHandler()  # a handler on root: no last-resort printing
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        root.addHandler(handler)
+        try:
+            yield
+        finally:
+            root.removeHandler(handler)
+
 
 
 def _print_json(data: Any) -> None:
@@ -244,39 +393,28 @@ def _json_default(value: Any) -> Any:
     return str(value)
 
 
-class _progress:
-    """A rich progress bar over the passes on a terminal; nothing in a pipe or with --json."""
+def _show_progress(args: argparse.Namespace) -> bool:
+    """Progress goes to stderr on a terminal only: never into a pipe, a log, or next to --json."""
+    return sys.stderr.isatty() and not args.json
 
-    def __init__(self, args: argparse.Namespace, total: int) -> None:
-        self.enabled = sys.stderr.isatty() and not args.json
-        self.total = total
 
-    def __enter__(self) -> list:
-        if not self.enabled:
-            return []
+def _load_options(args: argparse.Namespace) -> dict[str, Any]:
+    return {"kv_cache": True} if getattr(args, "kv_cache", False) else {}
+
+
+def _loading(path: Path) -> str:
+    how = " (exporting with torch)" if path.is_dir() else ""
+    return f"loading {path.name or path}{how}"
+
+
+def _warn(message: str) -> None:
+    if sys.stderr.isatty():
         from rich.console import Console
-        from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
-        from slimgraph.passes import Instrument
-
-        self.progress = Progress(TextColumn("{task.description}"), BarColumn(), TimeElapsedColumn(),
-                                 console=Console(stderr=True), transient=True)
-        self.progress.start()
-        task = self.progress.add_task("verifying the original", total=self.total)
-        progress = self.progress
-
-        class ProgressBar(Instrument):
-            def before_pass(self, pass_, model, ctx):
-                progress.update(task, description=f"pass {pass_.to_text()}")
-
-            def after_pass(self, pass_, model, ctx, record):
-                progress.advance(task)
-
-        return [ProgressBar()]
-
-    def __exit__(self, *exc: object) -> None:
-        if self.enabled:
-            self.progress.stop()
+        Console(stderr=True).print(f"{PROG}: warning: {message}", style="bold red" if message.startswith("LOW")
+                                   else "yellow", markup=False, highlight=False)
+    else:
+        sys.stderr.write(f"{PROG}: warning: {message}\n")
 
 
 if __name__ == "__main__":

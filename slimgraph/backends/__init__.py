@@ -52,6 +52,8 @@ def register_backend(name: str, module: str, artifact: str, writes: str) -> None
 register_backend("onnxruntime", "slimgraph.backends.onnxruntime", "OnnxRuntimeArtifact", "a .onnx file")
 register_backend("pytorch", "slimgraph.backends.pytorch", "PyTorchArtifact",
                  "a folder (model.py + model.safetensors) or a .pt2 file")
+register_backend("triton", "slimgraph.backends.triton", "TritonArtifact",
+                 "a folder (model.py + kernels.py + model.safetensors)")
 
 
 def backends() -> dict[str, Backend]:

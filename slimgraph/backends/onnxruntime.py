@@ -6,9 +6,10 @@ renamed into place, so a failed or interrupted save leaves no partial output.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import tempfile
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -17,8 +18,9 @@ import onnx_ir as ir
 import onnxruntime as ort
 
 from slimgraph.backends.output import check_writable
-from slimgraph.errors import SlimgraphError
+from slimgraph.errors import SlimgraphError, first_line
 from slimgraph.ir import evaluate
+from slimgraph.passes.adapters.switching import AdapterSwitching
 
 
 def save_onnx(model: ir.Model, path: str | os.PathLike, *, external_data: bool | None = None) -> Path:
@@ -33,7 +35,8 @@ def save_onnx(model: ir.Model, path: str | os.PathLike, *, external_data: bool |
     with tempfile.TemporaryDirectory(prefix=".slimgraph-", dir=path.parent) as tmp:
         staged = Path(tmp) / path.name
         try:
-            ir.save(model, staged, external_data=data_name if external_data else None)
+            with contextlib.nullcontext() if external_data else _weights_in_memory(model):
+                ir.save(model, staged, external_data=data_name if external_data else None)
         except Exception as exc:
             raise SlimgraphError(f"cannot write {path}: {exc}") from exc
         if external_data:
@@ -42,8 +45,25 @@ def save_onnx(model: ir.Model, path: str | os.PathLike, *, external_data: bool |
     return path
 
 
-class OnnxRuntimeArtifact:
-    """A model compiled for ONNX Runtime: call it on inputs, or save it."""
+@contextlib.contextmanager
+def _weights_in_memory(model: ir.Model) -> Iterator[None]:
+    """Weights read from another file's external data, held in memory while one self-contained
+    file is written (onnx_ir would otherwise keep pointing at the input's data file)."""
+    swapped = {}
+    for value in model.graph.initializers.values():
+        if isinstance(value.const_value, ir.ExternalTensor):
+            swapped[value] = value.const_value
+            value.const_value = ir.Tensor(value.const_value.numpy(), name=value.const_value.name)
+    try:
+        yield
+    finally:
+        for value, tensor in swapped.items():
+            value.const_value = tensor
+
+
+class OnnxRuntimeArtifact(AdapterSwitching):
+    """A model compiled for ONNX Runtime: call it on inputs, or save it; `load_adapter` / `set_adapter`
+    switch PEFT adapters in place (slimgraph.passes.adapters.switching)."""
 
     backend = "onnxruntime"
 
@@ -58,11 +78,23 @@ class OnnxRuntimeArtifact:
         self.threads = threads
         self.external_data = external_data
         self._session: ort.InferenceSession | None = None
+        # Initializers written in place by adapter switching: arrays owned by OrtValues bound once.
+        self._live: dict[str, ort.OrtValue] = {}
+        self._binding: ort.IOBinding | None = None
 
     @property
     def session(self) -> ort.InferenceSession:
         if self._session is None:
-            self._session = evaluate.make_session(self.model, self.threads)
+            # Live weights are graph inputs too (overridable initializers), so ORT neither folds nor
+            # prepacks them: what it reads each run is the array switching writes.
+            live = [self.model.graph.initializers[name] for name in self._live]
+            self.model.graph.inputs.extend(live)
+            try:
+                self._session = evaluate.make_session(self.model, self.threads)
+            finally:
+                for value in live:
+                    self.model.graph.inputs.remove(value)
+            self._binding = None
         return self._session
 
     @property
@@ -78,10 +110,70 @@ class OnnxRuntimeArtifact:
         if args and isinstance(args[0], Mapping) and len(args) == 1:
             feeds = dict(args[0])
         feeds.update(kwargs)
+        if self._live:
+            return self._run_bound({k: _to_numpy(v) for k, v in feeds.items()})
         return evaluate.run(self.session, {k: _to_numpy(v) for k, v in feeds.items()})
+
+    def _run_bound(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """Run with the live weights bound once (no copy per run) and the inputs bound per call."""
+        session = self.session
+        if self._binding is None:
+            self._binding = session.io_binding()
+            for name, value in self._live.items():
+                self._binding.bind_ortvalue_input(name, value)
+        missing = [i.name for i in session.get_inputs() if i.name not in feeds]
+        if missing:
+            raise SlimgraphError(f"missing model inputs: {', '.join(missing)}")
+        names = [o.name for o in session.get_outputs()]
+        try:
+            for i in session.get_inputs():
+                self._binding.bind_cpu_input(i.name, np.ascontiguousarray(feeds[i.name]))
+            for name in names:
+                self._binding.bind_output(name)
+            session.run_with_iobinding(self._binding)
+            outputs = [np.array(out) for out in self._binding.copy_outputs_to_cpu()]  # (buffers are reused)
+        except Exception as exc:  # ORT raises its own exception types
+            raise SlimgraphError(f"ONNX Runtime failed to run the model: {first_line(exc)}") from exc
+        finally:
+            self._binding.clear_binding_outputs()
+        return dict(zip(names, outputs))
+
+    # --- in-place weights for adapter switching (the WeightStore of slimgraph.passes.adapters.switching)
+
+    def _adopt_model(self, model: ir.Model) -> None:
+        self.model = model
+        self._session = None
+
+    def _make_writable(self, names: list[str]) -> None:
+        new = [n for n in names if n not in self._live]
+        if not new:
+            return
+        if not self._live:  # from now on the model's tensors change: never the caller's model
+            original, self.model = self.model, self.model.clone()
+            self.model.meta.update(original.meta)
+        for name in new:
+            value = self.model.graph.initializers[name]
+            array = np.array(value.const_value.numpy())  # a copy: the tensor may be shared or memory-mapped
+            self._live[name] = ort.OrtValue.ortvalue_from_numpy(array)
+            # The IR tensor shows the live array, so save() writes the weights the artifact runs with.
+            value.const_value = ir.Tensor(self._live[name].numpy(), name=name)
+        self._session = None  # built again once, with these as inputs; switching never rebuilds it
+
+    def _write_weight(self, name: str, array: np.ndarray) -> None:
+        self._live[name].numpy()[...] = array
+
+    def _scatter_weight(self, name: str, index: np.ndarray, values: np.ndarray) -> None:
+        self._live[name].numpy().reshape(-1)[index] = values
 
     def save(self, path: str | os.PathLike) -> Path:
         return save_onnx(self.model, path, external_data=self.external_data)
+
+    def __repr__(self) -> str:
+        graph = self.model.graph
+        inputs = ", ".join(v.name for v in graph.inputs if not v.is_initializer())
+        outputs = ", ".join(v.name for v in graph.outputs)
+        size = evaluate.initializer_bytes(self.model) / 1e6
+        return f"<OnnxRuntimeArtifact ({inputs}) → ({outputs}): {len(graph)} nodes, {size:.1f} MB of weights>"
 
 
 def _to_numpy(value: Any) -> np.ndarray:

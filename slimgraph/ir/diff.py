@@ -14,11 +14,18 @@ replacement (`MatMul [384×1536 f32] + Add → MatMulNBits [384×1536 int4 g32]`
 whose attributes, constant shapes or dtypes differ are changed; those whose inputs come
 from different places are rewired. Repeated changes in numbered blocks fold into one line
 (`encoder.layer.0–5.intermediate.dense ... ×6`).
+
+Weights are always compared: initializers pair up by name, then by the input slot of
+matched nodes, and a pair differs when a hash of its bytes does (blake2b: cheap next to
+loading the model). Unpaired initializers of one module on both sides are one replacement
+(`f32[384×1536] → u8[1536×12×16] + f32[1536×12] + u8[1536×6]`). `weights=True` adds
+the relative L2 change of each pair that differs.
 """
 
 from __future__ import annotations
 
 import collections
+import hashlib
 import re
 import warnings
 from collections.abc import Iterable
@@ -64,11 +71,20 @@ class Change:
         return text
 
 
+WeightKind = Literal["changed", "replaced", "added", "removed"]
+
+
 @dataclass(frozen=True)
 class WeightChange:
+    """An initializer that differs. `changed`: same shape and type, other values (`rel_l2`
+    when values were compared); `replaced`: other shape or type, or unpaired tensors of one
+    module (`detail` says what became what); `added`/`removed`: only in B / only in A."""
+
     name: str
     shape: tuple[int, ...]
-    rel_l2: float
+    kind: WeightKind = "changed"
+    rel_l2: float | None = None
+    detail: str = ""
 
 
 @dataclass
@@ -81,12 +97,26 @@ class DiffResult:
     rewired: list[Change]
     inputs: list[str]
     outputs: list[str]
-    weights: list[WeightChange] | None  # None: weights were not compared
+    weights: list[WeightChange]  # initializers that differ (by fingerprint; see values_compared)
     matched: dict[str, int] = field(default_factory=dict)
+    weights_compared: int = 0  # initializer pairs compared
+    values_compared: bool = False  # relative L2 computed for the pairs that differ (--weights)
 
     @property
     def identical(self) -> bool:
         return not (self.changes or self.rewired or self.inputs or self.outputs or self.weights)
+
+    def __repr__(self) -> str:
+        if self.identical:
+            verdict = "identical"
+        else:
+            counts = [f"{n} {what}" for n, what in ((sum(c.count for c in self.folded()), "node changes"),
+                                                   (len(self.rewired), "rewired"),
+                                                   (len(self.inputs) + len(self.outputs), "input/output changes"),
+                                                   (len(self.weights), "weights differ")) if n]
+            verdict = "different: " + ", ".join(counts)
+        return (f"<DiffResult {self.a_name} → {self.b_name}: {verdict}; "
+                f"{self.a_stats.nodes} → {self.b_stats.nodes} nodes, {self.a_stats.bytes:,} → {self.b_stats.bytes:,} bytes>")
 
     def op_delta(self) -> dict[str, tuple[int, int]]:
         ops = dict.fromkeys([*self.a_stats.op_histogram, *self.b_stats.op_histogram])
@@ -113,8 +143,11 @@ class DiffResult:
             "rewired": [asdict(c) for c in fold(self.rewired)],
             "inputs": self.inputs,
             "outputs": self.outputs,
-            "weights": None if self.weights is None else [
-                {"name": w.name, "shape": list(w.shape), "rel_l2": w.rel_l2} for w in self.weights
+            "weights_compared": self.weights_compared,
+            "values_compared": self.values_compared,
+            "weights": [
+                {"name": w.name, "shape": list(w.shape), "kind": w.kind, "rel_l2": w.rel_l2, "detail": w.detail}
+                for w in self.weights
             ],
         }
 
@@ -136,6 +169,11 @@ def describe(node: ir.Node) -> str:
     if node.domain == "com.microsoft" and node.op_type == "MatMulNBits":
         a = node.attributes
         return f"{op} [{a.get_int('K')}×{a.get_int('N')} int{a.get_int('bits')} g{a.get_int('block_size')}]"
+    if node.domain == "com.microsoft" and node.op_type == "MoE" and len(node.inputs) > 4:  # [E×(in→expert) top-k act]
+        fc1, fc2, a = constant_tensor(node.inputs[2]), constant_tensor(node.inputs[4]), node.attributes
+        if fc1 is not None and fc2 is not None:
+            return (f"{op} [{fc1.shape[0]}×({fc1.shape[2]}→{fc2.shape[2]}) top-{a.get_int('k', 1)} "
+                    f"{a.get_string('activation_type', 'relu')}]")
     for value in node.inputs:
         tensor = constant_tensor(value)
         if tensor is not None and tensor.size > 1:
@@ -373,31 +411,94 @@ def _io_changes(a_values: list[ir.Value], b_values: list[ir.Value], what: str) -
     return changes
 
 
-def _weight_changes(a: ir.Model, b: ir.Model, pairs: dict) -> list[WeightChange]:
-    """Relative L2 change of initializers matched by name, or by the slot of matched nodes."""
-    matched: dict[str, ir.Value] = {}
-    b_inits = b.graph.initializers
-    for name, value in a.graph.initializers.items():
-        if name in b_inits:
-            matched[name] = b_inits[name]
+def _fingerprint(tensor: ir.TensorProtocol) -> tuple:
+    digest = hashlib.blake2b(tensor.tobytes(), digest_size=16).digest()
+    return (tensor.dtype, tuple(tensor.shape), digest)
+
+
+def _tensor_text(tensor: ir.TensorProtocol) -> str:
+    return f"{short_dtype(tensor.dtype)}[{_shape_text(tensor.shape)}]"
+
+
+def _consumer_module(value: ir.Value, counterpart: dict[ir.Node, ir.Node] | None = None) -> str:
+    """The module of the first node that reads `value` (of its matched node in A, for B)."""
+    for node, _ in value.uses():
+        return group_of((counterpart or {}).get(node, node))
+    return value.name or "(root)"
+
+
+def _weight_changes(a: ir.Model, b: ir.Model, pairs: dict, values: bool) -> tuple[list[WeightChange], int]:
+    """Initializers that differ, and how many pairs were compared (see the module docstring)."""
+    a_inits, b_inits = a.graph.initializers, b.graph.initializers
+    matched: dict[str, ir.Value] = {name: b_inits[name] for name in a_inits if name in b_inits}
     for na, nb in pairs.items():
+        if op_key(na) != op_key(nb):  # a replaced op: its input slots mean other things
+            continue
         for va, vb in zip(na.inputs, nb.inputs):
             if va is not None and vb is not None and va.is_initializer() and vb.is_initializer():
-                matched.setdefault(va.name, vb)
+                if va.name not in matched and vb not in matched.values():
+                    matched[va.name] = vb
     changes = []
+    compared = 0
     for name, vb in matched.items():
-        ta, tb = a.graph.initializers[name].const_value, vb.const_value
-        if ta is None or tb is None or tuple(ta.shape) != tuple(tb.shape):
+        ta, tb = a_inits[name].const_value, vb.const_value
+        if ta is None or tb is None:
             continue
-        xa, xb = ta.numpy(), tb.numpy()
-        if xa.dtype.kind not in "fiub" or xb.dtype.kind not in "fiub":
+        compared += 1
+        if tuple(ta.shape) != tuple(tb.shape) or ta.dtype != tb.dtype:
+            changes.append(WeightChange(name, tuple(ta.shape), "replaced",
+                                        detail=f"{_tensor_text(ta)} → {_tensor_text(tb)}"))
             continue
-        xa64, xb64 = xa.astype(np.float64), xb.astype(np.float64)
-        delta = float(np.linalg.norm(xb64 - xa64))
-        if delta > 0:
-            norm = float(np.linalg.norm(xa64))
-            changes.append(WeightChange(name, tuple(ta.shape), delta / norm if norm else float("inf")))
-    return sorted(changes, key=lambda w: -w.rel_l2)
+        if _fingerprint(ta) == _fingerprint(tb):
+            continue
+        rel_l2 = None
+        if values:
+            xa, xb = ta.numpy(), tb.numpy()
+            if xa.dtype.kind in "fiub" and xb.dtype.kind in "fiub":
+                xa64, xb64 = xa.astype(np.float64), xb.astype(np.float64)
+                norm = float(np.linalg.norm(xa64))
+                delta = float(np.linalg.norm(xb64 - xa64))
+                rel_l2 = delta / norm if norm else float("inf")
+        changes.append(WeightChange(name, tuple(ta.shape), "changed", rel_l2))
+    # Unpaired initializers, grouped by the module that reads them: both sides → replaced.
+    paired_b = {id(v) for v in matched.values()}
+    gone: dict[str, list[ir.Value]] = collections.defaultdict(list)
+    new: dict[str, list[ir.Value]] = collections.defaultdict(list)
+    for name, value in a_inits.items():
+        if name not in matched and value.const_value is not None:
+            gone[_consumer_module(value)].append(value)
+    b_to_a = {nb: na for na, nb in pairs.items()}
+    for value in b_inits.values():
+        if id(value) not in paired_b and value.const_value is not None:
+            new[_consumer_module(value, b_to_a)].append(value)
+    # Without module paths, a tensor derived from another is named after it (`fc1.weight.q8`).
+    loose = [v for module, values in new.items() if module not in gone for v in values]
+    for module, values in list(gone.items()):
+        if module in new:
+            continue
+        derived = [v for v in loose if any((v.name or "").startswith(f"{old.name}.") for old in values)]
+        if derived:
+            new[module] = derived
+            for value in derived:
+                loose.remove(value)
+                origin = _consumer_module(value, b_to_a)
+                new[origin].remove(value)
+    for module in dict.fromkeys([*gone, *new]):
+        before, after = gone.get(module, []), new.get(module, [])
+        if before and after:
+            text = " + ".join(_tensor_text(v.const_value) for v in before)
+            text += " → " + " + ".join(_tensor_text(v.const_value) for v in after)
+            changes.append(WeightChange(" + ".join(v.name for v in before), tuple(before[0].const_value.shape),
+                                        "replaced", detail=text))
+        for value in before if not after else []:
+            changes.append(WeightChange(value.name, tuple(value.const_value.shape), "removed",
+                                        detail=_tensor_text(value.const_value)))
+        for value in after if not before else []:
+            changes.append(WeightChange(value.name, tuple(value.const_value.shape), "added",
+                                        detail=_tensor_text(value.const_value)))
+    order = {"changed": 0, "replaced": 1, "removed": 2, "added": 3}
+    changes.sort(key=lambda w: (order[w.kind], -(w.rel_l2 or 0.0)))
+    return changes, compared
 
 
 def _summarize(descriptions: list[str]) -> str:
@@ -426,6 +527,8 @@ def module_changes(removed: list[tuple[str, str]], added: list[tuple[str, str]])
 
 
 def diff_models(a: ir.Model, b: ir.Model, *, weights: bool = False, a_name: str = "A", b_name: str = "B") -> DiffResult:
+    """What changed from `a` to `b` (see the module docstring); `weights`: also the relative
+    L2 change of every initializer whose bytes differ."""
     pairs, stages = match_nodes(a, b)
     changes: list[Change] = []
     rewired: list[Change] = []
@@ -446,6 +549,7 @@ def diff_models(a: ir.Model, b: ir.Model, *, weights: bool = False, a_name: str 
         [(group_of(n), describe(n)) for n in a.graph if n not in pairs],
         [(group_of(n), describe(n)) for n in b.graph if n not in matched_b],
     )
+    weight_changes, compared = _weight_changes(a, b, pairs, values=weights)
     return DiffResult(
         a_name=a_name,
         b_name=b_name,
@@ -455,8 +559,10 @@ def diff_models(a: ir.Model, b: ir.Model, *, weights: bool = False, a_name: str 
         rewired=rewired,
         inputs=_io_changes(list(a.graph.inputs), list(b.graph.inputs), "input"),
         outputs=_io_changes(list(a.graph.outputs), list(b.graph.outputs), "output"),
-        weights=_weight_changes(a, b, pairs) if weights else None,
+        weights=weight_changes,
         matched=stages | {"a_nodes": len(a.graph), "b_nodes": len(b.graph)},
+        weights_compared=compared,
+        values_compared=weights,
     )
 
 

@@ -26,9 +26,17 @@ class ModelStats:
     flops_unknown_nodes: int = 0  # MatMul/Gemm/Conv nodes whose shapes were not known
     inputs: dict[str, str] = field(default_factory=dict)
     outputs: dict[str, str] = field(default_factory=dict)
+    # Tensors the graph builds at run time (ConstantOfShape of a constant shape, e.g. the
+    # model-zoo CNNs' weights), which `parameters` and `bytes` do not count: they are not in the file.
+    generated_tensors: int = 0
+    generated_values: int = 0
 
     def to_json(self) -> dict:
         return asdict(self)
+
+    def __repr__(self) -> str:
+        return (f"<ModelStats {human_count(self.parameters)} parameters, {human_bytes(self.bytes)}, "
+                f"{self.nodes:,} nodes, {human_count(self.flops)} FLOPs>")
 
 
 def _constant_tensors(model: ir.Model) -> list[ir.TensorProtocol]:
@@ -39,6 +47,31 @@ def _constant_tensors(model: ir.Model) -> list[ir.TensorProtocol]:
             if attr is not None and attr.type == ir.AttributeType.TENSOR:
                 tensors.append(attr.as_tensor())
     return tensors
+
+
+def weight_bytes(model: ir.Model) -> int:
+    """Bytes of the initializers and Constant tensors (what `ModelStats.bytes` counts)."""
+    return sum(t.nbytes for t in _constant_tensors(model))
+
+
+def node_count(model: ir.Model) -> int:
+    """Nodes, those in subgraphs included (what `ModelStats.nodes` counts)."""
+    return sum(1 for _ in ir.traversal.RecursiveGraphIterator(model.graph))
+
+
+def generated_tensors(model: ir.Model) -> tuple[int, int]:
+    """(count, values) of the tensors ConstantOfShape builds from a constant shape, e.g. the
+    model-zoo CNNs' Conv and Gemm weights (their files hold only the shapes)."""
+    count = values = 0
+    for node in model.graph:
+        if node.op_type != "ConstantOfShape" or node.domain not in ("", "ai.onnx"):
+            continue
+        shape = node.inputs[0].const_value if node.inputs and node.inputs[0] is not None else None
+        if shape is None:
+            continue
+        count += 1
+        values += math.prod(int(d) for d in shape.numpy().reshape(-1))
+    return count, values
 
 
 def op_key(node: ir.Node) -> str:
@@ -140,6 +173,7 @@ def model_stats(model: ir.Model) -> ModelStats:
             unknown += 1
         else:
             flops += count
+    generated, generated_count = generated_tensors(model)
     return ModelStats(
         parameters=parameters,
         bytes=sum(by_dtype.values()),
@@ -150,6 +184,8 @@ def model_stats(model: ir.Model) -> ModelStats:
         flops_unknown_nodes=unknown,
         inputs={v.name: describe_value(v) for v in model.graph.inputs if not v.is_initializer()},
         outputs={v.name: describe_value(v) for v in model.graph.outputs},
+        generated_tensors=generated,
+        generated_values=generated_count,
     )
 
 

@@ -2,8 +2,14 @@
 
 from slimgraph.passes._infra.base import Changes, Pass, PassContext, PassRecord, PassResult, PipelineReport
 from slimgraph.passes._infra.instruments import Instrument, Journal, PrintAfterChange, Timing, Verify
-from slimgraph.passes._infra.pipeline import Pipeline, make_pass
-from slimgraph.passes._infra.registry import all_pass_classes, get_pass_class, known_pass_names, register_pass
+from slimgraph.passes._infra.pipeline import Pipeline, Recipe, make_pass
+from slimgraph.passes._infra.registry import (
+    all_pass_classes,
+    get_pass_class,
+    known_pass_names,
+    load_plugin,
+    register_pass,
+)
 
 __all__ = [
     "Changes",
@@ -16,11 +22,13 @@ __all__ = [
     "Pipeline",
     "PipelineReport",
     "PrintAfterChange",
+    "Recipe",
     "Timing",
     "Verify",
     "all_pass_classes",
     "get_pass_class",
     "known_pass_names",
+    "load_plugin",
     "make_pass",
     "register_pass",
 ]

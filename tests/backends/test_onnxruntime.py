@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import numpy as np
+import onnx_ir as ir
 import pytest
 
 import slimgraph
@@ -79,3 +80,16 @@ def test_external_data_past_the_protobuf_limit(tmp_path, mlp_model, monkeypatch)
     feeds = sample_inputs(mlp_model)
     np.testing.assert_array_equal(slimgraph.compile(slimgraph.load(path))(**feeds)["y"],
                                   slimgraph.compile(mlp_model)(**feeds)["y"])
+
+
+def test_weights_from_another_files_external_data_are_written_in(tmp_path, mlp_model):
+    """A model whose weights live in the input's .data file saves as one self-contained file."""
+    source = tmp_path / "in" / "mlp.onnx"
+    slimgraph.compile(mlp_model, external_data=True).save(source)
+    loaded = ir.load(source)
+    assert any(isinstance(v.const_value, ir.ExternalTensor) for v in loaded.graph.initializers.values())
+    out = slimgraph.compile(loaded).save(tmp_path / "out" / "mlp.onnx")
+    assert sorted(p.name for p in out.parent.iterdir()) == ["mlp.onnx"]
+    (tmp_path / "in" / "mlp.onnx.data").unlink()  # the output must not need it
+    feeds = {"x": np.ones((2, 8), np.float32)}
+    np.testing.assert_array_equal(slimgraph.compile(ir.load(out))(**feeds)["y"], slimgraph.compile(mlp_model)(**feeds)["y"])

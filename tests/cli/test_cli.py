@@ -173,8 +173,14 @@ def test_inspect_minilm(minilm_onnx, capsys):
 def test_inspect_json(minilm_onnx, capsys):
     assert main(["inspect", str(minilm_onnx), "--json"]) == 0
     data = json.loads(capsys.readouterr().out)
-    assert data["structures"]["blocks"] == {"prefix": "encoder.layer", "count": 6, "source": "name scopes"}
+    blocks = data["structures"]["blocks"]
+    assert {k: blocks[k] for k in ("prefix", "count", "source")} == {
+        "prefix": "encoder.layer", "count": 6, "source": "name scopes"}
+    assert [b["name"] for b in blocks["boundaries"]] == [f"encoder.layer.{i}" for i in range(6)]
     assert data["structures"]["vocab_size"] == 30522
+    groups = data["structures"]["groups"]
+    assert [(g["kind"], g["size"]) for g in groups] == [("ffn", 1536)] * 6 + [("heads", 12)] * 6
+    assert {t["role"] for t in groups[0]["tensors"]} == {"producer", "consumer"}
     assert data["largest_tensors"][0]["name"] == "embeddings.word_embeddings.weight"
 
 

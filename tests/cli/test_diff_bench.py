@@ -47,7 +47,7 @@ def test_diff_only_and_depth(mlp_pair, capsys):
     a, b = mlp_pair
     assert main(["diff", str(a), str(b), "--only", "added"]) == 1
     text = capsys.readouterr().out
-    assert "removed" not in text and "rewired" not in text
+    assert "removed  -" not in text and "rewired" not in text and "weights that differ" not in text
     assert main(["diff", str(a), str(b), "--depth", "0"]) == 1
     assert "op counts" not in capsys.readouterr().out
 
@@ -87,19 +87,42 @@ def test_inspect_golden(minilm_onnx):
     assert_golden("inspect_minilm.txt", render_text(render_summary(slimgraph.inspect(minilm_onnx))))
 
 
-def test_bench_two_models(tmp_path, capsys):
+def test_bench_two_models(tmp_path, mlp_path, capsys):
+    copy = tmp_path / "copy.onnx"
+    slimgraph.save(ir.load(mlp_path), copy)
+    assert main(["bench", str(mlp_path), str(copy), "--batch", "1,2", "--runs", "2", "--json"]) == 0
+    data = json.loads(capsys.readouterr().out)
+    assert [len(m["latency"]) for m in data["models"]] == [2, 2]
+    first = data["models"][0]
+    assert first["latency"][1]["batch"] == 2 and first["latency"][1]["p50_ms"] > 0
+    assert first["peak_rss_mb"] > 0 and first["file_bytes"] == mlp_path.stat().st_size
+    assert first["skipped"] == []
+    assert set(data["ratios"]) >= {"file_bytes", "p50_batch1", "throughput_batch2"}
+    assert main(["bench", str(mlp_path), str(copy), "--runs", "1", "--batch", "1"]) == 0
+    text = capsys.readouterr().out
+    assert "samples/s" in text and "latency p50, batch 1" in text and "file size" in text
+
+
+def test_bench_marks_batches_a_fixed_batch_model_cannot_take(tmp_path, capsys):
+    """The zoo CNNs take exactly 1×3×224×224: batch 2 must not get a (computed) figure."""
     model = LIGHT_DIR / "light_squeezenet.onnx"
     copy = tmp_path / "copy.onnx"
     slimgraph.save(ir.load(model), copy)
     assert main(["bench", str(model), str(copy), "--batch", "1,2", "--runs", "2", "--json"]) == 0
     data = json.loads(capsys.readouterr().out)
-    assert [len(m["latency"]) for m in data["models"]] == [2, 2]
-    first = data["models"][0]
-    assert first["latency"][1]["batch"] == 2 and first["latency"][1]["p50_ms"] > 0
-    assert first["peak_rss_mb"] > 0 and first["file_bytes"] == model.stat().st_size
-    assert set(data["ratios"]) >= {"file_bytes", "p50_batch1", "throughput_batch2"}
-    assert main(["bench", str(model), "--runs", "1", "--batch", "1"]) == 0
-    assert "samples/s" in capsys.readouterr().out
+    for entry in data["models"]:
+        assert [lat["batch"] for lat in entry["latency"]] == [1]
+        assert entry["skipped"] == [{"batch": 2, "reason": "light_squeezenet.onnx: input 'data_0' is fixed at batch 1 "
+                                                          "(1×3×224×224); copy.onnx: input 'data_0' is fixed at batch 1 "
+                                                          "(1×3×224×224)"}]
+    assert not any("batch2" in key for key in data["ratios"])
+    assert main(["bench", str(model), "--batch", "1,2", "--runs", "1"]) == 0
+    text = capsys.readouterr().out
+    row = next(line for line in text.splitlines() if line.split()[:1] == ["2"])
+    assert row.split() == ["2", "not", "run"]  # no figure for what did not run
+    assert "batch 2 not run: light_squeezenet.onnx: input 'data_0' is fixed at batch 1" in " ".join(text.split())
+    result = run_cli("bench", str(model), "--batch", "4,8")
+    assert result.returncode == 2 and "no batch size in --batch 4,8 can run" in result.stderr
 
 
 def test_bench_bad_input():

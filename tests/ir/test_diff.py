@@ -6,11 +6,12 @@ import json
 from importlib import resources
 
 import jsonschema
+import numpy as np
 import onnx_ir as ir
 import onnx_ir.passes.common as common
 import pytest
 
-from slimgraph.ir.diff import Change, diff_models, fold
+from slimgraph.ir.diff import Change, WeightChange, diff_models, fold
 from slimgraph.passes import Pipeline
 from slimgraph.report import render_diff
 from tests.conftest import LIGHT_DIR, assert_golden, copy_model, render_text
@@ -38,12 +39,16 @@ def test_one_changed_weight_is_found_exactly(minilm):
     name = "encoder.layer.3.intermediate.dense.weight"
     value = changed.graph.initializers[name]
     value.const_value = ir.tensor(value.const_value.numpy() * 1.01, name=name)
-    assert diff_models(minilm, changed).identical  # structure alone is the same
+    fingerprinted = diff_models(minilm, changed)  # without weights=True: by fingerprint, no values
+    assert not fingerprinted.identical and fingerprinted.changes == [] and fingerprinted.rewired == []
+    assert fingerprinted.weights == [WeightChange(name, (384, 1536), "changed")]
+    assert fingerprinted.weights_compared == len(minilm.graph.initializers)
     result = diff_models(minilm, changed, weights=True)
     assert not result.identical
-    assert [(w.name, w.shape) for w in result.weights] == [(name, (384, 1536))]
+    assert [(w.name, w.shape, w.kind) for w in result.weights] == [(name, (384, 1536), "changed")]
     assert result.weights[0].rel_l2 == pytest.approx(0.01, rel=1e-4)
     assert validate(result)["weights"][0]["name"] == name
+    assert "differ in 1 tensor (1 changed)" in render_text(render_diff(result))
 
 
 def test_renamed_resnet_matches_structurally():
@@ -170,5 +175,34 @@ def test_minilm_vs_int4_names_every_quantized_linear(minilm, tmp_path):
     assert sum(c.count for c in folded if c.kind == "replaced") == 37
     assert [c for c in folded if c.kind != "replaced"] == [] and result.rewired == []
     assert result.op_delta()["com.microsoft.MatMulNBits"] == (0, 37)
+    # every quantized matrix is a replaced weight: packed codes, scales and zero points
+    assert len(result.weights) == 37 and {w.kind for w in result.weights} == {"replaced"}
+    query = next(w for w in result.weights if w.name == "encoder.layer.0.attention.self.query.weight")
+    assert query.detail == "f32[384×384] → u8[384×12×16] + f32[384×12] + u8[384×6]"
     validate(result)
     assert_golden("diff_minilm_int4.txt", render_text(render_diff(result)))
+
+
+def test_weights_flag_never_calls_replaced_matrices_equal(mlp_model):
+    """`--weights` on int8-replaced matrices: they differ (replaced), whatever the values flag."""
+    quantized = copy_model(mlp_model)
+    Pipeline.parse("quantize-weights{bits=8,group_size=16}").run(quantized, verify=False)
+    for values in (False, True):
+        result = diff_models(mlp_model, quantized, weights=values)
+        replaced = {w.name: w.detail for w in result.weights if w.kind == "replaced"}
+        assert replaced == {"fc1.weight": "f32[8×16] → u8[16×1×16] + f32[16×1] + u8[16×1]",
+                            "fc2.weight": "f32[16×4] → u8[4×1×16] + f32[4×1] + u8[4×1]"}
+        assert "equal" not in render_text(render_diff(result)).split("weights", 1)[1].split("\n")[0]
+
+
+def test_removed_and_added_initializers_differ():
+    a = ir.serde.deserialize_model(__import__("tests.conftest", fromlist=["make_mlp"]).make_mlp())
+    b = copy_model(a)
+    del b.graph.initializers["unused"]
+    extra = ir.Value(name="extra", const_value=ir.tensor(np.ones(2, np.float32), name="extra"))
+    b.graph.register_initializer(extra)
+    result = diff_models(a, b)
+    assert {(w.name, w.kind, w.detail) for w in result.weights} == {("unused", "removed", "f32[3]"),
+                                                                   ("extra", "added", "f32[2]")}
+    assert result.changes == [] and not result.identical
+    assert repr(result).startswith("<DiffResult A → B: different: 2 weights differ;")

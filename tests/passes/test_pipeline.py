@@ -19,6 +19,7 @@ from slimgraph.passes import (
     PassResult,
     Pipeline,
     PrintAfterChange,
+    Recipe,
     make_pass,
     register_pass,
 )
@@ -161,9 +162,11 @@ def test_make_pass_converts_yaml_scalars():
 def test_recipes(tmp_path, name, text):
     path = tmp_path / name
     path.write_text(text)
-    pipeline, settings_ = Pipeline.from_recipe(path)
-    assert pipeline.to_text() == "cleanup,test-toy-options{bits=8,exclude=[lm_head]}"
-    assert settings_ == {"max_drop": 0.02}
+    recipe = Pipeline.from_recipe(path)
+    assert isinstance(recipe, Recipe)
+    assert recipe.pipeline.to_text() == "cleanup,test-toy-options{bits=8,exclude=[lm_head]}"
+    assert (recipe.max_drop, recipe.calib, recipe.path) == (0.02, None, path)
+    assert repr(recipe) == "Recipe('cleanup,test-toy-options{bits=8,exclude=[lm_head]}', max_drop=0.02)"
 
 
 @pytest.mark.parametrize(
@@ -171,7 +174,8 @@ def test_recipes(tmp_path, name, text):
     [
         ("steps: [cleanup]\n", "needs a 'pipeline' entry"),
         ("pipeline: [cleanup]\nbudget: 3\n", "unknown setting 'budget'"),
-        ("pipeline: [cleanup\n", "cannot be parsed"),
+        ("pipeline: [cleanup\n", "cannot be parsed: line 2, column 1: expected ',' or ']'"),
+        ("pipeline: [cleanup]\nmax_drop: lots\n", "max_drop must be a number between 0 and 2"),
         ("pipeline: []\n", "empty pipeline"),
         ("pipeline: [{cleanup: 3}]\n", "options of 'cleanup' must be a mapping"),
     ],
@@ -199,7 +203,8 @@ def test_lossy_pass_records_fidelity_and_budget(mlp_model):
     assert 0.9 < fidelity.cosine < 1.0
     assert fidelity.rel_l2 > 1e-3 and fidelity.max_abs > 0
     assert report.fidelity is fidelity
-    with pytest.raises(FidelityError, match=r"fidelity budget exceeded after pass 'test-noise'.*--max-drop 1e-06"):
+    with pytest.raises(FidelityError, match=r"fidelity budget exceeded after pass 'test-noise'.*\(output 'y'\) "
+                                            r"> max_drop 1e-06"):
         Pipeline.parse("test-noise{scale=0.05}").run(mlp_model, PassContext(max_drop=1e-6))
 
 
@@ -239,3 +244,184 @@ def test_pass_must_return_a_result(mlp_model):
 def test_pipeline_rejects_non_passes():
     with pytest.raises(TypeError):
         Pipeline([Cleanup(), "cleanup"])
+
+
+# --- verdicts: exact passes are held to the outputs before them ----------------------------
+
+
+@register_pass
+@dataclass(frozen=True, kw_only=True)
+class _Calibrating(Pass):
+    """A pass that reads the calibration inputs (and changes nothing)."""
+
+    name: ClassVar[str] = "test-calibrating"
+
+    def run(self, model, ctx):
+        samples = sum(feeds["x"].shape[0] for feeds in ctx.inputs)
+        return PassResult(False, {"samples": samples})
+
+
+@register_pass
+@dataclass(frozen=True, kw_only=True)
+class _Tracked(Pass):
+    """Reports progress over three items."""
+
+    name: ClassVar[str] = "test-tracked"
+
+    def run(self, model, ctx):
+        for _ in ctx.track(["a", "b", "c"], "items"):
+            pass
+        return PassResult(False)
+
+
+def test_exact_pass_after_a_lossy_one_is_held_to_the_outputs_before_it(mlp_model):
+    report = Pipeline.parse("test-noise{scale=0.05},cleanup").run(mlp_model)
+    noise, cleanup = report.records
+    assert cleanup.modified  # cleanup really rewrote the noisy model
+    assert cleanup.exact_check.max_rel_error <= 1e-5  # against the noisy outputs: exact
+    assert cleanup.fidelity.max_rel_error > 1e-3  # against the original: the noise is still there
+    assert cleanup.fidelity.cosine == pytest.approx(noise.fidelity.cosine, abs=1e-6)
+    assert noise.exact_check is None
+
+
+def test_a_wrongly_exact_pass_after_a_lossy_one_is_still_caught(mlp_model):
+    with pytest.raises(FidelityError, match="'test-wrongly-exact' is declared exact but changed output 'y' from "
+                                            "the outputs before it"):
+        Pipeline.parse("test-noise{scale=0.05},test-wrongly-exact").run(mlp_model)
+
+
+def test_low_fidelity_warns_without_a_budget(mlp_model):
+    report = Pipeline.parse("test-noise{scale=3.0}").run(mlp_model.clone())
+    assert report.records[0].fidelity.cosine < 0.9
+    assert len(report.warnings) == 1 and report.warnings[0].startswith("LOW FIDELITY after 'test-noise{scale=3.0}'")
+    assert "output 'y' has cosine" in report.warnings[0]
+    assert Pipeline.parse("test-noise{scale=0.01}").run(mlp_model).warnings == []
+
+
+def test_a_budget_needs_verification(mlp_model):
+    with pytest.raises(SlimgraphError, match="max_drop=0.01 needs verification"):
+        Pipeline.parse("cleanup").run(mlp_model, verify=False, max_drop=0.01)
+    with pytest.raises(SlimgraphError, match="max_drop must be a number between 0 and 2"):
+        Pipeline.parse("cleanup").run(mlp_model, max_drop=-1)
+
+
+def test_run_takes_the_budget_directly(mlp_model):
+    with pytest.raises(FidelityError, match="fidelity budget exceeded after pass 'test-noise'"):
+        Pipeline.parse("test-noise{scale=0.05}").run(mlp_model, max_drop=1e-6)
+
+
+# --- inputs: calibration, verification, and which passes read them --------------------------
+
+
+def _feeds(rows: int, seed: int = 0) -> dict[str, np.ndarray]:
+    return {"x": np.random.default_rng(seed).standard_normal((rows, 8)).astype(np.float32)}
+
+
+def test_calibration_holds_out_a_quarter_for_verification(mlp_model):
+    report = Pipeline.parse("test-calibrating").run(mlp_model, calib=_feeds(8))
+    assert report.records[0].stats == {"samples": 6} and report.records[0].calibrated
+    assert report.inputs_source == "calibration inputs (8 samples); the first 6 of 8 samples"
+    assert report.verify_source == "calibration inputs (8 samples); the last 2 samples, held out from calibration"
+    assert not report.shared_inputs
+
+
+def test_held_out_split_takes_whole_feeds_then_rows():
+    from slimgraph.passes._infra.pipeline import split_held_out
+
+    feeds = [_feeds(8, 0), _feeds(8, 1), _feeds(3, 2), _feeds(1, 3)]  # 20 samples: hold out 5
+    head, head_source, tail, tail_source = split_held_out(feeds, "f")
+    assert [f["x"].shape[0] for f in head] == [8, 7] and [f["x"].shape[0] for f in tail] == [1, 3, 1]
+    assert np.array_equal(np.concatenate([f["x"] for f in head + tail]), np.concatenate([f["x"] for f in feeds]))
+    assert (head_source, tail_source) == ("f; the first 15 of 20 samples", "f; the last 5 samples, held out from "
+                                                                           "calibration")
+    assert split_held_out([_feeds(3)], "f") is None
+    assert split_held_out([{"x": np.ones((4, 8)), "y": np.ones((5,))}], "f") is None  # no common batch axis
+
+
+def test_few_calibration_samples_are_shared_and_the_report_says_so(mlp_model):
+    report = Pipeline.parse("test-calibrating").run(mlp_model, calib=[_feeds(2), _feeds(1, 1)])
+    assert report.records[0].stats == {"samples": 3}
+    assert report.shared_inputs and report.to_json()["calibration_shared_with_verification"] is True
+
+
+def test_passes_that_do_not_read_inputs_are_not_marked_calibrated(mlp_model):
+    report = Pipeline.parse("cleanup").run(mlp_model, PassContext(inputs=[_feeds(2)], inputs_source="mine"))
+    assert not report.records[0].calibrated and not report.shared_inputs
+    assert report.verify_source == "mine"
+
+
+def test_synthesized_inputs_are_verified_on_other_samples(mlp_model):
+    ctx = PassContext()
+    report = Pipeline.parse("test-calibrating").run(mlp_model, ctx)
+    assert report.inputs_source == "synthesized" and report.verify_source.startswith("synthesized (other samples")
+    assert not report.shared_inputs
+    assert not any(np.array_equal(a["x"], b["x"]) for a, b in zip(ctx.inputs, ctx.verify_inputs))
+
+
+def test_explicit_verification_inputs(mlp_model):
+    report = Pipeline.parse("test-calibrating").run(mlp_model, calib=_feeds(8), verify_inputs=[_feeds(3, 5)])
+    assert report.records[0].stats == {"samples": 8}  # nothing held out
+    assert report.verify_source == "the given verification inputs (3 samples)"
+
+
+def test_bad_calibration_argument(mlp_model):
+    with pytest.raises(SlimgraphError, match="calib must be a file path, one feed"):
+        Pipeline.parse("cleanup").run(mlp_model, calib=[1, 2])
+
+
+def test_progress_hook(mlp_model):
+    seen = []
+    Pipeline.parse("test-tracked").run(mlp_model, progress=lambda what, done, total: seen.append((what, done, total)))
+    assert seen == [("items", 0, 3), ("items", 1, 3), ("items", 2, 3), ("items", 3, 3)]
+
+
+# --- checks before work, options, the Python surface --------------------------------------
+
+
+def test_pipeline_accepts_text():
+    assert Pipeline("cleanup,remove-dead-nodes") == Pipeline.parse("cleanup,remove-dead-nodes")
+    with pytest.raises(TypeError, match="give one string or use Pipeline.parse"):
+        Pipeline(["cleanup"])
+
+
+def test_required_option_is_named():
+    with pytest.raises(SlimgraphError, match=r"mixed-precision: option budget_mb is required \(float\), "
+                                             r"e.g. mixed-precision\{budget_mb=...\}"):
+        Pipeline.parse("mixed-precision")
+
+
+def test_python_option_types_are_checked():
+    from slimgraph.passes.quantize.weights import QuantizeWeights
+
+    with pytest.raises(SlimgraphError, match=r"quantize-weights: option bits='4' is a str; expected 2\|4\|8"):
+        QuantizeWeights(bits="4")
+    with pytest.raises(SlimgraphError, match=r"option ratio='0.5' is a str; expected float"):
+        _ToyOptions(ratio="0.5")
+    with pytest.raises(SlimgraphError, match=r"option exclude='lm_head' is a str; expected \[str,...\]"):
+        _ToyOptions(exclude="lm_head")
+    with pytest.raises(SlimgraphError, match=r"option method=1 is an int; expected rtn\|awq"):
+        _ToyOptions(method=1)
+    with pytest.raises(SlimgraphError, match=r"bits must be 2, 4 or 8 \(MatMulNBits\), got 3"):
+        QuantizeWeights(bits=3)  # the right type: the pass itself says which values it takes
+    assert _ToyOptions(exclude=["a", "b"]).exclude == ("a", "b")  # a list is taken for a tuple
+    assert _ToyOptions(ratio=1).ratio == 1
+
+
+def test_exclude_that_matches_nothing_is_refused_before_any_pass(mlp_model):
+    before = [n.op_type for n in mlp_model.graph]
+    with pytest.raises(SlimgraphError, match=r"quantize-weights: exclude=lm_head matches no linear layer or "
+                                             r"embedding .*e.g. 'fc2'"):
+        Pipeline.parse("cleanup,quantize-weights{exclude=[lm_head]}").run(mlp_model)
+    assert [n.op_type for n in mlp_model.graph] == before  # cleanup did not run
+    report = Pipeline.parse("quantize-weights{exclude=[fc1],group_size=16}").run(mlp_model)
+    assert report.records[0].stats["linears quantized"] == 1
+
+
+def test_reprs_summarize(mlp_model):
+    report = Pipeline.parse("cleanup").run(mlp_model)
+    assert repr(report).startswith("<PipelineReport cleanup: 1 passes, 860 B → 848 B, 9 → 6 nodes, ")
+    assert repr(report.records[0]).startswith("<PassRecord cleanup: modified, exact, max rel err")
+    assert repr(report.records[0].fidelity).startswith("<Fidelity cosine 1.00000 (worst: y)")
+    assert repr(report.before) == "<ModelStats 215 parameters, 860 B, 9 nodes, 384 FLOPs>"
+    assert len(repr(report)) < 200
+    assert report.records[0].size.to_json() == {"bytes": {"before": 860, "after": 848}, "nodes": {"before": 9, "after": 6}}

@@ -1,24 +1,38 @@
 """The Pass base class, its result, the context passes run in, and the records a pipeline keeps.
 
 A pass is a frozen dataclass: its fields are its options, so one definition serves the
-Python API, the pipeline text, `slimgraph passes NAME` and the reproducer. A pass mutates
-the model in place and always returns a `PassResult`. Passes must replace tensors rather
-than write into them: the reference model (`PassContext.reference`) shares tensor data
-with the model being optimized.
+Python API, the pipeline text, `slimgraph passes NAME` and the reproducer. Option values
+given from Python are checked against the field types when the pass is built (a list is
+accepted for a tuple). A pass mutates the model in place and always returns a
+`PassResult`. Passes must replace tensors rather than write into them: the reference model
+(`PassContext.reference`) shares tensor data with the model being optimized.
+
+`Pass.check(model)` runs for every pass before the pipeline does any work, so that a
+mistake (an `exclude` glob that matches nothing, an unreachable size budget) costs the user
+seconds, not the minutes of the passes before it.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import fnmatch
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import asdict, dataclass, field
-from typing import Any, ClassVar
+from typing import Any, ClassVar, TypeVar
 
 import numpy as np
 import onnx_ir as ir
 
+from slimgraph.errors import SlimgraphError
 from slimgraph.ir.diff import Change
 from slimgraph.ir.fidelity import Fidelity
-from slimgraph.ir.stats import ModelStats
+from slimgraph.ir.stats import ModelStats, human_bytes
+from slimgraph.ir.target import Target
+
+T = TypeVar("T")
+
+# Progress a pass reports while it works: (what, done, total). The CLI draws it as a bar.
+ProgressHook = Callable[[str, int, int], None]
 
 
 @dataclass
@@ -35,15 +49,40 @@ class PassResult:
 class PassContext:
     """What passes may need, passed explicitly (never global).
 
-    `inputs` are the sample or calibration inputs (a list of feeds, name → array);
-    `reference` is the unmodified model the pipeline started from (kept when verifying).
+    - `inputs`: the sample or calibration inputs (a list of feeds, name → array); the
+      pipeline notes which passes read them (they calibrated on them);
+    - `verify_inputs`: what `Verify` runs the models on; None: the pipeline chooses
+      (see `Pipeline.run`), and says in the report whether they are held out from calibration;
+    - `reference`: the unmodified model the pipeline started from (kept when verifying);
+    - `max_drop`: the fidelity budget, 1 − cosine against the original;
+    - `progress`: where passes report per-layer progress; call `track` rather than it;
+    - `target`: where the model will run (`slimgraph.ir.target`); None: the machine running slimgraph.
     """
 
     inputs: list[dict[str, np.ndarray]] = field(default_factory=list)
     inputs_source: str = "synthesized"
+    verify_inputs: list[dict[str, np.ndarray]] | None = None
+    verify_source: str | None = None
     reference: ir.Model | None = None
     seed: int = 0
     max_drop: float | None = None
+    progress: ProgressHook | None = field(default=None, repr=False)
+    target: Target | None = None
+
+    def track(self, items: Iterable[T], what: str) -> Iterator[T]:
+        """Yield `items`, reporting `what (i/n)` to the progress hook as each one is done.
+
+            for linear in ctx.track(linears, "awq int4"):
+                ...
+        """
+        items = list(items)
+        if self.progress is None:
+            yield from items
+            return
+        self.progress(what, 0, len(items))
+        for done, item in enumerate(items, 1):
+            yield item
+            self.progress(what, done, len(items))
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -55,8 +94,45 @@ class Pass:
     # The lowest default-domain opset the pass handles; older models are converted first.
     min_opset: ClassVar[int | None] = None
 
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        # Option types are checked before the subclass's own __post_init__ validates values,
+        # so that `bits="4"` says it got a str, not "got 4".
+        super().__init_subclass__(**kwargs)
+        own = cls.__dict__.get("__post_init__")
+        if own is not None and not getattr(own, "_checks_option_types", False):
+            def __post_init__(self, _own=own) -> None:
+                _check_option_types(self)
+                _own(self)
+
+            __post_init__._checks_option_types = True  # type: ignore[attr-defined]
+            __post_init__.__doc__ = own.__doc__
+            cls.__post_init__ = __post_init__  # type: ignore[method-assign]
+
+    def __post_init__(self) -> None:
+        _check_option_types(self)
+
     def run(self, model: ir.Model, ctx: PassContext) -> PassResult:  # pragma: no cover
         raise NotImplementedError
+
+    def check(self, model: ir.Model) -> None:
+        """Cheap checks on the input model, run before any pass: raise `SlimgraphError`
+        for what would make this pass fail (or do nothing the user asked for).
+
+        The default checks that each `exclude` glob matches something the pass could
+        exclude. Overrides should call it, and stay conservative: earlier passes in the
+        pipeline run after this check.
+        """
+        patterns = getattr(self, "exclude", None)
+        if not patterns:
+            return
+        names = exclude_candidates(model)
+        unmatched = [p for p in patterns if not any(fnmatch.fnmatchcase(n, p) for n in names)]
+        if unmatched:
+            example = f"'{names[-1]}'" if names else "none in this model"
+            raise SlimgraphError(
+                f"{self.name}: exclude={unmatched[0]} matches no linear layer or embedding "
+                f"(globs match module paths, weight names and node names, e.g. {example})"
+            )
 
     def __call__(self, model: ir.Model, ctx: PassContext | None = None) -> PassResult:
         result = self.run(model, ctx or PassContext())
@@ -94,6 +170,33 @@ class Pass:
         return f"{self.name}{{{body}}}"
 
 
+def _check_option_types(pass_: Pass) -> None:
+    from slimgraph.passes._infra.options import check_type, option_types
+
+    try:
+        types = option_types(type(pass_))
+    except (NameError, TypeError):  # annotations we cannot resolve: leave them to the pass
+        return
+    for f in dataclasses.fields(pass_):
+        value = getattr(pass_, f.name)
+        checked = check_type(pass_.name, f.name, types[f.name], value)
+        if checked is not value:  # e.g. a list given for a tuple option
+            object.__setattr__(pass_, f.name, checked)
+
+
+def exclude_candidates(model: ir.Model) -> list[str]:
+    """What an `exclude` glob of the quantization passes is matched against: each linear's
+    module path, weight and node name, and each embedding's path and table."""
+    from slimgraph.ir.structure import find_embeddings, find_linears
+
+    names = []
+    for linear in find_linears(model):
+        names += [linear.name, linear.weight or "", linear.node.name or ""]
+    for table in find_embeddings(model):
+        names += [table.name, table.table]
+    return [n for n in names if n]
+
+
 # --- what a pipeline records -------------------------------------------------------------
 
 
@@ -115,9 +218,28 @@ class Changes:
         }
 
 
+@dataclass(frozen=True)
+class Size:
+    """Weight bytes and node count of the model before and after a pass (measured, as numbers)."""
+
+    bytes_before: int
+    bytes_after: int
+    nodes_before: int
+    nodes_after: int
+
+    def to_json(self) -> dict[str, Any]:
+        return {"bytes": {"before": self.bytes_before, "after": self.bytes_after},
+                "nodes": {"before": self.nodes_before, "after": self.nodes_after}}
+
+
 @dataclass
 class PassRecord:
-    """What happened in one pass; filled in by the pipeline and its instruments."""
+    """What happened in one pass; filled in by the pipeline and its instruments.
+
+    `fidelity` is measured against the original model; `exact_check`, for an exact pass, is
+    what it was held to: the outputs just before it (the same thing when no lossy pass
+    came first). `calibrated`: the pass read the pipeline's inputs.
+    """
 
     name: str
     text: str
@@ -126,7 +248,10 @@ class PassRecord:
     stats: dict[str, Any] = field(default_factory=dict)
     seconds: float | None = None
     fidelity: Fidelity | None = None
+    exact_check: Fidelity | None = None
     changes: Changes | None = None
+    size: Size | None = None
+    calibrated: bool = False
     warnings: list[str] = field(default_factory=list)
 
     def to_json(self) -> dict[str, Any]:
@@ -136,21 +261,43 @@ class PassRecord:
             "exact": self.exact,
             "modified": self.modified,
             "stats": self.stats,
+            "size": self.size.to_json() if self.size else None,
             "seconds": self.seconds,
             "fidelity": self.fidelity.to_json() if self.fidelity else None,
+            "exact_check": self.exact_check.to_json() if self.exact_check else None,
+            "calibrated": self.calibrated,
             "changes": self.changes.to_json() if self.changes else None,
             "warnings": self.warnings,
         }
 
+    def __repr__(self) -> str:
+        fidelity = "not verified"
+        if self.exact and self.exact_check is not None:
+            fidelity = f"exact, max rel err {self.exact_check.max_rel_error:.1e}"
+        elif self.fidelity is not None:
+            fidelity = f"cosine {self.fidelity.cosine:.5f}"
+        seconds = f", {self.seconds:.2f} s" if self.seconds is not None else ""
+        changed = "modified" if self.modified else "unchanged"
+        return f"<PassRecord {self.text}: {changed}, {fidelity}{seconds}>"
+
 
 @dataclass
 class PipelineReport:
+    """What a pipeline run did: sizes before and after, one record per pass, and the inputs.
+
+    `inputs_source` names the inputs passes ran and calibrated on, `verify_source` those
+    the verification compared outputs on; `shared_inputs` is true when a pass calibrated
+    on the very samples the fidelity was measured on (the fidelity is then optimistic).
+    """
+
     pipeline: str
     before: ModelStats
     after: ModelStats
     records: list[PassRecord]
     inputs_source: str
     verified: bool
+    verify_source: str | None = None
+    shared_inputs: bool = False
 
     @property
     def fidelity(self) -> Fidelity | None:
@@ -158,14 +305,29 @@ class PipelineReport:
         measured = [r.fidelity for r in self.records if r.fidelity is not None]
         return measured[-1] if measured else None
 
+    @property
+    def warnings(self) -> list[str]:
+        return [w for r in self.records for w in r.warnings]
+
     def to_json(self) -> dict[str, Any]:
         fidelity = self.fidelity
         return {
             "pipeline": self.pipeline,
             "inputs": self.inputs_source,
             "verified": self.verified,
+            "verified_on": self.verify_source,
+            "calibration_shared_with_verification": self.shared_inputs,
             "before": self.before.to_json(),
             "after": self.after.to_json(),
             "fidelity": fidelity.to_json() if fidelity else None,
             "passes": [r.to_json() for r in self.records],
         }
+
+    def __repr__(self) -> str:
+        fidelity = self.fidelity
+        verdict = ("not verified" if not self.verified else
+                   "no output changed" if fidelity is None or fidelity.max_rel_error == 0 else
+                   f"cosine {fidelity.cosine:.5f} vs the original")
+        return (f"<PipelineReport {self.pipeline}: {len(self.records)} passes, "
+                f"{human_bytes(self.before.bytes)} → {human_bytes(self.after.bytes)}, "
+                f"{self.before.nodes} → {self.after.nodes} nodes, {verdict}>")

@@ -1,12 +1,15 @@
 """Instruments hook into the pipeline before and after each pass.
 
 - `Timing`: wall time of each pass.
-- `Journal`: which nodes (by module path) and initializers each pass added, removed or changed.
+- `Journal`: which nodes (by module path) and initializers each pass added, removed or
+  changed, and the weight bytes and node count before and after it.
 - `Verify`: after every pass, structural checks (ONNX checker, an ORT session builds), then
-  numerics against the *original* model: an exact pass must stay within fp32 relative 1e-4
-  (max |y − y_ref| / max |y_ref|) or the run fails naming it; a lossy pass records cosine,
-  relative L2, max abs and top-1 agreement, and the run fails once 1 − cosine exceeds
-  `--max-drop`.
+  numerics. Every pass's fidelity is measured against the *original* model (cosine,
+  relative L2, max abs, top-1 agreement). An exact pass is held to the outputs *just before
+  it*: within fp32 relative 1e-4 (max |y − y_prev| / max |y_prev|) or the run fails naming
+  it, so an exact pass after a lossy one is not blamed for the lossy pass's error. The run
+  fails once 1 − cosine against the original exceeds `max_drop`; a lossy pass that leaves
+  the cosine below `COSINE_FLOOR` gets a warning even without a budget.
 - `PrintAfterChange`: prints the IR after each pass that modified the model.
 """
 
@@ -22,8 +25,13 @@ import onnx_ir as ir
 from slimgraph.errors import FidelityError, SlimgraphError
 from slimgraph.ir import evaluate
 from slimgraph.ir.diff import Change, describe, group_of, module_changes
-from slimgraph.ir.fidelity import EXACT_RTOL, compare
-from slimgraph.passes._infra.base import Changes, Pass, PassContext, PassRecord, PipelineReport
+from slimgraph.ir.fidelity import COSINE_FLOOR, EXACT_RTOL, compare
+from slimgraph.ir.meta import OUTPUT_MAPS_KEY
+from slimgraph.ir.stats import node_count, weight_bytes
+from slimgraph.passes._infra.base import Changes, Pass, PassContext, PassRecord, PipelineReport, Size
+
+# 1 − cosine of two equal-up-to-rounding outputs is not exactly 0: `max_drop=0` means "no drop".
+DROP_EPSILON = 1e-9
 
 
 class Instrument:
@@ -75,6 +83,7 @@ class Journal(Instrument):
     def before_pass(self, pass_, model, ctx):
         self._nodes = {node: (_node_signature(node), group_of(node), describe(node)) for node in model.graph}
         self._inits = {name: _initializer_signature(v) for name, v in model.graph.initializers.items()}
+        self._size = (weight_bytes(model), node_count(model))
 
     def after_pass(self, pass_, model, ctx, record):
         now = list(model.graph)
@@ -98,6 +107,7 @@ class Journal(Instrument):
         changes.removed_initializers = [n for n in self._inits if n not in inits]
         changes.changed_initializers = [n for n, s in inits.items() if n in self._inits and self._inits[n] != s]
         record.changes = changes
+        record.size = Size(self._size[0], weight_bytes(model), self._size[1], node_count(model))
         self._nodes, self._inits = {}, {}
 
 
@@ -105,41 +115,62 @@ class Journal(Instrument):
 
 
 class Verify(Instrument):
-    """Check every pass against the original model; see the module docstring."""
+    """Check every pass: exact ones against the outputs before them, all against the
+    original; see the module docstring."""
 
-    def __init__(self, rtol: float = EXACT_RTOL) -> None:
+    def __init__(self, rtol: float = EXACT_RTOL, floor: float = COSINE_FLOOR) -> None:
         self.rtol = rtol
+        self.floor = floor
+        self.inputs: list[dict[str, np.ndarray]] = []
         self.reference_outputs: list[dict[str, np.ndarray]] = []
+        self.previous_outputs: list[dict[str, np.ndarray]] = []
 
     def before_pipeline(self, model, ctx):
         reference = ctx.reference or model
+        self.inputs = ctx.verify_inputs if ctx.verify_inputs is not None else list(ctx.inputs)
         try:
-            self.reference_outputs = evaluate.run_all(reference, ctx.inputs)
+            self.reference_outputs = evaluate.run_all(reference, self.inputs)
         except SlimgraphError as exc:
-            raise SlimgraphError(f"the input model cannot be verified: {exc}") from exc
+            from slimgraph.ir.inputs import refused_hint
+
+            raise SlimgraphError(f"the input model cannot be verified: {exc}{refused_hint(ctx.verify_source)}") from exc
+        self.previous_outputs = self.reference_outputs
 
     def after_pass(self, pass_, model, ctx, record):
         try:
             evaluate.check_model(model)
-            outputs = evaluate.run_all(model, ctx.inputs)
+            outputs = evaluate.run_all(model, self.inputs)
         except SlimgraphError as exc:
             raise SlimgraphError(f"pass '{pass_.name}' produced a broken model: {exc}") from exc
         try:
-            fidelity = compare(self.reference_outputs, outputs)
+            fidelity = compare(self.reference_outputs, outputs, model.meta.get(OUTPUT_MAPS_KEY))
+            before = fidelity if self.previous_outputs is self.reference_outputs else compare(self.previous_outputs,
+                                                                                                outputs)
         except ValueError as exc:
             raise FidelityError(f"pass '{pass_.name}' changed the model's outputs: {exc}") from exc
         record.fidelity = fidelity
-        if pass_.exact and fidelity.max_rel_error > self.rtol:
-            worst = fidelity.worst_output()
-            raise FidelityError(
-                f"pass '{pass_.name}' is declared exact but changed output '{worst.name}' by "
-                f"{worst.max_rel_error:.2e} (relative to its largest value; allowed {self.rtol:.0e})"
+        if pass_.exact:
+            record.exact_check = before
+            if before.max_rel_error > self.rtol:
+                worst = before.worst_output()
+                what = "" if before is fidelity else " from the outputs before it"
+                raise FidelityError(
+                    f"pass '{pass_.name}' is declared exact but changed output '{worst.name}'{what} by "
+                    f"{worst.max_rel_error:.2e} (relative to its largest value; allowed {self.rtol:.0e})"
+                )
+        elif fidelity.cosine < self.floor:
+            worst = fidelity.worst_cosine_output()
+            record.warnings.append(
+                f"LOW FIDELITY after '{record.text}': output '{worst.name}' has cosine {worst.cosine:.3f} against the "
+                f"original (below {self.floor}); the model may be unusable; set --max-drop to make this an error"
             )
-        if ctx.max_drop is not None and fidelity.drop > ctx.max_drop:
+        if ctx.max_drop is not None and fidelity.drop > ctx.max_drop + DROP_EPSILON:
+            worst = fidelity.worst_cosine_output()
             raise FidelityError(
                 f"fidelity budget exceeded after pass '{pass_.name}': 1 - cosine = {fidelity.drop:.4f} "
-                f"> --max-drop {ctx.max_drop}"
+                f"(output '{worst.name}') > max_drop {ctx.max_drop}"
             )
+        self.previous_outputs = outputs
 
 
 class PrintAfterChange(Instrument):

@@ -1,12 +1,15 @@
 """Typed pass options: text ↔ Python values, driven by the dataclass field types.
 
 Supported field types: bool, int, float, str, Literal[...] of those, optional (`X | None`)
-and lists/tuples of them. Lists are written `[a,b]` in pipeline text.
+and lists/tuples of them. Lists are written `[a,b]` in pipeline text. `convert` reads text
+(and YAML/TOML scalars); `check_type` holds values given from Python to the same types,
+without converting them (only a list becomes a tuple, and an int a float).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import types
 import typing
 from typing import Any, Literal, get_args, get_origin
@@ -14,6 +17,7 @@ from typing import Any, Literal, get_args, get_origin
 from slimgraph.errors import SlimgraphError
 
 
+@functools.cache
 def option_types(pass_cls: type) -> dict[str, Any]:
     hints = typing.get_type_hints(pass_cls)
     return {f.name: hints[f.name] for f in dataclasses.fields(pass_cls)}
@@ -51,6 +55,55 @@ def convert(pass_name: str, option: str, tp: Any, value: Any) -> Any:
             f"{pass_name}: option {option}={format_value(value)} is not a valid "
             f"{describe_type(tp)}"
         ) from None
+
+
+_UNCHECKED = object()
+
+
+def check_type(pass_name: str, option: str, tp: Any, value: Any) -> Any:
+    """`value` if it is of type `tp` (a list given for a tuple comes back as a tuple);
+    otherwise a `SlimgraphError` that names the option, the type given and the one expected."""
+    checked = _checked(tp, value)
+    if checked is _UNCHECKED:
+        given = type(value).__name__
+        article = "an" if given[:1] in "aeiou" else "a"
+        raise SlimgraphError(f"{pass_name}: option {option}={value!r} is {article} {given}; expected {describe_type(tp)}")
+    return checked
+
+
+def _checked(tp: Any, value: Any) -> Any:
+    """`value` (or its tuple form), or _UNCHECKED when it does not have type `tp`. Types this
+    module does not know are accepted as they are: the pass validates them itself."""
+    origin = get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        for arg in get_args(tp):
+            checked = _checked(arg, value)
+            if checked is not _UNCHECKED:
+                return checked
+        return _UNCHECKED
+    if tp is type(None):
+        return value if value is None else _UNCHECKED
+    if origin is Literal:  # the type only: the pass says which values it takes (and why)
+        return value if any(type(value) is type(c) for c in get_args(tp)) else _UNCHECKED
+    if origin in (list, tuple):
+        if not isinstance(value, (list, tuple)):
+            return _UNCHECKED
+        (item_type, *_) = get_args(tp) or (Any,)
+        items = [_checked(item_type, item) for item in value]
+        if any(item is _UNCHECKED for item in items):
+            return _UNCHECKED
+        return tuple(items) if origin is tuple else list(items)
+    if tp is bool:
+        return value if isinstance(value, bool) else _UNCHECKED
+    if tp is int:
+        return value if isinstance(value, int) and not isinstance(value, bool) else _UNCHECKED
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            return _UNCHECKED
+        return value
+    if tp is str:
+        return value if isinstance(value, str) else _UNCHECKED
+    return value
 
 
 def _convert(tp: Any, value: Any) -> Any:

@@ -2,12 +2,22 @@
 
 Built-in passes are listed by module so that `slimgraph passes` and pipeline parsing never
 import more than they need; `@register_pass` adds a class (built-in or the user's own).
+
+Passes from other packages (plugins) are found two ways:
+- an entry point in the `slimgraph.passes` group, named after the pass, whose value is the
+  module (or `module:Class`) that registers it; it is imported when the pass is first named;
+- `load_plugin("module")` (the CLI's `--plugin module`, or `--plugin path/to/file.py`)
+  imports a module that calls `@register_pass`.
 """
 
 from __future__ import annotations
 
 import difflib
 import importlib
+import importlib.util
+import sys
+from importlib.metadata import EntryPoint, entry_points
+from pathlib import Path
 
 from slimgraph.errors import SlimgraphError
 from slimgraph.passes._infra.base import Pass
@@ -24,6 +34,14 @@ BUILTIN_PASS_MODULES: dict[str, str] = {
     "quantize-dynamic": "slimgraph.passes.quantize.dynamic",
     "ternarize": "slimgraph.passes.quantize.ternary",
     "mixed-precision": "slimgraph.passes.quantize.mixed",
+    "prune-width": "slimgraph.passes.prune.width",
+    "prune-depth": "slimgraph.passes.prune.depth",
+    "low-rank": "slimgraph.passes.prune.low_rank",
+    "trim-vocab": "slimgraph.passes.vocab",
+    "dct-tokens": "slimgraph.passes.tokens",
+    "merge-lora": "slimgraph.passes.adapters.merge",
+    "merge-shira": "slimgraph.passes.adapters.merge",
+    "moe-convert": "slimgraph.passes.moe.convert",
 }
 
 _REGISTRY: dict[str, type[Pass]] = {}
@@ -41,13 +59,49 @@ def register_pass(cls: type[Pass]) -> type[Pass]:
     return cls
 
 
+ENTRY_POINT_GROUP = "slimgraph.passes"
+
+
+def _plugin_entry_points() -> dict[str, EntryPoint]:
+    return {ep.name: ep for ep in entry_points(group=ENTRY_POINT_GROUP)}
+
+
+def load_plugin(module: str) -> None:
+    """Import `module` (a dotted name, or a `.py` file) so that the passes it registers with
+    `@register_pass` can be named in pipelines."""
+    path = Path(module)
+    try:
+        if path.suffix == ".py":
+            if not path.is_file():
+                raise SlimgraphError(f"no such plugin file: {path}")
+            spec = importlib.util.spec_from_file_location(f"slimgraph_plugin_{path.stem}", path)
+            loaded = importlib.util.module_from_spec(spec)
+            sys.modules[spec.name] = loaded  # dataclasses look their module up while the file runs
+            spec.loader.exec_module(loaded)
+        else:
+            importlib.import_module(module)
+    except ImportError as exc:
+        raise SlimgraphError(f"cannot import plugin module '{module}': {exc}") from exc
+
+
 def known_pass_names() -> list[str]:
-    return sorted(set(BUILTIN_PASS_MODULES) | set(_REGISTRY))
+    return sorted(set(BUILTIN_PASS_MODULES) | set(_REGISTRY) | set(_plugin_entry_points()))
 
 
 def get_pass_class(name: str) -> type[Pass]:
     if name not in _REGISTRY and name in BUILTIN_PASS_MODULES:
         importlib.import_module(BUILTIN_PASS_MODULES[name])
+    if name not in _REGISTRY:
+        entry = _plugin_entry_points().get(name)
+        if entry is not None:
+            try:
+                loaded = entry.load()  # importing the module runs its @register_pass
+            except Exception as exc:
+                raise SlimgraphError(f"the plugin for pass '{name}' ({entry.value}) cannot be loaded: {exc}") from exc
+            if isinstance(loaded, type) and issubclass(loaded, Pass) and getattr(loaded, "name", None) == name:
+                register_pass(loaded)  # `module:Class` may name an undecorated class
+            if name not in _REGISTRY:
+                raise SlimgraphError(f"plugin {entry.value} does not register a pass named '{name}'")
     if name in _REGISTRY:
         return _REGISTRY[name]
     suggestion = difflib.get_close_matches(name, known_pass_names(), n=1)

@@ -1,0 +1,176 @@
+"""What the commands print, at 80 and 120 columns (golden renders), and the progress display.
+
+Measured numbers that vary between machines (seconds, fidelity on another CPU's kernels) are
+replaced by fixed ones before rendering; everything else comes from real runs.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import io
+
+import pytest
+from rich.console import Console
+
+import slimgraph
+from slimgraph.bench import BenchResult, Latency
+from slimgraph.ir.diff import diff_models
+from slimgraph.ir.fidelity import Fidelity
+from slimgraph.passes import Pipeline, get_pass_class
+from slimgraph.passes._infra.registry import BUILTIN_PASS_MODULES
+from slimgraph.report import (
+    TerminalProgress,
+    ratio_label,
+    render_bench,
+    render_diff,
+    render_pass_list,
+    render_pipeline_report,
+    render_summary,
+    shorten_left,
+    wrap_pipeline,
+)
+from tests.conftest import LIGHT_DIR, assert_golden, copy_model, render_text
+
+WIDTHS = (80, 120)
+
+
+def fits(text: str, width: int) -> bool:
+    return all(len(line.rstrip()) <= width for line in text.splitlines())
+
+
+def test_wrap_pipeline_breaks_at_option_boundaries():
+    text = "cleanup,quantize-weights{bits=4,group_size=32,method=awq,embeddings=true,accuracy_level=4}"
+    assert wrap_pipeline(text, 30) == ("cleanup,\n"
+                                       "quantize-weights{bits=4,\n"
+                                       "  group_size=32,method=awq,\n"
+                                       "  embeddings=true,\n"
+                                       "  accuracy_level=4}")
+    assert wrap_pipeline(text, 200) == "cleanup,\n" + text.removeprefix("cleanup,")
+    assert wrap_pipeline("quantize-weights{exclude=[a,b]}", 18) == "quantize-weights{\n  exclude=[a,b]}"
+
+
+def test_shorten_left_keeps_the_end():
+    assert shorten_left("encoder.layer.0.attention.self.query.weight", 20) == "…n.self.query.weight"
+    assert shorten_left("short", 20) == "short"
+
+
+@pytest.mark.parametrize("width", WIDTHS)
+def test_pass_list_golden(width):
+    classes = [get_pass_class(name) for name in sorted(BUILTIN_PASS_MODULES)]
+    text = render_text(render_pass_list(classes), width)
+    assert fits(text, width)
+    assert_golden(f"passes_{width}.txt", text)
+
+
+def _fixed(fidelity: Fidelity, cosine: float) -> Fidelity:
+    outputs = tuple(dataclasses.replace(o, cosine=cosine - 0.001 * i, rel_l2=0.0123, max_abs=0.5,
+                                        max_rel_error=0.02 * (i + 1)) for i, o in enumerate(fidelity.outputs))
+    return Fidelity(outputs)
+
+
+@pytest.mark.parametrize("width", WIDTHS)
+def test_optimize_report_golden(width, mlp_model):
+    report = Pipeline("quantize-weights{bits=4,group_size=16,method=awq,exclude=[fc2],accuracy_level=4},"
+                      "cleanup").run(mlp_model)
+    quantize, cleanup = report.records
+    quantize.seconds, cleanup.seconds = 1.25, 0.03
+    quantize.fidelity = _fixed(quantize.fidelity, 0.98765)
+    cleanup.fidelity = quantize.fidelity
+    cleanup.exact_check = Fidelity(tuple(dataclasses.replace(o, max_rel_error=0.0) for o in cleanup.exact_check.outputs))
+    text = render_text(render_pipeline_report(report, output="out/mlp-awq.onnx"), width)
+    assert fits(text, width)
+    assert "method=awq" in text and "accuracy_level=4}" in text  # never split inside an option
+    assert_golden(f"optimize_mlp_{width}.txt", text)
+
+
+def test_low_fidelity_shows_in_the_report(mlp_model):
+    import tests.passes.test_pipeline  # noqa: F401  (registers test-noise)
+
+    report = Pipeline("test-noise{scale=3.0}").run(mlp_model)
+    text = render_text(render_pipeline_report(report), 80)
+    assert "warning: LOW FIDELITY" in text
+
+
+@pytest.mark.parametrize("width", WIDTHS)
+def test_inspect_golden_widths(width, minilm_onnx):
+    text = render_text(render_summary(slimgraph.inspect(minilm_onnx)), width)
+    assert fits(text, width)
+    assert_golden(f"inspect_minilm_{width}.txt", text)
+
+
+def test_inspect_cnn_golden():
+    text = render_text(render_summary(slimgraph.inspect(LIGHT_DIR / "light_inception_v2.onnx")), 80)
+    assert fits(text, 80) and "+1 more" in text
+    assert_golden("inspect_inception_v2_80.txt", text)
+
+
+@pytest.mark.parametrize("width", WIDTHS)
+def test_diff_golden_widths(width, mlp_model):
+    after = copy_model(mlp_model)
+    Pipeline("cleanup").run(after)
+    result = diff_models(mlp_model, after, weights=True, a_name="models/mlp.onnx", b_name="out/mlp-cleanup.onnx")
+    text = render_text(render_diff(result), width)
+    assert fits(text, width)
+    assert_golden(f"diff_mlp_cleanup_{width}.txt", text)
+
+
+def _bench_results() -> list[BenchResult]:
+    def result(name, scale, size, rss):
+        return BenchResult(name=name, file_bytes=size, peak_rss_mb=rss,
+                           latency=[Latency(1, 10.0 * scale, 12.5 * scale, 100 / scale),
+                                    Latency(8, 40.0 * scale, 44.0 * scale, 200 / scale)],
+                           skipped={16: f"{name}: input 'input_ids' is fixed at batch 8 (8×128)"})
+
+    return [result("models/minilm-fp32.onnx", 1.0, 90_868_000, 180.0),
+            result("out/minilm-int4-awq.onnx", 1.17, 14_700_000, 95.5)]
+
+
+@pytest.mark.parametrize("width", WIDTHS)
+def test_bench_golden(width):
+    results = _bench_results()
+    for r in results:
+        r.skipped = {}
+    text = render_text(render_bench(results), width)
+    assert fits(text, width)
+    assert "latency p50, batch 1  1.17x (slower)" in text and "throughput, batch 8   0.85x (slower)" in text
+    assert_golden(f"bench_{width}.txt", text)
+
+
+def test_bench_not_run_rows_have_no_figures():
+    text = render_text(render_bench(_bench_results()[:1]), 80)
+    row = next(line for line in text.splitlines() if line.split()[:1] == ["16"])
+    assert row.split() == ["16", "not", "run"]
+    assert "batch 16 not run: models/minilm-fp32.onnx: input 'input_ids' is fixed at batch 8" in " ".join(text.split())
+
+
+@pytest.mark.parametrize("key, value, expected", [
+    ("p50_batch1", 1.17, ("latency p50, batch 1", "1.17x (slower)")),
+    ("p50_batch8", 0.5, ("latency p50, batch 8", "0.50x (faster)")),
+    ("throughput_batch8", 1.3, ("throughput, batch 8", "1.30x (faster)")),
+    ("file_bytes", 0.16, ("file size", "0.16x (smaller)")),
+    ("peak_rss_mb", 1.001, ("peak memory", "1.00x (same)")),
+])
+def test_ratio_labels_say_the_direction(key, value, expected):
+    assert ratio_label(key, value) == expected
+
+
+def test_progress_draws_stages_passes_and_layers(mlp_model):
+    console = Console(file=io.StringIO(), force_terminal=True, width=100, color_system=None)
+    with TerminalProgress(enabled=True, console=console) as progress:
+        with progress.stage("loading mlp.onnx"):
+            pass
+        Pipeline("quantize-weights{group_size=16},cleanup").run(mlp_model, progress=progress.step,
+                                                                instruments=progress.passes(2))
+    drawn = console.file.getvalue()
+    for expected in ("loading mlp.onnx", "pass quantize-weights{group_size=16}", "rtn int4", "1/2", "pass cleanup"):
+        assert expected in drawn, expected
+
+
+def test_disabled_progress_draws_nothing(mlp_model):
+    console = Console(file=io.StringIO(), force_terminal=True, width=100)
+    with TerminalProgress(enabled=False, console=console) as progress:
+        with progress.stage("loading"):
+            pass
+        assert progress.passes(1) == []
+        Pipeline("quantize-weights{group_size=16}").run(mlp_model, progress=progress.step)
+    assert console.file.getvalue() == ""
