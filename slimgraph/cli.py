@@ -28,6 +28,7 @@ from typing import Any, NoReturn
 
 from slimgraph.backends import backends
 from slimgraph.errors import SlimgraphError
+from slimgraph.ir.target import NAMES as TARGETS
 
 PROG = "slimgraph"
 
@@ -59,6 +60,9 @@ def build_parser() -> argparse.ArgumentParser:
                           help="; ".join(f"{b.name}: writes {b.writes}" for b in backends().values()))
     optimize.add_argument("--calib", help="calibration inputs: .npz of named arrays, or a text file (one sample a "
                                           "line); with 4 samples or more, the last quarter is held out to verify on")
+    optimize.add_argument("--target", default="auto", choices=["auto", *TARGETS],
+                          help="the machine the model will run on (default: this one); passes such as "
+                               "quantize-dynamic choose their kernels for it")
     optimize.add_argument("--max-drop", type=float, help="fail (exit 1) when 1 - cosine vs the original exceeds this")
     optimize.add_argument("--no-verify", action="store_true", help="skip verification against the original")
     optimize.add_argument("--external-data", action="store_true", help="store weights in a separate .data file")
@@ -203,7 +207,8 @@ def cmd_optimize(args: argparse.Namespace) -> int:
     from slimgraph.backends import check_output, compile
     from slimgraph.frontend import load
     from slimgraph.frontend.calibration import check_calibration_file
-    from slimgraph.passes import Pipeline, load_plugin
+    from slimgraph.ir.target import parse as parse_target
+    from slimgraph.passes import PassContext, Pipeline, load_plugin
 
     for module in args.plugin:
         load_plugin(module)
@@ -232,7 +237,7 @@ def cmd_optimize(args: argparse.Namespace) -> int:
     with TerminalProgress(enabled=_show_progress(args)) as progress:
         with progress.stage(_loading(model_path)):
             model = load(model_path, **_load_options(args))
-        report = pipeline.run(model, verify=not args.no_verify, max_drop=max_drop, calib=calib,
+        report = pipeline.run(model, PassContext(target=parse_target(args.target)), verify=not args.no_verify, max_drop=max_drop, calib=calib,
                               progress=progress.step, instruments=progress.passes(len(pipeline)))
         options = {"external_data": args.external_data or None} if args.backend == "onnxruntime" else {}
         with progress.stage(f"writing {output}"):

@@ -139,6 +139,8 @@ def render_pipeline_report(report: PipelineReport, output: str | None = None) ->
         if report.records and any(r.calibrated for r in report.records):
             _row(summary, "calibrated on", report.inputs_source)
         _row(summary, "verified on", _verified_on(report))
+        if report.target:
+            _row(summary, "target", report.target)
         if output:
             _row(summary, "written", output)
 

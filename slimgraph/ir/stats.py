@@ -97,9 +97,15 @@ def _dims(value: ir.Value | None) -> list[int] | None:
     return None if any(d is None for d in dims) else dims
 
 
+# Matrix products with MatMul's shapes (inputs 0 and 1): the float one and its integer forms.
+MATMUL_LIKE = {("", "MatMul"), ("", "MatMulInteger"), ("com.microsoft", "MatMulIntegerToFloat"),
+               ("com.microsoft", "DynamicQuantizeMatMul")}
+
+
 def node_flops(node: ir.Node) -> int | None:
-    """Multiply-adds ×2 for MatMul, Gemm and Conv, from the shapes the graph carries."""
-    if node.op_type == "MatMul" and node.domain in ("", "ai.onnx"):
+    """Multiply-adds ×2 for MatMul (and its int8 forms), Gemm, Conv and MatMulNBits, from the
+    shapes the graph carries."""
+    if (node.domain if node.domain != "ai.onnx" else "", node.op_type) in MATMUL_LIKE:
         a, b = _dims(node.inputs[0]), _dims(node.inputs[1])
         if not a or not b:
             return None

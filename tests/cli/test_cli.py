@@ -24,6 +24,20 @@ def run_cli(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess:
                           cwd=cwd, env=env, timeout=600)
 
 
+def test_target_chooses_the_int8_format_and_the_report_names_it(tmp_path, mlp_path, capsys):
+    out = tmp_path / "quantized.onnx"
+    assert main(["optimize", str(mlp_path), "-p", "quantize-dynamic", "--target", "cpu-avx2", "-o", str(out),
+                 "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["target"] == "cpu-avx2 (avx2)" and report["passes"][0]["stats"]["weights"] == "s8-reduced per channel"
+    codes = [v.const_value.numpy() for v in slimgraph.load(out).graph.initializers.values() if v.name.endswith(".int8")]
+    assert codes and max(int(abs(c).max()) for c in codes) == 63
+    assert main(["optimize", str(mlp_path), "-p", "cleanup", "-o", str(out), "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["target"] is None  # no pass read it
+    assert main(["optimize", str(mlp_path), "-p", "cleanup", "--target", "tpu", "-o", str(out)]) == 2
+    assert "--target" in capsys.readouterr().err
+
+
 def digest(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 

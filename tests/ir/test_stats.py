@@ -57,3 +57,12 @@ def test_human_bytes(n, text):
 def test_human_count():
     assert human_count(22_713_363) == "22.7M"
     assert human_count(12) == "12"
+
+
+def test_int8_matmuls_count_their_multiply_adds(minilm):
+    from slimgraph.passes import Pipeline
+    from tests.conftest import copy_model
+
+    model = copy_model(minilm)
+    Pipeline.parse("quantize-dynamic").run(model, verify=False)
+    assert model_stats(model).flops == pytest.approx(model_stats(minilm).flops, rel=0.01)

@@ -93,6 +93,8 @@ class Pass:
     exact: ClassVar[bool] = True
     # The lowest default-domain opset the pass handles; older models are converted first.
     min_opset: ClassVar[int | None] = None
+    # Whether the rewrite depends on the target (`PassContext.target`); the report then names it.
+    reads_target: ClassVar[bool] = False
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         # Option types are checked before the subclass's own __post_init__ validates values,
@@ -298,6 +300,7 @@ class PipelineReport:
     verified: bool
     verify_source: str | None = None
     shared_inputs: bool = False
+    target: str | None = None  # the target, when a pass's rewrite depended on it
 
     @property
     def fidelity(self) -> Fidelity | None:
@@ -317,6 +320,7 @@ class PipelineReport:
             "verified": self.verified,
             "verified_on": self.verify_source,
             "calibration_shared_with_verification": self.shared_inputs,
+            "target": self.target,
             "before": self.before.to_json(),
             "after": self.after.to_json(),
             "fidelity": fidelity.to_json() if fidelity else None,

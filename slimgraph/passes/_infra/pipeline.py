@@ -215,6 +215,10 @@ class Pipeline:
                                  "(drop --no-verify / verify=False, or the budget)")
         if progress is not None:
             ctx.progress = progress
+        if ctx.target is None:
+            from slimgraph.ir.target import detect
+
+            ctx.target = detect()
         self.check(model)
         held_out = None
         if calib is not None:
@@ -277,6 +281,7 @@ class Pipeline:
             verified=verify,
             verify_source=ctx.verify_source if verify else None,
             shared_inputs=verify and ctx.verify_inputs is pass_inputs and any(r.calibrated for r in records),
+            target=ctx.target.describe() if any(p.reads_target for p in self.passes) else None,
         )
         for instrument in active:
             instrument.after_pipeline(model, ctx, report)

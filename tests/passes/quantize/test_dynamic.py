@@ -57,7 +57,8 @@ def test_weight_format_follows_the_target(mlp_model, target, fmt, dtype, low, hi
 
     model = copy_model(mlp_model)
     report = Pipeline.parse("quantize-dynamic").run(model, PassContext(target=parse(target)))
-    assert report.records[0].stats["weights"].startswith(f"{fmt} per channel (target {target}")
+    assert report.records[0].stats["weights"] == f"{fmt} per channel"
+    assert report.target.startswith(target) and report.to_json()["target"] == report.target
     codes = [v.const_value.numpy() for v in model.graph.initializers.values() if v.name.endswith(".int8")]
     assert codes and all(c.dtype == dtype and c.min() >= low and c.max() <= high for c in codes)
     assert max(int(np.abs(c).max()) for c in codes) == high  # the whole range is used
