@@ -54,6 +54,9 @@ def build_parser() -> argparse.ArgumentParser:
     source = optimize.add_mutually_exclusive_group(required=True)
     source.add_argument("-p", "--pipeline", help="pipeline text, e.g. 'cleanup,quantize-weights{bits=4}'")
     source.add_argument("--recipe", help="YAML or TOML recipe file")
+    source.add_argument("--goal", choices=["latency", "size", "balanced"],
+                        help="try candidate pipelines, measure each (latency on this machine, size, fidelity) and "
+                             "keep the best within --max-drop (default 0.01); writes the chosen recipe beside -o")
     optimize.add_argument("-o", "--output", required=True,
                           help="the output the backend writes (see --backend)")
     optimize.add_argument("--backend", default="onnxruntime", choices=list(backends()),
@@ -219,7 +222,9 @@ def cmd_optimize(args: argparse.Namespace) -> int:
     if output.exists() and output.resolve() == model_path.resolve():
         raise SlimgraphError("the output would overwrite the input model; choose another -o path")
     check_output(args.backend, output)
-    if args.pipeline is not None:
+    if args.goal is not None:
+        pipeline, recipe_drop, recipe_calib = None, None, None
+    elif args.pipeline is not None:
         pipeline, recipe_drop, recipe_calib = Pipeline.parse(args.pipeline), None, None
     else:
         recipe = Pipeline.from_recipe(args.recipe)
@@ -228,6 +233,13 @@ def cmd_optimize(args: argparse.Namespace) -> int:
     if max_drop is not None and args.no_verify:
         where = "--max-drop" if args.max_drop is not None else f"max_drop in {args.recipe}"
         raise SlimgraphError(f"--no-verify and {where} cannot go together: the budget is measured by verification")
+    if args.goal is not None and args.no_verify:
+        raise SlimgraphError("--goal compares candidates by their verified fidelity; it cannot go with --no-verify")
+    target = parse_target(args.target)
+    if args.goal is not None:
+        from slimgraph.search import check_goal
+
+        check_goal(args.goal, target)
     calib = Path(args.calib) if args.calib else recipe_calib
     if calib is not None:
         check_calibration_file(calib, model_path)
@@ -237,22 +249,36 @@ def cmd_optimize(args: argparse.Namespace) -> int:
     with TerminalProgress(enabled=_show_progress(args)) as progress:
         with progress.stage(_loading(model_path)):
             model = load(model_path, **_load_options(args))
-        report = pipeline.run(model, PassContext(target=parse_target(args.target)), verify=not args.no_verify, max_drop=max_drop, calib=calib,
-                              progress=progress.step, instruments=progress.passes(len(pipeline)))
+        if args.goal is not None:
+            from slimgraph.search import search
+
+            found = search(model, args.goal, max_drop=max_drop, calib=calib, target=target, progress=progress.step)
+            model, report = found.chosen.model, found.chosen.report
+        else:
+            found = None
+            report = pipeline.run(model, PassContext(target=target), verify=not args.no_verify, max_drop=max_drop,
+                                  calib=calib, progress=progress.step, instruments=progress.passes(len(pipeline)))
         options = {"external_data": args.external_data or None} if args.backend == "onnxruntime" else {}
         with progress.stage(f"writing {output}"):
             artifact = compile(model, backend=args.backend, **options)
             artifact.save(output)
+        if found is not None:
+            from slimgraph.search import write_recipe
+
+            recipe = write_recipe(found, output, calib, target)
     for warning in report.warnings:
         _warn(warning)
     lowering = getattr(artifact, "report", None)  # (the triton backend: which ops run as kernels, which do not)
 
     if args.json:
         _print_json(report.to_json() | {"output": str(output), "backend": args.backend}
-                    | ({"lowering": lowering.to_json()} if lowering is not None else {}))
+                    | ({"lowering": lowering.to_json()} if lowering is not None else {})
+                    | ({"search": found.to_json() | {"recipe": str(recipe)}} if found is not None else {}))
     else:
         from slimgraph.report import print_renderable, render_pipeline_report
 
+        if found is not None:
+            print("\n".join(found.lines() + [f"chosen recipe written to {recipe}", ""]))
         print_renderable(render_pipeline_report(report, output=str(output)))
         if lowering is not None:
             print("\n".join(lowering.lines()))

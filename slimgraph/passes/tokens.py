@@ -107,6 +107,13 @@ class DctTokens(Pass):
         value = self.tokens(model)
         if self.layout == "grid":
             self._grid(value)
+        joined = _joined_with_other_tokens(value)
+        if joined is not None:
+            raise SlimgraphError(
+                f"{self.name}: {value.name!r} is joined with other tokens by {joined.op_type} "
+                f"{joined.name!r} (as a VLM's image tokens are with its text); the positions, causal mask "
+                "and shape constants of the joined sequence are not remapped yet, so this is refused rather "
+                "than computed wrong (a vision encoder exported on its own compresses)")
 
     def _grid(self, value: ir.Value) -> tuple[int, int, int, int, int]:
         """(CLS tokens before the grid, H, W, h, w) for layout=grid."""
@@ -199,6 +206,19 @@ def _values_after(value: ir.Value) -> list[ir.Value]:
                     seen.append(out)
                     queue.append(out)
     return seen
+
+
+def _joined_with_other_tokens(value: ir.Value) -> ir.Node | None:
+    """A Concat on the token axis after `value` that also takes tokens not computed from it."""
+    after = set(_values_after(value)) | {value}
+    for current in after:
+        for node, _ in current.uses():
+            axis = node.attributes.get_int("axis", 0) if node.op_type == "Concat" else None
+            if axis not in (1, -2) or current.shape is None or len(current.shape) != 3:
+                continue
+            if any(v is not None and v not in after for v in node.inputs):
+                return node
+    return None
 
 
 def _reads_first_token(values: list[ir.Value]) -> bool:

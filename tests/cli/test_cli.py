@@ -126,7 +126,7 @@ def bad_files(tmp_path: Path, mlp_path: Path) -> dict[str, Path]:
         ("mlp", ["-p", "cleanup{max_rounds=0}"], "max_rounds must be >= 1"),
         ("mlp", ["-p", "cleanup", "--max-drop", "lots"], "invalid float value"),
         ("mlp", ["-p", "cleanup", "--backend", "tvm"], "invalid choice"),
-        ("mlp", [], "one of the arguments -p/--pipeline --recipe is required"),
+        ("mlp", [], "one of the arguments -p/--pipeline --recipe --goal is required"),
         ("mlp", ["-p", "cleanup", "--calib", "missing.npz"], "no such calibration file"),
     ],
 )

@@ -225,7 +225,7 @@ def test_json_on_failure(tmp_path, mlp_path):
     assert json.loads(result.stdout) == {"error": f"no such file or folder: {tmp_path / 'missing.onnx'}",
                                          "exit_code": 2}
     result = run_cli("optimize", str(mlp_path), "--json", "-o", str(tmp_path / "o.onnx"))
-    assert json.loads(result.stdout)["error"].startswith("one of the arguments -p/--pipeline --recipe is required")
+    assert json.loads(result.stdout)["error"].startswith("one of the arguments -p/--pipeline --recipe --goal is required")
 
 
 # --- what the reports say -----------------------------------------------------------------

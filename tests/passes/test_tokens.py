@@ -109,3 +109,23 @@ def test_a_causal_lm_is_refused(llama_ir):
 def test_a_sequence_that_is_not_a_grid(minilm):
     with pytest.raises(SlimgraphError, match="fixed token count"):
         run(minilm, "dct-tokens{at=1,layout=grid}")
+
+
+def test_tokens_joined_with_others_are_refused():
+    """A VLM's image tokens concatenated with text: the joined sequence's positions and masks would
+    need remapping, which the pass does not do; it says so instead of computing something wrong."""
+    import onnx_ir as ir
+    from onnx import TensorProto, helper, numpy_helper
+
+    weight = numpy_helper.from_array(np.eye(8, dtype=np.float32), "projector")
+    graph = helper.make_graph(
+        [helper.make_node("MatMul", ["image", "projector"], ["image_tokens"]),
+         helper.make_node("Concat", ["image_tokens", "text"], ["joined"], axis=1),
+         helper.make_node("Relu", ["joined"], ["y"])], "vlm",
+        [helper.make_tensor_value_info("image", TensorProto.FLOAT, [1, 16, 8]),
+         helper.make_tensor_value_info("text", TensorProto.FLOAT, [1, 3, 8])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 19, 8])], [weight],
+        value_info=[helper.make_tensor_value_info("image_tokens", TensorProto.FLOAT, [1, 16, 8])])
+    model = ir.serde.deserialize_model(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)]))
+    with pytest.raises(SlimgraphError, match="joined with other tokens by Concat"):
+        run(model, "dct-tokens{value=image_tokens,layout=grid,grid=[2,2]}")

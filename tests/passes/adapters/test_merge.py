@@ -12,6 +12,7 @@ from slimgraph.errors import SlimgraphError
 from slimgraph.ir import evaluate
 from slimgraph.passes.adapters.merge import MergeLora, MergeShira
 from slimgraph.passes.adapters.peft_files import read_adapter
+from tests.conftest import copy_model
 from tests.passes.adapters.peft_adapters import Made, anonymize, ir_weight, relative
 
 pytestmark = pytest.mark.slow
@@ -154,3 +155,14 @@ def test_unmatched_module_is_named(gpt2_ir, minilm_adapter):
     made = minilm_adapter("rslora")
     with pytest.raises(SlimgraphError, match="module 'encoder.layer.0.attention.self.query' matches no linear"):
         MergeLora(adapter=(str(made.path),))(gpt2_ir.clone())
+
+
+@pytest.mark.parametrize("pass_, kind", [(MergeLora, "lora"), (MergeShira, "shira")])
+def test_merge_is_deterministic(minilm, minilm_adapter, tmp_path, pass_, kind):
+    """(the other passes: tests/test_determinism.py)"""
+    files = []
+    for i in range(2):
+        model = copy_model(minilm)
+        pass_(adapter=(str(minilm_adapter(kind).path),))(model)
+        files.append(slimgraph.save(model, tmp_path / f"{i}.onnx").read_bytes())
+    assert files[0] == files[1]

@@ -1,0 +1,287 @@
+"""`optimize --goal latency|size|balanced`: candidate pipelines measured on this machine, the best
+one within the fidelity budget kept.
+
+Each candidate is a pipeline of the passes that exist (`CANDIDATES`), run with Verify on its own
+copy of the model (tensors shared: passes replace them, never write into them). Those within the
+budget (1 − cosine of every output against the original ≤ `max_drop`, on the verification inputs)
+are timed together with the original in ONNX Runtime, runs alternating
+(`slimgraph.bench.alternating_runs`), at batch 1 and 8 where the model takes them. The goal picks:
+`latency` the least latency (geometric mean of the ratios to the original over the batches),
+`size` the fewest bytes, `balanced` the least latency ratio × size ratio. A candidate a model
+cannot take (nothing to quantize, no FFN) is listed with the reason and left out.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import re
+import statistics
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import onnx_ir as ir
+
+from slimgraph.errors import FidelityError, SlimgraphError
+from slimgraph.ir.stats import human_bytes, model_stats
+from slimgraph.ir.target import Target
+from slimgraph.passes import PassContext, Pipeline, PipelineReport
+
+Goal = Literal["latency", "size", "balanced"]
+GOALS: tuple[str, ...] = ("latency", "size", "balanced")
+DEFAULT_MAX_DROP = 0.01
+
+# Pipelines worth trying on a CPU, from the fastest kinds to the smallest. int8 weights with
+# int8 activations are what speeds a compute-bound model up; int4 weights only save bytes.
+CANDIDATES: dict[str, tuple[str, ...]] = {
+    "latency": (
+        "cleanup,quantize-dynamic",
+        "cleanup,quantize-dynamic{weights=u8}",
+        "cleanup,quantize-dynamic{embeddings=false}",
+        "cleanup,prune-width{target=ffn,ratio=0.25},quantize-dynamic",
+        "cleanup,quantize-weights{bits=8,accuracy_level=4}",
+    ),
+    "size": (
+        "cleanup,quantize-dynamic",
+        "cleanup,quantize-weights{bits=4,method=awq,embeddings=true,accuracy_level=4}",
+        "cleanup,quantize-weights{bits=4,group_size=64,method=awq,embeddings=true,accuracy_level=4}",
+        "cleanup,quantize-weights{bits=4,method=gptq,embeddings=true,accuracy_level=4}",
+        "cleanup,quantize-weights{bits=8,embeddings=true,accuracy_level=4}",
+    ),
+}
+CANDIDATES["balanced"] = tuple(dict.fromkeys(CANDIDATES["latency"] + CANDIDATES["size"]))
+BATCHES = (1, 8)
+SENSITIVE_ROUNDS = 3
+
+
+@dataclass
+class Candidate:
+    pipeline: str
+    status: str = "ok"  # "ok", or why it was left out
+    cosine: float | None = None
+    bytes: int | None = None
+    latency: dict[int, float] = field(default_factory=dict)  # batch → ratio to the original's p50
+    model: ir.Model | None = None
+    report: PipelineReport | None = None
+
+    @property
+    def latency_ratio(self) -> float | None:
+        """Geometric mean over the batches timed."""
+        if not self.latency:
+            return None
+        return math.exp(statistics.fmean(math.log(r) for r in self.latency.values()))
+
+
+@dataclass
+class SearchResult:
+    goal: str
+    max_drop: float
+    original_bytes: int
+    candidates: list[Candidate]
+    chosen: Candidate
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "goal": self.goal, "max_drop": self.max_drop, "chosen": self.chosen.pipeline,
+            "candidates": [{"pipeline": c.pipeline, "status": c.status, "cosine": c.cosine, "bytes": c.bytes,
+                            "latency_ratio": {str(b): r for b, r in c.latency.items()}} for c in self.candidates],
+        }
+
+    def lines(self) -> list[str]:
+        """The candidates table: one row each, the chosen one marked."""
+        batches = sorted({b for c in self.candidates for b in c.latency})
+        head = ["", "pipeline", "cosine", "size"] + [f"latency b{b}" for b in batches]
+        rows = []
+        for c in self.candidates:
+            mark = "→" if c is self.chosen else ""
+            if c.status != "ok":
+                rows.append([mark, c.pipeline, c.status])
+                continue
+            size = f"{human_bytes(c.bytes)} ({c.bytes / self.original_bytes:.2f}x)"
+            rows.append([mark, c.pipeline, f"{c.cosine:.4f}", size] + [f"{c.latency[b]:.2f}x" for b in batches])
+        widths = [max(len(r[i]) for r in rows + [head] if i < len(r)) for i in range(len(head))]
+
+        def line(row: list[str]) -> str:
+            if len(row) == 3:  # left out: the reason spans the figures
+                return f"{row[0]:1} {row[1]:{widths[1]}}  {row[2]}"
+            return "  ".join(f"{cell:{'<' if i < 2 else '>'}{widths[i]}}" for i, cell in enumerate(row)).rstrip()
+
+        title = (f"--goal {self.goal}: {len(self.candidates)} candidates, budget 1 − cosine ≤ {self.max_drop}; "
+                 "latency as a ratio to the original (runs alternating)")
+        return [title, line(head)] + [line(r) for r in rows]
+
+
+def search(
+    model: ir.Model,
+    goal: str,
+    *,
+    max_drop: float | None = None,
+    calib: str | os.PathLike | None = None,
+    target: Target | None = None,
+    runs: int = 10,
+    candidates: Sequence[str] | None = None,
+    progress: Callable[[str, int, int], None] | None = None,
+) -> SearchResult:
+    """Run each candidate pipeline on a copy of `model`, time those within `max_drop`, and return
+    them all with the best for `goal`; `model` itself is left as it was."""
+    from slimgraph.ir.target import detect
+
+    target = target or detect()
+    check_goal(goal, target)
+    max_drop = DEFAULT_MAX_DROP if max_drop is None else max_drop
+    texts = list(candidates or CANDIDATES[goal])
+    report = progress or (lambda what, done, total: None)
+    tried = []
+    for i, text in enumerate(texts):
+        report(f"candidate {i + 1}/{len(texts)}: {text}", i, len(texts))
+        tried.append(_run_candidate(model, text, max_drop, calib, target))
+    first = tried[0]
+    if first.status.startswith("over budget") and "quantize-dynamic" in first.pipeline and candidates is None:
+        report("keeping the most sensitive linears float", len(texts), len(texts))
+        tried.append(_sensitive_layers_float(model, first, max_drop, calib, target))
+    kept = [c for c in tried if c.status == "ok"]
+    if not kept:
+        raise SlimgraphError(f"--goal {goal}: no candidate stays within max_drop {max_drop}: "
+                             + "; ".join(f"{c.pipeline}: {c.status}" for c in tried))
+    if goal != "size":
+        report("timing the candidates against the original", len(texts), len(texts))
+        _time(model, kept, runs)
+    chosen = min(kept, key=_score(goal))
+    for candidate in kept:
+        if candidate is not chosen:
+            candidate.model = None  # (each held a copy of the model's replaced tensors)
+    return SearchResult(goal, max_drop, model_stats(model).bytes, tried, chosen)
+
+
+def check_goal(goal: str, target: Target) -> None:
+    """A goal the search can measure: latency only on the machine it runs on."""
+    from slimgraph.ir.target import detect
+
+    if goal not in GOALS:
+        raise SlimgraphError(f"unknown goal '{goal}' (known: {', '.join(GOALS)})")
+    if goal != "size" and target.name != detect().name:
+        raise SlimgraphError(f"--goal {goal} measures latency on this machine ({detect().name}), not on "
+                             f"--target {target.name}; run the search there, or use --goal size")
+
+
+def _run_candidate(model: ir.Model, text: str, max_drop: float, calib: Any, target: Target) -> Candidate:
+    candidate = Candidate(text)
+    copy = model.clone()
+    copy.meta.update(model.meta)
+    try:
+        result = Pipeline.parse(text).run(copy, PassContext(target=target), calib=calib)
+    except FidelityError as exc:
+        candidate.status = f"failed: {exc}"
+        return candidate
+    except SlimgraphError as exc:  # the model does not have what the pass needs
+        candidate.status = f"left out: {exc}"
+        return candidate
+    fidelity = result.fidelity
+    candidate.cosine = 1.0 if fidelity is None else fidelity.cosine
+    if 1 - candidate.cosine > max_drop:
+        candidate.status = f"over budget: cosine {candidate.cosine:.4f}"
+        return candidate
+    candidate.bytes, candidate.model, candidate.report = model_stats(copy).bytes, copy, result
+    return candidate
+
+
+def _sensitive_layers_float(model: ir.Model, over: Candidate, max_drop: float, calib: Any, target: Target
+                            ) -> Candidate:
+    """`over`'s pipeline with its most sensitive linears left in float: the linears are grouped by
+    block (`encoder.layer.3.*`) and by role across blocks (`*.output.dense`); each round keeps
+    float the group that gains the most cosine per multiply-add it keeps float, until the
+    budget holds (at most `SENSITIVE_ROUNDS` rounds)."""
+    from slimgraph.passes.quantize.rewrite import quantizable_linears
+
+    linears, _ = quantizable_linears(model, ())
+    blocks: dict[str, set[str]] = {}  # "encoder.layer.3.*" → its linears
+    roles: dict[str, set[str]] = {}  # "encoder.layer.#.output.dense" → that linear in every block
+    for linear in linears:
+        match = re.search(r"\.\d+\.", linear.name)
+        if match:
+            blocks.setdefault(linear.name[:match.end()] + "*", set()).add(linear.name)
+            roles.setdefault(linear.name[:match.start()] + ".#." + linear.name[match.end():], set()).add(linear.name)
+    # an exclude list (globs, or the role's names) → the linears it keeps float
+    groups = blocks | {",".join(sorted(members)): members for members in roles.values()}
+    cost = {lin.name: lin.in_features * lin.out_features for lin in linears}
+    total = sum(cost.values())
+    base = over.pipeline.rsplit("quantize-dynamic", 1)
+    kept_globs: list[str] = []
+    kept_float: set[str] = set()
+    best = over
+    for _ in range(SENSITIVE_ROUNDS):
+        trials = []
+        for glob, members in groups.items():
+            added = members - kept_float
+            if not added or sum(cost[n] for n in kept_float | members) > total / 2:
+                continue
+            trial = _run_candidate(model, _with_exclude(base, kept_globs + [glob]), max_drop, calib, target)
+            if trial.cosine is not None:
+                gain = (trial.cosine - best.cosine) / sum(cost[n] for n in added)
+                trials.append((gain, trial, glob, added))
+        if not trials:
+            break
+        _, best, glob, added = max(trials, key=lambda t: t[0])
+        kept_globs.append(glob)
+        kept_float |= added
+        if best.status == "ok":
+            return best
+    return best
+
+
+def _with_exclude(parts: list[str], globs: list[str]) -> str:
+    """`prefix,quantize-dynamic{...}` with `exclude=[globs]` added to the quantize-dynamic options."""
+    prefix, options = parts
+    options = options.strip("{}")
+    return f"{prefix}quantize-dynamic{{{options + ',' if options else ''}exclude=[{','.join(globs)}]}}"
+
+
+def _time(model: ir.Model, kept: list[Candidate], runs: int) -> None:
+    from slimgraph.bench import alternating_runs, batch_problem
+    from slimgraph.ir import evaluate
+    from slimgraph.ir.inputs import sample_inputs
+
+    options = evaluate.session_options(None, spinning=False)
+    sessions = {-1: evaluate.make_session(model, options=options)}
+    sessions.update({i: evaluate.make_session(c.model, options=options) for i, c in enumerate(kept)})
+    for batch in (b for b in BATCHES if batch_problem(model, b) is None):
+        feeds = sample_inputs(model, batch=batch)
+        times = alternating_runs({i: (lambda s=s: evaluate.run(s, feeds)) for i, s in sessions.items()}, runs,
+                                 warmup=2)
+        original = statistics.median(times[-1])
+        for i, candidate in enumerate(kept):
+            candidate.latency[batch] = statistics.median(times[i]) / original
+
+
+def _score(goal: str) -> Callable[[Candidate], tuple]:
+    if goal == "latency":
+        return lambda c: (c.latency_ratio, c.bytes)
+    if goal == "size":
+        return lambda c: (c.bytes, -c.cosine)
+    return lambda c: (c.latency_ratio * c.bytes, -c.cosine)
+
+
+def write_recipe(result: SearchResult, path: Path, calib: str | os.PathLike | None, target: Target) -> Path:
+    """The chosen pipeline as a recipe beside the output (`out/model.recipe.yaml`), so that
+    `optimize --recipe` reruns it exactly."""
+    from slimgraph.backends.output import publish
+
+    recipe = path.with_name(path.name.removesuffix(path.suffix) + ".recipe.yaml") if path.suffix else \
+        path.with_name(path.name + ".recipe.yaml")
+    chosen = result.chosen
+    lines = [f"# chosen by slimgraph optimize --goal {result.goal} --max-drop {result.max_drop} on "
+             f"{target.describe()}:",
+             f"# cosine {chosen.cosine:.4f}, {human_bytes(chosen.bytes)}"
+             + (f", latency {chosen.latency_ratio:.2f}x the original" if chosen.latency else ""),
+             "pipeline:"]
+    lines += [f"  - \"{p.to_text()}\"" for p in Pipeline.parse(chosen.pipeline).passes]
+    if calib is not None:
+        lines.append(f"calib: {os.path.relpath(Path(calib).resolve(), recipe.parent.resolve())}")
+    lines.append(f"max_drop: {result.max_drop}")
+    recipe.parent.mkdir(parents=True, exist_ok=True)
+    staged = recipe.with_name(f".{recipe.name}.tmp")
+    staged.write_text("\n".join(lines) + "\n")
+    publish(staged, recipe)
+    return recipe

@@ -1,0 +1,68 @@
+"""optimize --goal: candidates measured, the budget kept, the best chosen, its recipe reruns exactly."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+
+import pytest
+
+import slimgraph
+from slimgraph.cli import main
+from slimgraph.errors import SlimgraphError
+from slimgraph.ir.stats import model_stats
+from slimgraph.ir.target import FEATURES, Target, detect
+from slimgraph.search import search
+
+CANDIDATES = ("cleanup", "quantize-dynamic", "quantize-weights{bits=4,group_size=16}", "prune-depth{blocks=1}")
+
+
+def test_size_goal_picks_the_fewest_bytes_within_the_budget(mlp_model):
+    initializers = dict(mlp_model.graph.initializers)
+    result = search(mlp_model, "size", max_drop=0.5, candidates=CANDIDATES)
+    statuses = {c.pipeline: c.status for c in result.candidates}
+    assert statuses["prune-depth{blocks=1}"].startswith("left out: ")  # an MLP has no blocks
+    kept = [c for c in result.candidates if c.status == "ok"]
+    assert result.chosen is min(kept, key=lambda c: c.bytes)
+    assert result.chosen.pipeline == "quantize-weights{bits=4,group_size=16}"
+    assert result.chosen.bytes == model_stats(result.chosen.model).bytes < result.original_bytes
+    assert dict(mlp_model.graph.initializers) == initializers  # the input model is left as it was
+    assert "→" in next(line for line in result.lines() if "bits=4" in line)
+
+
+def test_over_budget_candidates_are_never_chosen(mlp_model):
+    result = search(mlp_model, "size", max_drop=1e-6, candidates=CANDIDATES)
+    assert result.chosen.pipeline == "cleanup"
+    assert all(c.status.startswith("over budget: cosine") for c in result.candidates
+               if c.pipeline.startswith("quantize"))
+    with pytest.raises(SlimgraphError, match="no candidate stays within max_drop"):
+        search(mlp_model, "size", max_drop=1e-6, candidates=CANDIDATES[1:3])
+
+
+def test_latency_goal_times_every_kept_candidate_against_the_original(mlp_model):
+    result = search(mlp_model, "latency", max_drop=0.5, candidates=CANDIDATES[:3], runs=3)
+    for candidate in result.candidates:
+        assert set(candidate.latency) == {1, 8} and all(r > 0 for r in candidate.latency.values())
+    assert result.chosen is min(result.candidates, key=lambda c: (c.latency_ratio, c.bytes))
+
+
+def test_latency_is_measured_only_on_this_machine(mlp_model):
+    elsewhere = next(name for name in FEATURES if name != detect().name)
+    with pytest.raises(SlimgraphError, match="measures latency on this machine"):
+        search(mlp_model, "latency", target=Target(elsewhere, FEATURES[elsewhere]))
+    with pytest.raises(SlimgraphError, match="unknown goal"):
+        search(mlp_model, "speed")
+
+
+def test_cli_writes_the_chosen_recipe_and_it_reruns_exactly(tmp_path, mlp_path, capsys):
+    out, again = tmp_path / "out" / "small.onnx", tmp_path / "again.onnx"
+    assert main(["optimize", str(mlp_path), "--goal", "size", "--max-drop", "0.2", "-o", str(out), "--json"]) == 0
+    printed = json.loads(capsys.readouterr().out)
+    recipe = tmp_path / "out" / "small.recipe.yaml"
+    assert printed["search"]["recipe"] == str(recipe) and printed["search"]["chosen"] == printed["pipeline"]
+    assert main(["optimize", str(mlp_path), "--recipe", str(recipe), "-o", str(again)]) == 0
+    digest = [hashlib.sha256(slimgraph.save(slimgraph.load(p), tmp_path / f"{i}.onnx").read_bytes()).hexdigest()
+              for i, p in enumerate((out, again))]
+    assert digest[0] == digest[1]
+    assert main(["optimize", str(mlp_path), "--goal", "size", "--no-verify", "-o", str(again)]) == 2
+    assert "--goal" in capsys.readouterr().err
