@@ -85,6 +85,19 @@ def test_split_is_exact_on_real_models(name, request):
         assert stats["emitted"].startswith("onnxruntime ×")
 
 
+@pytest.mark.slow
+def test_minilm_fidelity_floor_above_random_experts(minilm, sentence_eval):
+    """Routing is what loses fidelity; k-means clusters with the centroid router must lose less than
+    the same sizes drawn at random (measured at top-4 of 8: 0.865 vs 0.854; co-activation 0.846)."""
+    cosines = {}
+    for method in ("kmeans", "random"):
+        model = copy_model(minilm)
+        Pipeline.parse(f"moe-convert{{top_k=4,method={method}}}").run(model, sentence_eval.context(), verify=False)
+        cosines[method] = float(sentence_eval.cosines(model).mean())
+    assert cosines["kmeans"] >= 0.85
+    assert cosines["kmeans"] > cosines["random"] + 0.005
+
+
 @pytest.mark.parametrize("activation, gated, expected", [
     ("relu", False, "relu"),
     ("gelu_tanh", False, "gelu"),
@@ -131,7 +144,7 @@ def test_stats_say_what_it_cost(llama_ir):
     activated = (48 + 2 * 16) * neuron + 64 * 8
     assert stats["activated FFN parameters"].startswith(f"{activated / dense:.1%} of dense")
     assert len(stats["routing recall per layer"].split()) == 3
-    assert stats["converted"] == "3 FFNs" and stats["clustering"] == "coactivation (test feeds)"
+    assert stats["converted"] == "3 FFNs" and stats["clustering"] == "kmeans (test feeds)"
     assert stats["compensation"] == "each skipped expert's mean output"
 
 
@@ -155,7 +168,7 @@ def test_layers_and_inspect(llama_ir):
 
 
 def test_pipeline_text_round_trips():
-    text = ("moe-convert{experts=4,top_k=1,method=kmeans,router=neuron,normalize=false,layers=[0,2],emit=decomposed,"
+    text = ("moe-convert{experts=4,top_k=1,method=coactivation,router=neuron,normalize=false,layers=[0,2],emit=decomposed,"
             "compensate=none}")
     assert Pipeline.parse(text).to_text() == text
     assert Pipeline.parse("moe-convert{layers=all}").to_text() == "moe-convert"
