@@ -40,20 +40,7 @@ class PyTorchArtifact(AdapterSwitching):
 
     def __call__(self, *args: Any, **kwargs: Any) -> dict[str, np.ndarray]:
         """Run on positional inputs (graph order) and/or named inputs; returns name → numpy array."""
-        import torch
-
-        from slimgraph.backends.pytorch.builder import to_numpy, to_torch
-
-        feeds = dict(zip(self.input_names, args))
-        feeds.update(kwargs)
-        missing = [n for n in self.input_names if n not in feeds]
-        if missing:
-            raise SlimgraphError(f"missing model inputs: {', '.join(missing)}")
-        tensors = [feeds[n] if isinstance(feeds[n], torch.Tensor) else to_torch(np.asarray(feeds[n]))
-                   for n in self.input_names]
-        with torch.no_grad():
-            outputs = self.module(*tensors)
-        return {name: to_numpy(out) for name, out in zip(self.output_names, outputs)}
+        return run_module(self.module, self.input_names, self.output_names, args, kwargs)
 
     def _dynamic_shapes(self) -> tuple:
         """torch.export.Dim.AUTO for every axis that is symbolic in the ONNX graph."""
@@ -132,3 +119,24 @@ def _shared_tensor(array: np.ndarray):
     if array.flags.writeable and array.flags.c_contiguous and array.dtype.name != "bfloat16":
         return torch.from_numpy(array)
     return to_torch(array)
+
+
+def run_module(module: Any, input_names: list[str], output_names: list[str], args: tuple, kwargs: dict,
+               device: Any = None) -> dict[str, np.ndarray]:
+    """`module(*inputs)` on positional (graph order) and/or named inputs, without gradients, on
+    `device` if given; returns output name → numpy array."""
+    import torch
+
+    from slimgraph.backends.pytorch.builder import to_numpy, to_torch
+
+    feeds = dict(zip(input_names, args))
+    feeds.update(kwargs)
+    missing = [n for n in input_names if n not in feeds]
+    if missing:
+        raise SlimgraphError(f"missing model inputs: {', '.join(missing)}")
+    tensors = [feeds[n] if isinstance(feeds[n], torch.Tensor) else to_torch(np.asarray(feeds[n])) for n in input_names]
+    if device is not None:
+        tensors = [t.to(device) for t in tensors]
+    with torch.no_grad():
+        outputs = module(*tensors)
+    return {name: to_numpy(out) for name, out in zip(output_names, outputs)}

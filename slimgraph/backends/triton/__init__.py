@@ -89,20 +89,9 @@ class TritonArtifact:
 
     def __call__(self, *args: Any, **kwargs: Any) -> dict[str, np.ndarray]:
         """Run on positional inputs (graph order) and/or named inputs; returns name → numpy array."""
-        import torch
+        from slimgraph.backends.pytorch import run_module
 
-        from slimgraph.backends.pytorch.builder import to_numpy, to_torch
-
-        feeds = dict(zip(self.input_names, args))
-        feeds.update(kwargs)
-        missing = [n for n in self.input_names if n not in feeds]
-        if missing:
-            raise SlimgraphError(f"missing model inputs: {', '.join(missing)}")
-        tensors = [(feeds[n] if isinstance(feeds[n], torch.Tensor) else to_torch(np.asarray(feeds[n]))).to(self.device)
-                   for n in self.input_names]
-        with torch.no_grad():
-            outputs = self.module(*tensors)
-        return {name: to_numpy(out) for name, out in zip(self.output_names, outputs)}
+        return run_module(self.module, self.input_names, self.output_names, args, kwargs, self.device)
 
     def save(self, path: str | os.PathLike) -> Path:
         """`DIR/` → DIR/model.py + DIR/kernels.py + DIR/model.safetensors."""
