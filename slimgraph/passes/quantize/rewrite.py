@@ -12,7 +12,7 @@ import onnx_ir as ir
 
 from slimgraph.errors import SlimgraphError
 from slimgraph.ir.edit import add_initializer, bias_value, replace_region
-from slimgraph.ir.graph import constant_tensor, weight_tensor
+from slimgraph.ir.graph import constant_tensor, transposed_source, weight_tensor
 from slimgraph.ir.structure import Embedding, Linear, find_embeddings, find_linears
 from slimgraph.passes._infra.base import PassResult
 from slimgraph.passes.quantize.packing import BlockQuantized, pack, quantize_rtn
@@ -132,6 +132,42 @@ def quantize_embedding(model: ir.Model, table: Embedding, bits: int, block_size:
                   name=f"{node.name or table.table}_Q{bits}")
     replace_region(model, [node], [new], {node.outputs[0]: new.outputs[0]})
     return True
+
+
+def tied_table(linear: Linear, tables: Sequence[Embedding]) -> Embedding | None:
+    """The embedding whose table this linear reads as its weight (a tied LM head: `x · Eᵀ`)."""
+    weight = linear.node.inputs[1]
+    source = transposed_source(weight)
+    if source is None and linear.node.op_type == "Gemm" and linear.node.attributes.get_int("transB", 0):
+        source = weight
+    for table in tables:
+        if source is not None and table.node.inputs[0] is source and \
+                (table.num_embeddings, table.dim) == (linear.out_features, linear.in_features):
+            return table
+    return None
+
+
+def share_quantized_table(model: ir.Model, table: Embedding, head: ir.Node) -> None:
+    """Gather(E, ids) → GatherBlockQuantized reading the tied head's MatMulNBits codes, scales and
+    zero points (reshaped to [vocab, …]): the table is stored once. With uint8 data, the op reads
+    MatMulNBits' layout (two 4-bit codes a byte, low nibble first; default zero point 2^(bits−1)),
+    and a head quantized by rtn holds exactly the codes the embedding's own quantization would."""
+    bits, block_size = head.attributes.get_int("bits"), head.attributes.get_int("block_size")
+    node = table.node
+
+    def rows(value: ir.Value, what: str) -> ir.Value:
+        shape = add_initializer(model, f"{table.table}.{what}_rows", np.array([table.num_embeddings, -1], np.int64))
+        reshape = ir.node("Reshape", [value, shape], name=f"{node.name or table.table}_{what}_rows")
+        nodes.append(reshape)
+        return reshape.outputs[0]
+
+    nodes: list[ir.Node] = []
+    inputs = [rows(head.inputs[1], "codes"), node.inputs[1], rows(head.inputs[2], "scales")]
+    if len(head.inputs) > 3 and head.inputs[3] is not None:
+        inputs.append(rows(head.inputs[3], "zero_points"))
+    gather = ir.node("GatherBlockQuantized", inputs, domain=MS_DOMAIN, name=f"{node.name or table.table}_Q{bits}",
+                     attributes={"gather_axis": 0, "quantize_axis": 1, "block_size": block_size, "bits": bits})
+    replace_region(model, [node], [*nodes, gather], {node.outputs[0]: gather.outputs[0]})
 
 
 def _even(values: np.ndarray) -> np.ndarray:

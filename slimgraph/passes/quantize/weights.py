@@ -36,6 +36,8 @@ from slimgraph.passes.quantize.rewrite import (
     nothing_to_quantize,
     quantizable_linears,
     quantize_embedding,
+    share_quantized_table,
+    tied_table,
 )
 
 GROUP_SIZES = (16, 32, 64, 128, 256)
@@ -93,17 +95,27 @@ class QuantizeWeights(Pass):
         if not linears and not tables:
             return nothing_to_quantize(self.name, skipped, "linears quantized")
         before = initializer_bytes(model)
-        activations = linear_inputs(model, linears, ctx) if self.method != "rtn" else {}
+        # A tied LM head is quantized as its embedding is (rtn), so that both read one table.
+        tied = {lin.name: table for lin in linears if (table := tied_table(lin, tables)) is not None}
+        calibrated = [lin for lin in linears if lin.name not in tied]
+        activations = linear_inputs(model, calibrated, ctx) if self.method != "rtn" and calibrated else {}
         scales, folded = {}, ""
         if self.method == "awq":
-            scales, folded = apply_input_scales(model, linears, activations, self.bits, self.group_size,
+            scales, folded = apply_input_scales(model, calibrated, activations, self.bits, self.group_size,
                                                 self.symmetric)
         for linear in ctx.track(linears, f"{self.method} int{self.bits}"):
-            q = self.quantize(weight_matrix(linear), activations.get(linear.name), scales.get(linear.name))
+            if linear.name in tied:
+                q = quantize_rtn(weight_matrix(linear), self.bits, self.group_size, self.symmetric)
+            else:
+                q = self.quantize(weight_matrix(linear), activations.get(linear.name), scales.get(linear.name))
             node = matmul_nbits(model, linear, q, accuracy_level=self.accuracy_level, symmetric=self.symmetric,
                                 dtype=input_dtype(linear))
             replace_linear(model, linear, [node], node.outputs[0])
-        quantized_tables = [quantize_embedding(model, t, self.bits, self.group_size, self.symmetric) for t in tables]
+            if linear.name in tied:
+                share_quantized_table(model, tied[linear.name], node)
+        shared = {table.name for table in tied.values()}
+        quantized_tables = [quantize_embedding(model, t, self.bits, self.group_size, self.symmetric)
+                            for t in tables if t.name not in shared] + [True] * len(shared)
         stats = {
             "linears quantized": len(linears),
             "method": f"{self.method} int{self.bits} g{self.group_size}" + (" sym" if self.symmetric else ""),
@@ -111,6 +123,9 @@ class QuantizeWeights(Pass):
         }
         if self.embeddings:
             stats["embeddings quantized"] = sum(quantized_tables)
+        if tied:
+            stats["tied head"] = ", ".join(f"{name} shares its int{self.bits} table with {table.name}"
+                                           for name, table in tied.items())
         if self.method != "rtn":
             stats["calibration"] = ctx.inputs_source
         if folded:

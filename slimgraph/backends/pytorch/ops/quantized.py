@@ -43,6 +43,8 @@ def matmul_nbits(ctx, node, a, b, scales, zero_points=None, g_idx=None, bias=Non
 def gather_block_quantized(ctx, node, data, indices, scales, zero_points=None):
     bits, block = attr(node, "bits", 4), attr(node, "block_size", 128)
     rows, dim = node.inputs[0].shape
+    if node.inputs[0].dtype == ir.DataType.UINT8:  # MatMulNBits' layout: `8 // bits` codes a byte
+        dim = dim * 8 // bits
     signed = node.inputs[0].dtype == ir.DataType.INT4
     if bits == 4:
         nibbles = _unpack(ctx, data.reshape(rows, -1), 4)[:, :dim]
