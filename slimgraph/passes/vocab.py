@@ -1,7 +1,9 @@
 """trim-vocab: LM head `x·W [H, V]` → `x·W[:, ids] [H, V']`, over the tokens a corpus uses (VocabTrim).
 
-Token ids are counted in the calibration text (`source=calib`), or in the model's own greedy
-continuations of it (`source=generate`, VocabTrim's advice for drafters); the `keep` most frequent
+Token ids are counted in the calibration text (`source=calib`), plus the model's own next-token
+predictions at every position of it (`source=predict`: one forward pass per sample; what the trimmed
+head must still be able to answer), or plus its greedy continuations (`source=generate`, VocabTrim's
+advice for drafters); the `keep` most frequent
 are kept, or the fewest that cover `coverage` of the count, plus every special token of the
 tokenizer (BOS/EOS/PAD/UNK, chat-template tokens) and `keep_ids`.
 
@@ -44,7 +46,7 @@ class TrimVocab(Pass):
     exact: ClassVar[bool] = False
     keep: int = 0  # how many ids; 0: as many as `coverage` needs
     coverage: float = 0.99
-    source: Literal["calib", "generate"] = "calib"
+    source: Literal["calib", "predict", "generate"] = "calib"
     keep_ids: tuple[int, ...] = ()
     embeddings: Literal["keep", "trim"] = "keep"
     new_tokens: int = 16  # generated per calibration sample with source=generate
@@ -139,10 +141,22 @@ class TrimVocab(Pass):
         for feeds in feeds_list:
             ids = _real_ids(feeds)
             counts += np.bincount(ids[(ids >= 0) & (ids < vocab)], minlength=vocab)
+        if self.source == "calib":
+            return counts
+        logits = self.head(model).output
+        if logits not in model.graph.outputs:
+            raise SlimgraphError(f"{self.name}: source={self.source} reads the LM head's logits, and "
+                                 f"{logits.name!r} is not a graph output")
+        session = evaluate.make_session(model)
+        if self.source == "predict":
+            for feeds in ctx.track(feeds_list, "next-token predictions"):
+                predicted = evaluate.run(session, feeds)[logits.name].argmax(-1)
+                mask = feeds.get("attention_mask")
+                real = predicted[mask != 0] if mask is not None and mask.shape == predicted.shape else predicted
+                counts += np.bincount(real.reshape(-1), minlength=vocab)
         if self.source == "generate":
-            session = evaluate.make_session(model)
             for feeds in ctx.track(feeds_list, "greedy continuations"):
-                generated = _greedy(session, feeds, self.new_tokens)
+                generated = _greedy(session, feeds, self.new_tokens, logits.name)
                 counts += np.bincount(generated.reshape(-1), minlength=vocab)
         return counts
 
@@ -184,12 +198,12 @@ def _real_ids(feeds: dict[str, np.ndarray]) -> np.ndarray:
     return ids[mask != 0] if mask is not None and mask.shape == ids.shape else ids.reshape(-1)
 
 
-def _greedy(session, feeds: dict[str, np.ndarray], steps: int) -> np.ndarray:
+def _greedy(session, feeds: dict[str, np.ndarray], steps: int, logits_name: str) -> np.ndarray:
     """The model's own greedy continuation of each row (recomputing the prefix: no KV cache)."""
     feeds = dict(feeds)
     produced = []
     for _ in range(steps):
-        logits = evaluate.run(session, feeds)["logits"]
+        logits = evaluate.run(session, feeds)[logits_name]
         mask = feeds.get("attention_mask")
         width = logits.shape[1]  # the last real position, with left or right padding
         last = width - 1 - np.argmax(mask[:, ::-1] != 0, axis=1) if mask is not None else np.full(len(logits), width - 1)

@@ -64,6 +64,15 @@ def test_smollm2_coverage_and_special_tokens(smollm2, smollm2_folder):
     assert float(share.split("%")[0]) >= 99.0 and int(kept.split("→ ")[1].replace(",", "")) < 5000
 
 
+def test_predictions_count_too(gpt2_ir):
+    """source=predict keeps every token the model predicts on the calibration text (coverage 1)."""
+    ctx = calibration(gpt2_ir, 1000)
+    predicted = set(evaluate.run(gpt2_ir, ctx.inputs[0])["logits"].argmax(-1).reshape(-1).tolist())
+    model, record = trimmed(gpt2_ir, "trim-vocab{coverage=1.0,keep_ids=[0],source=predict}", ctx)
+    kept = set(evaluate.run(model, ctx.inputs[0])["token_ids"].tolist())
+    assert predicted <= kept and not predicted <= set(range(250))  # predictions outside the inputs' ids
+
+
 def test_generated_continuations_count_too(gpt2_ir):
     with pytest.raises(SlimgraphError, match="source=generate needs the model's tokenizer"):
         trimmed(gpt2_ir, "trim-vocab{keep=100,keep_ids=[0],source=generate}", calibration(gpt2_ir, 1000))
