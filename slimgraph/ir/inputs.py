@@ -24,12 +24,16 @@ from __future__ import annotations
 import re
 from collections.abc import Iterator
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
 import onnx_ir as ir
 
 from slimgraph.errors import SlimgraphError
 from slimgraph.ir.meta import EXAMPLE_INPUTS_KEY, EXAMPLE_INPUTS_SOURCE_KEY
+
+if TYPE_CHECKING:
+    import onnx
 
 DEFAULT_BATCH = 2
 DEFAULT_SEQUENCE = 16
@@ -222,6 +226,7 @@ def _find_plan(model: ir.Model, seed: int, count: int) -> tuple[Sizes, bool]:
     except SlimgraphError:
         return default  # the verifier reports why the model does not load
     tried = set()
+    outline = _outline(model)
     for spatial, sequence in SIZE_CANDIDATES:
         sizes = Sizes(batch=1, sequence=sequence, spatial=spatial)
         first = _feeds(model, sizes, seed)
@@ -229,13 +234,53 @@ def _find_plan(model: ir.Model, seed: int, count: int) -> tuple[Sizes, bool]:
         if key in tried:
             continue  # these sizes change no axis this model has open
         tried.add(key)
-        if not _runs(session, first):
+        if _empties_an_activation(outline, first) or not _runs(session, first):
             continue
         for batch_one in (False, True):
             if all(_runs(session, _feeds(model, s, seed + i)) for i, s in
                    enumerate(_batched((sizes, batch_one), count)) if i > 0):
                 return sizes, batch_one
     return default
+
+
+def _outline(model: ir.Model) -> onnx.ModelProto:
+    """The model without its large float weights (their shapes stay): enough for shape inference."""
+    import onnx
+
+    proto = ir.serde.serialize_model(model)
+    for tensor in proto.graph.initializer:
+        if tensor.data_type != onnx.TensorProto.INT64 and np.prod(tensor.dims, dtype=np.int64) > 64:
+            tensor.ClearField("raw_data")
+            tensor.ClearField("float_data")
+            tensor.data_location = onnx.TensorProto.DEFAULT
+            del tensor.external_data[:]
+    return proto
+
+
+def _empties_an_activation(outline: onnx.ModelProto, feeds: dict[str, np.ndarray]) -> bool:
+    """Whether these input sizes shrink an activation (rank ≥ 3) to zero length, as a small image
+    does after enough strided layers. Such sizes are never tried: ONNX Runtime's CPU kernels can
+    divide by the empty axis (a Reshape to -1 stopped a whole process with SIGFPE, found by
+    benchmarks/fuzz.py), which no exception handler catches."""
+    import onnx
+
+    proto = onnx.ModelProto()
+    proto.CopyFrom(outline)
+    for value in proto.graph.input:
+        if value.name in feeds:
+            shape = value.type.tensor_type.shape
+            shape.ClearField("dim")
+            for size in feeds[value.name].shape:
+                shape.dim.add().dim_value = size
+    try:
+        inferred = onnx.shape_inference.infer_shapes(proto, data_prop=True)
+    except Exception:  # (shape inference cannot tell; ONNX Runtime will)
+        return False
+    for value in inferred.graph.value_info:
+        dims = value.type.tensor_type.shape.dim
+        if len(dims) >= 3 and any(d.HasField("dim_value") and d.dim_value == 0 for d in dims):
+            return True
+    return False
 
 
 def _runs(session, feeds: dict[str, np.ndarray]) -> bool:

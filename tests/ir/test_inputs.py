@@ -108,3 +108,24 @@ def test_a_model_that_refuses_every_shape_gets_a_hint(tmp_path):
     with pytest.raises(SlimgraphError, match=r"--calib inputs\.npz .* --no-verify"):
         Pipeline.parse("cleanup").run(model)
     Pipeline.parse("cleanup").run(model, verify=False)
+
+
+def test_sizes_that_empty_an_activation_are_never_run():
+    """A 32-pixel side through five 3×3 stride-2 poolings leaves an empty axis, which some ONNX
+    Runtime kernels divide by (SIGFPE: the whole process stops); such sizes are skipped before running."""
+    from onnx import TensorProto, helper
+
+    from slimgraph.ir.inputs import _empties_an_activation, _outline, model_inputs
+
+    pools = [helper.make_node("MaxPool", [f"p{i}"], [f"p{i + 1}"], kernel_shape=[3, 1], strides=[2, 1])
+             for i in range(5)]
+    graph = helper.make_graph(
+        [helper.make_node("Identity", ["x"], ["p0"]), *pools, helper.make_node("Flatten", ["p5"], ["y"])], "pool",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 1, "height", 8])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)])
+    model = ir.serde.deserialize_model(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]))
+    outline = _outline(model)
+    assert _empties_an_activation(outline, {"x": np.zeros((1, 1, 32, 8), np.float32)})
+    assert not _empties_an_activation(outline, {"x": np.zeros((1, 1, 64, 8), np.float32)})
+    feeds, _ = model_inputs(model)
+    assert feeds[0]["x"].shape[2] >= 64
