@@ -246,7 +246,9 @@ def _match_unique(a_nodes, b_nodes, key, pairs: dict) -> int:
 def _graph_of(model: ir.Model) -> nx.DiGraph:
     graph = nx.DiGraph()
     for node in model.graph:
-        graph.add_node(node, label=repr(_signature(node)))
+        # ascii(): networkx hashes labels as ASCII, and real graphs carry other characters (found by
+        # benchmarks/fuzz.py on a PaddleOCR model)
+        graph.add_node(node, label=ascii(_signature(node)))
     for node in model.graph:
         for slot, value in enumerate(node.inputs):
             producer = value.producer() if value is not None else None

@@ -123,7 +123,11 @@ def index_bound(value: ir.Value) -> int | None:
 
 
 def sample_value(value: ir.Value, shape: tuple[int, ...], rng: np.random.Generator) -> np.ndarray:
-    dtype = value.dtype.numpy() if value.dtype is not None else np.float32
+    try:
+        dtype = value.dtype.numpy() if value.dtype is not None else np.float32
+    except TypeError:  # UNDEFINED, or a type numpy has no array for (found by fuzzing)
+        raise SlimgraphError(f"input {value.name!r} has element type {value.dtype.name}, which cannot be "
+                             "synthesized; pass inputs with --calib inputs.npz") from None
     size = int(np.prod(shape, dtype=object)) * np.dtype(dtype).itemsize
     if size > MAX_SAMPLE_BYTES:  # a file declaring absurd dims (found by fuzzing) must not exhaust memory
         dims = "×".join(map(str, shape))

@@ -691,7 +691,8 @@ def compare_runners(seeds: list[Seed], seed: int, index: int, work: Path, tally:
 def _masked_paths(lines: list[str]) -> list[str]:
     import re
 
-    return [re.sub(r"/\S*/case\d+/", "…/", line) for line in lines]
+    lines = [re.sub(r"/\S*/case\d+/", "…/", line) for line in lines]
+    return [re.sub(r"/slimgraph-[\w-]+/", "/slimgraph-…/", line) for line in lines]  # temporary folders
 
 
 def _masked(line: str, root: Path) -> str:

@@ -206,3 +206,16 @@ def test_removed_and_added_initializers_differ():
                                                                    ("extra", "added", "f32[2]")}
     assert result.changes == [] and not result.identical
     assert repr(result).startswith("<DiffResult A → B: different: 2 weights differ;")
+
+
+def test_names_and_attributes_beyond_ascii(mlp_model):
+    """Structural matching hashes node labels as ASCII; a PaddleOCR model's `×` broke it (fuzzing)."""
+    a, b = copy_model(mlp_model), copy_model(mlp_model)
+    for model in (a, b):
+        for node in model.graph:
+            node.name = f"{node.name}·3×3"
+            node.attributes["kernel"] = ir.AttrString("kernel", "3×3")  # as a label: only attributes count
+    for node in b.graph:
+        node.name = f"renamed {node.name}"
+    result = diff_models(a, b)
+    assert not any(c.kind in ("added", "removed") for c in result.changes)

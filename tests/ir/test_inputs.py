@@ -129,3 +129,14 @@ def test_sizes_that_empty_an_activation_are_never_run():
     assert not _empties_an_activation(outline, {"x": np.zeros((1, 1, 64, 8), np.float32)})
     feeds, _ = model_inputs(model)
     assert feeds[0]["x"].shape[2] >= 64
+
+
+def test_an_input_of_undefined_type_is_a_clear_error():
+    from onnx import TensorProto, helper
+
+    graph = helper.make_graph([helper.make_node("Identity", ["x"], ["y"])], "g",
+                              [helper.make_tensor_value_info("x", TensorProto.UNDEFINED, [2])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2])])
+    model = ir.serde.deserialize_model(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]))
+    with pytest.raises(SlimgraphError, match="element type UNDEFINED, which cannot be synthesized"):
+        sample_inputs(model)
