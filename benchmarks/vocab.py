@@ -20,8 +20,9 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-SETTINGS = ["trim-vocab", "trim-vocab{coverage=0.999}", "trim-vocab{keep=8192}", "trim-vocab{source=generate}",
-            "trim-vocab{source=predict}", "trim-vocab{source=predict,coverage=0.999}"]
+SETTINGS = ["trim-vocab", "trim-vocab{coverage=0.999}", "trim-vocab{source=calib}",
+            "trim-vocab{source=calib,coverage=0.999}", "trim-vocab{source=calib,keep=8192}",
+            "trim-vocab{source=generate}"]
 
 
 def main() -> None:

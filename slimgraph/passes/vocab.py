@@ -1,9 +1,9 @@
 """trim-vocab: LM head `x·W [H, V]` → `x·W[:, ids] [H, V']`, over the tokens a corpus uses (VocabTrim).
 
-Token ids are counted in the calibration text (`source=calib`), plus the model's own next-token
-predictions at every position of it (`source=predict`: one forward pass per sample; what the trimmed
-head must still be able to answer), or plus its greedy continuations (`source=generate`, VocabTrim's
-advice for drafters); the `keep` most frequent
+Token ids are counted in the calibration text plus the model's own next-token predictions at every
+position of it (`source=predict`, the default: one forward pass per sample; what the trimmed head must
+still be able to answer), in the text alone (`source=calib`), or in the text plus the model's greedy
+continuations (`source=generate`, VocabTrim's advice for drafters); the `keep` most frequent
 are kept, or the fewest that cover `coverage` of the count, plus every special token of the
 tokenizer (BOS/EOS/PAD/UNK, chat-template tokens) and `keep_ids`.
 
@@ -46,7 +46,9 @@ class TrimVocab(Pass):
     exact: ClassVar[bool] = False
     keep: int = 0  # how many ids; 0: as many as `coverage` needs
     coverage: float = 0.99
-    source: Literal["calib", "predict", "generate"] = "calib"
+    # predict by default: on SmolLM2 it keeps as many tokens as calib and agrees with the full model's
+    # next token 93.2% of the time on held-out text, against 86.4% (benchmarks/vocab.py)
+    source: Literal["predict", "calib", "generate"] = "predict"
     keep_ids: tuple[int, ...] = ()
     embeddings: Literal["keep", "trim"] = "keep"
     new_tokens: int = 16  # generated per calibration sample with source=generate
