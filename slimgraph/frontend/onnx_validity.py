@@ -34,6 +34,10 @@ def check_model(model: ir.Model, path: Path) -> None:
     graphs = list(all_graphs(model.graph))
     opset = model.opset_imports.get("", None)
     for graph in graphs:
+        for value in (*graph.inputs, *graph.initializers.values()):
+            if not isinstance(value.name, str):  # (invalid UTF-8 in the file: found by fuzzing)
+                raise SlimgraphError(f"{path}: graph input or initializer {value.name!r} has a name that is not "
+                                     "text (a corrupt file?)")
         for value in graph.initializers.values():
             _check_tensor(value.const_value, f"initializer {value.name!r}", path)
         for node in graph:

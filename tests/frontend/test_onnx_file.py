@@ -122,3 +122,14 @@ def test_minus_one_dims_load_as_unknown(tmp_path):
     x, y = model.graph.inputs[0], model.graph.outputs[0]
     assert not isinstance(x.shape[0], int) and x.shape[0].value is None and x.shape[1] == 3
     assert not isinstance(y.shape[2], int)
+
+
+def test_a_name_that_is_not_utf8_is_refused(tmp_path):
+    """Corrupt bytes inside an unused graph input's name (found by fuzzing): one clear error, not a
+    crash later when the model is written."""
+    proto = make_mlp()
+    proto.graph.input.append(onnx.helper.make_tensor_value_info("spare_zzzz", onnx.TensorProto.FLOAT, [2]))
+    path = tmp_path / "corrupt.onnx"
+    path.write_bytes(proto.SerializeToString().replace(b"spare_zzzz", b"spare_\xf6\xf3\xfc\x18"))
+    with pytest.raises(SlimgraphError, match="has a name that is not text"):
+        load(path)
