@@ -13,6 +13,7 @@ cannot take (nothing to quantize, no FFN) is listed with the reason and left out
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import os
 import re
@@ -27,7 +28,7 @@ import onnx_ir as ir
 from slimgraph.errors import FidelityError, SlimgraphError
 from slimgraph.ir.stats import human_bytes, model_stats
 from slimgraph.ir.target import Target
-from slimgraph.passes import PassContext, Pipeline, PipelineReport
+from slimgraph.passes import Pass, PassContext, Pipeline, PipelineReport
 
 Goal = Literal["latency", "size", "balanced"]
 GOALS: tuple[str, ...] = ("latency", "size", "balanced")
@@ -203,39 +204,39 @@ def _sensitive_layers_float(model: ir.Model, over: Candidate, max_drop: float, c
         if match:
             blocks.setdefault(linear.name[:match.end()] + "*", set()).add(linear.name)
             roles.setdefault(linear.name[:match.start()] + ".#." + linear.name[match.end():], set()).add(linear.name)
-    # an exclude list (globs, or the role's names) → the linears it keeps float
-    groups = blocks | {",".join(sorted(members)): members for members in roles.values()}
+    # exclude patterns (a block's glob, or a role's names) → the linears they keep float
+    groups = {(glob,): members for glob, members in blocks.items()} | {
+        tuple(sorted(members)): members for members in roles.values()}
     cost = {lin.name: lin.in_features * lin.out_features for lin in linears}
     total = sum(cost.values())
-    base = over.pipeline.rsplit("quantize-dynamic", 1)
+    passes = Pipeline.parse(over.pipeline).passes
     kept_globs: list[str] = []
     kept_float: set[str] = set()
     best = over
     for _ in range(SENSITIVE_ROUNDS):
         trials = []
-        for glob, members in groups.items():
+        for patterns, members in groups.items():
             added = members - kept_float
             if not added or sum(cost[n] for n in kept_float | members) > total / 2:
                 continue
-            trial = _run_candidate(model, _with_exclude(base, kept_globs + [glob]), max_drop, calib, target)
+            trial = _run_candidate(model, _with_exclude(passes, kept_globs + list(patterns)), max_drop, calib, target)
             if trial.cosine is not None:
                 gain = (trial.cosine - best.cosine) / sum(cost[n] for n in added)
-                trials.append((gain, trial, glob, added))
+                trials.append((gain, trial, patterns, added))
         if not trials:
             break
-        _, best, glob, added = max(trials, key=lambda t: t[0])
-        kept_globs.append(glob)
+        _, best, patterns, added = max(trials, key=lambda t: t[0])
+        kept_globs += patterns
         kept_float |= added
         if best.status == "ok":
             return best
     return best
 
 
-def _with_exclude(parts: list[str], globs: list[str]) -> str:
-    """`prefix,quantize-dynamic{...}` with `exclude=[globs]` added to the quantize-dynamic options."""
-    prefix, options = parts
-    options = options.strip("{}")
-    return f"{prefix}quantize-dynamic{{{options + ',' if options else ''}exclude=[{','.join(globs)}]}}"
+def _with_exclude(passes: list[Pass], globs: list[str]) -> str:
+    """The pipeline text of `passes` with `exclude=[globs]` on its quantize-dynamic."""
+    return Pipeline([dataclasses.replace(p, exclude=tuple(globs)) if p.name == "quantize-dynamic" else p
+                     for p in passes]).to_text()
 
 
 def _time(model: ir.Model, kept: list[Candidate], runs: int) -> None:

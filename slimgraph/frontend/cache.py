@@ -40,6 +40,7 @@ import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import onnx_ir as ir
@@ -87,6 +88,16 @@ def cached_export(kind: str, source: Path, export: Callable[[], ir.Model], optio
     _write(entry, model)
     _prune(entry.parent, keep=entry)
     return model
+
+
+def export_once(kind: str, source: Path, export: Callable[[Path, Any, Any], ir.Model], example_inputs: Any,
+                dynamic_shapes: Any, kv_cache: bool) -> ir.Model:
+    """`export(source, example_inputs, dynamic_shapes)`, through the cache when the inputs are the
+    frontend's own: inputs chosen by the caller are not part of the key, so those export every time."""
+    if example_inputs is None and dynamic_shapes is None:
+        options = {"kv_cache": True} if kv_cache else None
+        return cached_export(kind, source, lambda: export(source, None, None), options)
+    return export(source, example_inputs, dynamic_shapes)
 
 
 def entry_key(kind: str, source: Path, options: dict | None = None) -> str:

@@ -22,9 +22,9 @@ from typing import Any
 import onnx_ir as ir
 
 from slimgraph.errors import SlimgraphError, first_line
-from slimgraph.frontend.cache import cached_export
+from slimgraph.frontend.cache import export_once
 from slimgraph.frontend.calibration import load_tokenizer
-from slimgraph.frontend.hf_folder import EXAMPLE_SENTENCES, forward_parameters, prompt_inputs
+from slimgraph.frontend.hf_folder import EXAMPLE_SENTENCES, export_generation_steps, forward_parameters
 from slimgraph.frontend.kv_cache import check_kv_options
 from slimgraph.ir.meta import SOURCE_KEY, TOKENIZER_KEY
 
@@ -35,14 +35,10 @@ def load_gguf(path: Path, *, example_inputs: Any = None, dynamic_shapes: Any = N
               kv_cache: bool = False) -> ir.Model:
     _check_magic(path)
     check_kv_options(kv_cache, dynamic_shapes)
-    export = _export_with_cache if kv_cache else _export
     # The full check (parsing the metadata, some seconds) runs only before an export: a file
     # found in the export cache has the content of one that was read whole before.
-    if example_inputs is None and dynamic_shapes is None:
-        options = {"kv_cache": True} if kv_cache else None
-        model = cached_export("gguf", path, lambda: export(path, None, None), options)
-    else:  # inputs chosen by the caller are not part of the cache key: export every time
-        model = export(path, example_inputs, dynamic_shapes)
+    model = export_once("gguf", path, _export_with_cache if kv_cache else _export, example_inputs, dynamic_shapes,
+                        kv_cache)
     model.meta[SOURCE_KEY] = str(path)
     model.meta[TOKENIZER_KEY] = str(path)
     return model
@@ -132,14 +128,5 @@ def _export(path: Path, example_inputs: Any, dynamic_shapes: Any) -> ir.Model:
 
 
 def _export_with_cache(path: Path, example_inputs: Any, dynamic_shapes: Any) -> ir.Model:
-    from slimgraph.frontend.kv_cache import check_causal_lm
-    from slimgraph.frontend.torch_module import load_module
-
     model = load_gguf_transformers_model(path, check_gguf(path))
-    check_causal_lm(model)
-    source = "example inputs"
-    if example_inputs is None:
-        example_inputs, source = prompt_inputs(path, model.config)
-        source = source.replace("tokenizer", "tokenizer (from the .gguf)", 1)
-    return load_module(model, example_inputs=example_inputs, inputs_source=f"{source}, as two generation steps",
-                       kv_cache=True)
+    return export_generation_steps(model, path, example_inputs, tokenizer="tokenizer (from the .gguf)")

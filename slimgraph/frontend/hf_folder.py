@@ -20,7 +20,7 @@ from typing import Any
 import onnx_ir as ir
 
 from slimgraph.errors import SlimgraphError, first_line
-from slimgraph.frontend.cache import cached_export
+from slimgraph.frontend.cache import export_once
 from slimgraph.frontend.calibration import has_tokenizer, load_tokenizer
 from slimgraph.frontend.kv_cache import check_kv_options
 from slimgraph.ir.meta import SOURCE_KEY, TOKENIZER_KEY
@@ -44,12 +44,8 @@ def load_folder(path: Path, *, example_inputs: Any = None, dynamic_shapes: Any =
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise SlimgraphError(f"{config_path} is not valid JSON: {exc}") from exc
     check_kv_options(kv_cache, dynamic_shapes)
-    export = _export_with_cache if kv_cache else _export
-    if example_inputs is None and dynamic_shapes is None:
-        options = {"kv_cache": True} if kv_cache else None
-        ir_model = cached_export("hf-folder", path, lambda: export(path, None, None), options)
-    else:  # inputs chosen by the caller are not part of the cache key: export every time
-        ir_model = export(path, example_inputs, dynamic_shapes)
+    ir_model = export_once("hf-folder", path, _export_with_cache if kv_cache else _export, example_inputs,
+                           dynamic_shapes, kv_cache)
     ir_model.meta[SOURCE_KEY] = str(path)
     if has_tokenizer(path):
         ir_model.meta[TOKENIZER_KEY] = str(path)
@@ -70,14 +66,21 @@ def _export(path: Path, example_inputs: Any, dynamic_shapes: Any) -> ir.Model:
 
 
 def _export_with_cache(path: Path, example_inputs: Any, dynamic_shapes: Any) -> ir.Model:
+    return export_generation_steps(load_transformers_model(path), path, example_inputs)
+
+
+def export_generation_steps(model: Any, tokenizer_source: Path, example_inputs: Any, tokenizer: str = "tokenizer"
+                            ) -> ir.Model:
+    """A transformers causal LM exported with its KV cache, the prompt (`example_inputs`, else the
+    built-in sentences through the tokenizer at `tokenizer_source`) run as two generation steps."""
     from slimgraph.frontend.kv_cache import check_causal_lm
     from slimgraph.frontend.torch_module import load_module
 
-    model = load_transformers_model(path)
-    check_causal_lm(model)
+    check_causal_lm(model)  # before the prompt is made: the error names the model, not the prompt
     source = "example inputs"
     if example_inputs is None:
-        example_inputs, source = prompt_inputs(path, model.config)
+        example_inputs, source = prompt_inputs(tokenizer_source, model.config)
+        source = source.replace("tokenizer", tokenizer, 1)
     return load_module(model, example_inputs=example_inputs, inputs_source=f"{source}, as two generation steps",
                        kv_cache=True)
 
