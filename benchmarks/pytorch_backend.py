@@ -1,8 +1,9 @@
 """The PyTorch backend on MiniLM, side by side in one process, runs alternating.
 
-Original PyTorch eager (transformers), the generated module eager and under
-torch.compile, and ONNX Runtime, at batch 1 and 8 (sequence 128). Ratios are against
-the original eager module (goal: generated eager within 1.15x).
+Original PyTorch eager (transformers), the generated module in both styles (structured: modules
+per block with nn.Linear/nn.LayerNorm; fx: the flat forward) eager, the structured one under
+torch.compile, and ONNX Runtime, at batch 1 and 8 (sequence 128). Ratios are against the original
+eager module (goal: generated eager within 1.15x).
 
     .venv/bin/python benchmarks/pytorch_backend.py [--runs N]
 """
@@ -33,6 +34,7 @@ def main() -> None:
     original = load_transformers_model(folder)
     model = slimgraph.load(folder)
     generated = slimgraph.compile(model, backend="pytorch").module.eval()
+    flat = slimgraph.compile(model, backend="pytorch", style="fx").module.eval()
     compiled = torch.compile(generated, fullgraph=True)
     session = evaluate.make_session(model)
     names = ["input_ids", "token_type_ids", "attention_mask"]
@@ -45,8 +47,9 @@ def main() -> None:
         tensors = [torch.from_numpy(feeds[n]) for n in names]
         contenders = {
             "original PyTorch eager": lambda: original(**dict(zip(names, tensors))),
-            "generated eager": lambda: generated(*tensors),
-            "generated torch.compile": lambda: compiled(*tensors),
+            "structured eager": lambda: generated(*tensors),
+            "fx eager": lambda: flat(*tensors),
+            "structured torch.compile": lambda: compiled(*tensors),
             "onnxruntime": lambda: session.run(None, feeds),
         }
         with torch.no_grad():  # two warm-up calls each: the first compiles

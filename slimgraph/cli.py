@@ -61,6 +61,9 @@ def build_parser() -> argparse.ArgumentParser:
                           help="the output the backend writes (see --backend)")
     optimize.add_argument("--backend", default="onnxruntime", choices=list(backends()),
                           help="; ".join(f"{b.name}: writes {b.writes}" for b in backends().values()))
+    optimize.add_argument("--style", choices=["structured", "fx"],
+                          help="pytorch backend: model.py as modules per block with torch's layers (structured, "
+                               "the default) or torch.fx's flat forward of every op (fx)")
     optimize.add_argument("--calib", help="calibration inputs: .npz of named arrays, or a text file (one sample a "
                                           "line); with 4 samples or more, the last quarter is held out to verify on")
     optimize.add_argument("--target", default="auto", choices=["auto", *TARGETS],
@@ -222,6 +225,8 @@ def cmd_optimize(args: argparse.Namespace) -> int:
     if output.exists() and output.resolve() == model_path.resolve():
         raise SlimgraphError("the output would overwrite the input model; choose another -o path")
     check_output(args.backend, output)
+    if args.style and args.backend != "pytorch":
+        raise SlimgraphError(f"--style is an option of the pytorch backend, not of {args.backend}")
     if args.goal is not None:
         pipeline, recipe_drop, recipe_calib = None, None, None
     elif args.pipeline is not None:
@@ -259,6 +264,8 @@ def cmd_optimize(args: argparse.Namespace) -> int:
             report = pipeline.run(model, PassContext(target=target), verify=not args.no_verify, max_drop=max_drop,
                                   calib=calib, progress=progress.step, instruments=progress.passes(len(pipeline)))
         options = {"external_data": args.external_data or None} if args.backend == "onnxruntime" else {}
+        if args.style:
+            options["style"] = args.style
         with progress.stage(f"writing {output}"):
             artifact = compile(model, backend=args.backend, **options)
             artifact.save(output)

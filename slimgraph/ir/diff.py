@@ -38,7 +38,7 @@ import onnx_ir as ir
 
 from slimgraph.ir.graph import constant_tensor, module_path
 from slimgraph.ir.stats import ModelStats, model_stats, op_key
-from slimgraph.ir.structure import _strip_weight_suffix
+from slimgraph.ir.structure import strip_weight_suffix
 
 ChangeKind = Literal["added", "removed", "changed", "replaced"]
 KINDS: tuple[ChangeKind, ...] = ("replaced", "changed", "added", "removed")
@@ -190,7 +190,7 @@ def group_of(node: ir.Node) -> str:
         for value in node.inputs:
             tensor = value.const_value if value is not None and value.is_initializer() else None
             if tensor is not None and tensor.size > 1:
-                return _strip_weight_suffix(value.name or "")
+                return strip_weight_suffix(value.name or "")
         if node.name:
             return node.name
     return "(root)"

@@ -50,7 +50,8 @@ from slimgraph.ir.graph import (
 from slimgraph.ir.groups import Group
 
 
-def _strip_weight_suffix(name: str) -> str:
+def strip_weight_suffix(name: str) -> str:
+    """`encoder.dense.weight` → `encoder.dense`; `gpu_0/conv1_w_0` → `gpu_0/conv1`."""
     return re.sub(r"[._/]?(weight|w|kernel)(_\d+)?$", "", name, flags=re.IGNORECASE) or name
 
 
@@ -225,7 +226,8 @@ class Structures:
 # --- linears and embeddings -------------------------------------------------------------
 
 
-def _bias_of(node: ir.Node, out_features: int) -> str | None:
+def bias_of(node: ir.Node, out_features: int) -> str | None:
+    """The name of the [out] constant an Add after `node` (its only user) adds, if that is what reads it."""
     uses = node.outputs[0].uses()
     if len(uses) != 1:
         return None
@@ -255,9 +257,9 @@ def find_linear(node: ir.Node) -> Linear | None:
         bias = bias_value.name if bias_value is not None else None
     else:
         in_f, out_f = rows, cols
-        bias = _bias_of(node, out_f)
+        bias = bias_of(node, out_f)
     scope = module_path(node)
-    name = scope or _strip_weight_suffix(weight_name) or node.name or "linear"
+    name = scope or strip_weight_suffix(weight_name) or node.name or "linear"
     return Linear(name=name, node=node, weight=weight_name, in_features=in_f, out_features=out_f, bias=bias)
 
 
@@ -286,7 +288,7 @@ def find_embeddings(model: ir.Model) -> list[Embedding]:
             continue
         if indices.dtype is not None and not indices.dtype.is_integer():
             continue
-        name = module_path(node) or _strip_weight_suffix(node.inputs[0].name or "") or node.name
+        name = module_path(node) or strip_weight_suffix(node.inputs[0].name or "") or node.name
         found.append(Embedding(name=name, node=node, table=node.inputs[0].name or "",
                                num_embeddings=table.shape[0], dim=table.shape[1],
                                from_graph_input=_comes_from_graph_input(indices)))

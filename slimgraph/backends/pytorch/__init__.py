@@ -1,6 +1,10 @@
-"""PyTorch backend: the IR lowered to a torch.fx.GraphModule (readable code, float weights
-as trainable parameters), callable like the other artifacts and saved as `model.py` +
-`model.safetensors`."""
+"""PyTorch backend: the IR as PyTorch modules, callable like the other artifacts and saved as
+`model.py` + `model.safetensors`.
+
+Two styles of code: `structured` (the default) writes the model as a hand-written one would be —
+one class per kind of repeated block, layers as nn.Linear / nn.LayerNorm / nn.Embedding / ...,
+the source model's parameter names (structured.py); `fx` writes torch.fx's flat forward of every
+op (builder.py), for graphs with control flow (If/Loop/Scan), which the structured style leaves to it."""
 
 from __future__ import annotations
 
@@ -30,11 +34,11 @@ class PyTorchArtifact(AdapterSwitching):
                                  "or a .pt2 file")
         check_writable(path, folder=not path.suffix)
 
-    def __init__(self, model: ir.Model) -> None:
-        from slimgraph.backends.pytorch.builder import build_module
-
-        self.model = model
-        self.module = build_module(model)
+    def __init__(self, model: ir.Model, style: str = "structured") -> None:
+        if style not in STYLES:
+            raise SlimgraphError(f"pytorch backend: unknown style {style!r} (one of: {', '.join(STYLES)})")
+        self.requested_style = style
+        self._build(model)
         self.input_names = [v.name for v in model.graph.inputs if not v.is_initializer()]
         self.output_names = [v.name for v in model.graph.outputs]
 
@@ -65,15 +69,44 @@ class PyTorchArtifact(AdapterSwitching):
             feeds = model_inputs(self.model)[0][-1]  # the last synthesized feed has batch 2: not specialized to 1
             example = tuple(to_torch(feeds[n]) for n in self.input_names)
             return save_pt2(self.module, example, path, self._dynamic_shapes())
+        if self.code is not None:
+            from slimgraph.backends.pytorch.codegen import save_structured
+
+            return save_structured(self.code.source, self._current_weights(), path)
         return save_directory(self.module, path)
+
+    @property
+    def source(self) -> str:
+        """The generated forward code: model.py's classes (structured), or the fx module's forward."""
+        return self.code.source if self.code is not None else self.module.code
+
+    def _current_weights(self) -> dict:
+        """What model.safetensors holds: the module's tensors now (adapters may have changed them)."""
+        state = dict(self.module.named_parameters(remove_duplicate=False)) | dict(self.module.named_buffers(remove_duplicate=False))
+        return {name: state[name] for name in self.code.weights}
+
+    def _build(self, model: ir.Model) -> None:
+        """self.module from `model`: structured where the graph allows it, else fx (self.style says which)."""
+        from slimgraph.backends.pytorch.builder import build_module
+
+        self.model = model
+        self.code = None
+        self.sources: dict[str, tuple[str, bool]] = {}  # initializer → (parameter, stored transposed)
+        if self.requested_style == "structured" and not _has_subgraphs(model):
+            from slimgraph.backends.pytorch.structured import generate, instantiate
+
+            self.code = generate(model)
+            self.module = instantiate(self.code)
+            self.sources = self.code.sources
+            self.style = "structured"
+        else:
+            self.module = build_module(model)
+            self.style = "fx"
 
     # --- in-place weights for adapter switching (the WeightStore of slimgraph.passes.adapters.switching)
 
     def _adopt_model(self, model: ir.Model) -> None:
-        from slimgraph.backends.pytorch.builder import build_module
-
-        self.model = model
-        self.module = build_module(model)
+        self._build(model)
         writable = self.__dict__.pop("_writable", {})
         self._make_writable(list(writable))
 
@@ -83,31 +116,57 @@ class PyTorchArtifact(AdapterSwitching):
         from slimgraph.backends.pytorch.builder import attribute_path, to_torch
 
         writable = self.__dict__.setdefault("_writable", {})
-        for name in (n for n in names if n not in writable):  # the parameter named after it, with its values
+        for name in (n for n in names if n not in writable):  # the parameter that holds it, with its values
+            path, transposed = self.sources.get(name, (attribute_path(name), False))
             try:
-                parameter = self.module.get_parameter(attribute_path(name))
+                parameter = self.module.get_parameter(path)
             except AttributeError:
                 raise SlimgraphError(f"the PyTorch module has no parameter for initializer {name!r}") from None
-            if not torch.equal(parameter.detach().cpu(), to_torch(self.model.graph.initializers[name].const_value.numpy())):
+            held = parameter.detach().cpu()
+            if not torch.equal(held.T if transposed else held,
+                               to_torch(self.model.graph.initializers[name].const_value.numpy())):
                 raise SlimgraphError(f"the PyTorch module's parameter for initializer {name!r} does not hold its values")
             writable[name] = parameter
 
     def _parameter(self, name: str):
         return self.__dict__["_writable"][name]
 
+    def graph_weight(self, name: str) -> np.ndarray:
+        """The values of initializer `name` as the module holds them now, in the graph's layout."""
+        from slimgraph.backends.pytorch.builder import to_numpy
+
+        path, transposed = self.sources.get(name, (None, False))
+        parameter = self._parameter(name) if name in self.__dict__.get("_writable", {}) else \
+            self.module.get_parameter(path) if path else None
+        if parameter is None:
+            raise SlimgraphError(f"the PyTorch module has no parameter for initializer {name!r}")
+        return to_numpy(parameter.T if transposed else parameter)
+
     def _write_weight(self, name: str, array: np.ndarray) -> None:
         import torch
 
+        values = _shared_tensor(array)
         with torch.no_grad():
-            self._parameter(name).copy_(_shared_tensor(array))
+            self._parameter(name).copy_(values.T if self.sources.get(name, ("", False))[1] else values)
 
     def _scatter_weight(self, name: str, index: np.ndarray, values: np.ndarray) -> None:
         import torch
 
         parameter = self._parameter(name)
+        if self.sources.get(name, ("", False))[1]:  # the graph's [K, N] is held as [N, K]: move each index
+            columns = self.model.graph.initializers[name].shape[1]
+            index = (index % columns) * parameter.shape[1] + index // columns
         with torch.no_grad():  # (index_copy_: `flat[index] = values` takes 100x longer on CPU)
             parameter.view(-1).index_copy_(0, torch.from_numpy(index).to(parameter.device),
                                            _shared_tensor(values).to(parameter.device))
+
+
+STYLES = ("structured", "fx")
+
+
+def _has_subgraphs(model: ir.Model) -> bool:
+    return any(a.type in (ir.AttributeType.GRAPH, ir.AttributeType.GRAPHS) for node in ir.traversal.RecursiveGraphIterator(
+        model.graph) for a in node.attributes.values())
 
 
 def _shared_tensor(array: np.ndarray):

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import keyword
 import re
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import onnx_ir as ir
@@ -15,6 +15,10 @@ import torch.fx as fx
 
 from slimgraph.backends.pytorch.lowering import Dims, find_lowering
 from slimgraph.errors import SlimgraphError
+from slimgraph.ir.graph import module_path
+
+if TYPE_CHECKING:
+    from slimgraph.backends.pytorch.layers import Layer
 
 FLOAT_KINDS = "fc"  # numpy dtype kinds that become trainable parameters
 FOLD_LIMIT = 1 << 16  # fold ops on constants up to this many elements per input
@@ -46,8 +50,11 @@ class _Tracer(fx.proxy.GraphAppendingTracer):
 class Builder:
     """Holds the fx graph being built and what each IR value became."""
 
-    def __init__(self, model: ir.Model) -> None:
+    def __init__(self, model: ir.Model, layers: dict[ir.Node, Layer] | None = None) -> None:
         self.model = model
+        self.layers = layers or {}  # nodes lowered as one module call (structured code), see layers.py
+        self.layer_at: dict[str, Layer] = {}  # attribute → the layer module there
+        self.initializer_at: dict[str, str] = {}  # attribute → the initializer it holds
         self.graph = fx.Graph()
         self.tracer = _Tracer(self.graph, self)
         self.root = torch.nn.Module()
@@ -132,6 +139,8 @@ class Builder:
         if key in self._materialized:
             return self._materialized[key]
         name = self._unique_attribute(name or self._tensor_names.get(key) or "constant")
+        if key in self._tensor_names:
+            self.initializer_at[name] = self._tensor_names[key]
         data = to_torch(array)
         if trainable and array.dtype.kind in FLOAT_KINDS and key in self._tensor_names:
             _attach(self.root, name, torch.nn.Parameter(data, requires_grad=True))
@@ -200,6 +209,27 @@ class Builder:
                 self.values[value] = array
 
     def _lower(self, node: ir.Node) -> None:
+        last = self.graph._root.prev  # (the fx nodes after it are this node's: tagged with its module path)
+        layer = self.layers.get(node)
+        if layer is None:
+            self._lower_op(node)
+        elif node is layer.nodes[0]:
+            self._call_layer(layer)
+        scope = layer.path if layer is not None and layer.module is not None else module_path(node)
+        while (last := last.next) is not self.graph._root:
+            last.meta.setdefault("scope", scope)
+
+    def _call_layer(self, layer: Layer) -> None:
+        inputs = tuple(self.tensor(self.lookup(v)).node for v in layer.inputs)
+        if layer.module is None:
+            self.values[layer.output] = fx.Proxy(self.graph.call_function(layer.function, inputs), self.tracer)
+            return
+        attribute = self._unique_attribute(layer.path)
+        _attach(self.root, attribute, layer.module)
+        self.layer_at[attribute] = layer
+        self.values[layer.output] = fx.Proxy(self.graph.call_module(attribute, inputs), self.tracer)
+
+    def _lower_op(self, node: ir.Node) -> None:
         domain = "" if node.domain in ("", "ai.onnx") else node.domain
         opset = self.model.opset_imports.get(domain, 1)
         lowering = find_lowering(node, opset)
@@ -378,9 +408,13 @@ def _attach(root: torch.nn.Module, dotted: str, value: torch.Tensor | torch.nn.M
 
 
 def build_module(model: ir.Model) -> fx.GraphModule:
-    """The model as a torch.fx.GraphModule returning a tuple of its outputs. Calls of the
-    model's functions (e.g. those passes add in the `slimgraph` domain) are inlined first,
-    on a copy: the lowering table holds ONNX ops, not the model's own."""
+    """The model as a torch.fx.GraphModule returning a tuple of its outputs."""
+    return Builder(lowerable(model)).build()
+
+
+def lowerable(model: ir.Model) -> ir.Model:
+    """The model ready for the lowering table: calls of the model's functions (e.g. those passes
+    add in the `slimgraph` domain) inlined, on a copy — the table holds ONNX ops, not the model's own."""
     from slimgraph.backends.pytorch import ops  # noqa: F401  (registers the lowerings)
 
     if model.functions:
@@ -388,4 +422,4 @@ def build_module(model: ir.Model) -> fx.GraphModule:
 
         model = model.clone()
         InlinePass()(model)
-    return Builder(model).build()
+    return model

@@ -74,8 +74,8 @@ def test_run_time_sequence_length(op, direction, lengths):
 def test_static_length_is_unrolled_and_run_time_length_loops():
     static = recurrent_model("LSTM")
     static.graph.input[0].type.tensor_type.shape.dim[0].dim_value = 3
-    unrolled = slimgraph.compile(ir.serde.deserialize_model(static), backend="pytorch").module.code
-    looped = slimgraph.compile(ir.serde.deserialize_model(recurrent_model("LSTM")), backend="pytorch").module.code
+    unrolled = slimgraph.compile(ir.serde.deserialize_model(static), backend="pytorch").source
+    looped = slimgraph.compile(ir.serde.deserialize_model(recurrent_model("LSTM")), backend="pytorch").source
     assert "recurrent" not in unrolled and "recurrent" in looped
 
 

@@ -26,7 +26,7 @@ def merged(model, made, merge_pass):
 def live_weights(artifact, names):
     if artifact.backend == "onnxruntime":
         return {n: artifact.model.graph.initializers[n].const_value.numpy() for n in names}
-    return {n: artifact._parameter(n).detach().numpy() for n in names}
+    return {n: artifact.graph_weight(n) for n in names}
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

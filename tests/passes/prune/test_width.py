@@ -93,7 +93,8 @@ def test_pruned_minilm_runs_and_trains_in_pytorch(minilm):
     sum(o.sum() for o in out).backward()
     assert all(p.grad is not None for p in artifact.module.parameters())
     ffn = artifact.module.get_parameter("encoder.layer.0.intermediate.dense.weight")
-    assert ffn.shape == (384, 1152)
+    assert ffn.shape == (1152, 384)  # nn.Linear's [out, in]
+    assert "self.intermediate.dense = nn.Linear(384, 1152)" in artifact.code.source
 
 
 @pytest.mark.slow

@@ -283,10 +283,13 @@ def gather(ctx, node, data, indices):
     if isinstance(data, Dims) and index is not None:
         picked = [data.items[int(i)] for i in np.asarray(index).reshape(-1)]
         return Dims(picked, scalar=np.asarray(index).ndim == 0)
-    data, indices = ctx.tensor(data), ctx.tensor(indices)
-    length = data.size(axis)
-    indices = torch.where(indices < 0, indices + length, indices)  # ONNX allows negative indices
     rank = len(node.inputs[0].shape) if node.inputs[0].shape is not None else None
+    data = ctx.tensor(data)
+    if index is not None and np.ndim(index) == 0 and rank is not None:  # one index: x[:, i] (ONNX allows i < 0)
+        return torch.select(data, axis_of(axis, rank), int(index))
+    indices = ctx.tensor(indices)
+    if index is None or (np.asarray(index) < 0).any():  # ONNX allows negative indices
+        indices = torch.where(indices < 0, indices + data.size(axis), indices)
     if rank is not None and axis_of(axis, rank) == 0:
         return data[indices]
     return torch.index_select(data, axis, indices.reshape(-1)).reshape(
@@ -396,8 +399,8 @@ def gather_nd(ctx, node, data, indices):
     flat_data = data.reshape([-1] + data_dims[batch:])  # [B, ...]
     flat_indices = indices.reshape(flat_data.size(0), -1, depth)  # [B, M, depth]
     rows = torch.arange(flat_data.size(0)).unsqueeze(1).expand(-1, flat_indices.size(1))
-    picks = [torch.where(flat_indices[..., j] < 0, flat_indices[..., j] + flat_data.size(1 + j), flat_indices[..., j])
-             for j in range(depth)]
+    columns = [flat_indices[..., j] for j in range(depth)]
+    picks = [torch.where(column < 0, column + flat_data.size(1 + j), column) for j, column in enumerate(columns)]
     gathered = flat_data[(rows, *picks)]  # [B, M, rest...]
     return gathered.reshape(index_dims[:-1] + data_dims[batch + depth:])
 
