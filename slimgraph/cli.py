@@ -275,6 +275,8 @@ def cmd_optimize(args: argparse.Namespace) -> int:
             recipe = write_recipe(found, output, calib, target)
     for warning in report.warnings:
         _warn(warning)
+    if getattr(artifact, "requested_style", None) == "structured" and artifact.style == "fx":
+        _warn("model.py is written in the flat fx style: the structured style does not cover If/Loop/Scan subgraphs")
     lowering = getattr(artifact, "report", None)  # (the triton backend: which ops run as kernels, which do not)
 
     if args.json:

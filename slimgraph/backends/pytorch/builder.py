@@ -61,7 +61,7 @@ class Builder:
         self.values: dict[ir.Value, Any] = {}
         self._tensor_names: dict[int, str] = {}  # id(array) → preferred attribute name
         self._materialized: dict[int, fx.Proxy] = {}
-        self._attribute_names: set[str] = set()
+        self._attribute_names = _AttributeNames()
         self._keep: list[np.ndarray] = []  # arrays named by id must outlive the build
 
     # --- reading inputs --------------------------------------------------------------------
@@ -151,13 +151,7 @@ class Builder:
         return proxy
 
     def _unique_attribute(self, name: str) -> str:
-        base = attribute_path(name)
-        candidate, i = base, 1
-        while candidate in self._attribute_names or _clashes(candidate, self._attribute_names):
-            i += 1
-            candidate = f"{base}_{i}"
-        self._attribute_names.add(candidate)
-        return candidate
+        return self._attribute_names.claim(attribute_path(name))
 
     def build(self) -> fx.GraphModule:
         from slimgraph.ir.graph import ensure_shapes
@@ -385,9 +379,41 @@ def attribute_path(name: str) -> str:
     return ".".join(parts)
 
 
-def _clashes(name: str, taken: set[str]) -> bool:
-    """A name may not be both a tensor and a module above another tensor."""
-    return any(t.startswith(name + ".") or name.startswith(t + ".") for t in taken)
+class _AttributeNames:
+    """The dotted attribute names taken so far. A name may be neither taken nor a module above a
+    taken name, nor lie below one (a tensor cannot hold attributes). Sets of names and of their
+    module prefixes, and the next free `_N` per base, keep each claim cheap: a graph lowers to
+    thousands of constants, and a scan of the taken names per candidate made that cubic."""
+
+    def __init__(self) -> None:
+        self._taken: set[str] = set()
+        self._modules: set[str] = set()
+        self._next_suffix: dict[str, int] = {}
+
+    def _below_taken(self, name: str) -> str | None:
+        """The taken name that `name` would lie below, if any."""
+        parts = name.split(".")
+        return next((p for p in (".".join(parts[:i]) for i in range(1, len(parts))) if p in self._taken), None)
+
+    def _free(self, name: str) -> bool:
+        return name not in self._taken and name not in self._modules
+
+    def claim(self, base: str) -> str:
+        """`base`, or `base_2`, `base_3`, ... : the first that is free. A base below a taken name
+        (`q.weight.scale` once `q.weight` is a tensor) joins that segment: `q.weight_scale`."""
+        while (owner := self._below_taken(base)) is not None:
+            base = owner + "_" + base[len(owner) + 1:]
+        candidate, i = base, self._next_suffix.get(base, 1)
+        if i > 1:
+            candidate = f"{base}_{i}"
+        while not self._free(candidate):
+            i += 1
+            candidate = f"{base}_{i}"
+        self._next_suffix[base] = i
+        self._taken.add(candidate)
+        parts = candidate.split(".")
+        self._modules.update(".".join(parts[:j]) for j in range(1, len(parts)))
+        return candidate
 
 
 def _attach(root: torch.nn.Module, dotted: str, value: torch.Tensor | torch.nn.Module, buffer: bool = False) -> None:

@@ -75,10 +75,10 @@ def _imports(modules: list[fx.GraphModule]) -> tuple[str, str]:
     return _imports_of(used)
 
 
-def _imports_of(used: dict[str, object], skip: tuple = ()) -> tuple[str, str]:
+def _imports_of(used: dict[str, object]) -> tuple[str, str]:
     lines, helpers = [], []
     for name, value in sorted(used.items()):
-        if name == "torch" or name.startswith("__") or _companion(value) or value in skip:
+        if name == "torch" or name.startswith("__") or _companion(value):
             continue
         if name in BUILTIN_GLOBALS:  # names fx's code uses without importing them
             lines.append(BUILTIN_GLOBALS[name])
@@ -233,10 +233,9 @@ def structured_source(model_class: str, top, blocks: list, used: dict[str, objec
                       ties: dict[str, str]) -> str:
     """model.py for the structured style: block classes, then the model's class, then its loader."""
     from slimgraph.backends.pytorch import modules as module_helpers
-    from slimgraph.backends.pytorch.structured import _run_blocks
 
     classes = [_class_source(body.name, body) for body in [*blocks, top]]
-    imports, helpers = _imports_of(used, skip=(_run_blocks,))
+    imports, helpers = _imports_of(used)
     quantized = modules & {module_helpers.QuantizedLinear, module_helpers.QuantizedEmbedding}
     copied = [module_helpers.unpack_codes] * bool(quantized) + sorted(modules, key=lambda c: c.__name__)
     if module_helpers.MixtureOfExperts in modules:

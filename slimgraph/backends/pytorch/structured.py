@@ -375,8 +375,8 @@ class _Generator:
         from slimgraph.backends.pytorch.codegen import structured_source
 
         top.name = self._model_class_name()
-        return structured_source(top.name, top, list(self.class_bodies.values()), self.functions_used,
-                                 self.helpers, self.ties)
+        used = {name: f for name, f in self.functions_used.items() if f is not _run_blocks}  # (a loop in the source)
+        return structured_source(top.name, top, list(self.class_bodies.values()), used, self.helpers, self.ties)
 
     def _ties(self) -> dict[str, str]:
         """Parameters read from one initializer in one layout (a head tied to its embedding):
@@ -607,9 +607,12 @@ def _tidy(code: str, loop_source, block_list: str | None) -> str:
         if len(uses) == 2:
             text = text.replace(match.group(0) + "\n", "", 1)
             text = re.sub(rf"(?<![.\w]){match.group(1)}(?!\w)", f"{match.group(2)}.shape[{match.group(3)}]", text)
-    for match in list(re.finditer(r"^    (\w+) = (self(?:\.\w+|\[[\d']+\])+)$", text, re.M)):
-        text = text.replace(match.group(0) + "\n", "", 1)
-        text = re.sub(rf"(?<!['\"\w]){match.group(1)}(?!['\"\w])", match.group(2), text)  # (not in strings)
+    attribute = r"self(?:\.\w+|\[[\d']+\])+"
+    for name in re.findall(rf"^    (\w+) = {attribute}$", text, re.M):
+        match = re.search(rf"^    {name} = ({attribute})\n", text, re.M)
+        text = text[:match.start()] + text[match.end():]
+        # the variable: not an attribute of the same name (`self.constant_2`), a keyword or a string
+        text = re.sub(rf"(?<![.'\"\w]){name}(?![\w'\"]|=[^=])", lambda _, read=match.group(1): read, text)
     def loop(match: re.Match) -> str:
         indent, out, call = match.group(1), match.group(2), match.group(3)
         parts = [p.strip() for p in _split_args(call)]

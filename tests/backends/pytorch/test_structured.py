@@ -193,9 +193,11 @@ def test_saved_folder_is_what_runs(minilm, tmp_path):
     np.testing.assert_array_equal(np.load(tmp_path / "hidden.npy"), artifact(**feeds)["last_hidden_state"])
 
 
-def test_control_flow_is_written_in_the_fx_style():
-    """If/Loop/Scan bodies are not structured: the whole graph falls back to style=fx."""
+def test_control_flow_is_written_in_the_fx_style(tmp_path, capsys):
+    """If/Loop/Scan bodies are not structured: the whole graph falls back to style=fx, and the CLI says so."""
     from onnx import TensorProto, helper
+
+    from slimgraph.cli import main
 
     then = helper.make_graph([helper.make_node("Neg", ["x"], ["t"])], "then", [],
                              [helper.make_tensor_value_info("t", TensorProto.FLOAT, [2])])
@@ -210,6 +212,30 @@ def test_control_flow_is_written_in_the_fx_style():
     assert artifact.style == "fx"
     x = np.array([1.0, -2.0], np.float32)
     np.testing.assert_array_equal(artifact(c=np.array(True), x=x)["y"], -x)
+    ir.save(model, tmp_path / "if.onnx")
+    assert main(["optimize", str(tmp_path / "if.onnx"), "-p", "cleanup", "--backend", "pytorch", "-o",
+                 str(tmp_path / "out")]) == 0
+    assert "written in the flat fx style" in capsys.readouterr().err
+
+
+def test_attribute_reads_are_inlined_by_variable_not_by_text():
+    """fx reads `self.Constant_2` into a variable `constant_2` while another variable reads an
+    attribute named `constant_2`: each variable is replaced by its own read, never inside
+    another read or a keyword (PaddleOCR's cls model had both)."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    tables = {"Constant_2": np.array([2], np.int64), "constant_2": np.array([3], np.int64),
+              "dtype": np.array([4], np.int64)}
+    graph = helper.make_graph(
+        [helper.make_node("Concat", ["x", *tables], ["joined"], axis=0),
+         helper.make_node("Cast", ["joined"], ["y"], to=TensorProto.FLOAT)],
+        "reads", [helper.make_tensor_value_info("x", TensorProto.INT64, [2])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [5])],
+        [numpy_helper.from_array(value, name) for name, value in tables.items()])
+    model = ir.serde.deserialize_model(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]))
+    artifact = structured(model)
+    x = np.array([0, 1], np.int64)
+    np.testing.assert_array_equal(artifact(x=x)["y"], [0, 1, 2, 3, 4])
 
 
 def test_cli_style(tmp_path, mlp_path, capsys):
