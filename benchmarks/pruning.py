@@ -72,6 +72,10 @@ MINILM = [
     "prune-width{target=all,ratio=0.25},quantize-dynamic{embeddings=true}",
     "prune-width{target=all,ratio=0.25,scope=global},quantize-dynamic{embeddings=true}",
     "prune-width{target=all,ratio=0.5},quantize-dynamic{embeddings=true}",
+    "fuse-ort,quantize-dynamic",
+    "prune-width{target=ffn,ratio=0.25},fuse-ort,quantize-dynamic",
+    "prune-width{target=heads,ratio=0.25},fuse-ort,quantize-dynamic",
+    "prune-width{target=all,ratio=0.25},fuse-ort,quantize-dynamic",
 ]
 
 

@@ -150,11 +150,14 @@ def alternating_runs(contenders: dict[Any, Callable[[], object]], runs: int, war
     return times
 
 
+SEQUENCE = 128  # tokens per sample of a text model, when timing (bench, and the --goal search)
+
+
 def bench(
     paths: list[Path],
     *,
     batches: tuple[int, ...] = (1, 8),
-    sequence: int = 128,
+    sequence: int = SEQUENCE,
     runs: int = 30,
     warmup: int = 3,
     threads: int | None = None,

@@ -234,6 +234,10 @@ def cmd_optimize(args: argparse.Namespace) -> int:
     else:
         recipe = Pipeline.from_recipe(args.recipe)
         pipeline, recipe_drop, recipe_calib = recipe.pipeline, recipe.max_drop, recipe.calib
+    for pass_ in pipeline.passes if pipeline is not None else ():
+        if pass_.backends is not None and args.backend not in pass_.backends:
+            raise SlimgraphError(f"{pass_.name} writes ops that only the {' and '.join(pass_.backends)} backend runs, "
+                                 f"not {args.backend}")
     max_drop = args.max_drop if args.max_drop is not None else recipe_drop
     if max_drop is not None and args.no_verify:
         where = "--max-drop" if args.max_drop is not None else f"max_drop in {args.recipe}"
@@ -257,7 +261,8 @@ def cmd_optimize(args: argparse.Namespace) -> int:
         if args.goal is not None:
             from slimgraph.search import search
 
-            found = search(model, args.goal, max_drop=max_drop, calib=calib, target=target, progress=progress.step)
+            found = search(model, args.goal, max_drop=max_drop, calib=calib, target=target, backend=args.backend,
+                           progress=progress.step)
             model, report = found.chosen.model, found.chosen.report
         else:
             found = None

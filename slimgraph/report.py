@@ -110,6 +110,8 @@ def _fidelity_cell(record) -> Text:
         lines.append(f"top-1 {fidelity.top1:.1%}")
     if len(fidelity.outputs) > 1:
         lines.append(f"worst: {worst.name}")
+    if worst.view:
+        lines.append(worst.view)
     return Text("\n".join(lines), style="bold red" if fidelity.cosine < 0.9 else "")
 
 

@@ -27,6 +27,7 @@ PIPELINES = {
     "moe-convert{experts=4,top_k=2,method=kmeans}": "llama_ir",
     "trim-vocab{keep=100,keep_ids=[0]}": "llama_ir",
     "dct-tokens{at=1,keep=0.5}": "minilm",
+    "cleanup,fuse-ort": "minilm",
 }
 ELSEWHERE = {"merge-lora", "merge-shira"}
 

@@ -23,7 +23,8 @@ from slimgraph.errors import SlimgraphError, first_line
 from slimgraph.frontend.cache import export_once
 from slimgraph.frontend.calibration import has_tokenizer, load_tokenizer
 from slimgraph.frontend.kv_cache import check_kv_options
-from slimgraph.ir.meta import SOURCE_KEY, TOKENIZER_KEY
+from slimgraph.ir.fidelity import OutputMap
+from slimgraph.ir.meta import OUTPUT_MAPS_KEY, SOURCE_KEY, TOKENIZER_KEY
 
 EXAMPLE_SENTENCES = [
     "The quick brown fox jumps over the lazy dog.",
@@ -49,7 +50,28 @@ def load_folder(path: Path, *, example_inputs: Any = None, dynamic_shapes: Any =
     ir_model.meta[SOURCE_KEY] = str(path)
     if has_tokenizer(path):
         ir_model.meta[TOKENIZER_KEY] = str(path)
+    pooled = sentence_pooling(path, ir_model)
+    if pooled:
+        ir_model.meta[OUTPUT_MAPS_KEY] = pooled
     return ir_model
+
+
+def sentence_pooling(path: Path, model: ir.Model) -> dict[str, OutputMap]:
+    """A sentence-transformers folder whose Pooling module means the token states over the
+    attention mask: its users read sentence embeddings, so Verify compares those (the token
+    states → their pooled sentences). Other pooling modes keep the token-by-token comparison."""
+    try:
+        modules = json.loads((path / "modules.json").read_text())
+        pooling = next(m for m in modules if m.get("type", "").endswith(".Pooling"))
+        config = json.loads((path / pooling.get("path", "") / "config.json").read_text())
+    except (OSError, ValueError, StopIteration, AttributeError, TypeError):
+        return {}
+    modes = {key for key, on in config.items() if key.startswith("pooling_mode_") and on is True}
+    tokens = model.graph.outputs[0] if model.graph.outputs else None
+    if modes != {"pooling_mode_mean_tokens"} or "attention_mask" not in {v.name for v in model.graph.inputs} \
+            or tokens is None or tokens.shape is None or tokens.shape.rank() != 3:
+        return {}
+    return {tokens.name: OutputMap(pooled_by="attention_mask")}
 
 
 def _export(path: Path, example_inputs: Any, dynamic_shapes: Any) -> ir.Model:

@@ -33,6 +33,7 @@ class OutputFidelity:
     max_abs: float
     max_rel_error: float
     top1: float | None  # share of rows whose argmax agrees; only for logits-like outputs
+    view: str | None = None  # how it was compared when not value by value (an OutputMap's)
 
 
 @dataclass(frozen=True)
@@ -127,23 +128,36 @@ def compare_output(name: str, ref: np.ndarray, new: np.ndarray) -> OutputFidelit
 
 @dataclass(frozen=True)
 class OutputMap:
-    """How an output a pass reshaped on purpose relates to the original's, for comparing them:
-    `columns` are the original's last-axis positions it keeps (a trimmed vocabulary: the logits
-    at those ids); `added` marks a new output with no counterpart (the kept `token_ids`);
-    `token_mean`: fewer tokens on axis 1 (compressed), compared by the mean token."""
+    """How an output relates to the original's when it is not compared value by value: `columns`
+    are the original's last-axis positions it keeps (a trimmed vocabulary: the logits at those
+    ids); `added` marks a new output with no counterpart (the kept `token_ids`); `token_mean`:
+    fewer tokens on axis 1 (compressed), compared by the mean token; `pooled_by`: token states
+    [B, S, D] a sentence encoder mean-pools over the real tokens of this input (its attention
+    mask), compared as those sentence embeddings — what the model's users read."""
 
     columns: np.ndarray | None = None
     added: bool = False
     token_mean: bool = False
+    pooled_by: str | None = None
+
+    @property
+    def view(self) -> str | None:
+        if self.token_mean:
+            return "as its mean token"
+        if self.pooled_by:
+            return "as mean-pooled sentences"
+        return None
 
 
 def compare(reference: Sequence[dict[str, np.ndarray]], candidate: Sequence[dict[str, np.ndarray]],
-            maps: Mapping[str, OutputMap] | None = None) -> Fidelity:
+            maps: Mapping[str, OutputMap] | None = None,
+            inputs: Sequence[dict[str, np.ndarray]] | None = None) -> Fidelity:
     """Compare outputs batch by batch; outputs are matched by name, then by position. `maps` says
-    how outputs a pass reshaped on purpose line up with the original's."""
+    how outputs line up with the original's when not value by value; `inputs` are the batches'
+    feeds (a `pooled_by` map reads its mask there)."""
     maps = maps or {}
     per_output: dict[str, list[tuple[np.ndarray, np.ndarray]]] = {}
-    for ref_batch, new_batch in zip(reference, candidate, strict=True):
+    for i, (ref_batch, new_batch) in enumerate(zip(reference, candidate, strict=True)):
         new_batch = {k: v for k, v in new_batch.items() if not (k in maps and maps[k].added)}
         ref_items, new_items = list(ref_batch.items()), list(new_batch.items())
         if len(ref_items) != len(new_items):
@@ -152,6 +166,9 @@ def compare(reference: Sequence[dict[str, np.ndarray]], candidate: Sequence[dict
             new = new_batch.get(name, new)
             if name in maps and maps[name].token_mean:
                 ref, new = ref.mean(axis=1), new.mean(axis=1)
+            elif name in maps and maps[name].pooled_by:
+                mask = _feed(inputs, i, maps[name].pooled_by)
+                ref, new = mean_pooled(ref, mask), mean_pooled(new, mask)
             per_output.setdefault(name, []).append((ref, new))
     outputs = []
     for name, pairs in per_output.items():
@@ -165,8 +182,15 @@ def compare(reference: Sequence[dict[str, np.ndarray]], candidate: Sequence[dict
             # keep the last axis so that top-1 stays meaningful across batches
             last = pairs[0][0].shape[-1]
             ref, new = ref.reshape(-1, last), new.reshape(-1, last)
-        outputs.append(compare_output(name, ref, new))
+        result = compare_output(name, ref, new)
+        outputs.append(dataclasses.replace(result, view=maps[name].view) if name in maps else result)
     return Fidelity(tuple(outputs))
+
+
+def _feed(inputs: Sequence[dict[str, np.ndarray]] | None, batch: int, name: str) -> np.ndarray:
+    if inputs is None or name not in inputs[batch]:
+        raise ValueError(f"comparing sentences needs the input {name!r} the tokens are pooled over")
+    return inputs[batch][name]
 
 
 def _compare_columns(name: str, pairs: list[tuple[np.ndarray, np.ndarray]], columns: np.ndarray) -> OutputFidelity:

@@ -88,3 +88,13 @@ def test_folder_with_corrupt_weights(tmp_path, gpt2_folder):
     (tmp_path / "model.safetensors").write_bytes(b"\x00" * 64)
     with pytest.raises(SlimgraphError, match="transformers cannot load"):
         load(tmp_path)
+
+
+def test_a_sentence_transformers_folder_is_verified_as_sentences(minilm, gpt2_ir):
+    """MiniLM's folder mean-pools its token states (1_Pooling): Verify compares those sentences;
+    a folder without a Pooling module keeps the token-by-token comparison."""
+    from slimgraph.ir.fidelity import OutputMap
+    from slimgraph.ir.meta import OUTPUT_MAPS_KEY
+
+    assert minilm.meta[OUTPUT_MAPS_KEY] == {"last_hidden_state": OutputMap(pooled_by="attention_mask")}
+    assert OUTPUT_MAPS_KEY not in gpt2_ir.meta

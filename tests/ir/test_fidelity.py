@@ -30,3 +30,25 @@ def test_top1_disagreement_over_batches():
 def test_shape_change_is_an_error():
     with pytest.raises(ValueError, match="changed shape"):
         compare_output("y", np.zeros((2, 3)), np.zeros((3, 2)))
+
+
+def test_pooled_outputs_are_compared_as_the_sentences_they_pool_to():
+    """A sentence encoder's token states: compared as mean-pooled sentences over the real tokens;
+    padding positions (whatever they hold) do not count."""
+    from slimgraph.ir.fidelity import OutputMap, sentence_cosines
+
+    rng = np.random.default_rng(0)
+    mask = np.array([[1, 1, 1, 0], [1, 1, 1, 1]])
+    ref = rng.normal(size=(2, 4, 8)).astype(np.float32)
+    new = ref + rng.normal(scale=0.3, size=ref.shape).astype(np.float32)
+    new[0, 3] = 1e3  # a padding position
+    maps = {"last_hidden_state": OutputMap(pooled_by="attention_mask")}
+    feeds = [{"attention_mask": mask}]
+    pooled = compare([{"last_hidden_state": ref}], [{"last_hidden_state": new}], maps, feeds).outputs[0]
+    token_level = compare([{"last_hidden_state": ref}], [{"last_hidden_state": new}]).outputs[0]
+    assert pooled.view == "as mean-pooled sentences" and token_level.view is None
+    assert token_level.cosine < 0.1 < 0.9 < pooled.cosine  # the padded position is left out
+    per_sentence = sentence_cosines([ref], [new], [mask])
+    assert per_sentence.min() - 1e-3 <= pooled.cosine <= per_sentence.max() + 1e-3
+    with pytest.raises(ValueError, match="attention_mask"):
+        compare([{"last_hidden_state": ref}], [{"last_hidden_state": new}], maps)

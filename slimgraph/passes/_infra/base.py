@@ -95,6 +95,8 @@ class Pass:
     min_opset: ClassVar[int | None] = None
     # Whether the rewrite depends on the target (`PassContext.target`); the report then names it.
     reads_target: ClassVar[bool] = False
+    # The backends that run what the pass writes (ops only ONNX Runtime has); None: every backend.
+    backends: ClassVar[tuple[str, ...] | None] = None
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         # Option types are checked before the subclass's own __post_init__ validates values,

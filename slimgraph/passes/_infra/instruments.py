@@ -143,7 +143,7 @@ class Verify(Instrument):
         except SlimgraphError as exc:
             raise SlimgraphError(f"pass '{pass_.name}' produced a broken model: {exc}") from exc
         try:
-            fidelity = compare(self.reference_outputs, outputs, model.meta.get(OUTPUT_MAPS_KEY))
+            fidelity = compare(self.reference_outputs, outputs, model.meta.get(OUTPUT_MAPS_KEY), self.inputs)
             before = fidelity if self.previous_outputs is self.reference_outputs else compare(self.previous_outputs,
                                                                                                 outputs)
         except ValueError as exc:

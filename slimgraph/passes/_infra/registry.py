@@ -29,6 +29,7 @@ BUILTIN_PASS_MODULES: dict[str, str] = {
     "remove-dead-nodes": "slimgraph.passes.cleanup",
     "remove-identity": "slimgraph.passes.cleanup",
     "cse": "slimgraph.passes.cleanup",
+    "fuse-ort": "slimgraph.passes.fuse",
     "remove-unused-initializers": "slimgraph.passes.cleanup",
     "quantize-weights": "slimgraph.passes.quantize.weights",
     "quantize-dynamic": "slimgraph.passes.quantize.dynamic",
