@@ -120,3 +120,14 @@ def test_bad_input_exits_2_and_writes_nothing(tmp_path, capsys, args, message):
     err = capsys.readouterr().err
     assert message in err and len(err.strip().splitlines()) == 1
     assert not out.exists()
+
+
+@pytest.mark.parametrize("target", ["heads", "ffn"])
+def test_no_value_keeps_its_shape_from_before_pruning(minilm, target):
+    """Every resized activation's shape is inferred again (a head's Q/K/V projection output kept
+    [B, S, 384] after 3 of 12 heads went, which stopped ONNX Runtime's attention fusion)."""
+    import onnx
+
+    Pipeline.parse(f"prune-width{{target={target},ratio=0.25}}").run(minilm, verify=False)
+    proto = ir.serde.serialize_model(minilm)
+    onnx.shape_inference.infer_shapes(proto, strict_mode=True)  # raises where a stored shape disagrees
