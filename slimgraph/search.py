@@ -4,8 +4,9 @@ one within the fidelity budget kept.
 Each candidate is a pipeline of the passes that exist (`CANDIDATES`), run with Verify on its own
 copy of the model (tensors shared: passes replace them, never write into them). Those within the
 budget (1 − cosine of every output against the original ≤ `max_drop`, on the verification inputs;
-a sentence encoder's token states compared as its mean-pooled sentences, `fidelity.OutputMap`) are timed together with the original in ONNX Runtime, runs alternating
-(`slimgraph.bench.alternating_runs`), at batch 1 and 8 where the model takes them (text: 128 tokens). The goal picks:
+a sentence encoder's token states compared as its mean-pooled sentences, `fidelity.OutputMap`) are
+timed together with the original in ONNX Runtime, runs alternating (`slimgraph.bench.alternating_runs`),
+at batch 1 and 8 where the model takes them (text: 128 tokens, as `slimgraph bench`). The goal picks:
 `latency` the least latency (geometric mean of the ratios to the original over the batches),
 `size` the fewest bytes, `balanced` the least latency ratio × size ratio. A candidate a model
 cannot take (nothing to quantize, no FFN) is listed with the reason and left out.
@@ -36,7 +37,7 @@ DEFAULT_MAX_DROP = 0.01
 
 # Pipelines worth trying on a CPU, from the fastest kinds to the smallest. int8 weights with
 # int8 activations are what speeds a compute-bound model up, more so after ONNX Runtime's fused
-# attention/LayerNorm/GELU ops (MiniLM: 1.4x alone, 2.5x with W8A8); int4 weights only save bytes.
+# attention/LayerNorm/GELU ops (MiniLM: about 1.3x alone, 2x with W8A8); int4 weights only save bytes.
 CANDIDATES: dict[str, tuple[str, ...]] = {
     "latency": (
         "cleanup,fuse-ort,quantize-dynamic",

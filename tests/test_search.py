@@ -66,3 +66,8 @@ def test_cli_writes_the_chosen_recipe_and_it_reruns_exactly(tmp_path, mlp_path, 
     assert digest[0] == digest[1]
     assert main(["optimize", str(mlp_path), "--goal", "size", "--no-verify", "-o", str(again)]) == 2
     assert "--goal" in capsys.readouterr().err
+
+
+def test_candidates_the_backend_cannot_run_are_not_tried(mlp_model):
+    result = search(mlp_model, "size", max_drop=0.5, candidates=("cleanup,fuse-ort", "cleanup"), backend="pytorch")
+    assert [c.pipeline for c in result.candidates] == ["cleanup"]
