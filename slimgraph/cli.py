@@ -235,7 +235,7 @@ def cmd_optimize(args: argparse.Namespace) -> int:
         recipe = Pipeline.from_recipe(args.recipe)
         pipeline, recipe_drop, recipe_calib = recipe.pipeline, recipe.max_drop, recipe.calib
     for pass_ in pipeline.passes if pipeline is not None else ():
-        if pass_.backends is not None and args.backend not in pass_.backends:
+        if not pass_.runs_on(args.backend):
             raise SlimgraphError(f"{pass_.name} writes ops that only the {' and '.join(pass_.backends)} backend runs, "
                                  f"not {args.backend}")
     max_drop = args.max_drop if args.max_drop is not None else recipe_drop

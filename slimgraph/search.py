@@ -139,7 +139,7 @@ def search(
     check_goal(goal, target)
     max_drop = DEFAULT_MAX_DROP if max_drop is None else max_drop
     texts = [text for text in candidates or CANDIDATES[goal]
-             if all(p.backends is None or backend in p.backends for p in Pipeline.parse(text).passes)]
+             if all(p.runs_on(backend) for p in Pipeline.parse(text).passes)]
     report = progress or (lambda what, done, total: None)
     tried = []
     for i, text in enumerate(texts):

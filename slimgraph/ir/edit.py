@@ -94,8 +94,11 @@ def constant_shape(value: ir.Value) -> tuple[int, ...]:
 
 def take(model: ir.Model, value: ir.Value, axis: int, keep: Sequence[int] | np.ndarray) -> None:
     """Keep only positions `keep` of a constant along `axis` (a new tensor; the old one untouched).
-    A ConstantOfShape output keeps its compact form: its shape shrinks."""
+    A ConstantOfShape output keeps its compact form: its shape shrinks. What its readers produce
+    may change size (a pruned head's projection output): their shapes are forgotten, for
+    `refresh_shapes`."""
     keep = np.asarray(keep, dtype=np.int64)
+    clear_shapes([out for user, _ in value.uses() for out in user.outputs])
     filled = filled_constant(value)
     if filled is not None:
         shape = list(filled[0])

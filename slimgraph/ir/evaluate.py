@@ -72,17 +72,20 @@ ORT_DEFAULT_DOMAIN_OPS = frozenset({"SimplifiedLayerNormalization"})
 def check_model(model: ir.Model) -> None:
     """Structural validity: the ONNX checker, on the serialized model (ONNX Runtime's own
     default-domain ops checked as the contrib ops they are)."""
+    ort_ops = any(n.domain in ("", "ai.onnx") and n.op_type in ORT_DEFAULT_DOMAIN_OPS for n in model.graph)
     with serialized(model) as blob:
-        proto = onnx.load(blob, load_external_data=False) if isinstance(blob, str) else onnx.load_from_string(blob)
-        ort_ops = [n for n in proto.graph.node if n.domain in ("", "ai.onnx") and n.op_type in ORT_DEFAULT_DOMAIN_OPS]
-        for node in ort_ops:
-            node.domain = "com.microsoft"
-        if ort_ops and not any(o.domain == "com.microsoft" for o in proto.opset_import):
-            proto.opset_import.append(onnx.helper.make_opsetid("com.microsoft", 1))
-        if isinstance(blob, str) and ort_ops:
-            onnx.save(proto, blob)  # (its external data stays where it was)
+        checked = blob if isinstance(blob, str) else onnx.load_from_string(blob)
+        if ort_ops:  # (the common case skips this: Verify checks after every pass)
+            proto = onnx.load(blob, load_external_data=False) if isinstance(blob, str) else checked
+            for node in proto.graph.node:
+                if node.domain in ("", "ai.onnx") and node.op_type in ORT_DEFAULT_DOMAIN_OPS:
+                    node.domain = "com.microsoft"
+            if not any(o.domain == "com.microsoft" for o in proto.opset_import):
+                proto.opset_import.append(onnx.helper.make_opsetid("com.microsoft", 1))
+            if isinstance(blob, str):
+                onnx.save(proto, blob)  # (its external data stays where it was)
         try:
-            onnx.checker.check_model(blob if isinstance(blob, str) else proto)
+            onnx.checker.check_model(checked)
         except onnx.checker.ValidationError as exc:
             raise SlimgraphError(f"the model is not valid ONNX: {first_line(exc)}") from exc
 

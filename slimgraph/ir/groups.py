@@ -136,8 +136,6 @@ def remove_channels(model: ir.Model, removals: Mapping[Group, Sequence[int]]) ->
         return
     for (value, axis), drop in _positions(chosen).items():
         length = edit.constant_shape(value)[axis]
-        # what the sliced weight produces changes size too (a projection's output, before the activations)
-        edit.clear_shapes([out for user, _ in value.uses() for out in user.outputs])
         edit.take(model, value, axis, np.setdiff1d(np.arange(length), drop))
     elements: dict[ShapeElement, int] = {}
     for group, channels in chosen.items():

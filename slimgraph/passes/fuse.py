@@ -56,7 +56,7 @@ class FuseOrt(Pass):
         if not any(counts.values()):
             raise SlimgraphError("fuse-ort: nothing to fuse: no attention, LayerNorm-after-residual or GELU pattern "
                                  "that ONNX Runtime has a fused op for")
-        Cleanup().run(model, ctx)  # the fused Attention's Q, K, V weights are a Concat of constants
+        Cleanup().run(model, ctx)  # what the rules leave foldable (a packed Attention's weight: a Concat of constants)
         ops = Counter(node.op_type for node in model.graph if node.domain == "com.microsoft")
         return PassResult(True, {"fused ops": ", ".join(f"{op} ×{n}" for op, n in sorted(ops.items())),
                                  "nodes": f"{nodes} → {len(model.graph)}"})

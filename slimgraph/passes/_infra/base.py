@@ -115,6 +115,11 @@ class Pass:
     def __post_init__(self) -> None:
         _check_option_types(self)
 
+    @classmethod
+    def runs_on(cls, backend: str) -> bool:
+        """Whether `backend` can run what this pass writes."""
+        return cls.backends is None or backend in cls.backends
+
     def run(self, model: ir.Model, ctx: PassContext) -> PassResult:  # pragma: no cover
         raise NotImplementedError
 
