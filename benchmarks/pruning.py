@@ -11,7 +11,8 @@
     at 0.5: multiply-adds, latency at batch 1 (the fills made initializers first, so that the
     timing is the network's, not ONNX Runtime filling weights on every run), output cosine and
     top-1 agreement on 256 images.
-(d) Peak memory each pass adds on SmolLM2 (a child process per pass), against the fp32 size.
+(d) Peak memory each pass adds on SmolLM2 (a child process per pass; the weights are in memory
+    before it starts, and the pass runs on the loaded model, not a copy), against the fp32 size.
 
     .venv/bin/python benchmarks/pruning.py [--part a|b|c|d|all] [--runs N]
 """
@@ -210,17 +211,20 @@ def materialized(model):
 _CHILD = """
 import re, sys
 sys.path.insert(0, sys.argv[3])
-from benchmarks.pruning import Perplexity, optimized
+from benchmarks.pruning import Perplexity
 import slimgraph
+from slimgraph.passes import Pipeline
 from pathlib import Path
 folder = Path(sys.argv[1])
 model = slimgraph.load(folder)
+for value in model.graph.initializers.values():  # the weights in memory, as for a model loaded from a file
+    value.const_value.numpy().sum()
 ctx = Perplexity(folder, texts=1).ctx
 def status(key):
     return int(re.search(key + r":\\s+(\\d+)", open("/proc/self/status").read()).group(1)) * 1024
 open("/proc/self/clear_refs", "w").write("5")  # the peak starts again from here
 before = status("VmRSS")
-optimized(model, sys.argv[2], ctx)
+Pipeline.parse(sys.argv[2]).run(model, ctx, verify=False)
 print(status("VmHWM") - before)
 """
 

@@ -56,12 +56,16 @@ def serialized(model: ir.Model) -> Iterator[bytes | str]:
 def make_session(
     model: ir.Model, threads: int | None = None, *, options: ort.SessionOptions | None = None
 ) -> ort.InferenceSession:
-    ort.set_default_logger_severity(FATAL)  # the process-wide logger, used while a session is built
     with serialized(model) as blob:
-        try:
-            return ort.InferenceSession(blob, options or session_options(threads), providers=["CPUExecutionProvider"])
-        except Exception as exc:  # ORT raises its own exception types for invalid graphs
-            raise SlimgraphError(f"ONNX Runtime cannot load the model: {first_line(exc)}") from exc
+        return _session(blob, options or session_options(threads))
+
+
+def _session(blob: bytes | str, options: ort.SessionOptions) -> ort.InferenceSession:
+    ort.set_default_logger_severity(FATAL)  # the process-wide logger, used while a session is built
+    try:
+        return ort.InferenceSession(blob, options, providers=["CPUExecutionProvider"])
+    except Exception as exc:  # ORT raises its own exception types for invalid graphs
+        raise SlimgraphError(f"ONNX Runtime cannot load the model: {first_line(exc)}") from exc
 
 
 # Ops ONNX Runtime registers in the default domain although the standard has no such op
@@ -110,11 +114,14 @@ def run_all(model: ir.Model, feeds_list: Iterable[Feeds]) -> list[dict[str, np.n
     return [run(session, feeds) for feeds in feeds_list]
 
 
-def capture(model: ir.Model, value_names: Iterable[str], feeds_list: Iterable[Feeds]) -> list[dict[str, np.ndarray]]:
-    """Values of intermediate tensors (e.g. a linear layer's input) for each feed.
+def capture(model: ir.Model, value_names: Iterable[str], feeds_list: Iterable[Feeds]) -> Iterator[dict[str, np.ndarray]]:
+    """Values of intermediate tensors (e.g. a linear layer's input) for each feed, one feed at a
+    time (a caller that reduces them as they come never holds them all).
 
-    The named values are exposed as extra graph outputs for the duration of one session;
-    the model is left as it was.
+    The session runs a view of the model (the model is left as it was) whose outputs are the
+    named values and whose nodes are only those they need (ONNX Runtime runs every node it is
+    given: a language model's logits are as large as its weights), and it reads the large
+    weights where they lie (`_capture_view`): capturing costs about what the captured values do.
     """
     values = {v.name: v for node in model.graph for v in node.outputs}
     values.update({v.name: v for v in model.graph.inputs})
@@ -122,16 +129,58 @@ def capture(model: ir.Model, value_names: Iterable[str], feeds_list: Iterable[Fe
     unknown = [n for n in names if n not in values]
     if unknown:
         raise SlimgraphError(f"no value named {unknown[0]!r} in the model")
-    outputs = model.graph.outputs
-    added = [values[n] for n in names if values[n] not in outputs]
-    outputs.extend(added)
-    try:
-        session = make_session(model)
-    finally:
-        for value in added:
-            outputs.remove(value)
-    results = []
-    for feeds in feeds_list:
-        got = run(session, feeds)
-        results.append({n: got[n] for n in names})
-    return results
+    view, weights = _capture_view(model, [values[n] for n in names])
+    options = session_options()
+    options.add_session_config_entry("session.disable_prepacking", "1")  # a copy of every weight
+    # What is left of the weights is small or not float; those still in external data are read
+    # from their folder (a view cannot be saved as a file with onnx_ir, and needs not be).
+    folders = {t.base_dir for v in view.graph.initializers.values() if isinstance(t := v.const_value, ir.ExternalTensor)}
+    if len(folders) > 1:
+        raise SlimgraphError("the model's external data lies in more than one folder; save it as one model first")
+    if folders:
+        options.add_session_config_entry("session.model_external_initializers_file_folder_path", str(folders.pop()))
+    session = _session(ir.serde.serialize_model(view).SerializeToString(), options)
+
+    def results() -> Iterator[dict[str, np.ndarray]]:
+        for feeds in feeds_list:
+            got = run(session, {**feeds, **weights})
+            yield {n: got[n] for n in names}
+
+    return results()
+
+
+# Weights from this size up are fed to a capture session rather than serialized into it.
+FED_WEIGHT_BYTES = 1 << 20
+_FLOATS = frozenset({ir.DataType.FLOAT, ir.DataType.FLOAT16, ir.DataType.BFLOAT16, ir.DataType.DOUBLE})
+_SUBGRAPHS = (ir.AttributeType.GRAPH, ir.AttributeType.GRAPHS)
+
+
+def _capture_view(model: ir.Model, outputs: list[ir.Value]) -> tuple[ir.Model, dict[str, np.ndarray]]:
+    """A model sharing `model`'s nodes and values with `outputs` as its outputs and only the
+    nodes they need; its large float weights that only standard ops read are graph inputs,
+    returned as feeds (the arrays the IR holds, memory-mapped or in memory). ONNX Runtime copies
+    a serialized weight three times (the protobuf bytes, its own tensors, pre-packed ones);
+    a fed array it reads where it lies."""
+    graph = model.graph
+    needed: set[ir.Value] = set(outputs)
+    nodes: list[ir.Node] = []
+    for node in reversed(list(graph)):  # users come after producers
+        if not needed.intersection(node.outputs):
+            continue
+        nodes.append(node)
+        needed.update(v for v in node.inputs if v is not None)
+        for attribute in node.attributes.values():
+            if attribute.type in _SUBGRAPHS:  # the values a subgraph reads from this scope
+                subgraphs = attribute.value if attribute.type == ir.AttributeType.GRAPHS else [attribute.value]
+                needed.update(v for sub in subgraphs for inner in ir.traversal.RecursiveGraphIterator(sub)
+                              for v in inner.inputs if v is not None)
+    initializers = [v for v in graph.initializers.values() if v in needed]
+    fed = [v for v in initializers if v.const_value is not None and v.const_value.nbytes >= FED_WEIGHT_BYTES
+           and v.const_value.dtype in _FLOATS and not v.is_graph_input()
+           and all(user.graph is graph and user.domain in ("", "ai.onnx") for user, _ in v.uses())]
+    inputs = [v for v in graph.inputs if v in needed]
+    view = ir.GraphView([*inputs, *fed], outputs, nodes=reversed(nodes),
+                        initializers=[v for v in initializers if v not in fed],
+                        opset_imports=dict(graph.opset_imports), name=graph.name)
+    return (ir.Model(view, ir_version=model.ir_version, functions=list(model.functions.values())),  # type: ignore[arg-type]
+            {v.name: v.const_value.numpy() for v in fed})

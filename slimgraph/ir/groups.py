@@ -22,6 +22,7 @@ right by exactness: removing channels equals zeroing their `consumer` slices in 
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from fractions import Fraction
@@ -76,6 +77,10 @@ class Group:
     shrinks: list[tuple[ShapeElement, int]] = field(default_factory=list)
     parts: np.ndarray | None = None  # part of each channel; removal takes the same number from every part
     unit: str = "channels"
+    # The factors of each activation's axes, where they were followed: after a removal the
+    # activations get their new shapes from them (a head count that shape inference cannot
+    # recover through a `[B, S, -1, d]` reshape); others only forget theirs.
+    axes: Mapping[ir.Value, Axes] = field(default_factory=dict)
 
     def __repr__(self) -> str:
         return f"Group({self.kind} {self.name}: {self.size} {self.unit})"
@@ -134,6 +139,8 @@ def remove_channels(model: ir.Model, removals: Mapping[Group, Sequence[int]]) ->
     chosen = {g: c for g, c in chosen.items() if c.size}
     if not chosen:
         return
+    shapes = {value: _resized_shape(value, group.axes.get(value), group.new_sizes(channels.size))
+              for group, channels in chosen.items() for value in group.activations}
     for (value, axis), drop in _positions(chosen).items():
         length = edit.constant_shape(value)[axis]
         edit.take(model, value, axis, np.setdiff1d(np.arange(length), drop))
@@ -149,8 +156,28 @@ def remove_channels(model: ir.Model, removals: Mapping[Group, Sequence[int]]) ->
             elements[element] = elements.get(element, element.value) - per_channel * channels.size
         edit.clear_shapes(group.activations)
     rewrite_elements(model, elements, lambda array: edit.add_initializer(model, "shape", array))
+    for value, shape in shapes.items():
+        if shape is not None and value.shape is None:
+            value.shape = shape
     edit.remove_dead(model)
     edit.refresh_shapes(model)
+
+
+def _resized_shape(value: ir.Value, axes: Axes | None, sizes: Mapping[Factor, int]) -> ir.Shape | None:
+    """The shape `value` has once the factors in `sizes` take their new sizes, where every
+    resized axis was a known number made of known factors; None where it cannot be told."""
+    if value.shape is None or axes is None or len(axes) != len(value.shape):
+        return None
+    dims: list[int | ir.SymbolicDim] = []
+    for dim, factors in zip(value.shape, axes):
+        new = [next((n for g, n in sizes.items() if same(f, g)), f.find().size) for f in factors]
+        if new == [f.find().size for f in factors]:
+            dims.append(dim)
+        elif isinstance(dim, int) and None not in new and math.prod(f.find().size for f in factors) == dim:
+            dims.append(math.prod(new))
+        else:
+            return None
+    return ir.Shape(dims)
 
 
 def zero_channels(model: ir.Model, group: Group, channels: Sequence[int]) -> None:
@@ -236,7 +263,7 @@ def ffn_group(model: ir.Model, ffn: FFN) -> Group | str:
     slices += _carried(flow, inner, identity, exclude={s.value for s in slices})
     activations = [ffn.up.node.outputs[0]] + ([ffn.gate.node.outputs[0]] if ffn.gate else []) + _shrinking(flow, inner)
     return Group("ffn", ffn.name, ffn.inner, slices, activations, flow.elements, [(inner, Fraction(1))],
-                 unit="channels")
+                 unit="channels", axes=flow.axes)
 
 
 def _axes_ending(flow: FactorFlow, linear: Linear, last: tuple[Factor, ...]) -> Axes:
@@ -339,17 +366,18 @@ def attention_groups(model: ir.Model, attention: Attention) -> list[Group] | str
     if repeat is None:  # multi-head attention: a head is its q, k, v columns and o rows
         slices = [*projections({"q": per_head, "k": per_head, "v": per_head}), *input_slices(o, per_head)]
         return [Group("heads", attention.name, heads, slices, _shrinking(flow, kv, total), flow.elements,
-                      [(kv, Fraction(1)), *extra(3 * d)], unit="heads")]
+                      [(kv, Fraction(1)), *extra(3 * d)], unit="heads", axes=flow.axes)]
     # grouped-query attention: query heads inside their KV group, the same number from every group
     slices = [*projections({"q": per_head}), *input_slices(o, per_head)]
     groups = [Group("heads", attention.name, heads, slices, _shrinking(flow, repeat, total), flow.elements,
-                    [(repeat, Fraction(1, kv_heads)), *extra(d)], parts=np.arange(heads) // rep, unit="query heads")]
+                    [(repeat, Fraction(1, kv_heads)), *extra(d)], parts=np.arange(heads) // rep, unit="query heads",
+                    axes=flow.axes)]
     # whole KV groups: k/v columns, and the q columns and o rows of their query heads
     per_group = _blocks(kv_heads, rep * d)
     slices = [*projections({"q": per_group, "k": _blocks(kv_heads, d), "v": _blocks(kv_heads, d)}),
               *input_slices(o, per_group)]
     groups.append(Group("kv-heads", attention.name, kv_heads, slices, _shrinking(flow, kv, total), flow.elements,
-                        [(kv, Fraction(1)), *extra((rep + 2) * d)], unit="KV heads"))
+                        [(kv, Fraction(1)), *extra((rep + 2) * d)], unit="KV heads", axes=flow.axes))
     return groups
 
 

@@ -1,9 +1,11 @@
-"""Calibration activations shared by the pass families: any value as rows of tokens (padding
-dropped), and the inputs of linear layers, on the pipeline's calibration feeds."""
+"""Calibration activations shared by the pass families, on the pipeline's calibration feeds: any
+value as rows of tokens (padding dropped), the inputs of linear layers, and running moments of
+a value's channels (sums and the Gram matrix, for passes that need no more than those)."""
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -11,6 +13,7 @@ import onnx_ir as ir
 
 from slimgraph.errors import SlimgraphError
 from slimgraph.ir import evaluate
+from slimgraph.ir.graph import static_dim
 from slimgraph.ir.meta import TOKENIZER_KEY
 from slimgraph.ir.structure import Linear
 from slimgraph.passes._infra.base import PassContext
@@ -53,9 +56,11 @@ def value_rows(model: ir.Model, values: Sequence[ir.Value], ctx: PassContext, ma
     """Each value as rows [tokens, channels] (float32, padding dropped) on the calibration feeds, the
     same tokens for all of them: one subsample of at most `max_tokens`, drawn from `ctx.seed`, so that
     the rows of an FFN's input and of its activation (or of two calls) line up."""
-    captured = evaluate.capture(model, [v.name for v in values], ctx.inputs)
-    rows = {v: np.concatenate([token_rows(c[v.name], feeds).astype(np.float32) for feeds, c in zip(ctx.inputs, captured)])
-            for v in values}
+    parts: dict[ir.Value, list[np.ndarray]] = {v: [] for v in values}
+    for feeds, captured in zip(ctx.inputs, evaluate.capture(model, [v.name for v in values], ctx.inputs)):
+        for v in values:
+            parts[v].append(token_rows(captured[v.name], feeds).astype(np.float32))
+    rows = {v: np.concatenate(p) for v, p in parts.items()}
     counts = {len(r) for r in rows.values()}
     if len(counts) > 1:
         raise SlimgraphError(f"values {', '.join(v.name for v in values)} do not have one row per token each")
@@ -64,6 +69,77 @@ def value_rows(model: ir.Model, values: Sequence[ir.Value], ctx: PassContext, ma
         keep = np.sort(np.random.default_rng(ctx.seed).choice(count, max_tokens, replace=False))
         rows = {v: r[keep] for v, r in rows.items()}
     return rows
+
+
+@dataclass
+class Moments:
+    """A value's channels over the calibration tokens: their count, Σx, Σ|x|, Σx², and where
+    asked for, the Gram matrix XᵀX (float32: a deep model's Grams together are as large as a
+    good part of its weights; the calibration tokens are few enough for float32 sums)."""
+
+    count: int
+    sum: np.ndarray
+    abs_sum: np.ndarray
+    square_sum: np.ndarray
+    gram: np.ndarray | None = None
+
+    def add(self, rows: np.ndarray) -> None:
+        self.count += rows.shape[0]
+        self.sum += rows.sum(axis=0, dtype=np.float64)
+        self.abs_sum += np.abs(rows).sum(axis=0, dtype=np.float64)
+        self.square_sum += np.square(rows, dtype=np.float64).sum(axis=0)
+        if self.gram is not None:
+            self.gram += rows.T @ rows
+
+    @property
+    def mean(self) -> np.ndarray:
+        return self.sum / max(self.count, 1)
+
+    def augmented_gram(self) -> np.ndarray:
+        """x̃ᵀx̃ for x̃ = [x, 1] (float64), the normal matrix of a least-squares fit with a bias."""
+        k = len(self.sum)
+        gram = np.empty((k + 1, k + 1))
+        gram[:k, :k] = self.gram
+        gram[:k, k] = gram[k, :k] = self.sum
+        gram[k, k] = self.count
+        return gram
+
+
+def moments(model: ir.Model, values: Mapping[ir.Value, int], ctx: PassContext, *, gram: bool = False
+            ) -> dict[ir.Value, Moments]:
+    """Moments of each value's channels (value → its channel axis) over every calibration token,
+    padding dropped, accumulated one feed at a time: memory is the moments', not the rows'."""
+    if not ctx.inputs:
+        raise SlimgraphError("no calibration inputs reach the model")
+    found: dict[ir.Value, Moments] = {}
+    for chunk in _chunks(values):
+        for feeds, captured in zip(ctx.inputs, evaluate.capture(model, [v.name for v in chunk], ctx.inputs)):
+            for value, axis in chunk.items():
+                rows = np.asarray(token_rows(captured[value.name], feeds, axis), dtype=np.float32)
+                if value not in found:
+                    k = rows.shape[1]
+                    found[value] = Moments(0, np.zeros(k), np.zeros(k), np.zeros(k),
+                                           np.zeros((k, k), np.float32) if gram else None)
+                found[value].add(rows)
+    return found
+
+
+# Channels captured together in one sweep of the calibration feeds, summed over the values: a
+# deep model's activations (SmolLM2's linear inputs are 98K floats a token) are never all held.
+CAPTURE_CHANNELS = 16384
+
+
+def _chunks(values: Mapping[ir.Value, int]) -> list[dict[ir.Value, int]]:
+    chunks: list[dict[ir.Value, int]] = [{}]
+    width = 0
+    for value, axis in values.items():
+        channels = static_dim(value, axis) or CAPTURE_CHANNELS
+        if chunks[-1] and width + channels > CAPTURE_CHANNELS:
+            chunks.append({})
+            width = 0
+        chunks[-1][value] = axis
+        width += channels
+    return chunks
 
 
 # --- the tokenizer a model was loaded with --------------------------------------------------

@@ -9,13 +9,33 @@ from slimgraph.ir.inputs import sample_inputs
 def test_run_and_capture_intermediates(mlp_model):
     feeds = sample_inputs(mlp_model)
     outputs_before = [v.name for v in mlp_model.graph.outputs]
-    captured = evaluate.capture(mlp_model, ["h1", "a"], [feeds])[0]
+    (captured,) = evaluate.capture(mlp_model, ["h1", "a"], [feeds])
     x = feeds["x"]
     w1 = mlp_model.graph.initializers["fc1.weight"].const_value.numpy()
     b1 = mlp_model.graph.initializers["fc1.bias"].const_value.numpy()
     np.testing.assert_allclose(captured["h1"], x @ w1 + b1, rtol=1e-5, atol=1e-6)
     np.testing.assert_allclose(captured["a"], np.maximum(x @ w1 + b1, 0), rtol=1e-5, atol=1e-6)
     assert [v.name for v in mlp_model.graph.outputs] == outputs_before  # model left as it was
+
+
+@pytest.mark.parametrize("external", [False, True])
+def test_capture_feeds_the_weights_and_runs_only_what_the_values_need(mlp_model, tmp_path, monkeypatch, external):
+    """Every weight is fed to the session (the size threshold lowered to 0) and the nodes after
+    the captured value are left out; the values are those of the whole model, which stays as it was."""
+    import onnx_ir as ir
+
+    if external:  # weights read from external data, as a large model loaded from a file has them
+        ir.save(mlp_model, tmp_path / "mlp.onnx", external_data="mlp.onnx.data", size_threshold_bytes=0)
+        mlp_model = ir.load(tmp_path / "mlp.onnx")
+    feeds = sample_inputs(mlp_model)
+    want = evaluate.capture(mlp_model, ["h1"], [feeds])
+    before = ir.serde.serialize_model(mlp_model)
+    monkeypatch.setattr(evaluate, "FED_WEIGHT_BYTES", 0)
+    view, weights = evaluate._capture_view(mlp_model, [mlp_model.graph.node(1).outputs[0]])
+    assert set(weights) == {"fc1.weight", "fc1.bias"} and [v.name for v in view.graph.outputs] == ["h1"]
+    assert len(view.graph) == 2 and not view.graph.initializers  # MatMul, Add: nothing after h1
+    np.testing.assert_array_equal(next(evaluate.capture(mlp_model, ["h1"], [feeds]))["h1"], next(want)["h1"])
+    assert ir.serde.serialize_model(mlp_model) == before
 
 
 def test_capture_unknown_value(mlp_model):

@@ -23,6 +23,7 @@ import onnx_ir as ir
 from slimgraph.ir import edit
 from slimgraph.ir.groups import Group
 from slimgraph.ir.structure import Linear, find_linear
+from slimgraph.passes.calibration import Moments
 from slimgraph.passes.prune.importance import reads
 
 # The ridge, relative to the mean diagonal of x̃ᵀx̃: calibration tokens are few next to the unknowns,
@@ -31,7 +32,7 @@ from slimgraph.passes.prune.importance import reads
 DAMPING = 1.0
 
 
-def compensate(model: ir.Model, group: Group, removed: Sequence[int], activations: dict[ir.Value, np.ndarray],
+def compensate(model: ir.Model, group: Group, removed: Sequence[int], activations: dict[ir.Value, Moments],
                method: str) -> int:
     """Adjust the group's linear consumers for losing `removed`; returns how many were adjusted."""
     adjusted = 0
@@ -40,28 +41,30 @@ def compensate(model: ir.Model, group: Group, removed: Sequence[int], activation
         linear = find_linear(node) if node is not None and node.op_type in ("MatMul", "Gemm") else None
         if linear is None:
             continue
-        x = activations[read.activation].astype(np.float64)
+        x = activations[read.activation]
         gone = read.slice.indices[np.asarray(removed)].reshape(-1)
-        kept = np.setdiff1d(np.arange(x.shape[1]), gone)
+        kept = np.setdiff1d(np.arange(len(x.sum)), gone)
         w = edit.weight_matrix(linear).astype(np.float64)
         if method == "bias":
-            new_w, delta = w, x[:, gone].mean(axis=0) @ w[gone]
+            new_w, delta = w, x.mean[gone] @ w[gone]
         else:
-            new_w, delta = _refit(x, w, kept)
+            new_w, delta = _refit(x.augmented_gram(), w, kept)
         edit.set_weight_matrix(model, linear, new_w.astype(np.float32))
         _add_to_bias(model, linear, delta.astype(np.float32))
         adjusted += 1
     return adjusted
 
 
-def _refit(x: np.ndarray, w: np.ndarray, kept: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+def _refit(augmented: np.ndarray, w: np.ndarray, kept: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Ridge least squares for the kept rows and a bias change, pulled towards the weights as they
-    were (calibration tokens are few next to the unknowns); removed rows are left as they were."""
-    design = np.concatenate([x[:, kept], np.ones((x.shape[0], 1))], axis=1)
-    gram = design.T @ design
+    were (calibration tokens are few next to the unknowns); removed rows are left as they were.
+    Only x̃ᵀx̃ is needed (`augmented`, x̃ = [x, 1]): the design [x_Q, 1] is a selection of x̃, and
+    x̃_Qᵀ x W is that selection's rows of x̃ᵀx̃ times W."""
+    design = np.append(kept, len(w))  # x̃'s columns: the kept channels and the ones
+    gram = augmented[np.ix_(design, design)]
     ridge = DAMPING * np.mean(np.diag(gram))
     prior = np.concatenate([w[kept], np.zeros((1, w.shape[1]))])
-    solution = np.linalg.solve(gram + ridge * np.eye(len(gram)), design.T @ (x @ w) + ridge * prior)
+    solution = np.linalg.solve(gram + ridge * np.eye(len(gram)), augmented[design, : len(w)] @ w + ridge * prior)
     new_w = w.copy()
     new_w[kept] = solution[:-1]
     return new_w, solution[-1]

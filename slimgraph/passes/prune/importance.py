@@ -7,7 +7,7 @@
 
 Activations are the inputs of the consumer nodes (the down projection's input for FFN channels,
 the o projection's for heads, the next convs' for conv channels), captured on the pipeline's
-calibration feeds in one run, padding tokens left out.
+calibration feeds in one run, padding tokens left out, and kept as running moments.
 """
 
 from __future__ import annotations
@@ -19,10 +19,10 @@ import numpy as np
 import onnx_ir as ir
 
 from slimgraph.errors import SlimgraphError
-from slimgraph.ir import edit, evaluate
+from slimgraph.ir import edit
 from slimgraph.ir.groups import Group, Slice
 from slimgraph.passes._infra.base import PassContext
-from slimgraph.passes.calibration import token_rows
+from slimgraph.passes.calibration import Moments, moments
 
 METHODS = ("magnitude", "wanda", "activation")
 
@@ -49,26 +49,13 @@ def reads(group: Group) -> list[Read]:
     return reads
 
 
-def consumer_activations(model: ir.Model, groups: Sequence[Group], ctx: PassContext,
-                         max_tokens: int = 8192) -> dict[ir.Value, np.ndarray]:
-    """Each activation a consumer of the groups reads, as rows [tokens, channels] (float32)."""
-    if not ctx.inputs:
-        raise SlimgraphError("no calibration inputs reach the model")
-    wanted = {read.activation: read.axis for group in groups for read in reads(group)}
-    captured = evaluate.capture(model, [v.name for v in wanted], ctx.inputs)
-    rows: dict[ir.Value, list[np.ndarray]] = {v: [] for v in wanted}
-    for feeds, values in zip(ctx.inputs, captured):
-        for value, axis in wanted.items():
-            rows[value].append(token_rows(values[value.name], feeds, axis).astype(np.float32))
-    rng = np.random.default_rng(ctx.seed)
-    stacked = {}
-    for value, parts in rows.items():
-        x = np.concatenate(parts)
-        stacked[value] = x[np.sort(rng.choice(len(x), max_tokens, replace=False))] if len(x) > max_tokens else x
-    return stacked
+def consumer_moments(model: ir.Model, groups: Sequence[Group], ctx: PassContext, *, gram: bool = False
+                     ) -> dict[ir.Value, Moments]:
+    """The moments of each activation a consumer of the groups reads (see `calibration.moments`)."""
+    return moments(model, {read.activation: read.axis for group in groups for read in reads(group)}, ctx, gram=gram)
 
 
-def channel_scores(group: Group, method: str, activations: dict[ir.Value, np.ndarray] | None) -> np.ndarray:
+def channel_scores(group: Group, method: str, activations: dict[ir.Value, Moments] | None) -> np.ndarray:
     """One score per channel of the group: higher matters more."""
     if method == "magnitude":
         total = np.zeros(group.size)
@@ -84,11 +71,11 @@ def channel_scores(group: Group, method: str, activations: dict[ir.Value, np.nda
         raise SlimgraphError(f"{group.name}: no layer reads these {group.unit}, so {method} cannot score them")
     total = np.zeros(group.size)
     for read in consumers:
-        rows = activations[read.activation].astype(np.float64)
+        x = activations[read.activation]
         if method == "activation":
-            total += np.abs(rows).mean(axis=0)[read.slice.indices].mean(axis=1)
+            total += (x.abs_sum / max(x.count, 1))[read.slice.indices].mean(axis=1)
             continue
-        l2 = np.linalg.norm(rows, axis=0)
+        l2 = np.sqrt(x.square_sum)
         weights = np.moveaxis(np.abs(edit.constant_array(read.slice.value).astype(np.float64)), read.slice.axis, 0)
         row_sums = weights.reshape(weights.shape[0], -1).sum(axis=1)
         total += (row_sums * l2)[read.slice.indices].sum(axis=1)

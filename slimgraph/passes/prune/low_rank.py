@@ -27,7 +27,7 @@ from slimgraph.ir.edit import add_initializer, bias_value, replace_linear, weigh
 from slimgraph.ir.structure import Linear, find_linears
 from slimgraph.passes._infra.base import Pass, PassContext, PassResult
 from slimgraph.passes._infra.registry import register_pass
-from slimgraph.passes.calibration import linear_inputs
+from slimgraph.passes.calibration import moments
 
 DAMPING = 0.01
 
@@ -43,19 +43,16 @@ class Factors:
         return self.left.shape[1]
 
 
-def factor(weight: np.ndarray, x: np.ndarray | None = None, *, rank: int = 0, ratio: float = 0.0,
+def factor(weight: np.ndarray, gram: np.ndarray | None = None, *, rank: int = 0, ratio: float = 0.0,
            energy: float = 1.0) -> Factors:
-    """Factor a [K, N] weight; with activations `x` [tokens, K], activation-aware (SVD-LLM)."""
-    w = weight.astype(np.float64)
-    k, n = w.shape
-    if x is None:
-        whitening = None
-        u, s, vt = np.linalg.svd(w, full_matrices=False)
-    else:
-        gram = x.astype(np.float64).T @ x.astype(np.float64)
-        gram += np.eye(k) * DAMPING * max(np.mean(np.diag(gram)), 1e-12)
+    """Factor a [K, N] weight; with the Gram matrix `XᵀX` [K, K] of its calibration activations,
+    activation-aware (SVD-LLM)."""
+    k, n = weight.shape
+    whitening = None
+    if gram is not None:
+        gram = gram.astype(np.float64) + np.eye(k) * DAMPING * max(np.mean(np.diag(gram)), 1e-12)
         whitening = np.linalg.cholesky(gram)  # lower: XᵀX ≈ C Cᵀ, so ‖X D‖ = ‖Cᵀ D‖
-        u, s, vt = np.linalg.svd(whitening.T @ w, full_matrices=False)
+    u, s, vt = _svd(weight.astype(np.float64) if whitening is None else whitening.T @ weight.astype(np.float64))
     shares = np.cumsum(s**2) / max(np.sum(s**2), 1e-300)
     if rank:
         r = min(rank, len(s))
@@ -68,7 +65,26 @@ def factor(weight: np.ndarray, x: np.ndarray | None = None, *, rank: int = 0, ra
     left = u[:, :r] * root
     if whitening is not None:
         left = np.linalg.solve(whitening.T, left)
-    return Factors(left.astype(np.float32), (root[:, None] * vt[:r]).astype(np.float32), float(shares[r - 1]))
+    right = vt[:r]
+    right *= root[:, None]
+    return Factors(left.astype(np.float32), right.astype(np.float32), float(shares[r - 1]))
+
+
+def _svd(a: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The thin SVD of a [K, N] matrix. A wide one (a language model's head: 576 × 49152) goes
+    through the eigenvectors of A·Aᵀ [K, K] instead, because LAPACK's SVD holds three more
+    copies of A; `U_rᵀ·A` is then exact, whatever the accuracy of the smallest singular values."""
+    k, n = a.shape
+    if n < 4 * k:
+        return np.linalg.svd(a, full_matrices=False)
+    squares, u = np.linalg.eigh(a @ a.T)
+    order = np.argsort(squares)[::-1]
+    u, s = u[:, order], np.sqrt(np.clip(squares[order], 0, None))
+    vt = u.T @ a
+    nonzero = s > s[0] * 1e-12
+    vt[nonzero] /= s[nonzero, None]
+    vt[~nonzero] = 0
+    return u, s, vt
 
 
 @register_pass
@@ -118,11 +134,11 @@ class LowRank(Pass):
     def run(self, model: ir.Model, ctx: PassContext) -> PassResult:
         self.check(model)
         linears = self.linears(model)
-        activations = linear_inputs(model, linears, ctx) if self.method == "activation" else {}
+        grams = _input_grams(model, linears, ctx) if self.method == "activation" else {}
         factored, skipped, before, after, energies = 0, 0, 0, 0, []
         for linear in ctx.track(linears, f"low-rank {self.method}"):
             k, n = linear.in_features, linear.out_features
-            f = factor(weight_matrix(linear), activations.get(linear.name), rank=self.rank, ratio=self.ratio,
+            f = factor(weight_matrix(linear), grams.pop(linear.name, None), rank=self.rank, ratio=self.ratio,
                        energy=self.energy)
             if f.rank * (k + n) > (1 - self.min_saving) * k * n:
                 skipped += 1
@@ -140,6 +156,12 @@ class LowRank(Pass):
             "energy kept": f"{min(energies):.3f}–{max(energies):.3f}",
             "method": self.method + ("" if self.method == "svd" else f" ({ctx.inputs_source})"),
         })
+
+
+def _input_grams(model: ir.Model, linears: list[Linear], ctx: PassContext) -> dict[str, np.ndarray]:
+    """Linear name → XᵀX of its input on the calibration tokens (linears reading one input share it)."""
+    found = moments(model, {lin.node.inputs[0]: -1 for lin in linears}, ctx, gram=True)
+    return {lin.name: found[lin.node.inputs[0]].gram for lin in linears}
 
 
 def _replace(model: ir.Model, linear: Linear, f: Factors) -> None:

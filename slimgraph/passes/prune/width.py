@@ -33,7 +33,7 @@ from slimgraph.ir.structure import Structures, discover
 from slimgraph.passes._infra.base import Pass, PassContext, PassResult
 from slimgraph.passes._infra.registry import register_pass
 from slimgraph.passes.prune.compensate import compensate
-from slimgraph.passes.prune.importance import channel_scores, consumer_activations
+from slimgraph.passes.prune.importance import channel_scores, consumer_moments
 
 TARGET_KINDS = {"ffn": ("ffn",), "heads": ("heads",), "kv-heads": ("kv-heads",), "channels": ("channels",),
                 "all": ("ffn", "heads", "channels")}
@@ -84,7 +84,7 @@ class PruneWidth(Pass):
         self.check(model)
         groups = self.groups(discover(model))
         calibrated = self.importance != "magnitude" or self.compensate != "none"
-        activations = consumer_activations(model, groups, ctx) if calibrated else None
+        activations = consumer_moments(model, groups, ctx, gram=self.compensate == "refit") if calibrated else None
         scores = {g: channel_scores(g, self.importance, activations)
                   for g in ctx.track(groups, f"{self.importance} scores")}
         counts = self._counts(groups, scores)

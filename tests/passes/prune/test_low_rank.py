@@ -30,11 +30,27 @@ def test_energy_gives_the_frobenius_error(energy):
     assert shorter.energy < energy  # the smallest rank that reaches it
 
 
+def test_a_wide_weight_factors_as_lapacks_svd_does():
+    """A language model's head [hidden, vocab] goes through A·Aᵀ rather than LAPACK's SVD (memory):
+    the same singular values and truncations, and full rank is still the weight."""
+    from slimgraph.passes.prune.low_rank import _svd
+
+    a = RNG.standard_normal((24, 200)) * np.linspace(3, 0.1, 200)
+    u, s, vt = _svd(a)
+    lapack_u, lapack_s, lapack_vt = np.linalg.svd(a, full_matrices=False)
+    np.testing.assert_allclose(s, lapack_s, rtol=1e-9)
+    for r in (5, 10, 24):
+        np.testing.assert_allclose((u[:, :r] * s[:r]) @ vt[:r], (lapack_u[:, :r] * lapack_s[:r]) @ lapack_vt[:r],
+                                   atol=1e-9)
+    full = factor(a.astype(np.float32), rank=24)
+    assert np.abs(full.left @ full.right - a).max() < 1e-4
+
+
 def test_activation_aware_minimises_the_output_error():
     x = RNG.standard_normal((500, 48)) * np.linspace(0.1, 5, 48)  # channels of very different scale
     w = RNG.standard_normal((48, 32))
     errors = {}
-    for name, given in (("svd", None), ("activation", x)):
+    for name, given in (("svd", None), ("activation", x.T @ x)):
         f = factor(w.astype(np.float32), given, rank=8)
         errors[name] = np.linalg.norm(x @ (f.left.astype(np.float64) @ f.right - w))
     # the best rank-8 output error there is: truncate R·W, where X = Q·R

@@ -131,3 +131,16 @@ def test_no_value_keeps_its_shape_from_before_pruning(minilm, target):
     Pipeline.parse(f"prune-width{{target={target},ratio=0.25}}").run(minilm, verify=False)
     proto = ir.serde.serialize_model(minilm)
     onnx.shape_inference.infer_shapes(proto, strict_mode=True)  # raises where a stored shape disagrees
+
+
+def test_pruned_heads_keep_a_known_head_count_and_still_fuse(minilm):
+    """The exporter reshapes heads as [B, S, -1, 32]: shape inference cannot recover the count
+    after pruning, so the group writes it (9 of 12), and ONNX Runtime's attention fusion matches."""
+    Pipeline.parse("prune-width{target=heads,ratio=0.25,importance=magnitude,compensate=none}").run(minilm,
+                                                                                                   verify=False)
+    head_shapes = {tuple(v.shape)[1:] for n in minilm.graph if n.op_type in ("Reshape", "Transpose")
+                   for v in n.outputs if v.shape is not None and len(v.shape) == 4}
+    assert all(9 in dims and 12 not in dims for dims in head_shapes), head_shapes
+    Pipeline.parse("fuse-ort").run(minilm, verify=False)
+    attention = [n for n in minilm.graph if n.op_type == "MultiHeadAttention"]
+    assert len(attention) == 6 and {n.attributes.get_int("num_heads") for n in attention} == {9}
