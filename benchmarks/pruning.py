@@ -75,6 +75,7 @@ MINILM = [
     "prune-width{target=all,ratio=0.5},quantize-dynamic{embeddings=true}",
     "fuse-ort,quantize-dynamic",
     "prune-width{target=ffn,ratio=0.25},fuse-ort,quantize-dynamic",
+    "prune-width{target=ffn,ratio=0.375},fuse-ort,quantize-dynamic",
     "prune-width{target=heads,ratio=0.25},fuse-ort,quantize-dynamic",
     "prune-width{target=all,ratio=0.25},fuse-ort,quantize-dynamic",
 ]
