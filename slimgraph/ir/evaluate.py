@@ -139,6 +139,11 @@ def capture(model: ir.Model, value_names: Iterable[str], feeds_list: Iterable[Fe
         raise SlimgraphError("the model's external data lies in more than one folder; save it as one model first")
     if folders:
         options.add_session_config_entry("session.model_external_initializers_file_folder_path", str(folders.pop()))
+    inline = sum(v.const_value.nbytes for v in view.graph.initializers.values()
+                 if v.const_value is not None and not isinstance(v.const_value, ir.ExternalTensor))
+    if inline >= PROTO_LIMIT_BYTES:
+        raise SlimgraphError(f"cannot capture calibration values: {inline / 1e9:.1f} GB of weights that are not "
+                             "float or feed non-standard ops do not fit in one protobuf")
     session = _session(ir.serde.serialize_model(view).SerializeToString(), options)
 
     def results() -> Iterator[dict[str, np.ndarray]]:

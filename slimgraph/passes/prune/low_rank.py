@@ -73,7 +73,8 @@ def factor(weight: np.ndarray, gram: np.ndarray | None = None, *, rank: int = 0,
 def _svd(a: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """The thin SVD of a [K, N] matrix. A wide one (a language model's head: 576 × 49152) goes
     through the eigenvectors of A·Aᵀ [K, K] instead, because LAPACK's SVD holds three more
-    copies of A; `U_rᵀ·A` is then exact, whatever the accuracy of the smallest singular values."""
+    copies of A; a truncation `U_r·U_rᵀ·A` stays a projection of A however inexact the smallest
+    singular values come out of the squared matrix."""
     k, n = a.shape
     if n < 4 * k:
         return np.linalg.svd(a, full_matrices=False)
