@@ -95,6 +95,10 @@ class Moments:
     def mean(self) -> np.ndarray:
         return self.sum / max(self.count, 1)
 
+    @property
+    def abs_mean(self) -> np.ndarray:
+        return self.abs_sum / max(self.count, 1)
+
     def augmented_gram(self) -> np.ndarray:
         """x̃ᵀx̃ for x̃ = [x, 1] (float64), the normal matrix of a least-squares fit with a bias."""
         k = len(self.sum)
@@ -112,7 +116,7 @@ def moments(model: ir.Model, values: Mapping[ir.Value, int], ctx: PassContext, *
     if not ctx.inputs:
         raise SlimgraphError("no calibration inputs reach the model")
     found: dict[ir.Value, Moments] = {}
-    for chunk in _chunks(values):
+    for chunk in capture_chunks(values):
         for feeds, captured in zip(ctx.inputs, evaluate.capture(model, [v.name for v in chunk], ctx.inputs)):
             for value, axis in chunk.items():
                 rows = np.asarray(token_rows(captured[value.name], feeds, axis), dtype=np.float32)
@@ -129,7 +133,8 @@ def moments(model: ir.Model, values: Mapping[ir.Value, int], ctx: PassContext, *
 CAPTURE_CHANNELS = 16384
 
 
-def _chunks(values: Mapping[ir.Value, int]) -> list[dict[ir.Value, int]]:
+def capture_chunks(values: Mapping[ir.Value, int]) -> list[dict[ir.Value, int]]:
+    """The values (value → channel axis) in groups of at most `CAPTURE_CHANNELS` channels, in order."""
     chunks: list[dict[ir.Value, int]] = [{}]
     width = 0
     for value, axis in values.items():

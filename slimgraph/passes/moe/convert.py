@@ -36,14 +36,13 @@ from slimgraph.ir.stats import human_count
 from slimgraph.ir.structure import FFN, Structures, discover
 from slimgraph.passes._infra.base import Pass, PassContext, PassResult
 from slimgraph.passes._infra.registry import register_pass
-from slimgraph.passes.calibration import value_rows
+from slimgraph.passes.calibration import capture_chunks, value_rows
 from slimgraph.passes.moe import clustering
 from slimgraph.passes.moe.activation import ORT_KINDS, Activation, find_activation, kind
 from slimgraph.passes.moe.emit import MoEPlan, Weights, emit
 from slimgraph.passes.moe.router import Recall, centroid_router, neuron_router, recall
 
 SIZE_MULTIPLE = 8  # expert widths stay multiples of 8 (kernels, SIMD)
-CAPTURE_FLOATS = 16384  # per calibration token and capture: (hidden + inner) summed over the FFNs captured together
 
 
 @register_pass
@@ -225,18 +224,13 @@ def _neuron_parameters(weights: Weights) -> int:
 
 
 def calibration_rows(model: ir.Model, ffns: list[FFN], ctx: PassContext) -> dict[str, tuple[np.ndarray, np.ndarray]]:
-    """FFN name → (x [tokens, hidden], h [tokens, inner]) on the same calibration tokens. FFNs are
-    captured a few at a time, so that memory stays bounded on deep models."""
+    """FFN name → (x [tokens, hidden], h [tokens, inner]) on the same calibration tokens. The values
+    are captured a few at a time (`capture_chunks`), so that memory stays bounded on deep models;
+    `value_rows` draws the same tokens in every call, so the chunks' rows line up."""
     if not ctx.inputs:
         raise SlimgraphError("moe-convert: no calibration inputs reach the model")
-    rows: dict[str, tuple[np.ndarray, np.ndarray]] = {}
-    batch: list[FFN] = []
-    for i, ffn in enumerate(ffns):
-        batch.append(ffn)
-        width = sum(f.hidden + f.inner for f in batch)
-        if i == len(ffns) - 1 or width + ffns[i + 1].hidden + ffns[i + 1].inner > CAPTURE_FLOATS:
-            values = [v for f in batch for v in (f.up.node.inputs[0], f.down.node.inputs[0])]
-            captured = value_rows(model, list(dict.fromkeys(values)), ctx)
-            rows.update({f.name: (captured[f.up.node.inputs[0]], captured[f.down.node.inputs[0]]) for f in batch})
-            batch = []
-    return rows
+    values = {v: -1 for f in ffns for v in (f.up.node.inputs[0], f.down.node.inputs[0])}
+    captured: dict[ir.Value, np.ndarray] = {}
+    for chunk in capture_chunks(values):
+        captured.update(value_rows(model, list(chunk), ctx))
+    return {f.name: (captured[f.up.node.inputs[0]], captured[f.down.node.inputs[0]]) for f in ffns}

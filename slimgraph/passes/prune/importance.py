@@ -73,7 +73,7 @@ def channel_scores(group: Group, method: str, activations: dict[ir.Value, Moment
     for read in consumers:
         x = activations[read.activation]
         if method == "activation":
-            total += (x.abs_sum / max(x.count, 1))[read.slice.indices].mean(axis=1)
+            total += x.abs_mean[read.slice.indices].mean(axis=1)
             continue
         l2 = np.sqrt(x.square_sum)
         weights = np.moveaxis(np.abs(edit.constant_array(read.slice.value).astype(np.float64)), read.slice.axis, 0)
