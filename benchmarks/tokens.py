@@ -3,8 +3,10 @@
 (a) MiniLM (layout=sequence after block 1, 2, 3 at keep 0.75 / 0.5): sentence cosine on the 64
     held-out sentences, and ONNX Runtime latency at batch 8 × 128 against fp32 (runs alternating).
 (b) A ViT classifier (transformers' ViTConfig, random weights: shapes and FLOPs only) and a small
-    LLaVA-style graph (a ViT's 24×24 patch tokens, a projector, a Llama decoder reading them before the
-    text) with layout=grid on the image tokens: FLOPs and ONNX Runtime latency before and after.
+    LLaVA-style graph (a ViT's 24×24 patch tokens, a projector, a Llama decoder reading them before 16
+    text tokens) with layout=grid on the image tokens: FLOPs and ONNX Runtime latency before and after
+    (the decoder then reads the shorter joined sequence; tests check it equals the PyTorch model fed the
+    compressed tokens).
     Fourier-VLM reports −83.8% FLOPs on LLaVA-1.5 (with fine-tuning; this is training-free).
 
     .venv/bin/python benchmarks/tokens.py [--part a|b|all] [--runs N]
@@ -64,35 +66,6 @@ def part_a(runs: int) -> None:
     print()
 
 
-class Llava:
-    """A LLaVA-style model: ViT patch tokens → projector → prefix of a Llama decoder's input."""
-
-    @staticmethod
-    def build():
-        import torch
-        import transformers
-
-        torch.manual_seed(0)
-        vision = transformers.ViTModel(transformers.ViTConfig(image_size=336, patch_size=14, hidden_size=128,
-                                                              num_hidden_layers=2, num_attention_heads=4,
-                                                              intermediate_size=256), add_pooling_layer=False)
-        language = transformers.LlamaForCausalLM(transformers.LlamaConfig(
-            hidden_size=256, intermediate_size=512, num_hidden_layers=4, num_attention_heads=8,
-            num_key_value_heads=8, vocab_size=1000, max_position_embeddings=1024))
-
-        class Model(torch.nn.Module):
-            def __init__(self) -> None:
-                super().__init__()
-                self.vision, self.projector, self.language = vision, torch.nn.Linear(128, 256), language
-
-            def forward(self, pixel_values, input_ids):
-                image = self.projector(self.vision(pixel_values).last_hidden_state[:, 1:])  # 24×24 tokens
-                text = self.language.get_input_embeddings()(input_ids)
-                return self.language(inputs_embeds=torch.cat([image, text], dim=1)).logits
-
-        return Model().eval()
-
-
 def part_b(runs: int) -> None:
     import tempfile
 
@@ -104,6 +77,7 @@ def part_b(runs: int) -> None:
     from slimgraph.ir.graph import module_path
     from slimgraph.ir.inputs import sample_inputs
     from slimgraph.ir.stats import human_count, model_stats
+    from tests.conftest import llava_style
 
     torch.manual_seed(0)
     config = transformers.ViTConfig(image_size=224, patch_size=16, hidden_size=192, num_hidden_layers=6,
@@ -112,11 +86,12 @@ def part_b(runs: int) -> None:
         transformers.ViTForImageClassification(config).eval().save_pretrained(folder)
         vit = slimgraph.load(folder)
     rows = [("ViT-Tiny-like (14×14 + CLS)", vit, "dct-tokens{at=2,layout=grid,grid=[7,7]}")]
-    model = Llava.build()
+    model = llava_style(image_size=336, patch_size=14, vision_hidden=128, hidden=256, layers=4)
     example = (torch.randn(1, 3, 336, 336), torch.randint(0, 1000, (1, 16)))
     llava = slimgraph.load(model, example_inputs=example)
     projector = next(n.outputs[0].name for n in reversed(list(llava.graph)) if module_path(n) == "projector")
-    rows.append(("LLaVA-style (24×24 image tokens)", llava, f"dct-tokens{{value={projector},layout=grid,grid=[12,12]}}"))
+    for grid in ("12,12", "6,6"):
+        rows.append(("LLaVA-style (24×24 image tokens)", llava, f"dct-tokens{{value={projector},layout=grid,grid=[{grid}]}}"))
     print("(b) grid layouts: FLOPs (est.) and latency, batch 1")
     for name, model, text in rows:
         try:

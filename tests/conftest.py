@@ -166,6 +166,37 @@ def llama_ir(llama_folder) -> ir.Model:
     return load(llama_folder)
 
 
+def llava_style(image_size: int, patch_size: int, vision_hidden: int, hidden: int, layers: int):
+    """A LLaVA-style model (random weights): a ViT's patch tokens (CLS dropped) → a linear projector
+    → the prefix of a Llama decoder's input, before the text: `forward(pixel_values, input_ids)`."""
+    import torch
+    import transformers
+
+    torch.manual_seed(0)
+    vision = transformers.ViTModel(transformers.ViTConfig(
+        image_size=image_size, patch_size=patch_size, hidden_size=vision_hidden, num_hidden_layers=2,
+        num_attention_heads=4, intermediate_size=2 * vision_hidden), add_pooling_layer=False)
+    language = transformers.LlamaForCausalLM(transformers.LlamaConfig(
+        hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=layers, num_attention_heads=8,
+        num_key_value_heads=8, vocab_size=1000, max_position_embeddings=1024))
+
+    class LlavaStyle(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.vision, self.projector, self.language = vision, torch.nn.Linear(vision_hidden, hidden), language
+
+        def image_tokens(self, pixel_values):
+            return self.projector(self.vision(pixel_values).last_hidden_state[:, 1:])
+
+        def forward(self, pixel_values, input_ids, image_map=None):
+            image = self.image_tokens(pixel_values)
+            image = image if image_map is None else image_map @ image  # what dct-tokens computes
+            text = self.language.get_input_embeddings()(input_ids)
+            return self.language(inputs_embeds=torch.cat([image, text], dim=1)).logits
+
+    return LlavaStyle().eval()
+
+
 GOLDEN_DIR = Path(__file__).parent / "golden"
 
 

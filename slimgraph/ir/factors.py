@@ -32,6 +32,8 @@ _SAME_SHAPE_OPS = {
 }
 _BROADCAST_OPS = {"Add", "Sub", "Mul", "Div", "Pow", "Max", "Min", "Where", "Equal", "Less", "Greater", "And", "Or",
                   "LessOrEqual", "GreaterOrEqual", "Xor", "Mod", "PRelu"}
+_REDUCE_OPS = {"ReduceMean", "ReduceSum", "ReduceMax", "ReduceMin", "ReduceProd", "ReduceL1", "ReduceL2",
+               "ReduceSumSquare", "ReduceLogSumExp"}
 _SHAPE_VECTOR_OPS = {"Shape", "Concat", "Slice", "Gather", "Cast", "Identity", "Unsqueeze", "Squeeze", "Constant"}
 
 
@@ -183,7 +185,28 @@ class FactorFlow:
             return parts
         if op in ("Slice", "Split", "Concat", "Gather", "LayerNormalization", "RMSNormalization"):
             return self._from_output_shapes(node, ins[0])
+        if op in _REDUCE_OPS:
+            return self._reduce(node, ins[0])
         return self._lose(node, f"{op} is not followed")
+
+    def _reduce(self, node: ir.Node, axes: Axes | None) -> list[Axes | None] | None:
+        """A reduction that keeps its axes (an exporter's RMSNorm): the other axes keep their factors.
+        One over a followed factor is a loss — what it computes depends on the length that changes."""
+        if axes is None:
+            return None
+        if node.attributes.get_int("keepdims", 1) != 1:
+            return self._lose(node, "a reduction that drops its axes")
+        reduced = node.attributes.get_ints("axes")
+        if len(node.inputs) > 1 and node.inputs[1] is not None:
+            tensor = constant_tensor(node.inputs[1])
+            if tensor is None:
+                return self._lose(node, "reduction axes computed at run time")
+            reduced = tensor.numpy().reshape(-1).tolist()
+        if not reduced and not node.attributes.get_int("noop_with_empty_axes", 0):
+            reduced = range(len(axes))
+        if any(not f.anonymous or not f.find().anonymous for a in reduced or () for f in axes[a]):
+            return self._lose(node, "a reduction over a followed axis")
+        return self._from_output_shapes(node, axes)
 
     def _split_parts(self, node: ir.Node, axes: Axes | None) -> list[Axes] | None:
         """A Split of a fused axis into its registered parts (recording the split sizes)."""

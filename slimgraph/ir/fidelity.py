@@ -131,19 +131,24 @@ class OutputMap:
     """How an output relates to the original's when it is not compared value by value: `columns`
     are the original's last-axis positions it keeps (a trimmed vocabulary: the logits at those
     ids); `added` marks a new output with no counterpart (the kept `token_ids`); `token_mean`:
-    fewer tokens on axis 1 (compressed), compared by the mean token; `pooled_by`: token states
-    [B, S, D] a sentence encoder mean-pools over the real tokens of this input (its attention
-    mask), compared as those sentence embeddings — what the model's users read."""
+    fewer tokens on axis 1 (compressed), compared by the mean token; `replaced_tokens`
+    (start, n, m): the original's tokens [start, start + n) on axis 1 became m others (a VLM's
+    compressed image tokens), compared at the tokens around them (its text); `pooled_by`: token
+    states [B, S, D] a sentence encoder mean-pools over the real tokens of this input (its
+    attention mask), compared as those sentence embeddings — what the model's users read."""
 
     columns: np.ndarray | None = None
     added: bool = False
     token_mean: bool = False
+    replaced_tokens: tuple[int, int, int] | None = None
     pooled_by: str | None = None
 
     @property
     def view(self) -> str | None:
         if self.token_mean:
             return "as its mean token"
+        if self.replaced_tokens:
+            return "at the tokens around the compressed ones"
         if self.pooled_by:
             return "as mean-pooled sentences"
         return None
@@ -166,6 +171,9 @@ def compare(reference: Sequence[dict[str, np.ndarray]], candidate: Sequence[dict
             new = new_batch.get(name, new)
             if name in maps and maps[name].token_mean:
                 ref, new = ref.mean(axis=1), new.mean(axis=1)
+            elif name in maps and maps[name].replaced_tokens:
+                start, n, m = maps[name].replaced_tokens
+                ref, new = _without_tokens(ref, start, n), _without_tokens(new, start, m)
             elif name in maps and maps[name].pooled_by:
                 mask = _feed(inputs, i, maps[name].pooled_by)
                 ref, new = mean_pooled(ref, mask), mean_pooled(new, mask)
@@ -185,6 +193,11 @@ def compare(reference: Sequence[dict[str, np.ndarray]], candidate: Sequence[dict
         result = compare_output(name, ref, new)
         outputs.append(dataclasses.replace(result, view=maps[name].view) if name in maps else result)
     return Fidelity(tuple(outputs))
+
+
+def _without_tokens(output: np.ndarray, start: int, count: int) -> np.ndarray:
+    """The output without its tokens [start, start + count) on axis 1."""
+    return np.concatenate([output[:, :start], output[:, start + count:]], axis=1)
 
 
 def _feed(inputs: Sequence[dict[str, np.ndarray]] | None, batch: int, name: str) -> np.ndarray:

@@ -16,6 +16,14 @@ compressed token is real when most of what it mixes was), and a leading CLS toke
 (`cls=auto`: when something after the map reads token 0 alone). `restore=true` maps outputs that
 still carry the token axis back to `N` tokens (`(N/N')·Aᵀ`, the low-pass reconstruction), so their
 shapes do not change; without it they keep `N'` tokens and are compared by their mean token.
+
+Joined tokens (a LLaVA-style VLM: image tokens concatenated with the text before a causal decoder):
+the decoder then reads a shorter sequence, `L = P + N + T → P + N' + T`, as it would had the image
+given fewer tokens. What counts the joined length follows: reshape targets, and the position tables
+the exporter folded into constants (`arange`, rotary angles `i·θ` and their cos/sin, a causal mask),
+which are sliced to their first `L'` positions — for a causal decoder the table of a shorter sequence
+is the prefix of the longer one's. A constant with the joined length that is none of these is refused
+by name. The outputs keep the text tokens and are compared there with the original's.
 """
 
 from __future__ import annotations
@@ -107,13 +115,27 @@ class DctTokens(Pass):
         value = self.tokens(model)
         if self.layout == "grid":
             self._grid(value)
-        joined = _joined_with_other_tokens(value)
-        if joined is not None:
-            raise SlimgraphError(
-                f"{self.name}: {value.name!r} is joined with other tokens by {joined.op_type} "
-                f"{joined.name!r} (as a VLM's image tokens are with its text); the positions, causal mask "
-                "and shape constants of the joined sequence are not remapped yet, so this is refused rather "
-                "than computed wrong (a vision encoder exported on its own compresses)")
+        join = self._join(model, value)
+        if join is not None:
+            _position_tables(model, join)  # refuses a constant of the joined length it cannot follow
+
+    def _join(self, model: ir.Model, value: ir.Value) -> _Join | None:
+        """Where `value`'s tokens are concatenated with others on the token axis, checked."""
+        join = _find_join(value)
+        if join is None:
+            return None
+        where = f"{self.name}: {value.name!r} is joined with other tokens into {join.joined.name!r}"
+        if join.before is None or join.length is None:
+            raise SlimgraphError(f"{where}, and the joined sequence has no fixed length; the positions "
+                                 "computed from it could not be followed (export with a fixed text length)")
+        if self.layout == "sequence":
+            raise SlimgraphError(f"{where}: compress them with layout=grid (the image's H×W tokens)")
+        for source in model.graph.inputs:
+            if source.shape is not None and join.length in [d for d in source.shape if isinstance(d, int)]:
+                raise SlimgraphError(f"{where}, and the input {source.name!r} {list(source.shape)} covers the "
+                                     f"joined {join.length} tokens (a mask or positions given by the caller); "
+                                     "it cannot be remapped")
+        return join
 
     def _grid(self, value: ir.Value) -> tuple[int, int, int, int, int]:
         """(CLS tokens before the grid, H, W, h, w) for layout=grid."""
@@ -134,19 +156,20 @@ class DctTokens(Pass):
     def run(self, model: ir.Model, ctx: PassContext) -> PassResult:
         self.check(model)
         value = self.tokens(model)
-        downstream = _values_after(value)
+        join = self._join(model, value)
+        downstream = _values_after(value, stop=join.concat if join else None)
         lead = 1 if self.cls == "first" or (self.cls == "auto" and _reads_first_token(downstream)) else 0
-        if self.layout == "sequence" and discover(model).lm_heads:
+        if self.layout == "sequence" and join is None and discover(model).lm_heads:
             raise SlimgraphError(f"{self.name}: layout=sequence mixes tokens across positions, which a causal LM "
                                  "cannot take; compress a prefix of vision tokens with value=NAME, layout=grid")
         builder = _Builder(model, value.name or "tokens")
+        n = static_dim(value, 1)
         if self.layout == "grid":
             grid_lead, height, width, h, w = self._grid(value)
             lead = max(lead, grid_lead)
             matrix = builder.constant("dct", grid_compression(height, width, h, w).astype(np.float32))
             described = f"{height}×{width} → {h}×{w} tokens"
         else:
-            n = static_dim(value, 1)
             if n is not None:
                 kept = max(1, math.ceil(self.keep * (n - lead)))
                 matrix = builder.constant("dct", compression(n - lead, kept).astype(np.float32))
@@ -154,31 +177,43 @@ class DctTokens(Pass):
             else:
                 matrix = builder.runtime_matrix(value, lead, self.keep)
                 described = f"N → ceil({self.keep}·N) tokens (computed at run time)"
-        counting = _static_lengths(model, value)  # shape constants after the map that count the tokens
+        new_n = None if n is None else lead + edit.constant_shape(matrix)[0]
+        counting = _static_lengths(model, value, new_n, join)  # shape constants after the map that count tokens
+        tables = _position_tables(model, join) if join else []
         compressed = builder.apply(value, matrix, lead)
         edit.insert_after(model, value, builder.nodes, compressed)
         compressed.shape = None
         lengths = _follow_lengths(model, builder, value, compressed)
-        if counting:
-            tokens, elements = counting
-            new_length = lead + edit.constant_shape(matrix)[0]
-            rewrite_elements(model, {e: resized(e, {tokens: new_length}) for e in elements},
+        for tokens, elements, size in counting:
+            rewrite_elements(model, {e: resized(e, {tokens: size}) for e in elements},
                              lambda array: edit.add_initializer(model, "shape", array))
             lengths += len(elements)
-        masks = _follow_masks(model, builder, compressed, matrix, lead)
-        restored = self._outputs(model, builder, compressed, matrix, lead)
+        stats = {"at": value.name, "tokens": described + (f" (+{lead} CLS kept apart)" if lead else "")}
+        if join:
+            shorter = join.length - n + new_n
+            for table, axes in tables:
+                edit.replace_constant(table, _prefix(edit.constant_array(table), axes, shorter), model)
+                edit.clear_shapes(_values_after(table))
+            _compare_around(model, join, n, new_n)
+            stats |= {"joined": f"{join.joined.name!r}: {join.length} → {shorter} tokens",
+                      "position tables sliced": str(len(tables)),
+                      "compared at": f"the {join.length - n} tokens around the compressed ones"}
+        else:
+            stats["masks pooled"] = str(_follow_masks(model, builder, compressed, matrix, lead))
+        stats["token counts followed"] = str(lengths)  # reshape targets and run-time shapes
+        restored = self._outputs(model, builder, compressed, matrix, lead, join)
         edit.clear_shapes(_values_after(compressed))
         edit.refresh_shapes(model)
-        stats = {"at": value.name, "tokens": described + (f" (+{lead} CLS kept apart)" if lead else ""),
-                 "masks pooled": str(masks), "run-time lengths followed": str(lengths)}
         if restored:
             stats["restored"] = ", ".join(restored)
         return PassResult(True, stats)
 
-    def _outputs(self, model: ir.Model, builder: _Builder, compressed: ir.Value, matrix: ir.Value, lead: int
-                 ) -> list[str]:
-        """Outputs that carry the compressed token axis: restored to N tokens, or mapped for Verify."""
-        reached = [o for o in model.graph.outputs if o in set(_values_after(compressed)) | {compressed}
+    def _outputs(self, model: ir.Model, builder: _Builder, compressed: ir.Value, matrix: ir.Value, lead: int,
+                 join: _Join | None) -> list[str]:
+        """Outputs that carry the compressed token axis (before any join): restored to N tokens, or
+        mapped for Verify."""
+        after = set(_values_after(compressed, stop=join.concat if join else None)) | {compressed}
+        reached = [o for o in model.graph.outputs if o in after
                    and o.shape is not None and len(o.shape) == 3]
         if not self.restore:
             maps = dict(model.meta.get(OUTPUT_MAPS_KEY) or {})
@@ -193,13 +228,15 @@ class DctTokens(Pass):
         return names
 
 
-def _values_after(value: ir.Value) -> list[ir.Value]:
-    """Every value computed from `value`, in the order found."""
+def _values_after(value: ir.Value, stop: ir.Node | None = None) -> list[ir.Value]:
+    """Every value computed from `value` (not through `stop`), in the order found."""
     seen, queue = [], [value]
     found = set()
     while queue:
         current = queue.pop()
         for node, _ in current.uses():
+            if node is stop:
+                continue
             for out in node.outputs:
                 if out not in found:
                     found.add(out)
@@ -208,8 +245,22 @@ def _values_after(value: ir.Value) -> list[ir.Value]:
     return seen
 
 
-def _joined_with_other_tokens(value: ir.Value) -> ir.Node | None:
-    """A Concat on the token axis after `value` that also takes tokens not computed from it."""
+@dataclass(frozen=True)
+class _Join:
+    """A Concat on the token axis that joins the compressed tokens with others (a VLM's text):
+    `before` tokens precede them; `length` is the joined sequence's (None where not fixed)."""
+
+    concat: ir.Node
+    before: int | None
+    length: int | None
+
+    @property
+    def joined(self) -> ir.Value:
+        return self.concat.outputs[0]
+
+
+def _find_join(value: ir.Value) -> _Join | None:
+    """The Concat on the token axis after `value` that also takes tokens not computed from it."""
     after = set(_values_after(value)) | {value}
     for current in after:
         for node, _ in current.uses():
@@ -217,8 +268,84 @@ def _joined_with_other_tokens(value: ir.Value) -> ir.Node | None:
             if axis not in (1, -2) or current.shape is None or len(current.shape) != 3:
                 continue
             if any(v is not None and v not in after for v in node.inputs):
-                return node
+                sizes = [static_dim(v, 1) for v in node.inputs]
+                before = sizes[:list(node.inputs).index(current)]
+                return _Join(node, None if None in before else sum(before),
+                             static_dim(node.outputs[0], 1) if None in sizes else sum(sizes))
     return None
+
+
+def _upstream(value: ir.Value) -> set[ir.Node]:
+    """The nodes `value` is computed from."""
+    nodes, queue = set(), [value]
+    while queue:
+        node = queue.pop().producer()
+        if node is not None and node not in nodes:
+            nodes.add(node)
+            queue.extend(v for v in node.inputs if v is not None)
+    return nodes
+
+
+def _position_tables(model: ir.Model, join: _Join) -> list[tuple[ir.Value, list[int]]]:
+    """The constants read after the join that have the joined length on some axes, with those
+    axes. Each must be a table of positions there — a function of the position (`arange`, rotary
+    angles, their cos/sin) or a causal mask — whose prefix is the table of a shorter sequence;
+    else refused."""
+    upstream = _upstream(join.joined)
+    tables = []
+    for node in model.graph:
+        if node in upstream:
+            continue
+        for value in node.inputs:
+            tensor = constant_tensor(value)
+            if tensor is None or join.length not in tensor.shape or value in [t for t, _ in tables]:
+                continue
+            array = tensor.numpy()
+            axes = [a for a, d in enumerate(array.shape) if d == join.length]
+            if not (all(_is_position_function(array, a) for a in axes) or _is_causal_mask(array, axes)):
+                raise SlimgraphError(
+                    f"dct-tokens: the constant {value.name!r} {list(array.shape)} has the joined sequence's "
+                    f"length {join.length} but is not a table of positions (arange, rotary angles, a causal "
+                    "mask) whose prefix would serve the shorter sequence; refused rather than computed wrong")
+            tables.append((value, axes))
+    return tables
+
+
+def _is_position_function(array: np.ndarray, axis: int) -> bool:
+    """Every line along `axis` is `a + b·i` or `a·cos(iω) + b·sin(iω)` of the position i — what the
+    tables of positions, rotary angles and their cos/sin are. Both, and only these, satisfy
+    x[i+1] + x[i−1] = 2κ·x[i] with one κ per line (κ = 1: linear; κ = cos ω), checked here."""
+    x = np.moveaxis(array, axis, 0).reshape(array.shape[axis], -1).astype(np.float64)
+    if len(x) < 3:
+        return True
+    middle, sides = x[1:-1], x[2:] + x[:-2]
+    kappa = (sides * middle).sum(axis=0) / np.maximum(2 * (middle * middle).sum(axis=0), 1e-300)
+    residual = np.abs(sides - 2 * kappa * middle).max()
+    return bool(residual <= 1e-3 * max(1.0, np.abs(x).max()))
+
+
+def _is_causal_mask(array: np.ndarray, axes: list[int]) -> bool:
+    """A [.., L, L] mask with one value on and below the diagonal and another above it."""
+    if len(axes) != 2 or axes[1] != array.ndim - 1 or axes[0] != array.ndim - 2:
+        return False
+    blocks = array.reshape(-1, *array.shape[-2:])
+    below = np.tril(np.ones(array.shape[-2:], bool))
+    return all(np.all(b[below] == b[0, 0]) and np.all(b[~below] == b[0, -1]) for b in blocks)
+
+
+def _prefix(array: np.ndarray, axes: list[int], length: int) -> np.ndarray:
+    """The first `length` positions along each of `axes`."""
+    return array[tuple(slice(0, length) if a in axes else slice(None) for a in range(array.ndim))]
+
+
+def _compare_around(model: ir.Model, join: _Join, n: int, new_n: int) -> None:
+    """Outputs carrying the joined tokens: compared with the original's at the other tokens."""
+    after = set(_values_after(join.joined)) | {join.joined}
+    maps = dict(model.meta.get(OUTPUT_MAPS_KEY) or {})
+    for output in model.graph.outputs:
+        if output in after and output.shape is not None and len(output.shape) >= 2:
+            maps[output.name] = OutputMap(replaced_tokens=(join.before, n, new_n))
+    model.meta[OUTPUT_MAPS_KEY] = maps
 
 
 def _reads_first_token(values: list[ir.Value]) -> bool:
@@ -317,17 +444,24 @@ class _Builder:
         return self.node("Mul", [self.node("Mul", [self.node("Cos", [angle]), row_scale]), norm])
 
 
-def _static_lengths(model: ir.Model, value: ir.Value) -> tuple[Factor, list[ShapeElement]] | None:
+def _static_lengths(model: ir.Model, value: ir.Value, new_length: int | None, join: _Join | None
+                    ) -> list[tuple[Factor, list[ShapeElement], int]]:
     """With a fixed token count, the reshape targets after `value` that count the tokens (followed
-    through the graph by `slimgraph.ir.factors`)."""
-    length = static_dim(value, 1)
-    if length is None:
-        return None
-    flow = FactorFlow()
-    tokens = Factor(length, "tokens")
-    start = {value: (flow.dim_factors(value.shape[0]), (tokens,), flow.dim_factors(value.shape[2]))}
-    flow.run(model, start, stop=lambda n: False, outputs_allowed=True)
-    return tokens, [e for e in flow.elements if any(same(f, tokens) for f in e.factors)]
+    through the graph by `slimgraph.ir.factors`) and the count they get; after a join, those that
+    count the joined sequence too."""
+    if new_length is None:
+        return []
+    starts = [(value, new_length)]
+    if join:
+        starts.append((join.joined, join.length - static_dim(value, 1) + new_length))
+    found = []
+    for start, size in starts:
+        flow = FactorFlow()
+        tokens = Factor(static_dim(start, 1), "tokens")
+        axes = (flow.dim_factors(start.shape[0]), (tokens,), flow.dim_factors(start.shape[2]))
+        flow.run(model, {start: axes}, stop=lambda n: join is not None and n is join.concat, outputs_allowed=True)
+        found.append((tokens, [e for e in flow.elements if any(same(f, tokens) for f in e.factors)], size))
+    return found
 
 
 _VECTOR_OPS = {"Shape", "Concat", "Slice", "Gather", "Cast", "Identity", "Unsqueeze", "Squeeze"}

@@ -111,21 +111,74 @@ def test_a_sequence_that_is_not_a_grid(minilm):
         run(minilm, "dct-tokens{at=1,layout=grid}")
 
 
-def test_tokens_joined_with_others_are_refused():
-    """A VLM's image tokens concatenated with text: the joined sequence's positions and masks would
-    need remapping, which the pass does not do; it says so instead of computing something wrong."""
+@pytest.fixture(scope="module")
+def llava():
+    """A LLaVA-style model: 8×8 image tokens before 5 text tokens, a 2-block Llama decoder."""
+    import torch
+
+    from slimgraph.frontend import load
+    from slimgraph.ir.graph import module_path
+    from tests.conftest import llava_style
+
+    module = llava_style(image_size=32, patch_size=4, vision_hidden=32, hidden=64, layers=2)
+    pixels, ids = torch.randn(1, 3, 32, 32), torch.randint(0, 1000, (1, 5))
+    model = load(module, example_inputs=(pixels, ids))
+    projector = next(n.outputs[0].name for n in reversed(list(model.graph)) if module_path(n) == "projector")
+    return module, model, projector, {"pixel_values": pixels.numpy(), "input_ids": ids.numpy()}
+
+
+def test_image_tokens_joined_with_text_are_compressed_as_the_decoder_would_read_fewer(llava):
+    """The joined sequence's reshape targets, positions (folded arange, rotary angles) and causal
+    mask follow the shorter sequence: the graph equals the PyTorch model fed the compressed tokens."""
+    import torch
+
+    module, original, projector, feeds = llava
+    _, exact = run(original, f"dct-tokens{{value={projector},layout=grid,grid=[8,8]}}")
+    assert exact.fidelity.max_rel_error < 1e-5
+    model, record = run(original, f"dct-tokens{{value={projector},layout=grid,grid=[4,4]}}")
+    assert record.stats["joined"].endswith("69 → 21 tokens") and record.stats["position tables sliced"] == "4"  # 2 aranges (mask), cos, sin
+    assert record.fidelity.outputs[0].view == "at the tokens around the compressed ones"
+    logits = next(iter(evaluate.run(model, feeds).values()))
+    with torch.no_grad():
+        image_map = torch.tensor(grid_compression(8, 8, 4, 4), dtype=torch.float32)
+        expected = module(*(torch.from_numpy(feeds[k]) for k in ("pixel_values", "input_ids")), image_map).numpy()
+    assert logits.shape == expected.shape == (1, 16 + 5, 1000)
+    np.testing.assert_allclose(logits, expected, atol=1e-4)
+    assert model_stats(model).flops < 0.65 * model_stats(original).flops  # 26.2M → 16.3M (the vision encoder stays)
+
+
+def _joined_graph(extra_nodes, extra_inputs=(), extra_weights=()):
+    """image [1, 16, 8] · projector, joined with text [1, 3, 8], then `extra_nodes` → y."""
     import onnx_ir as ir
     from onnx import TensorProto, helper, numpy_helper
 
     weight = numpy_helper.from_array(np.eye(8, dtype=np.float32), "projector")
     graph = helper.make_graph(
         [helper.make_node("MatMul", ["image", "projector"], ["image_tokens"]),
-         helper.make_node("Concat", ["image_tokens", "text"], ["joined"], axis=1),
-         helper.make_node("Relu", ["joined"], ["y"])], "vlm",
+         helper.make_node("Concat", ["image_tokens", "text"], ["joined"], axis=1), *extra_nodes], "vlm",
         [helper.make_tensor_value_info("image", TensorProto.FLOAT, [1, 16, 8]),
-         helper.make_tensor_value_info("text", TensorProto.FLOAT, [1, 3, 8])],
-        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 19, 8])], [weight],
+         helper.make_tensor_value_info("text", TensorProto.FLOAT, [1, 3, 8]), *extra_inputs],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)],
+        [weight, *(numpy_helper.from_array(w, n) for n, w in extra_weights)],
         value_info=[helper.make_tensor_value_info("image_tokens", TensorProto.FLOAT, [1, 16, 8])])
-    model = ir.serde.deserialize_model(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)]))
-    with pytest.raises(SlimgraphError, match="joined with other tokens by Concat"):
-        run(model, "dct-tokens{value=image_tokens,layout=grid,grid=[2,2]}")
+    return ir.serde.deserialize_model(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)]))
+
+
+def test_joined_tokens_whose_length_cannot_be_followed_are_refused():
+    """A constant of the joined length that is not a position table, or a caller's input that covers
+    the joined sequence: remapping them is guesswork, so the pass says so instead."""
+    from onnx import TensorProto, helper
+
+    bias = _joined_graph([helper.make_node("Add", ["joined", "bias"], ["y"])],
+                         extra_weights=[("bias", RNG.standard_normal((1, 19, 8)).astype(np.float32))])
+    with pytest.raises(SlimgraphError, match="'bias' \\[1, 19, 8\\] has the joined sequence's length 19"):
+        run(bias, "dct-tokens{value=image_tokens,layout=grid,grid=[2,2]}")
+    mask = _joined_graph([helper.make_node("Mul", ["joined", "mask"], ["y"])],
+                         extra_inputs=[helper.make_tensor_value_info("mask", TensorProto.FLOAT, [1, 19, 1])])
+    with pytest.raises(SlimgraphError, match="the input 'mask' \\[1, 19, 1\\] covers the joined 19 tokens"):
+        run(mask, "dct-tokens{value=image_tokens,layout=grid,grid=[2,2]}")
+    plain = _joined_graph([helper.make_node("Relu", ["joined"], ["y"])])
+    with pytest.raises(SlimgraphError, match="compress them with layout=grid"):
+        run(plain, "dct-tokens{value=image_tokens,keep=0.5}")
+    model, record = run(plain, "dct-tokens{value=image_tokens,layout=grid,grid=[2,2]}")
+    assert record.stats["joined"].endswith("19 → 7 tokens")
