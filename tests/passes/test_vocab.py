@@ -12,6 +12,10 @@ from slimgraph.ir.inputs import sample_inputs
 from slimgraph.passes import PassContext, Pipeline
 from tests.conftest import copy_model
 
+# greedy next-token agreement on 16 held-out pydoc paragraphs after calibrating on 48 others (measured
+# 98.3%; 99.1% after 256 in benchmarks/vocab.py)
+AGREEMENT_FLOOR = 0.975
+
 
 def trimmed(model, text: str, ctx: PassContext):
     model = copy_model(model)
@@ -30,11 +34,11 @@ def calibration(model, vocab: int, seed: int = 0) -> PassContext:
 def test_kept_logits_are_the_full_models_bit_for_bit(gpt2_ir):
     """GPT-2 (tied head): the head gets its own trimmed table, the embedding keeps all 1000 rows."""
     model, record = trimmed(gpt2_ir, "trim-vocab{keep=120,keep_ids=[0]}", calibration(gpt2_ir, 1000))
-    assert record.stats["tokens kept"].startswith("1,000 → 121")
     feeds = sample_inputs(gpt2_ir, batch=2, sequence=9, seed=7)  # any ids: the embedding is whole
     full, got = evaluate.run(gpt2_ir, feeds), evaluate.run(model, feeds)
     ids = got["token_ids"]
-    assert ids.shape == (121,) and ids[0] == 0 and np.all(np.diff(ids) > 0)
+    assert record.stats["tokens kept"].startswith(f"1,000 → {len(ids)} ")
+    assert len(ids) in (120, 121) and ids[0] == 0 and np.all(np.diff(ids) > 0)
     np.testing.assert_array_equal(got["logits"], full["logits"][..., ids])
     assert record.fidelity.cosine > 0.999999  # what Verify compared: the logits at the kept ids
 
@@ -58,19 +62,29 @@ def test_smollm2_coverage_and_special_tokens(smollm2, smollm2_folder):
     ctx = PassContext(inputs=tokenize_lines(smollm2_folder, lines, ["input_ids", "attention_mask"]),
                       inputs_source="48 pydoc paragraphs")
     model, record = trimmed(smollm2, "trim-vocab", ctx)
-    ids = set(evaluate.run(model, ctx.inputs[0])["token_ids"].tolist())
-    assert set(range(17)) <= ids  # SmolLM2's special and chat-template tokens
+    ids = evaluate.run(model, ctx.inputs[0])["token_ids"]
+    assert set(range(17)) <= set(ids.tolist())  # SmolLM2's special and chat-template tokens
     kept, share = record.stats["tokens kept"].split(" (")[0], record.stats["tokens kept"].split("(")[1]
-    assert float(share.split("%")[0]) >= 99.0 and int(kept.split("→ ")[1].replace(",", "")) < 5000
+    assert float(share.split("%")[0]) >= 99.0 and int(kept.split("→ ")[1].replace(",", "")) < 16384
+    heldout = tokenize_lines(smollm2_folder, text.heldout_texts(16), ["input_ids", "attention_mask"])
+    hits = total = 0
+    for feeds in heldout:
+        want, got = evaluate.run(smollm2, feeds)["logits"].argmax(-1), evaluate.run(model, feeds)["logits"].argmax(-1)
+        real = feeds["attention_mask"] != 0
+        hits, total = hits + int(((ids[got] == want) & real).sum()), total + int(real.sum())
+    assert hits / total >= AGREEMENT_FLOOR
 
 
-def test_predictions_count_too(gpt2_ir):
-    """source=predict keeps every token the model predicts on the calibration text (coverage 1)."""
+def test_predict_keeps_the_tokens_of_most_predicted_probability(gpt2_ir):
+    """source=predict: the kept ids are the `keep` with the most next-token probability summed over
+    the calibration positions, plus keep_ids."""
     ctx = calibration(gpt2_ir, 1000)
-    predicted = set(evaluate.run(gpt2_ir, ctx.inputs[0])["logits"].argmax(-1).reshape(-1).tolist())
-    model, record = trimmed(gpt2_ir, "trim-vocab{coverage=1.0,keep_ids=[0],source=predict}", ctx)
+    logits = evaluate.run(gpt2_ir, ctx.inputs[0])["logits"].astype(np.float64)
+    probability = np.exp(logits - logits.max(-1, keepdims=True))
+    mass = (probability / probability.sum(-1, keepdims=True)).sum(axis=(0, 1))
+    model, _ = trimmed(gpt2_ir, "trim-vocab{keep=100,keep_ids=[0]}", ctx)
     kept = set(evaluate.run(model, ctx.inputs[0])["token_ids"].tolist())
-    assert predicted <= kept and not predicted <= set(range(250))  # predictions outside the inputs' ids
+    assert kept == set(np.argsort(-mass)[:100].tolist()) | {0}
 
 
 def test_generated_continuations_count_too(gpt2_ir):
