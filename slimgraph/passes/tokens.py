@@ -292,13 +292,13 @@ def _position_tables(model: ir.Model, join: _Join) -> list[tuple[ir.Value, list[
     angles, their cos/sin) or a causal mask — whose prefix is the table of a shorter sequence;
     else refused."""
     upstream = _upstream(join.joined)
-    tables = []
+    tables: dict[ir.Value, list[int]] = {}
     for node in model.graph:
         if node in upstream:
             continue
         for value in node.inputs:
             tensor = constant_tensor(value)
-            if tensor is None or join.length not in tensor.shape or value in [t for t, _ in tables]:
+            if tensor is None or join.length not in tensor.shape or value in tables:
                 continue
             array = tensor.numpy()
             axes = [a for a, d in enumerate(array.shape) if d == join.length]
@@ -307,14 +307,15 @@ def _position_tables(model: ir.Model, join: _Join) -> list[tuple[ir.Value, list[
                     f"dct-tokens: the constant {value.name!r} {list(array.shape)} has the joined sequence's "
                     f"length {join.length} but is not a table of positions (arange, rotary angles, a causal "
                     "mask) whose prefix would serve the shorter sequence; refused rather than computed wrong")
-            tables.append((value, axes))
-    return tables
+            tables[value] = axes
+    return list(tables.items())
 
 
 def _is_position_function(array: np.ndarray, axis: int) -> bool:
-    """Every line along `axis` is `a + b·i` or `a·cos(iω) + b·sin(iω)` of the position i — what the
-    tables of positions, rotary angles and their cos/sin are. Both, and only these, satisfy
-    x[i+1] + x[i−1] = 2κ·x[i] with one κ per line (κ = 1: linear; κ = cos ω), checked here."""
+    """Every line along `axis` satisfies x[i+1] + x[i−1] = 2κ·x[i] with one κ per line: it is
+    `a + b·i` (κ = 1), `a·cos(iω) + b·sin(iω)` (κ = cos ω) or their hyperbolic twin (κ > 1) of the
+    position i — the tables of positions, rotary angles and their cos/sin are; a per-token constant
+    of any other make (a learned bias) is not."""
     x = np.moveaxis(array, axis, 0).reshape(array.shape[axis], -1).astype(np.float64)
     if len(x) < 3:
         return True

@@ -97,8 +97,9 @@ class TrimVocab(Pass):
         vocab = head.out_features
         mass, text_ids = self._mass(model, ctx, vocab)
         tokenizer = tokenizer_of(model)
-        always = _special_ids(tokenizer) | set(self.keep_ids)
-        kept = self._chosen(mass, always | (text_ids if self.embeddings == "trim" else set()))
+        special = _special_ids(tokenizer)
+        always = special | set(self.keep_ids) | (text_ids if self.embeddings == "trim" else set())
+        kept = self._chosen(mass, always)
         if len(kept) == vocab:
             raise SlimgraphError(f"{self.name}: every token is kept (coverage={self.coverage}); nothing to trim")
         removed = np.setdiff1d(np.arange(vocab), kept)
@@ -133,7 +134,7 @@ class TrimVocab(Pass):
         used = "predicted probability" if self.source == "predict" else f"{self.source} tokens"
         return PassResult(True, {
             "tokens kept": f"{vocab:,} → {len(kept):,} ({share:.2%} of the {used}; "
-                           f"{len(_special_ids(tokenizer) & set(kept.tolist()))} special)",
+                           f"{len(special & set(kept.tolist()))} special)",
             "weights": f"{human_bytes(before)} → {human_bytes(evaluate.initializer_bytes(model))}",
             "embeddings": "trimmed (ids remapped, unknown → UNK)" if self.embeddings == "trim" else "kept",
             "new output": f"{TOKEN_IDS} [{len(kept)}]: the id of each logit",
