@@ -2,7 +2,8 @@
 
 (a) MiniLM (sentence cosine on 64 held-out sentences, calibration on 32 others; ONNX Runtime
     latency at sequence 128, batch 1 and 8, runs alternating with fp32): prune-width on heads and
-    FFN channels at 0.25 / 0.5, then width + dynamic int8.
+    FFN channels at 0.25 / 0.5, then width + dynamic int8, with and without ONNX Runtime's fused ops
+    (and with its SkipLayerNormalization, which `fuse-ort` splits on a CPU, to show what that gives).
 (b) SmolLM2-135M (perplexity on held-out pydoc text, calibration on other topics): prune-depth
     10/20/30% by block influence vs the same number of random blocks; FFN 25% wanda vs magnitude;
     low-rank activation-aware vs plain SVD at equal parameters; latency of one token, batch 1.
@@ -73,7 +74,11 @@ MINILM = [
     "prune-width{target=all,ratio=0.25},quantize-dynamic{embeddings=true}",
     "prune-width{target=all,ratio=0.25,scope=global},quantize-dynamic{embeddings=true}",
     "prune-width{target=all,ratio=0.5},quantize-dynamic{embeddings=true}",
+    "fuse-ort",
+    "fuse-ort{skip_norm=fused}",  # ONNX Runtime's SkipLayerNormalization, which fuse-ort splits on a CPU
+    "fuse-ort{skip_norm=fused},quantize-dynamic",
     "fuse-ort,quantize-dynamic",
+    "prune-width{target=ffn,ratio=0.25},fuse-ort{skip_norm=fused},quantize-dynamic",
     "prune-width{target=ffn,ratio=0.25},fuse-ort,quantize-dynamic",
     "prune-width{target=ffn,ratio=0.375},fuse-ort,quantize-dynamic",
     "prune-width{target=heads,ratio=0.25},fuse-ort,quantize-dynamic",
