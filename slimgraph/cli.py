@@ -64,8 +64,10 @@ def build_parser() -> argparse.ArgumentParser:
     optimize.add_argument("--style", choices=["structured", "fx"],
                           help="pytorch backend: model.py as modules per block with torch's layers (structured, "
                                "the default) or torch.fx's flat forward of every op (fx)")
-    optimize.add_argument("--calib", help="calibration inputs: .npz of named arrays, or a text file (one sample a "
-                                          "line); with 4 samples or more, the last quarter is held out to verify on")
+    optimize.add_argument("--calib", help="calibration inputs: .npz of named arrays, a text file (one sample a "
+                                          "line), or a folder of images ('photos/{size=[320,320],mean=[0.5],"
+                                          "std=[0.5],order=bgr}'); with 4 samples or more, the last quarter is "
+                                          "held out to verify on")
     optimize.add_argument("--target", default="auto", choices=["auto", *TARGETS],
                           help="the machine the model will run on (default: this one); passes such as "
                                "quantize-dynamic choose their kernels for it")

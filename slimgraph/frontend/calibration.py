@@ -1,4 +1,5 @@
-"""Calibration inputs from a file: `.npz` of named arrays, or text (one sample a line).
+"""Calibration inputs from a file: `.npz` of named arrays, text (one sample a line), or a folder of
+images (`slimgraph.frontend.images`).
 
 Text is tokenized with the tokenizer the model was loaded with (`model.meta[TOKENIZER_KEY]`):
 a Hugging Face folder's, or the one inside a `.gguf` file.
@@ -14,12 +15,16 @@ import numpy as np
 import onnx_ir as ir
 
 from slimgraph.errors import SlimgraphError, first_line
+from slimgraph.frontend import images
 from slimgraph.ir.meta import TOKENIZER_KEY
 
 TEXT_BATCH = 8
 
 
 def load_calibration(path: Path, model: ir.Model) -> tuple[list[dict[str, np.ndarray]], str]:
+    folder, preprocess = images.split_spec(path)
+    if folder.is_dir():
+        return images.load_images(folder, preprocess, model)
     if not path.is_file():
         raise SlimgraphError(f"no such calibration file: {path}")
     names = [v.name for v in model.graph.inputs if not v.is_initializer()]
@@ -108,10 +113,15 @@ def check_calibration_file(path: Path, model_path: Path | None = None) -> None:
     """What can be checked before the model is loaded (or exported): the file exists and is
     a readable .npz of arrays or a text file with samples, and text has a tokenizer to go to.
     The arrays are checked against the graph's inputs by `load_calibration`."""
+    folder, _ = images.split_spec(path)  # a bad option in the images' spec fails here
+    if folder.is_dir():
+        images.image_files(folder)
+        images.pillow()
+        return
     if not path.exists():
         raise SlimgraphError(f"no such calibration file: {path}")
     if not path.is_file():
-        raise SlimgraphError(f"calibration {path} is a folder; give a .npz or text file")
+        raise SlimgraphError(f"calibration {path} is neither a file nor a folder")
     if path.suffix.lower() == ".npz":
         arrays = _load_npz(path, None)
         if not arrays:

@@ -33,6 +33,7 @@ BUILTIN_PASS_MODULES: dict[str, str] = {
     "remove-unused-initializers": "slimgraph.passes.cleanup",
     "quantize-weights": "slimgraph.passes.quantize.weights",
     "quantize-dynamic": "slimgraph.passes.quantize.dynamic",
+    "quantize-static": "slimgraph.passes.quantize.static",
     "ternarize": "slimgraph.passes.quantize.ternary",
     "mixed-precision": "slimgraph.passes.quantize.mixed",
     "prune-width": "slimgraph.passes.prune.width",

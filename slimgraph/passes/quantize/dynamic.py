@@ -51,13 +51,21 @@ def _quantize_table_uint8(model: ir.Model, table: Embedding) -> None:
     replace_region(model, [node], [gather, dequantize], {node.outputs[0]: dequantize.outputs[0]})
 
 
-def quantize_int8_symmetric(weight: np.ndarray, per_channel: bool, levels: int = 127
+def quantize_int8_symmetric(weight: np.ndarray, per_channel: bool, levels: int = 127, axis: int = -1
                             ) -> tuple[np.ndarray, np.ndarray]:
-    """[K, N] float → int8 codes in [-levels, levels] and scales ([N], or [1] per tensor); q = round(w / scale)."""
-    absmax = np.abs(weight).max(axis=0) if per_channel else np.array([np.abs(weight).max()])
+    """float → int8 codes in [-levels, levels] and scales (one per index of the channel `axis`, or
+    [1] per tensor); q = round(w / scale). A linear's [K, N] has its channels on the last axis."""
+    axis = axis % weight.ndim
+    if per_channel:
+        absmax = np.abs(weight).max(axis=tuple(a for a in range(weight.ndim) if a != axis))
+    else:
+        absmax = np.array([np.abs(weight).max()])
     scale = (absmax / levels).astype(np.float32)
     scale[scale == 0] = 1.0
-    codes = np.clip(np.rint(weight / scale), -levels, levels).astype(np.int8)
+    broadcast = [1] * weight.ndim
+    broadcast[axis] = -1
+    codes = np.clip(np.rint(weight / scale.reshape(broadcast if per_channel else [1] * weight.ndim)),
+                    -levels, levels).astype(np.int8)
     return codes, scale
 
 
