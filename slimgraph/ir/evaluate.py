@@ -91,7 +91,9 @@ def check_model(model: ir.Model) -> None:
         try:
             onnx.checker.check_model(checked)
         except onnx.checker.ValidationError as exc:
-            raise SlimgraphError(f"the model is not valid ONNX: {first_line(exc)}") from exc
+            # the checker's message names the node on its next lines: keep them, on one line
+            message = " ".join(str(exc).split())
+            raise SlimgraphError(f"the model is not valid ONNX: {message}") from exc
 
 
 def run(model: ir.Model | ort.InferenceSession, feeds: Feeds) -> dict[str, np.ndarray]:

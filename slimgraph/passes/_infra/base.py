@@ -147,6 +147,11 @@ class Pass:
         result = self.run(model, ctx or PassContext())
         if not isinstance(result, PassResult):
             raise TypeError(f"pass {self.name!r} returned {type(result).__name__}, not PassResult")
+        if result.modified:
+            # New nodes go before the first node they replace, but may read a value produced later
+            # (a bias Constant between a MatMul and its Add, in a graph not cleaned up first).
+            # onnx_ir's sort is stable: a sorted graph stays as it was.
+            model.graph.sort()
         return result
 
     @classmethod

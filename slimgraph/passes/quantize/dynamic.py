@@ -22,11 +22,12 @@ import numpy as np
 import onnx_ir as ir
 
 from slimgraph.ir.edit import add_initializer, bias_value, replace_linear, replace_region, weight_matrix
-from slimgraph.ir.structure import Embedding
+from slimgraph.ir.structure import Embedding, Linear
 from slimgraph.ir.target import Target, detect
 from slimgraph.passes._infra.base import Pass, PassContext, PassResult
 from slimgraph.passes._infra.registry import register_pass
 from slimgraph.passes.quantize.rewrite import (
+    SharedWeights,
     embedding_tables,
     input_dtype,
     nothing_to_quantize,
@@ -49,6 +50,20 @@ def _quantize_table_uint8(model: ir.Model, table: Embedding) -> None:
     dequantize = ir.node("DequantizeLinear", [gather.outputs[0], scale_value, zp_value],
                          name=f"{node.name or table.table}_dequantize")
     replace_region(model, [node], [gather, dequantize], {node.outputs[0]: dequantize.outputs[0]})
+
+
+def _int8_weight(model: ir.Model, linear: Linear, per_channel: bool, levels: int, unsigned: bool
+                 ) -> tuple[ir.Value, ir.Value, ir.Value]:
+    """A linear's weight as initializers: int8 codes (or uint8 with zero point 128), zero points, scales."""
+    codes, scale = quantize_int8_symmetric(weight_matrix(linear), per_channel, levels)
+    base = linear.weight or linear.name
+    if unsigned:  # the same levels, shifted by the zero point 128
+        w_q = add_initializer(model, f"{base}.uint8", (codes.astype(np.int16) + 128).astype(np.uint8))
+        w_zp = add_initializer(model, f"{base}.zero_point", np.full(scale.shape, 128, np.uint8))
+    else:
+        w_q = add_initializer(model, f"{base}.int8", codes)
+        w_zp = add_initializer(model, f"{base}.zero_point", np.zeros(scale.shape, np.int8))
+    return w_q, w_zp, add_initializer(model, f"{base}.scale", scale)
 
 
 def quantize_int8_symmetric(weight: np.ndarray, per_channel: bool, levels: int = 127, axis: int = -1
@@ -107,6 +122,7 @@ class QuantizeDynamic(Pass):
         if not linears and not tables:
             return nothing_to_quantize(self.name, skipped, "linears quantized")
         quantized_inputs: dict[ir.Value, ir.Node] = {}
+        stored = SharedWeights()
         for linear in linears:
             x = linear.node.inputs[0]
             nodes = []
@@ -115,15 +131,8 @@ class QuantizeDynamic(Pass):
                                               name=f"{linear.node.name or linear.name}_quantize_input")
                 nodes.append(quantized_inputs[x])
             x_q, x_scale, x_zp = quantized_inputs[x].outputs
-            codes, scale = quantize_int8_symmetric(weight_matrix(linear), self.per_channel, levels)
-            base = linear.weight or linear.name
-            if unsigned:  # the same levels, shifted by the zero point 128
-                w_q = add_initializer(model, f"{base}.uint8", (codes.astype(np.int16) + 128).astype(np.uint8))
-                w_zp = add_initializer(model, f"{base}.zero_point", np.full(scale.shape, 128, np.uint8))
-            else:
-                w_q = add_initializer(model, f"{base}.int8", codes)
-                w_zp = add_initializer(model, f"{base}.zero_point", np.zeros(scale.shape, np.int8))
-            w_scale = add_initializer(model, f"{base}.scale", scale)
+            w_q, w_zp, w_scale = stored.get(linear, lambda: _int8_weight(model, linear, self.per_channel, levels,
+                                                                           unsigned))
             prefix = linear.node.name or linear.name
             matmul = ir.node("MatMulInteger", [x_q, w_q, x_zp, w_zp], name=f"{prefix}_MatMulInteger")
             cast = ir.node("Cast", [matmul.outputs[0]], attributes={"to": ir.DataType.FLOAT}, name=f"{prefix}_cast")

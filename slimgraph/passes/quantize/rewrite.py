@@ -5,7 +5,8 @@ linears and embeddings can be quantized, and the quantized nodes that replace th
 from __future__ import annotations
 
 import fnmatch
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from typing import Any, TypeVar
 
 import numpy as np
 import onnx_ir as ir
@@ -18,6 +19,7 @@ from slimgraph.passes._infra.base import PassResult
 from slimgraph.passes.quantize.packing import BlockQuantized, pack, quantize_rtn
 
 MS_DOMAIN = "com.microsoft"
+T = TypeVar("T")
 
 
 def excluded(linear: Linear, patterns: Sequence[str]) -> bool:
@@ -63,15 +65,43 @@ def _unsupported(linear: Linear) -> str | None:
     return None
 
 
+class SharedWeights:
+    """What a pass makes once per stored weight: a weight that several nodes read (an unrolled LSTM's
+    gate weights feed one Gemm per time step) is quantized once, and every reader reads the same
+    codes. Readers share when they read the same constant in the same layout (`weight_key`)."""
+
+    def __init__(self) -> None:
+        self._made: dict[tuple, Any] = {}
+
+    def get(self, linear: Linear, make: Callable[[], T]) -> T:
+        key = weight_key(linear)
+        if key not in self._made:
+            self._made[key] = make()
+        return self._made[key]
+
+
+def weight_key(linear: Linear) -> tuple:
+    """The stored constant behind a linear's weight and its layout: equal keys, equal [K, N] matrices."""
+    value = linear.node.inputs[1]
+    source = transposed_source(value)
+    trans_b = linear.node.op_type == "Gemm" and bool(linear.node.attributes.get_int("transB", 0))
+    return (source if source is not None else value, source is not None, trans_b)
+
+
 def matmul_nbits(
     model: ir.Model, linear: Linear, q: BlockQuantized, *, accuracy_level: int = 0, symmetric: bool = False,
-    input_value: ir.Value | None = None, dtype: ir.DataType = ir.DataType.FLOAT,
+    input_value: ir.Value | None = None, dtype: ir.DataType = ir.DataType.FLOAT, shared: SharedWeights | None = None,
 ) -> ir.Node:
-    """A MatMulNBits node for a quantized linear (bias fused); `input_value` overrides its input."""
+    """A MatMulNBits node for a quantized linear (bias fused); `input_value` overrides its input;
+    with `shared`, linears reading one weight read one set of codes."""
     base = linear.weight or linear.name
-    b = add_initializer(model, f"{base}.q{q.bits}", q.packed_b())
-    scales = add_initializer(model, f"{base}.scales", q.scales.astype(dtype.numpy()))
-    zero_points = None if symmetric else add_initializer(model, f"{base}.zero_points", q.packed_zero_points())
+
+    def initializers() -> tuple[ir.Value, ir.Value, ir.Value | None]:
+        return (add_initializer(model, f"{base}.q{q.bits}", q.packed_b()),
+                add_initializer(model, f"{base}.scales", q.scales.astype(dtype.numpy())),
+                None if symmetric else add_initializer(model, f"{base}.zero_points", q.packed_zero_points()))
+
+    b, scales, zero_points = shared.get(linear, initializers) if shared is not None else initializers()
     inputs = [input_value or linear.node.inputs[0], b, scales, zero_points, None, bias_value(linear)]
     while inputs[-1] is None:
         inputs.pop()

@@ -33,7 +33,7 @@ import onnx_ir as ir
 
 from slimgraph.errors import SlimgraphError
 from slimgraph.ir import evaluate
-from slimgraph.ir.edit import add_initializer, constant_array, remove_unused_initializers
+from slimgraph.ir.edit import add_initializer, constant_array, remove_unused_initializers, unique_name
 from slimgraph.ir.graph import constant_tensor, ensure_shapes, is_default_domain, module_path
 from slimgraph.ir.target import detect
 from slimgraph.passes._infra.base import Pass, PassContext, PassResult
@@ -225,6 +225,17 @@ class _Rewriter:
         self.params: dict[ir.Value, tuple[ir.Value, ir.Value]] = {}  # tensor → (scale, zero point) initializers
         self.sources: dict[ir.Value, ir.Value] = {}  # a DequantizeLinear output → the float tensor it stands for
         self.weights: dict[tuple[ir.Value, int], tuple[ir.Value, np.ndarray]] = {}  # (weight, axis) → (DQ, scales)
+        self.biases: dict[tuple[ir.Value, ir.Value, ir.Value], ir.Value] = {}  # (bias, x scale, weight DQ) → DQ
+        self.node_names = {node.name for node in model.graph if node.name}
+
+    def _node_name(self, base: str) -> str:
+        """`base`, or `base.2`, …: ONNX Runtime refuses two nodes of one name (a shared bias has several DQs)."""
+        name, i = base, 1
+        while name in self.node_names:
+            i += 1
+            name = f"{base}.{i}"
+        self.node_names.add(name)
+        return name
 
     def rewrite(self) -> None:
         plan = self.plan
@@ -265,12 +276,13 @@ class _Rewriter:
             zero_point = add_initializer(self.model, f"{base}.zero_point", np.array(zp, np.uint8))
         self.params[value] = (scale, zero_point)
         readers = [(n, i) for n, i in value.uses() if n not in self.plan.excluded]
-        q = ir.node("QuantizeLinear", [value, scale, zero_point], name=f"{value.name}_QuantizeLinear")
-        dq = ir.node("DequantizeLinear", [q.outputs[0], scale, zero_point], name=f"{value.name}_DequantizeLinear")
+        q = ir.node("QuantizeLinear", [value, scale, zero_point], name=self._node_name(f"{value.name}_QuantizeLinear"))
+        dq = ir.node("DequantizeLinear", [q.outputs[0], scale, zero_point], name=self._node_name(f"{value.name}_DequantizeLinear"))
         q.outputs[0].type = ir.TensorType(ir.DataType.UINT8)
         q.outputs[0].shape = dq.outputs[0].shape = value.shape
         dq.outputs[0].type = value.type
-        q.outputs[0].name, dq.outputs[0].name = f"{value.name}_quantized", f"{value.name}_dequantized"
+        q.outputs[0].name = unique_name(self.model, f"{value.name}_quantized")
+        dq.outputs[0].name = unique_name(self.model, f"{value.name}_dequantized")
         if producer is not None:
             self.model.graph.insert_after(producer, [q, dq])
             q.metadata_props.update(producer.metadata_props)
@@ -299,18 +311,23 @@ class _Rewriter:
                       add_initializer(self.model, f"{base}.scale", scales),
                       add_initializer(self.model, f"{base}.zero_point", zero_points)]
             attributes = {"axis": axis % array.ndim} if per_channel else {}
-            dq = ir.node("DequantizeLinear", inputs, attributes=attributes, name=f"{base}_DequantizeLinear")
+            dq = ir.node("DequantizeLinear", inputs, attributes=attributes, name=self._node_name(f"{base}_DequantizeLinear"))
             dq.outputs[0].type, dq.outputs[0].shape = ir.TensorType(ir.DataType.FLOAT), ir.Shape(array.shape)
-            dq.outputs[0].name = f"{base}_dequantized"
+            dq.outputs[0].name = unique_name(self.model, f"{base}_dequantized")
             self.model.graph.insert_before(node, dq)
             self.weights[key] = (dq.outputs[0], scales)
         return self.weights[key]
 
     def _quantize_bias(self, node: ir.Node, index: int, weight_scales: np.ndarray) -> None:
-        """bias → DQ(int32 codes, x_scale · w_scale): the scale ONNX Runtime's integer kernels accumulate at."""
+        """bias → DQ(int32 codes, x_scale · w_scale): the scale ONNX Runtime's integer kernels accumulate at;
+        made once for the readers of one bias with one input scale and weight."""
         bias = node.inputs[index]
         x_scale = self.params.get(self._float_source(node.inputs[0]))
         if x_scale is None or constant_tensor(bias) is None:
+            return
+        key = (bias, x_scale[0], node.inputs[1])
+        if key in self.biases:
+            node.replace_input_with(index, self.biases[key])
             return
         array = np.asarray(constant_array(bias), dtype=np.float32)
         scales = (np.float32(constant_array(x_scale[0])) * weight_scales).astype(np.float32)
@@ -320,11 +337,12 @@ class _Rewriter:
         base = bias.name or f"{node.name}_bias"
         inputs = [add_initializer(self.model, f"{base}.int32", codes), add_initializer(self.model, f"{base}.scale", scales),
                   add_initializer(self.model, f"{base}.zero_point", np.zeros(array.shape, np.int32))]
-        dq = ir.node("DequantizeLinear", inputs, attributes={"axis": 0}, name=f"{base}_DequantizeLinear")
+        dq = ir.node("DequantizeLinear", inputs, attributes={"axis": 0}, name=self._node_name(f"{base}_DequantizeLinear"))
         dq.outputs[0].type, dq.outputs[0].shape = ir.TensorType(ir.DataType.FLOAT), ir.Shape(array.shape)
-        dq.outputs[0].name = f"{base}_dequantized"
+        dq.outputs[0].name = unique_name(self.model, f"{base}_dequantized")
         self.model.graph.insert_before(node, dq)
         node.replace_input_with(index, dq.outputs[0])
+        self.biases[key] = dq.outputs[0]
 
     def _float_source(self, value: ir.Value) -> ir.Value:
         """The float tensor a DequantizeLinear output stands for (else `value` itself)."""

@@ -30,6 +30,7 @@ from slimgraph.passes.quantize import algorithms
 from slimgraph.passes.quantize.awq_scales import apply_input_scales
 from slimgraph.passes.quantize.packing import SUPPORTED_BITS, BlockQuantized, quantize_rtn
 from slimgraph.passes.quantize.rewrite import (
+    SharedWeights,
     embedding_tables,
     input_dtype,
     matmul_nbits,
@@ -103,13 +104,18 @@ class QuantizeWeights(Pass):
         if self.method == "awq":
             scales, folded = apply_input_scales(model, calibrated, activations, self.bits, self.group_size,
                                                 self.symmetric)
+        # rtn's codes depend on the weight alone: readers of one weight share them (awq's and gptq's
+        # depend on each reader's inputs)
+        codes, stored = (SharedWeights(), SharedWeights()) if self.method == "rtn" else (None, None)
         for linear in ctx.track(linears, f"{self.method} int{self.bits}"):
             if linear.name in tied:
                 q = quantize_rtn(weight_matrix(linear), self.bits, self.group_size, self.symmetric)
+            elif codes is not None:
+                q = codes.get(linear, lambda: self.quantize(weight_matrix(linear), None, None))
             else:
                 q = self.quantize(weight_matrix(linear), activations.get(linear.name), scales.get(linear.name))
             node = matmul_nbits(model, linear, q, accuracy_level=self.accuracy_level, symmetric=self.symmetric,
-                                dtype=input_dtype(linear))
+                                dtype=input_dtype(linear), shared=stored if linear.name not in tied else None)
             replace_linear(model, linear, [node], node.outputs[0])
             if linear.name in tied:
                 share_quantized_table(model, tied[linear.name], node)

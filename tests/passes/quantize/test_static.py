@@ -196,8 +196,8 @@ def test_real_detector_from_a_wheel_is_as_faithful_as_onnxruntime_quantize_stati
     from onnxruntime.quantization import CalibrationDataReader, QuantFormat, quantize_static
 
     from slimgraph.frontend.images import load_images, split_spec
-    from tests.zoo.test_real_models import _path
     from tests.frontend.test_images import photo_folder
+    from tests.zoo.test_real_models import _path
 
     source = _path("nudenet-320n")
     folder, preprocess = split_spec(f"{photo_folder(tmp_path / 'photos')}/{{size=[320,320]}}")
