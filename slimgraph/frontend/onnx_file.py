@@ -17,6 +17,7 @@ from slimgraph.ir.meta import SOURCE_KEY
 from slimgraph.ir.opset import upgrade_opset
 
 MIN_OPSET = 9
+IR_INITIALIZERS_APART = 4
 
 
 def load_onnx(path: Path) -> ir.Model:
@@ -31,6 +32,10 @@ def load_onnx(path: Path) -> ir.Model:
     _check_external_data(model, path)
     check_model(model, path)  # names, dangling values, cycles, schemas, tensor data: one line each
     _open_negative_dims(model)
+    if model.ir_version < IR_INITIALIZERS_APART:
+        # IR 3 wants every initializer listed as a graph input too, and the initializers passes add are
+        # not: the model is written at IR 4, where they need not be (those that are stay inputs)
+        model.ir_version = IR_INITIALIZERS_APART
     if model.opset_imports[""] < MIN_OPSET:
         _upgrade(model, path)
     model.meta[SOURCE_KEY] = str(path)

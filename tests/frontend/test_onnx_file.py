@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import onnx
 import pytest
@@ -133,3 +135,20 @@ def test_a_name_that_is_not_utf8_is_refused(tmp_path):
     path.write_bytes(proto.SerializeToString().replace(b"spare_zzzz", b"spare_\xf6\xf3\xfc\x18"))
     with pytest.raises(SlimgraphError, match="has a name that is not text"):
         load(path)
+
+
+@pytest.mark.slow
+def test_ir_version_3_model_takes_new_initializers_through_the_cli(tmp_path):
+    """onnx's zoo ResNet-50 is IR version 3, where every initializer must be a graph input: the pruned
+    model (new initializers) is written at IR 4 and passes the checker through `slimgraph optimize`."""
+    import onnx
+
+    from slimgraph.cli import main
+
+    source = Path(onnx.__file__).parent / "backend/test/data/light/light_resnet50.onnx"
+    assert onnx.load(source, load_external_data=False).ir_version == 3
+    out = tmp_path / "pruned.onnx"
+    assert main(["optimize", str(source), "-p", "prune-width{target=channels,ratio=0.5}", "-o", str(out)]) == 0
+    written = onnx.load(out)
+    assert written.ir_version >= 4
+    onnx.checker.check_model(written)
