@@ -19,6 +19,7 @@ PIPELINES = {
     "quantize-weights{bits=4,group_size=16,method=awq}": "mlp_model",
     "quantize-weights{bits=4,group_size=16,method=gptq}": "mlp_model",
     "quantize-dynamic": "mlp_model",
+    "quantize-static{method=mse}": "mlp_model",
     "ternarize{method=tequila,group_size=16}": "mlp_model",
     "mixed-precision{budget_mb=0.001,candidates=[8,4],group_size=16}": "mlp_model",
     "low-rank{rank=2,method=activation}": "mlp_model",
