@@ -61,6 +61,7 @@ CANDIDATES: dict[str, tuple[str, ...]] = {
 }
 CANDIDATES["balanced"] = tuple(dict.fromkeys(CANDIDATES["latency"] + CANDIDATES["size"]))
 BATCHES = (1, 8)
+SENSITIVE_PASSES = ("quantize-dynamic", "quantize-static")  # those whose layers --goal may keep float
 SENSITIVE_ROUNDS = 3
 
 
@@ -148,12 +149,14 @@ def search(
     for i, text in enumerate(texts):
         report(f"candidate {i + 1}/{len(texts)}: {text}", i, len(texts))
         tried.append(_run_candidate(model, text, max_drop, calib, target))
-    # W8A8 is the fastest kind: when no form of it is within budget, keep its sensitive linears float
-    over = next((c for c in tried if c.status.startswith("over budget") and "quantize-dynamic" in c.pipeline), None)
-    if over is not None and candidates is None and not any(c.status == "ok" and "quantize-dynamic" in c.pipeline
-                                                           for c in tried):
-        report("keeping the most sensitive linears float", len(texts), len(texts))
-        tried.append(_sensitive_layers_float(model, over, max_drop, calib, target))
+    # int8 activations are the fastest kind: when no form of a pass is within budget, keep its
+    # most sensitive layers float
+    for quantize in SENSITIVE_PASSES:
+        over = next((c for c in tried if c.status.startswith("over budget") and quantize in c.pipeline), None)
+        if over is not None and candidates is None and not any(c.status == "ok" and quantize in c.pipeline
+                                                               for c in tried):
+            report(f"{quantize}: keeping the most sensitive layers float", len(texts), len(texts))
+            tried.append(_sensitive_layers_float(model, over, quantize, max_drop, calib, target))
     kept = [c for c in tried if c.status == "ok"]
     if not kept:
         raise SlimgraphError(f"--goal {goal}: no candidate stays within max_drop {max_drop}: "
@@ -200,26 +203,23 @@ def _run_candidate(model: ir.Model, text: str, max_drop: float, calib: Any, targ
     return candidate
 
 
-def _sensitive_layers_float(model: ir.Model, over: Candidate, max_drop: float, calib: Any, target: Target
-                            ) -> Candidate:
-    """`over`'s pipeline with its most sensitive linears left in float: the linears are grouped by
-    block (`encoder.layer.3.*`) and by role across blocks (`*.output.dense`); each round keeps
-    float the group that gains the most cosine per multiply-add it keeps float, until the
-    budget holds (at most `SENSITIVE_ROUNDS` rounds)."""
-    from slimgraph.passes.quantize.rewrite import quantizable_linears
-
-    linears, _ = quantizable_linears(model, ())
-    blocks: dict[str, set[str]] = {}  # "encoder.layer.3.*" → its linears
-    roles: dict[str, set[str]] = {}  # "encoder.layer.#.output.dense" → that linear in every block
-    for linear in linears:
-        match = re.search(r"\.\d+\.", linear.name)
+def _sensitive_layers_float(model: ir.Model, over: Candidate, quantize: str, max_drop: float, calib: Any,
+                            target: Target) -> Candidate:
+    """`over`'s pipeline with the most sensitive layers of its `quantize` pass left in float: the
+    layers are grouped by block (`encoder.layer.3.*`, `/model.22/*`) and by role across blocks
+    (`*.output.dense`); each round keeps float the group that gains the most cosine per weight it
+    keeps float, until the budget holds (at most `SENSITIVE_ROUNDS` rounds)."""
+    cost = _layer_weights(model, quantize)
+    blocks: dict[str, set[str]] = {}  # "encoder.layer.3.*" → its layers
+    roles: dict[str, set[str]] = {}  # "encoder.layer.#.output.dense" → that layer in every block
+    for name in cost:
+        match = re.search(r"[./]\d+[./]", name)
         if match:
-            blocks.setdefault(linear.name[:match.end()] + "*", set()).add(linear.name)
-            roles.setdefault(linear.name[:match.start()] + ".#." + linear.name[match.end():], set()).add(linear.name)
-    # exclude patterns (a block's glob, or a role's names) → the linears they keep float
+            blocks.setdefault(name[:match.end()] + "*", set()).add(name)
+            roles.setdefault(name[:match.start()] + ".#." + name[match.end():], set()).add(name)
+    # exclude patterns (a block's glob, or a role's names) → the layers they keep float
     groups = {(glob,): members for glob, members in blocks.items()} | {
         tuple(sorted(members)): members for members in roles.values()}
-    cost = {lin.name: lin.in_features * lin.out_features for lin in linears}
     total = sum(cost.values())
     passes = Pipeline.parse(over.pipeline).passes
     kept_globs: list[str] = []
@@ -231,7 +231,8 @@ def _sensitive_layers_float(model: ir.Model, over: Candidate, max_drop: float, c
             added = members - kept_float
             if not added or sum(cost[n] for n in kept_float | members) > total / 2:
                 continue
-            trial = _run_candidate(model, _with_exclude(passes, kept_globs + list(patterns)), max_drop, calib, target)
+            trial = _run_candidate(model, _with_exclude(passes, quantize, kept_globs + list(patterns)), max_drop,
+                                   calib, target)
             if trial.cosine is not None:
                 gain = (trial.cosine - best.cosine) / sum(cost[n] for n in added)
                 trials.append((gain, trial, patterns, added))
@@ -245,9 +246,22 @@ def _sensitive_layers_float(model: ir.Model, over: Candidate, max_drop: float, c
     return best
 
 
-def _with_exclude(passes: list[Pass], globs: list[str]) -> str:
-    """The pipeline text of `passes` with `exclude=[globs]` on its quantize-dynamic."""
-    return Pipeline([dataclasses.replace(p, exclude=tuple(globs)) if p.name == "quantize-dynamic" else p
+def _layer_weights(model: ir.Model, quantize: str) -> dict[str, int]:
+    """The layers `quantize` rewrites, by the name its `exclude` matches, and their weights' sizes."""
+    from slimgraph.passes.quantize.rewrite import quantizable_linears
+
+    if quantize == "quantize-dynamic":
+        return {lin.name: lin.in_features * lin.out_features for lin in quantizable_linears(model, ())[0]}
+    from slimgraph.ir.graph import constant_tensor
+    from slimgraph.passes.quantize.static import COMPUTE_OPS
+
+    return {node.name: tensor.size for node in model.graph if node.op_type in COMPUTE_OPS and node.name
+            and len(node.inputs) > 1 and (tensor := constant_tensor(node.inputs[1])) is not None}
+
+
+def _with_exclude(passes: list[Pass], quantize: str, globs: list[str]) -> str:
+    """The pipeline text of `passes` with `exclude=[globs]` on its `quantize` pass."""
+    return Pipeline([dataclasses.replace(p, exclude=tuple(globs)) if p.name == quantize else p
                      for p in passes]).to_text()
 
 

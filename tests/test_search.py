@@ -71,3 +71,22 @@ def test_cli_writes_the_chosen_recipe_and_it_reruns_exactly(tmp_path, mlp_path, 
 def test_candidates_the_backend_cannot_run_are_not_tried(mlp_model):
     result = search(mlp_model, "size", max_drop=0.5, candidates=("cleanup,fuse-ort", "cleanup"), backend="pytorch")
     assert [c.pipeline for c in result.candidates] == ["cleanup"]
+
+
+def test_static_int8_over_budget_keeps_its_most_sensitive_block_float():
+    """quantize-static's layers are grouped by block from node names as other exporters write them
+    (`/block.1/conv`): keeping the most sensitive one float gains fidelity."""
+    from slimgraph.search import Candidate, _run_candidate, _sensitive_layers_float
+    from tests.passes.quantize.test_static import small_cnn
+
+    model = small_cnn(seed=3)
+    for i, node in enumerate(n for n in model.graph if n.op_type == "Conv"):
+        node.name = f"/block.{i}/conv"
+    from slimgraph.ir.target import detect
+
+    full = _run_candidate(model, "quantize-static", 1.0, None, detect())
+    over = Candidate("quantize-static", status="over budget", cosine=full.cosine)
+    budget = (1 - full.cosine) / 4
+    kept = _sensitive_layers_float(model, over, "quantize-static", budget, None, detect())
+    assert kept.cosine > full.cosine
+    assert "exclude=[/block." in kept.pipeline

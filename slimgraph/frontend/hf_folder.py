@@ -2,7 +2,8 @@
 
 Loaded offline with transformers: the model class is chosen from `config.architectures`;
 example inputs come from the tokenizer when the folder has one, else from the config.
-Batch and sequence axes are exported as dynamic. The export is cached on disk, keyed by the
+Batch and sequence axes are exported as dynamic. The graph computes in float32 (a bf16 or fp16
+checkpoint's weights widen exactly), which is what a CPU runs. The export is cached on disk, keyed by the
 folder's content (`slimgraph.frontend.cache`), so loading the same folder again is fast.
 
 A causal LM is exported without a KV cache (each call computes the whole sequence), or with
@@ -129,6 +130,7 @@ def prompt_inputs(tokenizer_source: Path | None, config: Any) -> tuple[dict, str
 
 def load_transformers_model(path: Path) -> Any:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    import torch
     import transformers
 
     transformers.logging.set_verbosity_error()
@@ -139,7 +141,9 @@ def load_transformers_model(path: Path) -> Any:
         model_class = getattr(transformers, architecture, None) if architecture else None
         model_class = model_class or transformers.AutoModel
         config.use_cache = False
-        model = model_class.from_pretrained(path, config=config, local_files_only=True)
+        # float32, whatever the checkpoint's dtype: most decoders ship bf16, which ONNX Runtime's CPU
+        # provider does not compute in; bf16 and fp16 weights widen to float32 exactly
+        model = model_class.from_pretrained(path, config=config, dtype=torch.float32, local_files_only=True)
     except Exception as exc:
         raise SlimgraphError(f"transformers cannot load {path}: {first_line(exc)}") from exc
     return model.eval()

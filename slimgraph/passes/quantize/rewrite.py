@@ -44,15 +44,29 @@ def quantizable_linears(model: ir.Model, exclude: Sequence[str]) -> tuple[list[L
 
 
 def nothing_to_quantize(pass_name: str, skipped: list[str], counter: str) -> PassResult:
-    """The result of a quantization pass that found nothing: unchanged model, one warning."""
-    reason = "; ".join(skipped) or "no MatMul/Gemm with a constant 2-D weight"
-    return PassResult(False, {counter: 0}, warnings=[f"{pass_name}: nothing to quantize ({reason})"])
+    """The result of a quantization pass that found nothing: unchanged model, one warning line
+    that counts the layers skipped for each reason (`name: reason` in `skipped`)."""
+    return PassResult(False, {counter: 0}, warnings=[f"{pass_name}: nothing to quantize ({why_skipped(skipped)})"])
+
+
+def why_skipped(skipped: Sequence[str], default: str = "no MatMul/Gemm with a constant 2-D weight") -> str:
+    """`["a: excluded", "b: weight dtype int8", "c: weight dtype int8"]` → "excluded (a); weight
+    dtype int8 (2 layers: b, c)": one entry per reason, however many layers share it."""
+    names: dict[str, list[str]] = {}
+    for entry in skipped:
+        name, _, reason = entry.rpartition(": ")
+        names.setdefault(reason, []).append(name)
+    parts = []
+    for reason, layers in names.items():
+        shown = ", ".join(layers[:2]) + (", …" if len(layers) > 2 else "")
+        parts.append(f"{reason} ({shown})" if len(layers) == 1 else f"{reason} ({len(layers)} layers: {shown})")
+    return "; ".join(parts) or default
 
 
 def _unsupported(linear: Linear) -> str | None:
     node = linear.node
     tensor = weight_tensor(node.inputs[1])[0]
-    if tensor.dtype not in (ir.DataType.FLOAT, ir.DataType.FLOAT16):
+    if tensor.dtype not in (ir.DataType.FLOAT, ir.DataType.FLOAT16, ir.DataType.BFLOAT16):  # read as float32
         return f"weight dtype {tensor.dtype.name.lower()}"
     if node.op_type == "Gemm":
         attrs = node.attributes

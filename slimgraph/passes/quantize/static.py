@@ -40,6 +40,7 @@ from slimgraph.passes._infra.base import Pass, PassContext, PassResult
 from slimgraph.passes._infra.registry import register_pass
 from slimgraph.passes.quantize.dynamic import WEIGHT_FORMATS, quantize_int8_symmetric, weight_format
 from slimgraph.passes.quantize.ranges import activation_ranges, uint8_params
+from slimgraph.passes.quantize.rewrite import why_skipped
 
 
 @dataclass(frozen=True)
@@ -130,7 +131,7 @@ class QuantizeStatic(Pass):
         ensure_shapes(model)
         plan = self._plan(model)
         if not any(node.op_type in COMPUTE_OPS for node in plan.nodes):
-            reason = "; ".join(plan.skipped[:3]) or "no Conv, ConvTranspose, MatMul or Gemm with float inputs"
+            reason = why_skipped(plan.skipped, "no Conv, ConvTranspose, MatMul or Gemm with float inputs")
             return PassResult(False, {"ops quantized": 0}, warnings=[f"{self.name}: nothing to quantize ({reason})"])
         ranges = self._ranges(model, plan, ctx)
         wide = [v for v, (low, high) in ranges.items() if max(abs(low), abs(high)) > WIDEST_RANGE]

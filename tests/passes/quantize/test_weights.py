@@ -176,3 +176,10 @@ def test_dynamic_embeddings_are_uint8_rows():
     scale = (table.max() - min(table.min(), 0)) / 255
     assert np.abs(got - table[ids]).max() <= scale / 2 + 1e-6  # within half a quantization step
     assert report.records[0].stats["embeddings quantized"] == 1
+
+
+def test_skipped_layers_are_summed_up_in_one_line_per_reason():
+    from slimgraph.passes.quantize.rewrite import why_skipped
+
+    skipped = [f"layers.{i}.mlp: weight dtype int8" for i in range(150)] + ["lm_head: excluded"]
+    assert why_skipped(skipped) == "weight dtype int8 (150 layers: layers.0.mlp, layers.1.mlp, …); excluded (lm_head)"
