@@ -34,10 +34,16 @@ class PyTorchArtifact(AdapterSwitching):
                                  "or a .pt2 file")
         check_writable(path, folder=not path.suffix)
 
-    def __init__(self, model: ir.Model, style: str = "structured") -> None:
+    def __init__(self, model: ir.Model, style: str = "structured", ort_threads: int | None = None) -> None:
+        """`ort_threads`: the intra-op threads of the ONNX Runtime session whose int8 recurrent
+        results to reproduce (com.microsoft.DynamicQuantizeLSTM, see ops/recurrent.py); by
+        default ORT's default on this machine, its physical cores."""
         if style not in STYLES:
             raise SlimgraphError(f"pytorch backend: unknown style {style!r} (one of: {', '.join(STYLES)})")
+        if ort_threads is not None and ort_threads < 1:
+            raise SlimgraphError(f"pytorch backend: ort_threads must be at least 1, not {ort_threads}")
         self.requested_style = style
+        self.options = {"ort_threads": ort_threads}
         self._build(model)
         self.input_names = [v.name for v in model.graph.inputs if not v.is_initializer()]
         self.output_names = [v.name for v in model.graph.outputs]
@@ -95,12 +101,12 @@ class PyTorchArtifact(AdapterSwitching):
         if self.requested_style == "structured" and not _has_subgraphs(model):
             from slimgraph.backends.pytorch.structured import generate, instantiate
 
-            self.code = generate(model)
+            self.code = generate(model, self.options)
             self.module = instantiate(self.code)
             self.sources = self.code.sources
             self.style = "structured"
         else:
-            self.module = build_module(model)
+            self.module = build_module(model, self.options)
             self.style = "fx"
 
     # --- in-place weights for adapter switching (the WeightStore of slimgraph.passes.adapters.switching)

@@ -50,8 +50,9 @@ class _Tracer(fx.proxy.GraphAppendingTracer):
 class Builder:
     """Holds the fx graph being built and what each IR value became."""
 
-    def __init__(self, model: ir.Model, layers: dict[ir.Node, Layer] | None = None) -> None:
+    def __init__(self, model: ir.Model, layers: dict[ir.Node, Layer] | None = None, options: dict | None = None) -> None:
         self.model = model
+        self.options = options or {}  # the artifact's lowering options (ort_threads: see ops/recurrent.py)
         self.layers = layers or {}  # nodes lowered as one module call (structured code), see layers.py
         self.layer_at: dict[str, Layer] = {}  # attribute → the layer module there
         self.initializer_at: dict[str, str] = {}  # attribute → the initializer it holds
@@ -274,7 +275,7 @@ class SubgraphBuilder(Builder):
     arguments: `captured` lists them, as the outer graph passes them."""
 
     def __init__(self, parent: Builder, graph: ir.Graph) -> None:
-        super().__init__(parent.model)
+        super().__init__(parent.model, options=parent.options)
         self.parent, self.subgraph_ir = parent, graph
         self.captured: list[fx.Proxy] = []
         self._captures: dict[Any, fx.Proxy] = {}
@@ -433,9 +434,9 @@ def _attach(root: torch.nn.Module, dotted: str, value: torch.Tensor | torch.nn.M
         module.register_parameter(leaf, value)
 
 
-def build_module(model: ir.Model) -> fx.GraphModule:
+def build_module(model: ir.Model, options: dict | None = None) -> fx.GraphModule:
     """The model as a torch.fx.GraphModule returning a tuple of its outputs."""
-    return Builder(lowerable(model)).build()
+    return Builder(lowerable(model), options=options).build()
 
 
 def lowerable(model: ir.Model) -> ir.Model:

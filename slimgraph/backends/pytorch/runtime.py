@@ -366,30 +366,43 @@ def col2im(x: torch.Tensor, image: list[int], block: list[int], dilations: list[
 
 
 def recurrent_matmul(a: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor | None = None,
-                     zero_point: torch.Tensor | None = None, per_row: bool = False) -> torch.Tensor:
+                     zero_point: torch.Tensor | None = None, rows: int | None = None) -> torch.Tensor:
     """a @ weight. With a scale, weight holds 8-bit codes and `a` is quantized to uint8 (min/max
     including 0, round half to even) as ONNX Runtime's DynamicQuantizeLSTM does: the inputs of
-    the whole sequence at once, the hidden state (`per_row`) per batch entry, which is what ORT
-    does when it has at least as many threads as batch entries (it quantizes each thread's
-    rows together). (qa - za) @ (qw - zw) · sa · sw, the integer sums in float64, which holds
-    them exactly."""
+    the whole sequence at once; the hidden state [batch, hidden] in blocks of `rows` batch rows,
+    one per thread (`ort_lstm_rows`). (qa - za) @ (qw - zw), the integer sums exact (float64),
+    then as float32 times the float32 product of the scales, as ORT's int8 GEMM writes them."""
     if scale is None:
         return a @ weight
-    low = torch.clamp(torch.amin(a, -1, keepdim=True) if per_row else torch.amin(a), max=0.0)
-    high = torch.clamp(torch.amax(a, -1, keepdim=True) if per_row else torch.amax(a), min=0.0)
+    if rows is None:
+        low, high = torch.clamp(torch.amin(a), max=0.0), torch.clamp(torch.amax(a), min=0.0)
+    else:  # per block of rows: scatter into zeros, so each range includes 0
+        block = torch.arange(a.size(0), device=a.device) // rows
+        zeros = a.new_zeros((a.size(0) + rows - 1) // rows)
+        low = zeros.scatter_reduce(0, block, torch.amin(a, -1), "amin")[block].unsqueeze(-1)
+        high = zeros.scatter_reduce(0, block, torch.amax(a, -1), "amax")[block].unsqueeze(-1)
     a_scale = (high - low) / 255.0
     a_scale = torch.where(a_scale == 0, torch.ones_like(a_scale), a_scale)
     a_zero = torch.clamp(torch.round(-low / a_scale), 0, 255)
     codes = torch.clamp(torch.round(a / a_scale) + a_zero, 0, 255)
     zero = zero_point.to(torch.float64) if zero_point is not None else 0.0
     sums = (codes - a_zero).to(torch.float64) @ (weight.to(torch.float64) - zero)
-    return (sums * a_scale.to(torch.float64) * scale.to(torch.float64)).to(a.dtype)
+    return sums.to(a.dtype) * (a_scale * scale.to(a.dtype))
+
+
+def ort_lstm_rows(batch: int, hidden: int, threads: int) -> int:
+    """How many batch rows ONNX Runtime's LSTM quantizes its hidden state over at once: it splits
+    the batch into one block per thread, ceil(batch / threads) rows each, when batch > 4 or
+    (batch >= 2 and hidden <= 256); otherwise the whole batch is one block."""
+    if batch > 4 or (batch >= 2 and hidden <= 256):
+        return (batch + threads - 1) // threads
+    return max(batch, 1)
 
 
 def rnn_cell(xw: torch.Tensor, h: torch.Tensor, r: torch.Tensor, b: torch.Tensor | None, clip: float | None,
-             r_scale=None, r_zero=None) -> torch.Tensor:
+             r_scale=None, r_zero=None, rows=None) -> torch.Tensor:
     """One RNN step (tanh); xw = x_t @ w, already computed."""
-    z = xw + recurrent_matmul(h, r, r_scale, r_zero, per_row=True)
+    z = xw + recurrent_matmul(h, r, r_scale, r_zero, rows)
     if b is not None:
         hidden = r.size(-1)
         z = z + b[:hidden] + b[hidden:]
@@ -397,7 +410,7 @@ def rnn_cell(xw: torch.Tensor, h: torch.Tensor, r: torch.Tensor, b: torch.Tensor
 
 
 def gru_cell(xw: torch.Tensor, h: torch.Tensor, r: torch.Tensor, b: torch.Tensor | None, clip: float | None,
-             linear_before_reset: int, r_scale=None, r_zero=None) -> torch.Tensor:
+             linear_before_reset: int, r_scale=None, r_zero=None, rows=None) -> torch.Tensor:
     """One GRU step, gates z, r, h."""
     hidden = h.size(-1)
     xz, xr, xh = xw.split(hidden, dim=-1)
@@ -411,23 +424,23 @@ def gru_cell(xw: torch.Tensor, h: torch.Tensor, r: torch.Tensor, b: torch.Tensor
     def limit(value):
         return torch.clamp(value, -clip, clip) if clip is not None else value
 
-    hz = recurrent_matmul(h, torch.cat([rz, rr], -1), r_scale, r_zero, per_row=True)
+    hz = recurrent_matmul(h, torch.cat([rz, rr], -1), r_scale, r_zero, rows)
     z = torch.sigmoid(limit(xz + hz[..., :hidden] + rbz))
     reset = torch.sigmoid(limit(xr + hz[..., hidden:] + rbr))
     if linear_before_reset:
-        candidate = torch.tanh(limit(xh + reset * (recurrent_matmul(h, rh, r_scale, r_zero, per_row=True) + rbh)))
+        candidate = torch.tanh(limit(xh + reset * (recurrent_matmul(h, rh, r_scale, r_zero, rows) + rbh)))
     else:
-        candidate = torch.tanh(limit(xh + recurrent_matmul(reset * h, rh, r_scale, r_zero, per_row=True) + rbh))
+        candidate = torch.tanh(limit(xh + recurrent_matmul(reset * h, rh, r_scale, r_zero, rows) + rbh))
     return (1 - z) * candidate + z * h
 
 
 def lstm_cell(xw: torch.Tensor, h: torch.Tensor, c: torch.Tensor, r: torch.Tensor, b: torch.Tensor | None,
-              p: torch.Tensor | None, clip: float | None, r_scale=None, r_zero=None) -> tuple:
+              p: torch.Tensor | None, clip: float | None, r_scale=None, r_zero=None, rows=None) -> tuple:
     """One LSTM step, gates i, o, f, c, with optional peepholes p = (pi, po, pf): → (h, c)."""
     hidden = h.size(-1)
-    gates = xw + recurrent_matmul(h, r, r_scale, r_zero, per_row=True)
+    gates = xw + recurrent_matmul(h, r, r_scale, r_zero, rows)
     if b is not None:
-        gates = gates + b[: 4 * hidden] + b[4 * hidden:]
+        gates = gates + (b[: 4 * hidden] + b[4 * hidden:])  # (as ORT adds them: Wb + Rb first)
     i, o, f, g = gates.split(hidden, dim=-1)
 
     def limit(value):
@@ -444,23 +457,25 @@ def lstm_cell(xw: torch.Tensor, h: torch.Tensor, c: torch.Tensor, r: torch.Tenso
 
 def recurrent(kind: str, xw: torch.Tensor, r: torch.Tensor, b: torch.Tensor | None, p: torch.Tensor | None,
               h: torch.Tensor, c: torch.Tensor | None, lengths: torch.Tensor | None, reverse: bool,
-              clip: float | None, linear_before_reset: int, r_scale=None, r_zero=None) -> tuple:
+              clip: float | None, linear_before_reset: int, r_scale=None, r_zero=None, threads: int = 1) -> tuple:
     """One direction of a recurrent op over a sequence of run-time length: xw [seq, batch, gates·hidden]
     (the inputs already multiplied by the weights). → (outputs [seq, batch, hidden], final h, final c).
     With `lengths`, batch entry i runs for lengths[i] steps (reverse: from its last valid step);
-    its outputs after that are zeros and its final state is the one after its last step."""
+    its outputs after that are zeros and its final state is the one after its last step. With
+    r_scale (8-bit R), the hidden state is quantized in ORT's blocks of rows for `threads`."""
     steps = xw.size(0)
     if steps == 0:
         return h.new_zeros((0, *h.shape)), h, c
+    rows = ort_lstm_rows(h.size(0), h.size(1), threads) if r_scale is not None else None
     outputs = [h] * steps
     order = range(steps - 1, -1, -1) if reverse else range(steps)
     for t in order:
         if kind == "lstm":
-            new_h, new_c = lstm_cell(xw[t], h, c, r, b, p, clip, r_scale, r_zero)
+            new_h, new_c = lstm_cell(xw[t], h, c, r, b, p, clip, r_scale, r_zero, rows)
         elif kind == "gru":
-            new_h, new_c = gru_cell(xw[t], h, r, b, clip, linear_before_reset, r_scale, r_zero), c
+            new_h, new_c = gru_cell(xw[t], h, r, b, clip, linear_before_reset, r_scale, r_zero, rows), c
         else:
-            new_h, new_c = rnn_cell(xw[t], h, r, b, clip, r_scale, r_zero), c
+            new_h, new_c = rnn_cell(xw[t], h, r, b, clip, r_scale, r_zero, rows), c
         if lengths is not None:
             valid = (lengths > t).unsqueeze(-1)
             new_h = torch.where(valid, new_h, h)

@@ -70,10 +70,10 @@ class StructuredCode:
     sources: dict[str, tuple[str, bool]]  # initializer → (parameter, transposed): where a weight went
 
 
-def generate(model: ir.Model) -> StructuredCode:
+def generate(model: ir.Model, options: dict | None = None) -> StructuredCode:
     model = lowerable(model)
     ensure_shapes(model)  # (ranks and static sizes: what the layers are recognised by)
-    builder = Builder(model, find_layers(model))
+    builder = Builder(model, find_layers(model), options)
     module = builder.build()
     return _Generator(model, builder, module).run()
 

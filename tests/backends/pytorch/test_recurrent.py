@@ -8,6 +8,7 @@ import numpy as np
 import onnx
 import onnx_ir as ir
 import pytest
+import torch
 from onnx import TensorProto, helper, numpy_helper
 
 import slimgraph
@@ -129,11 +130,53 @@ def test_dynamic_quantize_lstm_as_onnxruntime_writes_it(tmp_path):
                      reduce_range=True)
     model = ir.load(quantized)
     assert [n.op_type for n in model.graph if n.domain == "com.microsoft"] == ["DynamicQuantizeLSTM"]
-    artifact = slimgraph.compile(model, backend="pytorch")
     # ORT quantizes the hidden state of each thread's batch rows together: with 2 threads and
-    # at most 2 rows, row by row, as the backend does
+    # at most 2 rows, row by row
+    artifact = slimgraph.compile(model, backend="pytorch", ort_threads=2)
     session = evaluate.make_session(model, threads=2)
     for steps, batch in ((1, 1), (6, 1), (6, 2)):
         feeds = feeds_for(steps, batch=batch) | {"c0": np.full((2, batch, HIDDEN), 0.1, np.float32)}
         feeds["h0"] = feeds["h0"][:, :batch]
         assert_close(artifact(**feeds), evaluate.run(session, feeds))
+
+
+class _Tagger(torch.nn.Module):
+    """nn.LSTM and a Linear head: what ORT's quantize_dynamic makes DynamicQuantizeLSTM and
+    DynamicQuantizeLinear + MatMulInteger of."""
+
+    def __init__(self, hidden: int) -> None:
+        super().__init__()
+        self.lstm = torch.nn.LSTM(8, hidden)
+        self.head = torch.nn.Linear(hidden, 4)
+
+    def forward(self, x):
+        return self.head(self.lstm(x)[0])
+
+
+@pytest.mark.parametrize(("weights", "per_channel"), [("QInt8", False), ("QInt8", True), ("QUInt8", False)])
+def test_onnxruntime_quantized_torch_lstm(tmp_path, weights, per_channel):
+    """A torch LSTM exported by the TorchScript exporter, quantized by ORT's quantize_dynamic.
+    ORT quantizes the hidden state over blocks of batch rows, one per thread (rows 0-1 and 2
+    of 3 with 2 threads; the whole batch with 1 thread or hidden > 256): its results depend
+    on the session's threads, by 2e-3 relative here, and the backend matches the session of
+    `ort_threads`. Int8 products are exact with VNNI, and with 7-bit (QInt8) or uint8 codes
+    without it; the full-range QInt8 weights here can saturate AVX2's int16 pair sums."""
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    from slimgraph.ir.target import detect
+
+    exact = weights == "QUInt8" or not detect().int8_saturates
+    rtol = 1e-4 if exact else 1e-1
+    for hidden, batch, threads in ((16, 2, 1), (16, 2, 2), (16, 3, 2), (300, 2, 2)):
+        torch.manual_seed(0)
+        source, quantized = tmp_path / "lstm.onnx", tmp_path / f"lstm.{hidden}.int8.onnx"
+        torch.onnx.export(_Tagger(hidden).eval(), (torch.randn(5, batch, 8),), source, dynamo=False,
+                          input_names=["x"], output_names=["y"], dynamic_axes={"x": {1: "batch"}})
+        quantize_dynamic(str(source), str(quantized), weight_type=QuantType[weights], per_channel=per_channel)
+        model = ir.load(quantized)
+        ops = {n.op_type for n in model.graph}
+        assert {"DynamicQuantizeLSTM", "DynamicQuantizeLinear", "MatMulInteger"} <= ops
+        artifact = slimgraph.compile(model, backend="pytorch", ort_threads=threads)
+        session = evaluate.make_session(model, threads=threads)
+        feeds = {"x": np.random.default_rng(1).standard_normal((5, batch, 8)).astype(np.float32)}
+        assert_close(artifact(**feeds), evaluate.run(session, feeds), rtol=rtol)

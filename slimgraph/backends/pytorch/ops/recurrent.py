@@ -8,9 +8,18 @@ the cells of `runtime` (plain torch). A static sequence length without per-batch
 unrolled into the forward (plain code, torch.export works); otherwise `runtime.recurrent`
 loops over the steps at run time (a run-time length, e.g. in an `If` branch or a streaming
 model). DynamicQuantizeLSTM (what ORT's quantizer makes of an LSTM) quantizes the inputs
-and each step's hidden state to uint8 as ORT does (`runtime.recurrent_matmul`)."""
+and each step's hidden state to uint8 as ORT does (`runtime.recurrent_matmul`): the inputs of
+all the steps that any batch entry runs with one scale and zero point, the hidden state with
+one per block of batch rows, a block per thread of ORT's session (`runtime.ort_lstm_rows`).
+So ORT's own results depend on its thread count (2e-3 relative between 1 and 2 threads on a
+small LSTM); the lowering matches the session of the artifact's `ort_threads` (by default
+ORT's default, this machine's physical cores). It always loops at run time, as the blocks
+depend on the run-time batch size."""
 
 from __future__ import annotations
+
+import os
+from pathlib import Path
 
 import torch
 
@@ -38,6 +47,27 @@ def _static_steps(node, layout: int, lengths) -> int | None:
     return steps if isinstance(steps, int) and lengths is None else None
 
 
+def ort_default_threads() -> int:
+    """ONNX Runtime's default intra-op threads: the machine's physical cores (what cpuinfo counts),
+    or half its logical CPUs where the topology cannot be read."""
+    cores = set()
+    for topology in Path("/sys/devices/system/cpu").glob("cpu[0-9]*/topology"):
+        try:
+            cores.add(((topology / "physical_package_id").read_text(), (topology / "core_id").read_text()))
+        except OSError:
+            continue
+    return len(cores) or max(1, (os.cpu_count() or 2) // 2)
+
+
+def _quantized_steps(x, lengths):
+    """ORT quantizes the inputs of the steps up to the longest length only: the steps after it
+    (which no batch entry runs) become zeros, which leave the range as it is (it includes 0)."""
+    if lengths is None:
+        return x
+    steps = torch.arange(x.size(0), device=x.device).reshape(-1, 1, 1)
+    return torch.where(steps < lengths.max(), x, torch.zeros_like(x))
+
+
 def _run(ctx, node, kind, x, weights, r, b, p, initial_h, initial_c, lengths, scales=(None, None, None, None)):
     """All directions of a recurrent op. `weights[d]`/`r[d]` are [input, gates·hidden]; returns
     (y, y_h, y_c) in the node's layout."""
@@ -49,7 +79,11 @@ def _run(ctx, node, kind, x, weights, r, b, p, initial_h, initial_c, lengths, sc
         initial_c = initial_c.transpose(0, 1) if initial_c is not None else None
     hidden, clip = attr(node, "hidden_size"), attr(node, "clip")
     before_reset = attr(node, "linear_before_reset", 0)
-    steps = _static_steps(node, layout, lengths)
+    steps = _static_steps(node, layout, lengths) if w_scale is None else None
+    threads = None
+    if w_scale is not None:
+        x = _quantized_steps(x, lengths)
+        threads = ctx.options.get("ort_threads") or ort_default_threads()
     outputs, finals_h, finals_c = [], [], []
     for d, direction in enumerate(_directions(node)):
         pick = [v[d] if v is not None else None for v in (w_scale, w_zero, r_scale, r_zero)]  # per direction
@@ -60,17 +94,17 @@ def _run(ctx, node, kind, x, weights, r, b, p, initial_h, initial_c, lengths, sc
         peephole = p[d] if p is not None else None
         if steps is None:
             result = ctx.call(runtime.recurrent, kind, xw, r[d], bias, peephole, h, c, lengths,
-                              direction == "reverse", clip, before_reset, pick[2], pick[3])
+                              direction == "reverse", clip, before_reset, pick[2], pick[3], threads or 1)
             y, h, c = result[0], result[1], result[2]
         else:
             per_step = [None] * steps
             for t in (range(steps) if direction == "forward" else reversed(range(steps))):
                 if kind == "lstm":
-                    h, c = runtime.lstm_cell(xw[t], h, c, r[d], bias, peephole, clip, pick[2], pick[3])
+                    h, c = runtime.lstm_cell(xw[t], h, c, r[d], bias, peephole, clip)
                 elif kind == "gru":
-                    h = runtime.gru_cell(xw[t], h, r[d], bias, clip, before_reset, pick[2], pick[3])
+                    h = runtime.gru_cell(xw[t], h, r[d], bias, clip, before_reset)
                 else:
-                    h = runtime.rnn_cell(xw[t], h, r[d], bias, clip, pick[2], pick[3])
+                    h = runtime.rnn_cell(xw[t], h, r[d], bias, clip)
                 per_step[t] = h
             y = torch.stack(per_step, 0)
         outputs.append(y)
