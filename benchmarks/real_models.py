@@ -8,6 +8,17 @@ Each model goes through what a new user would try, each step its own `slimgraph`
               the synthesized inputs and compared with ONNX Runtime on the original (max rel error)
 - int8 w:     `slimgraph optimize MODEL -p quantize-weights{bits=8}`: cosine against the original
 - W8A8:       `slimgraph optimize MODEL -p quantize-dynamic`: cosine against the original
+- static:     `slimgraph optimize MODEL -p quantize-static [--calib C]`: cosine against the original
+- goal:       `slimgraph optimize MODEL --goal latency --max-drop 0.01 [--calib C]`: the chosen pipeline,
+              its speed-up over fp32 at batch 1 (the model's own input size), cosine and size
+- ORT static: onnxruntime's `quantize_static(QDQ, per_channel=True)` calibrated on the same samples: its
+              speed-up and cosine, or the line it fails with
+
+C: vision models (an image input; their sizes and normalisation below) calibrate on 20 photos that
+scikit-image ships, the last 5 held out; the others on the samples slimgraph synthesizes (--calib
+omitted), held out: other synthesized samples, as `slimgraph optimize` verifies. The goal's and ORT's
+files are timed in this process, alternating with the original (2 threads, batch 1), and compared
+with it on the same held-out samples.
 
 A cell is the result, or the one line the user saw on stderr (`slimgraph: error: ` removed).
 Any other stderr line (a library's log leaking through) is reported below the table.
@@ -15,6 +26,7 @@ Any other stderr line (a library's log leaking through) is reported below the ta
     .venv/bin/python benchmarks/real_models.py                 # every model (downloads wheels once)
     .venv/bin/python benchmarks/real_models.py silero-vad magika
     .venv/bin/python benchmarks/real_models.py --markdown      # the table for the README
+    .venv/bin/python benchmarks/real_models.py --fast nudenet-320n   # without the static/goal/ORT columns
 """
 
 from __future__ import annotations
@@ -32,7 +44,26 @@ from pathlib import Path
 
 import numpy as np
 
-COLUMNS = ("inspect", "cleanup", "pytorch", "int8 w", "W8A8")
+COLUMNS = ("inspect", "cleanup", "pytorch", "int8 w", "W8A8", "static", "goal", "ORT static")
+PADDLE = "mean=[0.5,0.5,0.5],std=[0.5,0.5,0.5]"
+# vision models → the calibration images' preprocessing (the size where the input's is symbolic)
+IMAGE_CALIB = {
+    "nudenet-320n": "size=[320,320]",
+    "ppocr-v4-det": f"size=[480,480],{PADDLE}",
+    "ppocr-v3-det": f"size=[480,480],{PADDLE}",
+    "ppocr-v3-det-en": f"size=[480,480],{PADDLE}",
+    "ppocr-v4-rec": f"size=[48,320],{PADDLE}",
+    "ppocr-v4-rec-en": f"size=[48,320],{PADDLE}",
+    "ppocr-v2-rec": f"size=[32,320],{PADDLE}",
+    "ppocr-v2-cls": f"size=[48,192],{PADDLE}",
+    "orientation": "mean=[0.485,0.456,0.406],std=[0.229,0.224,0.225]",
+    "layout-cdla": "",
+    "ddddocr-det": "",
+    "ddddocr": "size=[64,128]",
+    "ddddocr-int8": "size=[64,128]",
+}
+HELD_OUT_IMAGES = 5
+TIMED_RUNS = 20
 PREFIX = "slimgraph: error: "
 PYTORCH_RTOL = 1e-4
 NEAR_ZERO_ATOL = 1e-6  # outputs this close to ONNX Runtime's in absolute terms agree when all are ≈ 0
@@ -105,8 +136,8 @@ def run_cleanup(path: Path, tmp: Path) -> Step:
     return step
 
 
-def run_lossy(path: Path, pipeline: str, tmp: Path) -> Step:
-    step, report = run_optimize(path, pipeline, tmp / "lossy.onnx")
+def run_lossy(path: Path, pipeline: str, tmp: Path, *extra: str) -> Step:
+    step, report = run_optimize(path, pipeline, tmp / "lossy.onnx", *extra)
     if report is not None:
         changed = any(p["modified"] for p in report["passes"])
         if not changed:
@@ -167,7 +198,82 @@ def pytorch_error(path: Path, folder: Path) -> tuple[float, float]:
     return compare(reference, outputs).max_rel_error, absolute
 
 
-def run_model(entry) -> Row:
+def calibration(name: str, path: Path, photos: Path) -> tuple[list[str], list[dict], list[dict]]:
+    """The CLI's --calib arguments, and the same calibration and held-out feeds for ORT and the timing."""
+    import slimgraph
+    from slimgraph.frontend.images import load_images, split_spec
+    from slimgraph.ir.inputs import model_inputs
+
+    model = slimgraph.load(path)
+    if name in IMAGE_CALIB:
+        spec = f"{photos}/{{{IMAGE_CALIB[name]}}}" if IMAGE_CALIB[name] else str(photos)
+        images, _ = load_images(*split_spec(spec), model)
+        return ["--calib", spec], images[:-HELD_OUT_IMAGES], images[-HELD_OUT_IMAGES:]
+    feeds, _ = model_inputs(model)
+    held_out, _ = model_inputs(model, seed=len(feeds))  # what Verify draws after synthesized calibration
+    return [], feeds, held_out
+
+
+def ort_static(source: Path, calib: list[dict], output: Path) -> str | None:
+    """onnxruntime's quantize_static on `calib`; None, or the line it failed with."""
+    import contextlib
+    import io
+
+    from onnxruntime.quantization import CalibrationDataReader, QuantFormat, quantize_static
+
+    from slimgraph.ir import evaluate
+
+    class Reader(CalibrationDataReader):
+        def __init__(self) -> None:
+            self.feeds = iter(calib)
+
+        def get_next(self):
+            return next(self.feeds, None)
+
+    try:
+        with contextlib.redirect_stdout(io.StringIO()):
+            quantize_static(str(source), str(output), Reader(), quant_format=QuantFormat.QDQ, per_channel=True)
+        evaluate.make_session(output)
+    except Exception as exc:  # the reference tool's own failure is this row's answer
+        return (str(exc).strip().splitlines() or [type(exc).__name__])[0][:120]
+    return None
+
+
+def run_goal_and_ort(path: Path, name: str, photos: Path, tmp: Path) -> tuple[Step, Step, Step]:
+    """The static, goal and ORT static columns, timed and compared in this process on the same samples."""
+    import statistics
+
+    import onnx_ir as ir
+
+    from slimgraph.bench import alternating_runs
+    from slimgraph.ir import evaluate
+    from slimgraph.ir.fidelity import compare
+
+    calib_args, calib, held_out = calibration(name, path, photos)
+    static = run_lossy(path, "quantize-static", tmp, *calib_args)
+    code, out, err = slimgraph("optimize", str(path), "--goal", "latency", "--max-drop", "0.01", "-o",
+                               str(tmp / "goal.onnx"), "--json", *calib_args)
+    goal = failure(code, err) if code != 0 else Step(True, json.loads(out)["search"]["chosen"], own_lines(err))
+    error = ort_static(path, calib, tmp / "ort.onnx")
+    ort = Step(False, f"fails: {error}") if error else Step(True, "")
+    files = {"fp32": path} | ({"goal": tmp / "goal.onnx"} if goal.ok else {}) | \
+        ({"ort": tmp / "ort.onnx"} if ort.ok else {})
+    options = evaluate.session_options(2, spinning=False)
+    sessions = {label: evaluate.make_session(ir.load(file), options=options) for label, file in files.items()}
+    reference = [evaluate.run(sessions["fp32"], f) for f in held_out]
+    times = alternating_runs({k: (lambda s=s: evaluate.run(s, held_out[0])) for k, s in sessions.items()},
+                             TIMED_RUNS, warmup=2)
+    base = statistics.median(times["fp32"])
+    for label, step in (("goal", goal), ("ort", ort)):
+        if label in sessions:
+            cosine = compare(reference, [evaluate.run(sessions[label], f) for f in held_out]).cosine
+            speed = base / statistics.median(times[label])
+            figures = f"{speed:.2f}x, cos {cosine:.4f}, {files[label].stat().st_size / 1e6:.1f} MB"
+            step.text = f"{figures}: {step.text}" if step.text else figures
+    return static, goal, ort
+
+
+def run_model(entry, photos: Path, fast: bool = False) -> Row:
     from slimgraph.zoo.wheels import model_path
 
     path = model_path(entry)
@@ -180,12 +286,29 @@ def run_model(entry) -> Row:
         row.steps["pytorch"] = run_pytorch(path, tmp)
         row.steps["int8 w"] = run_lossy(path, "quantize-weights{bits=8}", tmp)
         row.steps["W8A8"] = run_lossy(path, "quantize-dynamic", tmp)
+        if not fast:
+            row.steps["static"], row.steps["goal"], row.steps["ORT static"] = \
+                run_goal_and_ort(path, entry.name, photos, tmp)
     row.seconds = time.perf_counter() - start
     return row
 
 
+def photo_folder(folder: Path) -> Path:
+    """The 20 photos the tests use (scikit-image's), numbered so that the held-out 5 are the last."""
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    from tests.frontend.test_images import photo_folder as copy_photos
+
+    return copy_photos(folder / "photos")
+
+
+def speedups(rows: list[Row], column: str) -> list[float]:
+    return [float(r.steps[column].text.split("x,")[0]) for r in rows
+            if column in r.steps and r.steps[column].ok and "x," in r.steps[column].text]
+
+
 def markdown(rows: list[Row]) -> str:
-    lines = ["| model | MB | " + " | ".join(COLUMNS) + " |", "|---|---:|" + "---|" * len(COLUMNS)]
+    columns = list(rows[0].steps) if rows else list(COLUMNS)
+    lines = ["| model | MB | " + " | ".join(columns) + " |", "|---|---:|" + "---|" * len(columns)]
     for row in rows:
         cells = [f"{s.mark} {s.text}".replace("|", "\\|") for s in row.steps.values()]
         lines.append(f"| {row.name} | {row.size_mb:.1f} | " + " | ".join(cells) + " |")
@@ -199,7 +322,7 @@ def print_table(rows: list[Row]) -> None:
     table = Table(title="real ONNX models from PyPI wheels")
     table.add_column("model")
     table.add_column("MB", justify="right")
-    for column in COLUMNS:
+    for column in (list(rows[0].steps) if rows else COLUMNS):
         table.add_column(column, overflow="fold", max_width=40)
     table.add_column("s", justify="right")
     for row in rows:
@@ -214,11 +337,19 @@ def summary(rows: list[Row]) -> str:
     wheels = len({_requirement(r.name) for r in rows})
     every = sum(all(s.ok for s in r.steps.values()) for r in rows)
     counts = []
-    for column in COLUMNS:
+    for column in (list(rows[0].steps) if rows else COLUMNS):
         ok = sum(r.steps[column].ok for r in rows)
         unchanged = sum(r.steps[column].unchanged for r in rows)
         counts.append(f"{column} {ok}/{len(rows)}" + (f" ({unchanged} unchanged)" if unchanged else ""))
-    return f"{len(rows)} models from {wheels} wheels; all columns pass: {every}/{len(rows)}; " + ", ".join(counts)
+    text = f"{len(rows)} models from {wheels} wheels; all columns pass: {every}/{len(rows)}; " + ", ".join(counts)
+    goal, ort = speedups(rows, "goal"), speedups(rows, "ORT static")
+    if goal:
+        import statistics
+
+        text += (f"\n--goal latency: median {statistics.median(goal):.2f}x over fp32 at batch 1 ({len(goal)} models); "
+                 f"ORT quantize_static: median {statistics.median(ort):.2f}x ({len(ort)} models it quantized)"
+                 if ort else "")
+    return text
 
 
 def _requirement(name: str) -> str:
@@ -233,12 +364,15 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("names", nargs="*", help="models of the corpus (default: all)")
     parser.add_argument("--markdown", action="store_true", help="print the table as Markdown")
+    parser.add_argument("--fast", action="store_true", help="leave out the static, goal and ORT static columns")
     args = parser.parse_args()
     entries = [get(n) for n in args.names] if args.names else list(CORPUS)
     rows = []
-    for entry in entries:
-        rows.append(run_model(entry))
-        print(f"{entry.name}: {rows[-1].seconds:.0f} s", file=sys.stderr, flush=True)
+    with tempfile.TemporaryDirectory(prefix="slimgraph-photos-") as folder:
+        photos = photo_folder(Path(folder))
+        for entry in entries:
+            rows.append(run_model(entry, photos, args.fast))
+            print(f"{entry.name}: {rows[-1].seconds:.0f} s", file=sys.stderr, flush=True)
     if args.markdown:
         print(markdown(rows))
     else:

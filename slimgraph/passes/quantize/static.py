@@ -33,8 +33,14 @@ import onnx_ir as ir
 
 from slimgraph.errors import SlimgraphError
 from slimgraph.ir import evaluate
-from slimgraph.ir.edit import add_initializer, constant_array, remove_unused_initializers, unique_name
-from slimgraph.ir.graph import constant_tensor, ensure_shapes, is_default_domain, module_path
+from slimgraph.ir.edit import (
+    add_initializer,
+    constant_array,
+    constant_shape,
+    remove_unused_initializers,
+    unique_name,
+)
+from slimgraph.ir.graph import constant_tensor, ensure_shapes, filled_constant, is_default_domain, module_path
 from slimgraph.ir.target import detect
 from slimgraph.passes._infra.base import Pass, PassContext, PassResult
 from slimgraph.passes._infra.registry import register_pass
@@ -253,7 +259,7 @@ class _Rewriter:
         for node in plan.nodes:
             rule = RULES[node.op_type]
             weight = node.inputs[rule.weight] if rule.weight is not None and len(node.inputs) > rule.weight else None
-            if constant_tensor(weight) is not None:
+            if _is_constant(weight):
                 axis = _weight_axis(node)
                 dq, scales = self._quantize_weight(node, weight, axis)
                 node.replace_input_with(rule.weight, dq)
@@ -324,7 +330,7 @@ class _Rewriter:
         made once for the readers of one bias with one input scale and weight."""
         bias = node.inputs[index]
         x_scale = self.params.get(self._float_source(node.inputs[0]))
-        if x_scale is None or constant_tensor(bias) is None:
+        if x_scale is None or not _is_constant(bias):
             return
         key = (bias, x_scale[0], node.inputs[1])
         if key in self.biases:
@@ -358,11 +364,23 @@ def _is_float(value: ir.Value | None) -> bool:
     return value is not None and value.dtype == ir.DataType.FLOAT
 
 
+def _is_constant(value: ir.Value | None) -> bool:
+    """An initializer, a Constant's output, or a ConstantOfShape's (how onnx's zoo files hold weights)."""
+    return constant_tensor(value) is not None or filled_constant(value) is not None
+
+
+def _quantized_already(value: ir.Value) -> bool:
+    """A value a DequantizeLinear makes, or that a QuantizeLinear reads: a model another tool quantized."""
+    producer = value.producer()
+    return (producer is not None and producer.op_type == "DequantizeLinear") or \
+        any(user.op_type == "QuantizeLinear" for user, _ in value.uses())
+
+
 def _activation_inputs(node: ir.Node) -> list[ir.Value]:
     rule = RULES[node.op_type]
     indices = range(len(node.inputs)) if rule.activations is None else rule.activations
     return [node.inputs[i] for i in indices if i < len(node.inputs) and _is_float(node.inputs[i])
-            and constant_tensor(node.inputs[i]) is None]
+            and not _is_constant(node.inputs[i])]
 
 
 def _unsupported(node: ir.Node) -> str | None:
@@ -371,19 +389,20 @@ def _unsupported(node: ir.Node) -> str | None:
     if not all(_is_float(v) for v in node.outputs[:1]):
         return "output is not float32"
     data = [v for v in node.inputs if v is not None and _is_float(v)]
-    if rule.activations is None and node.op_type != "MatMul" and any(constant_tensor(v) is not None for v in data):
+    if any(_quantized_already(v) for v in data) or any(_quantized_already(v) for v in node.outputs[:1]):
+        return "quantized already (a DequantizeLinear feeds it, or a QuantizeLinear reads it)"
+    if rule.activations is None and node.op_type != "MatMul" and any(_is_constant(v) for v in data):
         return "a constant operand (kept float: one uint8 scale would round it)"
     if not _activation_inputs(node):
         return "no float activation input"
     if rule.weight is not None and node.op_type != "MatMul":
-        if len(node.inputs) <= rule.weight or constant_tensor(node.inputs[rule.weight]) is None:
+        if len(node.inputs) <= rule.weight or not _is_constant(node.inputs[rule.weight]):
             return "weight is not a constant"
     if node.op_type == "Gemm":
         attrs = node.attributes
         if attrs.get_float("alpha", 1.0) != 1.0 or attrs.get_float("beta", 1.0) != 1.0 or attrs.get_int("transA", 0):
             return "Gemm with alpha, beta or transA"
-    if node.op_type == "MatMul" and constant_tensor(node.inputs[1]) is not None and \
-            len(constant_tensor(node.inputs[1]).shape) != 2:
+    if node.op_type == "MatMul" and _is_constant(node.inputs[1]) and len(constant_shape(node.inputs[1])) != 2:
         return "MatMul with a constant weight that is not 2-D"
     if len(node.outputs) > 1 and any(v.uses() for v in node.outputs[1:]):
         return "more than one output in use"

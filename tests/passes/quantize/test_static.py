@@ -222,3 +222,27 @@ def test_real_detector_from_a_wheel_is_as_faithful_as_onnxruntime_quantize_stati
     ours_cos = compare(reference, evaluate.run_all(model, held_out)).cosine
     ort_cos = compare(reference, evaluate.run_all(theirs, held_out)).cosine
     assert ours_cos >= ort_cos - 1e-3
+
+
+def test_a_model_another_tool_quantized_is_left_as_it_is():
+    """A QDQ model (here slimgraph's own output) gets no second Q/DQ pair: one warning says why."""
+    model, _ = quantized()
+    nodes = len(list(model.graph))
+    report = Pipeline.parse("quantize-static").run(model, calib=feeds(8))
+    assert not report.records[0].modified and len(list(model.graph)) == nodes
+    assert "quantized already" in report.warnings[0]
+
+
+def test_weights_made_by_constant_of_shape_are_quantized():
+    """onnx's zoo files hold their weights as ConstantOfShape outputs."""
+    model = small_cnn()
+    w1 = model.graph.initializers["w1"]
+    shape = ir.Value(name="w1_shape", const_value=ir.tensor(np.array(w1.shape.numpy(), np.int64)))
+    model.graph.register_initializer(shape)
+    fill = ir.node("ConstantOfShape", [shape], attributes={"value": ir.tensor(np.array([0.05], np.float32))})
+    model.graph.insert_before(next(iter(model.graph)), fill)
+    conv1 = next(node for node in model.graph if node.name == "conv1")
+    conv1.replace_input_with(1, fill.outputs[0])
+    Pipeline.parse("quantize-static").run(model, calib=feeds(8))
+    assert conv1.inputs[1].producer().op_type == "DequantizeLinear"
+    assert conv1.inputs[1].producer().inputs[0].const_value.numpy().max() == 127
