@@ -81,6 +81,7 @@ RULES: dict[str, OpRule] = {
     "Flatten": OpRule(output="input"),
     "Squeeze": OpRule(output="input"),
     "Unsqueeze": OpRule(output="input"),
+    "Split": OpRule(output="input"),  # every output, at its input's scale
 }
 COMPUTE_OPS = ("Conv", "ConvTranspose", "Gemm", "MatMul")
 # A tensor whose calibrated range reaches this far holds fill values (an attention mask's
@@ -192,8 +193,9 @@ class QuantizeStatic(Pass):
         for node in nodes:
             for value in _activation_inputs(node):
                 tensors.setdefault(value)
-            if RULES[node.op_type].output and not node.outputs[0].is_graph_output():
-                out = node.outputs[0]
+            for out in node.outputs if node.op_type == "Split" else node.outputs[:1]:
+                if out.is_graph_output() or not out.uses():
+                    continue
                 relu = next((r for r in rectifiers.values() if r.inputs[0] is out), None)
                 tensors.setdefault(relu.outputs[0] if relu is not None else out)
         order = {v: i for i, v in enumerate(_values_in_order(model))}
@@ -283,6 +285,9 @@ class _Rewriter:
             zero_point = add_initializer(self.model, f"{base}.zero_point", np.array(zp, np.uint8))
         self.params[value] = (scale, zero_point)
         readers = [(n, i) for n, i in value.uses() if n not in self.plan.excluded]
+        # Shape reads no values: give it the uint8 tensor, so nothing is dequantized only to be measured
+        shape_readers = [(n, i) for n, i in readers if n.op_type == "Shape"]
+        readers = [r for r in readers if r not in shape_readers]
         q = ir.node("QuantizeLinear", [value, scale, zero_point], name=self._node_name(f"{value.name}_QuantizeLinear"))
         dq = ir.node("DequantizeLinear", [q.outputs[0], scale, zero_point], name=self._node_name(f"{value.name}_DequantizeLinear"))
         q.outputs[0].type = ir.TensorType(ir.DataType.UINT8)
@@ -298,6 +303,8 @@ class _Rewriter:
             self.model.graph.insert_before(next(iter(self.model.graph)), [q, dq])
         for reader, index in readers:
             reader.replace_input_with(index, dq.outputs[0])
+        for reader, index in shape_readers:
+            reader.replace_input_with(index, q.outputs[0])
         self.sources[dq.outputs[0]] = value
 
     def _quantize_weight(self, node: ir.Node, weight: ir.Value, axis: int) -> tuple[ir.Value, np.ndarray]:
@@ -404,7 +411,7 @@ def _unsupported(node: ir.Node) -> str | None:
             return "Gemm with alpha, beta or transA"
     if node.op_type == "MatMul" and _is_constant(node.inputs[1]) and len(constant_shape(node.inputs[1])) != 2:
         return "MatMul with a constant weight that is not 2-D"
-    if len(node.outputs) > 1 and any(v.uses() for v in node.outputs[1:]):
+    if node.op_type != "Split" and len(node.outputs) > 1 and any(v.uses() for v in node.outputs[1:]):
         return "more than one output in use"
     return None
 

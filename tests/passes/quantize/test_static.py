@@ -246,3 +246,31 @@ def test_weights_made_by_constant_of_shape_are_quantized():
     Pipeline.parse("quantize-static").run(model, calib=feeds(8))
     assert conv1.inputs[1].producer().op_type == "DequantizeLinear"
     assert conv1.inputs[1].producer().inputs[0].const_value.numpy().max() == 127
+
+
+def test_split_outputs_share_its_input_scale_and_shape_reads_the_codes():
+    """YOLOv8's C2f blocks: Conv → Split → Convs, and Shape nodes reading conv outputs."""
+    rng = np.random.default_rng(0)
+    inits = [numpy_helper.from_array((rng.standard_normal(s) * 0.3).astype(np.float32), n)
+             for n, s in (("w0", (8, 3, 3, 3)), ("wa", (4, 4, 3, 3)), ("wb", (4, 4, 3, 3)))]
+    inits.append(numpy_helper.from_array(np.array([4, 4], np.int64), "halves"))
+    nodes = [helper.make_node("Conv", ["x", "w0"], ["c"], name="conv0", pads=[1, 1, 1, 1]),
+             helper.make_node("Shape", ["c"], ["c_shape"], name="shape"),
+             helper.make_node("Split", ["c", "halves"], ["a", "b"], name="split", axis=1),
+             helper.make_node("Conv", ["a", "wa"], ["ya"], name="conva", pads=[1, 1, 1, 1]),
+             helper.make_node("Conv", ["b", "wb"], ["yb"], name="convb", pads=[1, 1, 1, 1]),
+             helper.make_node("Add", ["ya", "yb"], ["y"], name="add")]
+    outputs = [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 4, 16, 16]),
+               helper.make_tensor_value_info("c_shape", TensorProto.INT64, [4])]
+    graph = helper.make_graph(nodes, "split", [helper.make_tensor_value_info("x", TensorProto.FLOAT,
+                                                                             [1, 3, 16, 16])], outputs, inits)
+    model = ir.serde.deserialize_model(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]))
+    report = Pipeline.parse("quantize-static").run(model, calib=feeds(8))
+    assert report.fidelity.cosine >= 0.999
+    split = next(node for node in model.graph if node.op_type == "Split")
+    source_scale = split.inputs[0].producer().inputs[1]
+    for out in split.outputs:
+        (q, _), = out.uses()
+        assert q.op_type == "QuantizeLinear" and q.inputs[1] is source_scale
+    shape = next(node for node in model.graph if node.op_type == "Shape")
+    assert shape.inputs[0].producer().op_type == "QuantizeLinear"
