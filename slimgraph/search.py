@@ -46,6 +46,8 @@ CANDIDATES: dict[str, tuple[str, ...]] = {
         "cleanup,quantize-dynamic{weights=u8}",
         "cleanup,quantize-dynamic{embeddings=false}",
         "cleanup,quantize-static",  # convolutions: int8 QDQ, activation ranges from --calib
+        "cleanup,fuse-ort,quantize-static",  # other exporters' HardSwish and Conv affines folded first
+        "cleanup,prune-width{target=channels,ratio=0.25},quantize-static",  # where a lossy budget allows
         "cleanup,prune-width{target=ffn,ratio=0.25},quantize-dynamic",
         "cleanup,quantize-weights{bits=8,accuracy_level=4}",
         "cleanup,fuse-ort",

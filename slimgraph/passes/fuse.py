@@ -19,10 +19,18 @@ last on purpose: ONNX Runtime's own SkipLayerNormFusion, which runs when a sessi
 model, matches an Add of two 3-D tensors right before the LayerNorm and would fuse the split back.
 A LayerNorm without a bias has no such order, so it stays fused; `cuda` keeps them all.
 
-The rewrite rules are onnxscript's `ort_fusions` (kept by the ONNX Runtime exporters' authors); this
-pass runs them, counts what they fused and refuses a model where nothing matched. Exact up to the
-order of float sums. The fused ops run in ONNX Runtime (CPU and CUDA): the PyTorch and Triton
-backends do not lower them. Quantize after fusing: `cleanup,fuse-ort,quantize-dynamic` (the fused
+Other exporters' CNNs (paddle2onnx's PP-OCR and layout models; `fuse_patterns.py`, with what each
+rule bought):
+
+    x · Clip(x + 3, 0, 6) / 6                        → HardSwish (x · HardSigmoid(x) below opset 14)
+    Conv · s + c, s · x + c before a Conv            → the Conv, its weight and bias folded
+
+PP-OCRv4 rec 0.65x latency, det 0.78x, PP-OCRv2 cls 0.70x, layout-cdla 0.57x (ORT 1.32, 2 threads).
+
+The transformer rules are onnxscript's `ort_fusions` (kept by the ONNX Runtime exporters' authors);
+this pass runs them and those of `fuse_patterns.py`, counts what they fused and refuses a model where
+nothing matched. Exact up to the order of float sums. The fused ops run in ONNX Runtime (CPU and
+CUDA): the PyTorch and Triton backends do not lower them. Quantize after fusing: `cleanup,fuse-ort,quantize-dynamic` (the fused
 patterns look for float MatMuls). `attention=heads` (the default) keeps the Q, K, V projections as
 MatMuls, which quantization reaches; a packed Attention weight stays float. On MiniLM at 8 × 128
 with W8A8 after it: heads 2.5x the fp32 speed at 0.25x the bytes (AVX-512 VNNI; 2.2x with the Skip
@@ -45,12 +53,13 @@ from slimgraph.ir.target import detect
 from slimgraph.passes._infra.base import Pass, PassContext, PassResult
 from slimgraph.passes._infra.registry import register_pass
 from slimgraph.passes.cleanup import Cleanup
+from slimgraph.passes.fuse_patterns import fuse_exporter_patterns
 
 
 @register_pass
 @dataclass(frozen=True, kw_only=True)
 class FuseOrt(Pass):
-    """Attention and bias-GELU subgraphs → ONNX Runtime's fused ops (MultiHeadAttention, BiasGelu; SkipLayerNormalization on CUDA)."""
+    """Attention, bias-GELU, HardSwish and Conv-affine subgraphs → ONNX Runtime's fused ops (MultiHeadAttention, BiasGelu, HardSwish, folded Convs; SkipLayerNormalization on CUDA)."""
 
     name: ClassVar[str] = "fuse-ort"
     backends: ClassVar[tuple[str, ...] | None] = ("onnxruntime",)
@@ -73,15 +82,21 @@ class FuseOrt(Pass):
         else:  # onnxscript has no switch for its last attention step, the one that packs the projections
             with mock.patch.object(_core, "fuse_attention", lambda model, debug=False: 0):
                 _, counts = optimize_for_ort(model)
-        if not any(counts.values()):
-            raise SlimgraphError("fuse-ort: nothing to fuse: no attention, LayerNorm-after-residual or GELU pattern "
-                                 "that ONNX Runtime has a fused op for")
+        exporter = fuse_exporter_patterns(model)  # paddle2onnx's, tf2onnx's forms: fuse_patterns.py
+        if not any(counts.values()) and not any(exporter.values()):
+            raise SlimgraphError("fuse-ort: nothing to fuse: no attention, LayerNorm-after-residual, GELU, HardSwish "
+                                 "or Conv-affine pattern that ONNX Runtime has a fused op for")
         Cleanup().run(model, ctx)  # what the rules leave foldable (a packed Attention's weight: a Concat of constants)
         split = self.skip_norm == "split" or (self.skip_norm == "auto" and (ctx.target or detect()).name != "cuda")
         unfused = split_skip_norms(model) if split else 0
         ops = Counter(node.op_type for node in model.graph if node.domain == "com.microsoft")
         stats = {"fused ops": ", ".join(f"{op} ×{n}" for op, n in sorted(ops.items())) or "none",
                  "nodes": f"{nodes} → {len(model.graph)}"}
+        after, before = exporter.get("conv_affine", 0), exporter.get("affine_conv", 0)
+        if after + before:
+            stats["affines folded into Conv"] = f"{after} after, {before} before"
+        if exporter.get("hardswish"):
+            stats["HardSwish"] = f"{exporter['hardswish']} (x · Clip(x + 3, 0, 6) / 6)"
         if unfused:
             stats["residual norms split"] = f"{unfused} (Add + LayerNorm: faster than the Skip op on CPU)"
         return PassResult(True, stats)
