@@ -44,11 +44,13 @@ def latencies(models: dict, feeds: dict, runs: int) -> dict[str, float]:
 
 
 def optimized(model, text: str, ctx):
+    """`text` run as `slimgraph optimize` runs it: with Verify and onnx's checker after every pass
+    (a figure the command line cannot reach is not a result)."""
     from slimgraph.passes import Pipeline
     from tests.conftest import copy_model
 
     model = copy_model(model)
-    Pipeline.parse(text).run(model, ctx, verify=False)
+    Pipeline.parse(text).run(model, ctx)
     return model
 
 

@@ -38,7 +38,6 @@ from slimgraph.ir.edit import (
     constant_array,
     constant_shape,
     remove_unused_initializers,
-    unique_name,
 )
 from slimgraph.ir.graph import constant_tensor, ensure_shapes, filled_constant, is_default_domain, module_path
 from slimgraph.ir.target import detect
@@ -235,16 +234,28 @@ class _Rewriter:
         self.sources: dict[ir.Value, ir.Value] = {}  # a DequantizeLinear output → the float tensor it stands for
         self.weights: dict[tuple[ir.Value, int], tuple[ir.Value, np.ndarray]] = {}  # (weight, axis) → (DQ, scales)
         self.biases: dict[tuple[ir.Value, ir.Value, ir.Value], ir.Value] = {}  # (bias, x scale, weight DQ) → DQ
-        self.node_names = {node.name for node in model.graph if node.name}
+        # node and value names in use (one set for both: harmless, and each name is looked up once,
+        # where `edit.unique_name` scans the graph for every new name)
+        self.taken = {node.name for node in model.graph if node.name} | set(model.graph.initializers) | {
+            v.name for node in model.graph for v in node.outputs if v.name} | {v.name for v in model.graph.inputs}
 
-    def _node_name(self, base: str) -> str:
+    def _fresh(self, base: str) -> str:
         """`base`, or `base.2`, …: ONNX Runtime refuses two nodes of one name (a shared bias has several DQs)."""
         name, i = base, 1
-        while name in self.node_names:
+        while name in self.taken or name in self.model.graph.initializers:  # (initializers: added since)
             i += 1
             name = f"{base}.{i}"
-        self.node_names.add(name)
+        self.taken.add(name)
         return name
+
+    def _dequantize(self, inputs: list[ir.Value], base: str, dtype: ir.DataType, shape: ir.Shape | None,
+                    axis: int | None = None) -> ir.Node:
+        """A DequantizeLinear node named after `base`, its output typed."""
+        node = ir.node("DequantizeLinear", inputs, attributes={} if axis is None else {"axis": axis},
+                       name=self._fresh(f"{base}_DequantizeLinear"))
+        node.outputs[0].name = self._fresh(f"{base}_dequantized")
+        node.outputs[0].type, node.outputs[0].shape = ir.TensorType(dtype), shape
+        return node
 
     def rewrite(self) -> None:
         plan = self.plan
@@ -288,13 +299,10 @@ class _Rewriter:
         # Shape reads no values: give it the uint8 tensor, so nothing is dequantized only to be measured
         shape_readers = [(n, i) for n, i in readers if n.op_type == "Shape"]
         readers = [r for r in readers if r not in shape_readers]
-        q = ir.node("QuantizeLinear", [value, scale, zero_point], name=self._node_name(f"{value.name}_QuantizeLinear"))
-        dq = ir.node("DequantizeLinear", [q.outputs[0], scale, zero_point], name=self._node_name(f"{value.name}_DequantizeLinear"))
-        q.outputs[0].type = ir.TensorType(ir.DataType.UINT8)
-        q.outputs[0].shape = dq.outputs[0].shape = value.shape
-        dq.outputs[0].type = value.type
-        q.outputs[0].name = unique_name(self.model, f"{value.name}_quantized")
-        dq.outputs[0].name = unique_name(self.model, f"{value.name}_dequantized")
+        q = ir.node("QuantizeLinear", [value, scale, zero_point], name=self._fresh(f"{value.name}_QuantizeLinear"))
+        q.outputs[0].name = self._fresh(f"{value.name}_quantized")
+        q.outputs[0].type, q.outputs[0].shape = ir.TensorType(ir.DataType.UINT8), value.shape
+        dq = self._dequantize([q.outputs[0], scale, zero_point], value.name, ir.DataType.FLOAT, value.shape)
         if producer is not None:
             self.model.graph.insert_after(producer, [q, dq])
             q.metadata_props.update(producer.metadata_props)
@@ -315,8 +323,8 @@ class _Rewriter:
             codes, scales = quantize_int8_symmetric(array, per_channel, self.levels, axis)
             base = weight.name or f"{node.name}_weight"
             if self.unsigned:  # the same levels, shifted by the zero point 128
-                stored, zero_points = (codes.astype(np.int16) + 128).astype(np.uint8), np.full(scales.shape, 128,
-                                                                                            np.uint8)
+                stored = (codes.astype(np.int16) + 128).astype(np.uint8)
+                zero_points = np.full(scales.shape, 128, np.uint8)
             else:
                 stored, zero_points = codes, np.zeros(scales.shape, np.int8)
             if not per_channel:
@@ -324,10 +332,8 @@ class _Rewriter:
             inputs = [add_initializer(self.model, f"{base}.int8", stored),
                       add_initializer(self.model, f"{base}.scale", scales),
                       add_initializer(self.model, f"{base}.zero_point", zero_points)]
-            attributes = {"axis": axis % array.ndim} if per_channel else {}
-            dq = ir.node("DequantizeLinear", inputs, attributes=attributes, name=self._node_name(f"{base}_DequantizeLinear"))
-            dq.outputs[0].type, dq.outputs[0].shape = ir.TensorType(ir.DataType.FLOAT), ir.Shape(array.shape)
-            dq.outputs[0].name = unique_name(self.model, f"{base}_dequantized")
+            dq = self._dequantize(inputs, base, ir.DataType.FLOAT, ir.Shape(array.shape),
+                                  axis % array.ndim if per_channel else None)
             self.model.graph.insert_before(node, dq)
             self.weights[key] = (dq.outputs[0], scales)
         return self.weights[key]
@@ -349,11 +355,10 @@ class _Rewriter:
         scales[scales == 0] = 1.0
         codes = np.clip(np.rint(array / scales), -(2**31), 2**31 - 1).astype(np.int32)
         base = bias.name or f"{node.name}_bias"
-        inputs = [add_initializer(self.model, f"{base}.int32", codes), add_initializer(self.model, f"{base}.scale", scales),
+        inputs = [add_initializer(self.model, f"{base}.int32", codes),
+                  add_initializer(self.model, f"{base}.scale", scales),
                   add_initializer(self.model, f"{base}.zero_point", np.zeros(array.shape, np.int32))]
-        dq = ir.node("DequantizeLinear", inputs, attributes={"axis": 0}, name=self._node_name(f"{base}_DequantizeLinear"))
-        dq.outputs[0].type, dq.outputs[0].shape = ir.TensorType(ir.DataType.FLOAT), ir.Shape(array.shape)
-        dq.outputs[0].name = unique_name(self.model, f"{base}_dequantized")
+        dq = self._dequantize(inputs, base, ir.DataType.FLOAT, ir.Shape(array.shape), axis=0)
         self.model.graph.insert_before(node, dq)
         node.replace_input_with(index, dq.outputs[0])
         self.biases[key] = dq.outputs[0]
