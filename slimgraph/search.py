@@ -165,7 +165,7 @@ def search(
                              + "; ".join(f"{c.pipeline}: {c.status}" for c in tried))
     if goal != "size":
         report("timing the candidates against the original", len(texts), len(texts))
-        _time(model, kept, runs)
+        _time(model, kept, runs, calib)
     chosen = min(kept, key=_score(goal))
     for candidate in kept:
         if candidate is not chosen:
@@ -267,16 +267,24 @@ def _with_exclude(passes: list[Pass], quantize: str, globs: list[str]) -> str:
                      for p in passes]).to_text()
 
 
-def _time(model: ir.Model, kept: list[Candidate], runs: int) -> None:
+def _time(model: ir.Model, kept: list[Candidate], runs: int, calib: Any) -> None:
     from slimgraph.bench import SEQUENCE, alternating_runs, batch_problem
     from slimgraph.ir import evaluate
-    from slimgraph.ir.inputs import sample_inputs
+    from slimgraph.ir.inputs import model_inputs, sample_inputs
+    from slimgraph.passes._infra.pipeline import read_calibration
 
     options = evaluate.session_options(None, spinning=False)
     sessions = {-1: evaluate.make_session(model, options=options)}
     sessions.update({i: evaluate.make_session(c.model, options=options) for i, c in enumerate(kept)})
     for batch in (b for b in BATCHES if batch_problem(model, b) is None):
         feeds = sample_inputs(model, batch=batch, sequence=SEQUENCE)  # the shapes `slimgraph bench` times
+        try:
+            evaluate.run(sessions[-1], feeds)
+        except SlimgraphError:  # shapes the graph does not take (an OCR line's fixed height, read as symbolic)
+            if batch != 1:
+                continue
+            # batch 1 at the model's own size: a sample the pipelines verified on, which runs
+            feeds = (read_calibration(calib, model)[0] if calib is not None else model_inputs(model)[0])[0]
         times = alternating_runs({i: (lambda s=s: evaluate.run(s, feeds)) for i, s in sessions.items()}, runs,
                                  warmup=2)
         original = statistics.median(times[-1])

@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import json
 
+import numpy as np
 import pytest
 
 import slimgraph
@@ -90,3 +91,20 @@ def test_static_int8_over_budget_keeps_its_most_sensitive_block_float():
     kept = _sensitive_layers_float(model, over, "quantize-static", budget, None, detect())
     assert kept.cosine > full.cosine
     assert "exclude=[/block." in kept.pipeline
+
+
+def test_latency_is_timed_on_a_calibration_sample_where_synthesized_shapes_do_not_run():
+    """An OCR recogniser's height is fixed by its graph (a Squeeze) though its input says `height`:
+    the shapes `slimgraph bench` synthesizes do not run, so batch 1 is timed on a calibration sample."""
+    import onnx_ir as ir
+    from onnx import TensorProto, helper, numpy_helper
+
+    weight = numpy_helper.from_array(np.random.default_rng(0).standard_normal((4, 4)).astype(np.float32), "w")
+    nodes = [helper.make_node("Squeeze", ["x", "axis"], ["s"]), helper.make_node("MatMul", ["s", "w"], ["y"])]
+    axis = numpy_helper.from_array(np.array([1], np.int64), "axis")
+    graph = helper.make_graph(nodes, "line", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, "height", 4])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 4])], [weight, axis])
+    model = ir.serde.deserialize_model(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]))
+    calib = [{"x": np.random.default_rng(i).standard_normal((1, 1, 4)).astype(np.float32)} for i in range(4)]
+    result = search(model, "latency", max_drop=0.5, calib=calib, candidates=("quantize-dynamic",), runs=3)
+    assert set(result.chosen.latency) == {1}
