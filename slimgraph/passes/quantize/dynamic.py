@@ -57,13 +57,18 @@ def _int8_weight(model: ir.Model, linear: Linear, per_channel: bool, levels: int
     """A linear's weight as initializers: int8 codes (or uint8 with zero point 128), zero points, scales."""
     codes, scale = quantize_int8_symmetric(weight_matrix(linear), per_channel, levels)
     base = linear.weight or linear.name
-    if unsigned:  # the same levels, shifted by the zero point 128
-        w_q = add_initializer(model, f"{base}.uint8", (codes.astype(np.int16) + 128).astype(np.uint8))
-        w_zp = add_initializer(model, f"{base}.zero_point", np.full(scale.shape, 128, np.uint8))
-    else:
-        w_q = add_initializer(model, f"{base}.int8", codes)
-        w_zp = add_initializer(model, f"{base}.zero_point", np.zeros(scale.shape, np.int8))
-    return w_q, w_zp, add_initializer(model, f"{base}.scale", scale)
+    stored, zero_points = stored_codes(codes, scale.shape, unsigned)
+    return (add_initializer(model, f"{base}.{stored.dtype}", stored),
+            add_initializer(model, f"{base}.zero_point", zero_points),
+            add_initializer(model, f"{base}.scale", scale))
+
+
+def stored_codes(codes: np.ndarray, scale_shape: tuple[int, ...], unsigned: bool) -> tuple[np.ndarray, np.ndarray]:
+    """Symmetric int8 codes as stored, and their zero points: int8 with zero points 0, or (`unsigned`)
+    the same levels as uint8 shifted by the zero point 128."""
+    if unsigned:
+        return (codes.astype(np.int16) + 128).astype(np.uint8), np.full(scale_shape, 128, np.uint8)
+    return codes, np.zeros(scale_shape, np.int8)
 
 
 def quantize_int8_symmetric(weight: np.ndarray, per_channel: bool, levels: int = 127, axis: int = -1

@@ -43,7 +43,7 @@ from slimgraph.ir.graph import constant_tensor, ensure_shapes, filled_constant, 
 from slimgraph.ir.target import detect
 from slimgraph.passes._infra.base import Pass, PassContext, PassResult
 from slimgraph.passes._infra.registry import register_pass
-from slimgraph.passes.quantize.dynamic import WEIGHT_FORMATS, quantize_int8_symmetric, weight_format
+from slimgraph.passes.quantize.dynamic import WEIGHT_FORMATS, quantize_int8_symmetric, stored_codes, weight_format
 from slimgraph.passes.quantize.ranges import activation_ranges, uint8_params
 from slimgraph.passes.quantize.rewrite import why_skipped
 
@@ -322,11 +322,7 @@ class _Rewriter:
             per_channel = self.per_channel and array.ndim > 1
             codes, scales = quantize_int8_symmetric(array, per_channel, self.levels, axis)
             base = weight.name or f"{node.name}_weight"
-            if self.unsigned:  # the same levels, shifted by the zero point 128
-                stored = (codes.astype(np.int16) + 128).astype(np.uint8)
-                zero_points = np.full(scales.shape, 128, np.uint8)
-            else:
-                stored, zero_points = codes, np.zeros(scales.shape, np.int8)
+            stored, zero_points = stored_codes(codes, scales.shape, self.unsigned)
             if not per_channel:
                 scales, zero_points = scales.reshape(()), zero_points.reshape(())
             inputs = [add_initializer(self.model, f"{base}.int8", stored),
