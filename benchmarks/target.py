@@ -34,9 +34,9 @@ def main() -> None:
     from onnxruntime.quantization import quantize_dynamic
 
     import slimgraph
-    from slimgraph.ir.inputs import sample_inputs
-    from slimgraph.ir.stats import human_bytes, model_stats
-    from slimgraph.ir.target import detect
+    from slimgraph.measure.inputs import sample_inputs
+    from slimgraph.measure.stats import human_bytes, model_stats
+    from slimgraph.measure.target import detect
     from slimgraph.passes import Pipeline
     from slimgraph.search import search
     from tests.conftest import SentenceEval

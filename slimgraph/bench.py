@@ -34,9 +34,9 @@ import numpy as np
 import onnx_ir as ir
 
 from slimgraph.errors import SlimgraphError
-from slimgraph.ir import evaluate
-from slimgraph.ir.inputs import sample_inputs
-from slimgraph.ir.stats import human_bytes
+from slimgraph.measure import evaluate
+from slimgraph.measure.inputs import sample_inputs
+from slimgraph.measure.stats import human_bytes
 
 Progress = Callable[[str, int, int], None]
 
@@ -290,8 +290,8 @@ def bench_decode(
 def _prompt_ids(models: list[ir.Model], paths: list[Path], prompt: str | None, length: int) -> list[int]:
     """The prompt's token ids: the text through the first tokenizer found, or `length` random ids
     below every model's vocabulary."""
-    from slimgraph.ir.inputs import index_bound
     from slimgraph.ir.meta import TOKENIZER_KEY
+    from slimgraph.measure.inputs import index_bound
 
     if prompt is not None:
         source = next((m.meta.get(TOKENIZER_KEY) for m in models if m.meta.get(TOKENIZER_KEY)), None)

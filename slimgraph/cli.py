@@ -28,7 +28,7 @@ from typing import Any, NoReturn
 
 from slimgraph.backends import backends
 from slimgraph.errors import SlimgraphError
-from slimgraph.ir.target import NAMES as TARGETS
+from slimgraph.measure.target import NAMES as TARGETS
 
 PROG = "slimgraph"
 
@@ -215,7 +215,7 @@ def cmd_optimize(args: argparse.Namespace) -> int:
     from slimgraph.backends import check_output, compile
     from slimgraph.frontend import load
     from slimgraph.frontend.calibration import check_calibration_file
-    from slimgraph.ir.target import parse as parse_target
+    from slimgraph.measure.target import parse as parse_target
     from slimgraph.passes import PassContext, Pipeline, load_plugin
 
     for module in args.plugin:

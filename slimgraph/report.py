@@ -22,10 +22,10 @@ from rich.panel import Panel
 from rich.table import Table
 from rich.text import Text
 
-from slimgraph.ir.diff import fold
-from slimgraph.ir.fidelity import LEGEND, Fidelity
-from slimgraph.ir.stats import human_bytes, human_count
-from slimgraph.ir.summary import ModelSummary
+from slimgraph.measure.diff import fold
+from slimgraph.measure.fidelity import LEGEND, Fidelity
+from slimgraph.measure.stats import human_bytes, human_count
+from slimgraph.measure.summary import ModelSummary
 from slimgraph.passes import Instrument, PipelineReport
 from slimgraph.passes._infra.options import split_top_level
 
@@ -370,7 +370,7 @@ def _weights_cell(result) -> Text:
 
 def _fold_weights(weights) -> list[tuple[str, str, str, int]]:
     """(kind, name, what, count) lines, names that differ only in block indices folded."""
-    from slimgraph.ir.diff import _INDEX, _ranges
+    from slimgraph.measure.diff import _INDEX, _ranges
 
     groups: dict[tuple, list] = {}
     for w in weights:

@@ -27,8 +27,8 @@ from typing import Any, Literal
 import onnx_ir as ir
 
 from slimgraph.errors import FidelityError, SlimgraphError
-from slimgraph.ir.stats import human_bytes, model_stats
-from slimgraph.ir.target import Target
+from slimgraph.measure.stats import human_bytes, model_stats
+from slimgraph.measure.target import Target
 from slimgraph.passes import Pass, PassContext, Pipeline, PipelineReport
 
 Goal = Literal["latency", "size", "balanced"]
@@ -140,7 +140,7 @@ def search(
     """Run each candidate pipeline on a copy of `model`, time those within `max_drop`, and return
     them all with the best for `goal`; `model` itself is left as it was. Candidates with a pass
     whose ops `backend` cannot run (`fuse-ort` for the PyTorch backend) are not tried."""
-    from slimgraph.ir.target import detect
+    from slimgraph.measure.target import detect
 
     target = target or detect()
     check_goal(goal, target)
@@ -176,7 +176,7 @@ def search(
 
 def check_goal(goal: str, target: Target) -> None:
     """A goal the search can measure: latency only on the machine it runs on."""
-    from slimgraph.ir.target import detect
+    from slimgraph.measure.target import detect
 
     if goal not in GOALS:
         raise SlimgraphError(f"unknown goal '{goal}' (known: {', '.join(GOALS)})")
@@ -270,8 +270,8 @@ def _with_exclude(passes: list[Pass], quantize: str, globs: list[str]) -> str:
 
 def _time(model: ir.Model, kept: list[Candidate], runs: int, calib: Any) -> None:
     from slimgraph.bench import SEQUENCE, alternating_runs, batch_problem
-    from slimgraph.ir import evaluate
-    from slimgraph.ir.inputs import model_inputs, sample_inputs
+    from slimgraph.measure import evaluate
+    from slimgraph.measure.inputs import model_inputs, sample_inputs
     from slimgraph.passes._infra.pipeline import read_calibration
 
     options = evaluate.session_options(None, spinning=False)

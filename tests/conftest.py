@@ -226,7 +226,7 @@ class SentenceEval:
 
     def __init__(self, minilm_path: Path, reference: ir.Model) -> None:
         from slimgraph.frontend.calibration import tokenize_lines
-        from slimgraph.ir import evaluate
+        from slimgraph.measure import evaluate
 
         self.calibration = tokenize_lines(minilm_path, SENTENCES[:32], MINILM_INPUTS)
         self.evaluation = tokenize_lines(minilm_path, SENTENCES[32:], MINILM_INPUTS, batch=16)
@@ -241,8 +241,8 @@ class SentenceEval:
 
     def cosines(self, model: ir.Model) -> np.ndarray:
         """Per-sentence cosine of mean-pooled embeddings, quantized vs fp32."""
-        from slimgraph.ir import evaluate
-        from slimgraph.ir.fidelity import sentence_cosines
+        from slimgraph.measure import evaluate
+        from slimgraph.measure.fidelity import sentence_cosines
 
         session = evaluate.make_session(model)
         hidden = [evaluate.run(session, f)["last_hidden_state"] for f in self.evaluation]

@@ -1,4 +1,4 @@
-"""The package's layering: imports point one way (ir ← passes ← frontend/backends ← cli), no circles.
+"""The package's layering: imports point one way (ir ← measure ← passes ← frontend/backends ← cli), no circles.
 
 Every `import` counts, the ones inside functions too: a lazy import is still a dependency. Imports
 under `if TYPE_CHECKING:` do not: they never run.
@@ -18,17 +18,18 @@ ROOT = Path(slimgraph.__file__).parent
 LAYERS = {
     "slimgraph.errors": 0,
     "slimgraph.ir": 1,
-    "slimgraph.passes": 2,
-    "slimgraph.frontend": 3,
-    "slimgraph.backends": 3,
-    "slimgraph.zoo": 3,
-    "slimgraph.api": 4,
-    "slimgraph.generate": 4,
-    "slimgraph.adapters": 4,
-    "slimgraph.bench": 4,
-    "slimgraph.report": 5,
-    "slimgraph.search": 5,
-    "slimgraph.cli": 6,
+    "slimgraph.measure": 2,
+    "slimgraph.passes": 3,
+    "slimgraph.frontend": 4,
+    "slimgraph.backends": 4,
+    "slimgraph.zoo": 4,
+    "slimgraph.api": 5,
+    "slimgraph.generate": 5,
+    "slimgraph.adapters": 5,
+    "slimgraph.bench": 5,
+    "slimgraph.report": 6,
+    "slimgraph.search": 6,
+    "slimgraph.cli": 7,
 }
 
 

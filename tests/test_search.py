@@ -11,8 +11,8 @@ import pytest
 import slimgraph
 from slimgraph.cli import main
 from slimgraph.errors import SlimgraphError
-from slimgraph.ir.stats import model_stats
-from slimgraph.ir.target import FEATURES, Target, detect
+from slimgraph.measure.stats import model_stats
+from slimgraph.measure.target import FEATURES, Target, detect
 from slimgraph.search import search
 
 CANDIDATES = ("cleanup", "quantize-dynamic", "quantize-weights{bits=4,group_size=16}", "prune-depth{blocks=1}")
@@ -83,7 +83,7 @@ def test_static_int8_over_budget_keeps_its_most_sensitive_block_float():
     model = small_cnn(seed=3)
     for i, node in enumerate(n for n in model.graph if n.op_type == "Conv"):
         node.name = f"/block.{i}/conv"
-    from slimgraph.ir.target import detect
+    from slimgraph.measure.target import detect
 
     full = _run_candidate(model, "quantize-static", 1.0, None, detect())
     over = Candidate("quantize-static", status="over budget", cosine=full.cosine)

@@ -18,9 +18,9 @@ import onnx_ir as ir
 import onnxruntime as ort
 
 from slimgraph.backends.output import check_writable
+from slimgraph.backends.switching import AdapterSwitching
 from slimgraph.errors import SlimgraphError, first_line
-from slimgraph.ir import evaluate
-from slimgraph.passes.adapters.switching import AdapterSwitching
+from slimgraph.measure import evaluate
 
 
 def save_onnx(model: ir.Model, path: str | os.PathLike, *, external_data: bool | None = None) -> Path:
@@ -63,7 +63,7 @@ def _weights_in_memory(model: ir.Model) -> Iterator[None]:
 
 class OnnxRuntimeArtifact(AdapterSwitching):
     """A model compiled for ONNX Runtime: call it on inputs, or save it; `load_adapter` / `set_adapter`
-    switch PEFT adapters in place (slimgraph.passes.adapters.switching)."""
+    switch PEFT adapters in place (slimgraph.backends.switching)."""
 
     backend = "onnxruntime"
 
@@ -138,7 +138,7 @@ class OnnxRuntimeArtifact(AdapterSwitching):
             self._binding.clear_binding_outputs()
         return dict(zip(names, outputs))
 
-    # --- in-place weights for adapter switching (the WeightStore of slimgraph.passes.adapters.switching)
+    # --- in-place weights for adapter switching (the WeightStore of slimgraph.backends.switching)
 
     def _adopt_model(self, model: ir.Model) -> None:
         self.model = model

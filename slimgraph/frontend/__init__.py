@@ -16,7 +16,7 @@ import onnx_ir as ir
 from slimgraph.errors import SlimgraphError
 from slimgraph.ir.meta import TOKENIZER_KEY
 from slimgraph.passes._infra.pipeline import set_calibration_reader
-from slimgraph.passes.calibration import set_tokenizer_loader
+from slimgraph.passes.activations import set_tokenizer_loader
 
 
 def load(source: Any, *, example_inputs: Any = None, dynamic_shapes: Any = None, **options: Any) -> ir.Model:

@@ -24,8 +24,8 @@ from slimgraph.errors import SlimgraphError, first_line
 from slimgraph.frontend.cache import export_once
 from slimgraph.frontend.calibration import has_tokenizer, load_tokenizer
 from slimgraph.frontend.kv_cache import check_kv_options
-from slimgraph.ir.fidelity import OutputMap
 from slimgraph.ir.meta import OUTPUT_MAPS_KEY, SOURCE_KEY, TOKENIZER_KEY
+from slimgraph.measure.fidelity import OutputMap
 
 EXAMPLE_SENTENCES = [
     "The quick brown fox jumps over the lazy dog.",

@@ -67,9 +67,9 @@ def _check_external_data(model: ir.Model, path: Path) -> None:
 
 def _upgrade(model: ir.Model, path: Path) -> None:
     """Convert an old file to MIN_OPSET in place; refuse it if the conversion changed its outputs."""
-    from slimgraph.ir import evaluate
-    from slimgraph.ir.fidelity import EXACT_RTOL, compare
-    from slimgraph.ir.inputs import model_inputs
+    from slimgraph.measure import evaluate
+    from slimgraph.measure.fidelity import EXACT_RTOL, compare
+    from slimgraph.measure.inputs import model_inputs
 
     opset = model.opset_imports[""]
     original = model.clone()

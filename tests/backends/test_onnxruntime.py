@@ -8,7 +8,7 @@ import pytest
 
 import slimgraph
 from slimgraph.errors import SlimgraphError
-from slimgraph.ir.inputs import sample_inputs
+from slimgraph.measure.inputs import sample_inputs
 
 
 def test_compile_call_and_save(tmp_path, mlp_model):
@@ -72,7 +72,7 @@ def test_unknown_backend(mlp_model):
 
 
 def test_external_data_past_the_protobuf_limit(tmp_path, mlp_model, monkeypatch):
-    from slimgraph.ir import evaluate
+    from slimgraph.measure import evaluate
 
     monkeypatch.setattr(evaluate, "PROTO_LIMIT_BYTES", 100)  # pretend the 860-byte MLP is huge
     path = slimgraph.compile(mlp_model).save(tmp_path / "big.onnx")

@@ -9,8 +9,8 @@ import torch
 
 import slimgraph
 from slimgraph.errors import SlimgraphError
-from slimgraph.ir import evaluate
-from slimgraph.ir.inputs import sample_inputs
+from slimgraph.measure import evaluate
+from slimgraph.measure.inputs import sample_inputs
 from slimgraph.passes import Pipeline
 from tests.conftest import LIGHT_MODELS, copy_model
 

@@ -14,7 +14,7 @@ import pytest
 
 import slimgraph
 from slimgraph.cli import main
-from slimgraph.ir.inputs import sample_inputs
+from slimgraph.measure.inputs import sample_inputs
 from tests.conftest import LIGHT_MODELS
 
 

@@ -14,8 +14,8 @@ from rich.console import Console
 
 import slimgraph
 from slimgraph.bench import BenchResult, Latency
-from slimgraph.ir.diff import diff_models
-from slimgraph.ir.fidelity import Fidelity
+from slimgraph.measure.diff import diff_models
+from slimgraph.measure.fidelity import Fidelity
 from slimgraph.passes import Pipeline, get_pass_class
 from slimgraph.passes._infra.registry import BUILTIN_PASS_MODULES
 from slimgraph.report import (

@@ -177,8 +177,8 @@ def test_required_option_and_unreachable_budget(tmp_path, minilm_onnx):
 
 def test_reachable_budget_check_matches_the_pass(minilm):
     """The up-front size is what the pass itself computes after quantizing every layer."""
+    from slimgraph.ir.nbits import quantize_rtn
     from slimgraph.passes.quantize.mixed import MixedPrecision, _packed_nbytes
-    from slimgraph.passes.quantize.packing import quantize_rtn
 
     rng = np.random.default_rng(0)
     for k, n, bits, group in [(384, 1536, 2, 32), (100, 7, 4, 16), (1536, 384, 8, 64), (33, 5, 2, 256)]:

@@ -11,8 +11,8 @@ import onnx_ir as ir
 import pytest
 
 from slimgraph.frontend import cache, hf_folder, load
-from slimgraph.ir import evaluate
 from slimgraph.ir.meta import EXAMPLE_INPUTS_KEY, EXAMPLE_INPUTS_SOURCE_KEY, NAME_SCOPES_KEY, SOURCE_KEY
+from slimgraph.measure import evaluate
 
 
 @pytest.fixture

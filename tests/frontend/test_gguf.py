@@ -15,8 +15,8 @@ import pytest
 from slimgraph.cli import main
 from slimgraph.errors import SlimgraphError
 from slimgraph.frontend import load
-from slimgraph.ir import evaluate
 from slimgraph.ir.meta import EXAMPLE_INPUTS_KEY, EXAMPLE_INPUTS_SOURCE_KEY, SOURCE_KEY, TOKENIZER_KEY
+from slimgraph.measure import evaluate
 from slimgraph.zoo import smollm2, text
 
 pytestmark = pytest.mark.slow  # every test here reads a 135M-parameter model
@@ -48,7 +48,7 @@ def test_the_graph_is_smollm2(smollm2_ir, smollm2_gguf):
     assert smollm2_ir.meta[EXAMPLE_INPUTS_SOURCE_KEY] == "tokenizer (from the .gguf): 4 built-in sentences"
     [feeds] = smollm2_ir.meta[EXAMPLE_INPUTS_KEY]
     assert feeds["input_ids"].shape[0] == 4 and feeds["attention_mask"].min() == 0  # padded real sentences
-    from slimgraph.ir.summary import summarize
+    from slimgraph.measure.summary import summarize
 
     structures = summarize(smollm2_ir).to_json()["structures"]
     assert structures["blocks"]["count"] == 30 and structures["vocab_size"] == 49152
@@ -83,7 +83,7 @@ def test_greedy_decoding_through_onnx_runtime_says_paris(smollm2_ir, tokenizer):
 
 def test_perplexity_on_held_out_prose(smollm2_ir, tokenizer):
     """A trained LM: documentation prose is far likelier than the same tokens shuffled."""
-    from slimgraph.ir.fidelity import perplexity
+    from slimgraph.measure.fidelity import perplexity
 
     encoded = tokenizer(text.heldout_texts(4), padding=True, truncation=True, max_length=64, return_tensors="np")
     ids, mask = encoded["input_ids"].astype(np.int64), encoded["attention_mask"].astype(np.int64)

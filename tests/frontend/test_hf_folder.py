@@ -9,8 +9,8 @@ import torch
 
 from slimgraph.errors import SlimgraphError
 from slimgraph.frontend import load
-from slimgraph.ir import evaluate
-from slimgraph.ir.inputs import sample_inputs
+from slimgraph.measure import evaluate
+from slimgraph.measure.inputs import sample_inputs
 
 SENTENCES = ["A man is eating food.", "The new movie is awesome, I loved every minute of it."]
 
@@ -94,8 +94,8 @@ def test_folder_with_corrupt_weights(tmp_path, gpt2_folder):
 def test_a_sentence_transformers_folder_is_verified_as_sentences(minilm, gpt2_ir):
     """MiniLM's folder mean-pools its token states (1_Pooling): Verify compares those sentences;
     a folder without a Pooling module keeps the token-by-token comparison."""
-    from slimgraph.ir.fidelity import OutputMap
     from slimgraph.ir.meta import OUTPUT_MAPS_KEY
+    from slimgraph.measure.fidelity import OutputMap
 
     assert minilm.meta[OUTPUT_MAPS_KEY] == {"last_hidden_state": OutputMap(pooled_by="attention_mask")}
     assert OUTPUT_MAPS_KEY not in gpt2_ir.meta

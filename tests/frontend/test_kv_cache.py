@@ -13,8 +13,8 @@ from slimgraph.errors import SlimgraphError
 from slimgraph.frontend import cache, load
 from slimgraph.frontend.kv_cache import TOTAL_SEQUENCE, cache_layers, empty_past, position_ids
 from slimgraph.generate import Decoder, left_pad
-from slimgraph.ir import evaluate
 from slimgraph.ir.meta import EXAMPLE_INPUTS_KEY
+from slimgraph.measure import evaluate
 from tests.conftest import copy_model
 
 pytestmark = pytest.mark.slow  # an export of a transformer (cached on disk after the first run)

@@ -11,8 +11,8 @@ import pytest
 from slimgraph.api import save
 from slimgraph.errors import SlimgraphError
 from slimgraph.frontend import load
-from slimgraph.ir import evaluate
-from slimgraph.ir.inputs import sample_inputs
+from slimgraph.measure import evaluate
+from slimgraph.measure.inputs import sample_inputs
 from tests.conftest import LIGHT_MODELS, make_mlp
 
 

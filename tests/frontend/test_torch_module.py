@@ -8,8 +8,8 @@ import torch
 
 from slimgraph.errors import SlimgraphError
 from slimgraph.frontend import load
-from slimgraph.ir import evaluate
 from slimgraph.ir.graph import module_path
+from slimgraph.measure import evaluate
 
 
 class TinyNet(torch.nn.Module):

@@ -11,10 +11,11 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 from slimgraph.errors import SlimgraphError
-from slimgraph.ir import edit, evaluate
+from slimgraph.ir import edit
 from slimgraph.ir.graph import module_path
 from slimgraph.ir.meta import NAME_SCOPES_KEY
 from slimgraph.ir.structure import find_linears
+from slimgraph.measure import evaluate
 from tests.conftest import LIGHT_DIR, copy_model
 
 RNG = np.random.default_rng(0)

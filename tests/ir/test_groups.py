@@ -19,10 +19,11 @@ from hypothesis import HealthCheck, Phase, given, settings
 from hypothesis import strategies as st
 
 from slimgraph.errors import SlimgraphError
-from slimgraph.ir import edit, evaluate
+from slimgraph.ir import edit
 from slimgraph.ir.groups import Group, remove_channels, zero_channels
-from slimgraph.ir.inputs import sample_inputs
 from slimgraph.ir.structure import discover
+from slimgraph.measure import evaluate
+from slimgraph.measure.inputs import sample_inputs
 from tests.conftest import LIGHT_DIR, copy_model
 
 RTOL = 1e-5

@@ -1,9 +1,9 @@
 import numpy as np
 import onnx_ir as ir
 
-from slimgraph.ir import evaluate
-from slimgraph.ir.inputs import sample_inputs
 from slimgraph.ir.opset import upgrade_opset
+from slimgraph.measure import evaluate
+from slimgraph.measure.inputs import sample_inputs
 from tests.conftest import LIGHT_DIR
 
 

@@ -99,8 +99,9 @@ def test_bypassing_a_block_equals_the_model_without_it(request, tmp_path, which,
     import transformers
 
     from slimgraph.frontend import load
-    from slimgraph.ir import edit, evaluate
-    from slimgraph.ir.inputs import sample_inputs
+    from slimgraph.ir import edit
+    from slimgraph.measure import evaluate
+    from slimgraph.measure.inputs import sample_inputs
 
     full = copy_model(request.getfixturevalue(f"{which}_ir"))
     spec = SMALL_CONFIGS[which]
@@ -135,8 +136,9 @@ def test_bypassing_a_block_equals_the_model_without_it(request, tmp_path, which,
 
 
 def test_resnet_blocks_with_an_identity_shortcut_can_be_bypassed():
-    from slimgraph.ir import edit, evaluate
-    from slimgraph.ir.inputs import sample_inputs
+    from slimgraph.ir import edit
+    from slimgraph.measure import evaluate
+    from slimgraph.measure.inputs import sample_inputs
 
     model = ir.load(LIGHT_DIR / "light_resnet50.onnx")
     found = discover(model)

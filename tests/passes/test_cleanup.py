@@ -10,8 +10,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from onnx import TensorProto, helper, numpy_helper
 
-from slimgraph.ir import evaluate
-from slimgraph.ir.inputs import sample_inputs
+from slimgraph.measure import evaluate
+from slimgraph.measure.inputs import sample_inputs
 from slimgraph.passes import Pipeline
 from tests.conftest import LIGHT_MODELS
 

@@ -41,9 +41,9 @@ def test_cleanup_and_pytorch_backend(name, tmp_path, capfd):
     stderr (no ONNX Runtime log lines), and the module gives ONNX Runtime's outputs."""
     import slimgraph
     from slimgraph.cli import main
-    from slimgraph.ir import evaluate
-    from slimgraph.ir.fidelity import compare
-    from slimgraph.ir.inputs import model_inputs
+    from slimgraph.measure import evaluate
+    from slimgraph.measure.fidelity import compare
+    from slimgraph.measure.inputs import model_inputs
 
     path = _path(name)
     cleaned = tmp_path / "clean.onnx"

@@ -72,8 +72,8 @@ def test_the_folder_loads_through_slimgraph_like_the_gguf(smollm2_folder, smollm
     import numpy as np
 
     from slimgraph.frontend import load
-    from slimgraph.ir import evaluate
     from slimgraph.ir.meta import EXAMPLE_INPUTS_KEY, TOKENIZER_KEY
+    from slimgraph.measure import evaluate
 
     model = load(smollm2_folder)
     assert model.meta[TOKENIZER_KEY] == str(smollm2_folder)

@@ -16,14 +16,14 @@ import numpy as np
 import onnx_ir as ir
 
 from slimgraph.backends.output import check_writable
+from slimgraph.backends.switching import AdapterSwitching
 from slimgraph.errors import SlimgraphError
-from slimgraph.passes.adapters.switching import AdapterSwitching
 
 
 class PyTorchArtifact(AdapterSwitching):
     """A model compiled to PyTorch: `artifact.module` is the torch.fx.GraphModule; `load_adapter` /
     `set_adapter` switch PEFT adapters by writing its parameters in place
-    (slimgraph.passes.adapters.switching)."""
+    (slimgraph.backends.switching)."""
 
     backend = "pytorch"
 
@@ -67,7 +67,7 @@ class PyTorchArtifact(AdapterSwitching):
         """`DIR/` → DIR/model.py + DIR/model.safetensors; `NAME.pt2` → a torch.export program."""
         from slimgraph.backends.pytorch.builder import to_torch
         from slimgraph.backends.pytorch.codegen import save_directory, save_pt2
-        from slimgraph.ir.inputs import model_inputs
+        from slimgraph.measure.inputs import model_inputs
 
         path = Path(path)
         self.check_output(path)
@@ -109,7 +109,7 @@ class PyTorchArtifact(AdapterSwitching):
             self.module = build_module(model, self.options)
             self.style = "fx"
 
-    # --- in-place weights for adapter switching (the WeightStore of slimgraph.passes.adapters.switching)
+    # --- in-place weights for adapter switching (the WeightStore of slimgraph.backends.switching)
 
     def _adopt_model(self, model: ir.Model) -> None:
         self._build(model)

@@ -27,7 +27,7 @@ from slimgraph.ir.graph import constant_tensor, is_default_domain
 
 
 @dataclass(eq=False)  # (groups are compared by identity: two groups never hold the same nodes)
-class Group:
+class FusionGroup:
     main: ir.Shape
     nodes: list[ir.Node] = field(default_factory=list)
 
@@ -54,12 +54,12 @@ class Group:
                 if v in graph_outputs or any(user not in members for user, _ in v.uses())]
 
 
-def find_groups(graph: ir.Graph, exclude: set[ir.Node] | None = None) -> list[Group]:
+def find_fusion_groups(graph: ir.Graph, exclude: set[ir.Node] | None = None) -> list[FusionGroup]:
     """Fusion groups in graph order (see the module docstring). Nodes in `exclude` stay out."""
     exclude = exclude or set()
     position = {node: i for i, node in enumerate(graph)}
-    group_of: dict[ir.Node, Group] = {}
-    groups: list[Group] = []
+    group_of: dict[ir.Node, FusionGroup] = {}
+    groups: list[FusionGroup] = []
     for node in graph:
         if node in exclude or not _fusable(node):
             continue
@@ -79,7 +79,7 @@ def find_groups(graph: ir.Graph, exclude: set[ir.Node] | None = None) -> list[Gr
         if joined is None:
             if kind_of(output, output.shape) != ROW or not known(output.shape) or not _fits(node, output.shape):
                 continue  # (a per-row op cannot start a group: its row length is not known from it)
-            joined = Group(main=output.shape)
+            joined = FusionGroup(main=output.shape)
             groups.append(joined)
         joined.nodes.append(node)
         group_of[node] = joined
@@ -108,7 +108,7 @@ def _fits(node: ir.Node, main: ir.Shape) -> bool:
     return all(v is None or kind_of(v, main) is not None for v in data)
 
 
-def _legal(groups: list[Group], node: ir.Node, position: dict[ir.Node, int]) -> bool:
+def _legal(groups: list[FusionGroup], node: ir.Node, position: dict[ir.Node, int]) -> bool:
     """No value of the groups is read, outside them, before `node` (where the kernel would run)."""
     members = {n for g in groups for n in g.nodes} | {node}
     here = position[node]

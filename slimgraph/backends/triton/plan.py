@@ -149,7 +149,7 @@ def plan(model: ir.Model, ternary: str = "mixpe", fuse: bool = True) -> Plan:
     if fuse:
         taken = {n for call in result.calls for n in call.nodes}
         outputs = set(graph.outputs)
-        for group in fusion.find_groups(graph, exclude=taken):
+        for group in fusion.find_fusion_groups(graph, exclude=taken):
             if group.reduces:
                 _row_kernel(group, outputs, result)
             elif not _into_epilogue(group, by_output, outputs) and len(group.nodes) >= 2:
@@ -217,7 +217,7 @@ def _matmul_nbits(node: ir.Node, ternary: str) -> MatMulNBits | str:
 
 def _ternary_codes(spec: MatMulNBits, b: ir.Value, zero_points: ir.Value) -> bool:
     """2-bit codes in {0, 1, 2} with zero point 1 everywhere: ternary weights {−1, 0, +1} · scale."""
-    from slimgraph.passes.quantize.packing import unpack
+    from slimgraph.ir.nbits import unpack
 
     codes, zps = constant_tensor(b), constant_tensor(zero_points)
     if codes is None or zps is None:
@@ -280,7 +280,7 @@ KERNEL_OPS = {"MatMulNBits": _matmul_nbits, "GatherBlockQuantized": _gather_bloc
 # --- fusion -------------------------------------------------------------------------------------
 
 
-def _into_epilogue(group: fusion.Group, by_output: dict[ir.Value, KernelCall], graph_outputs: set[ir.Value]) -> bool:
+def _into_epilogue(group: fusion.FusionGroup, by_output: dict[ir.Value, KernelCall], graph_outputs: set[ir.Value]) -> bool:
     """Make the group the epilogue of the MatMulNBits kernel whose output it reads (the latest such)."""
     members = set(group.nodes)
     outputs = group.outputs(graph_outputs)
@@ -312,7 +312,7 @@ def _into_epilogue(group: fusion.Group, by_output: dict[ir.Value, KernelCall], g
     return False
 
 
-def _row_kernel(group: fusion.Group, graph_outputs: set[ir.Value], result: Plan) -> None:
+def _row_kernel(group: fusion.FusionGroup, graph_outputs: set[ir.Value], result: Plan) -> None:
     """The group as one row kernel, when its row fits in registers and every op can be written."""
     d = group.main[-1]
     if d > MAX_ROW:

@@ -24,10 +24,10 @@ import numpy as np
 import onnx_ir as ir
 
 from slimgraph.errors import SlimgraphError
-from slimgraph.ir.diff import Change
-from slimgraph.ir.fidelity import Fidelity
-from slimgraph.ir.stats import ModelStats, human_bytes
-from slimgraph.ir.target import Target
+from slimgraph.measure.diff import Change
+from slimgraph.measure.fidelity import Fidelity
+from slimgraph.measure.stats import ModelStats, human_bytes
+from slimgraph.measure.target import Target
 
 T = TypeVar("T")
 
@@ -56,7 +56,7 @@ class PassContext:
     - `reference`: the unmodified model the pipeline started from (kept when verifying);
     - `max_drop`: the fidelity budget, 1 − cosine against the original;
     - `progress`: where passes report per-layer progress; call `track` rather than it;
-    - `target`: where the model will run (`slimgraph.ir.target`); None: the machine running slimgraph.
+    - `target`: where the model will run (`slimgraph.measure.target`); None: the machine running slimgraph.
     """
 
     inputs: list[dict[str, np.ndarray]] = field(default_factory=list)

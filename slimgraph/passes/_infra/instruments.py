@@ -23,11 +23,11 @@ import numpy as np
 import onnx_ir as ir
 
 from slimgraph.errors import FidelityError, SlimgraphError
-from slimgraph.ir import evaluate
-from slimgraph.ir.diff import Change, describe, group_of, module_changes
-from slimgraph.ir.fidelity import COSINE_FLOOR, EXACT_RTOL, compare
 from slimgraph.ir.meta import OUTPUT_MAPS_KEY
-from slimgraph.ir.stats import node_count, weight_bytes
+from slimgraph.measure import evaluate
+from slimgraph.measure.diff import Change, describe, group_of, module_changes
+from slimgraph.measure.fidelity import COSINE_FLOOR, EXACT_RTOL, compare
+from slimgraph.measure.stats import node_count, weight_bytes
 from slimgraph.passes._infra.base import Changes, Pass, PassContext, PassRecord, PipelineReport, Size
 
 # 1 − cosine of two equal-up-to-rounding outputs is not exactly 0: `max_drop=0` means "no drop".
@@ -131,7 +131,7 @@ class Verify(Instrument):
         try:
             self.reference_outputs = evaluate.run_all(reference, self.inputs)
         except SlimgraphError as exc:
-            from slimgraph.ir.inputs import refused_hint
+            from slimgraph.measure.inputs import refused_hint
 
             raise SlimgraphError(f"the input model cannot be verified: {exc}{refused_hint(ctx.verify_source)}") from exc
         self.previous_outputs = self.reference_outputs

@@ -40,7 +40,7 @@ import onnx_ir as ir
 import yaml
 
 from slimgraph.errors import SlimgraphError, first_line
-from slimgraph.ir.stats import model_stats
+from slimgraph.measure.stats import model_stats
 from slimgraph.passes._infra.base import Pass, PassContext, PassRecord, PipelineReport, ProgressHook
 from slimgraph.passes._infra.instruments import Instrument, Journal, Timing, Verify
 from slimgraph.passes._infra.options import convert, describe_type, option_types, split_top_level
@@ -216,7 +216,7 @@ class Pipeline:
         if progress is not None:
             ctx.progress = progress
         if ctx.target is None:
-            from slimgraph.ir.target import detect
+            from slimgraph.measure.target import detect
 
             ctx.target = detect()
         self.check(model)
@@ -231,13 +231,13 @@ class Pipeline:
             ctx.inputs, ctx.inputs_source, ctx.verify_inputs, ctx.verify_source = held_out
         synthesized = not ctx.inputs
         if synthesized:
-            from slimgraph.ir.inputs import model_inputs
+            from slimgraph.measure.inputs import model_inputs
 
             ctx.inputs, ctx.inputs_source = model_inputs(model, seed=ctx.seed)
             synthesized = ctx.inputs_source == "synthesized"
         if verify and ctx.verify_inputs is None:
             if synthesized:  # free to draw others: verify on samples no pass has seen
-                from slimgraph.ir.inputs import model_inputs
+                from slimgraph.measure.inputs import model_inputs
 
                 ctx.verify_inputs = model_inputs(model, seed=ctx.seed + len(ctx.inputs))[0]
                 ctx.verify_source = "synthesized (other samples than the passes ran on)"

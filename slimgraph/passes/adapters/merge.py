@@ -26,13 +26,13 @@ import numpy as np
 import onnx_ir as ir
 
 from slimgraph.errors import SlimgraphError
-from slimgraph.ir.diff import Change, fold
 from slimgraph.ir.edit import constant_array, replace_constant
+from slimgraph.measure.diff import Change, fold
 from slimgraph.passes._infra.base import Pass, PassContext, PassResult
 from slimgraph.passes._infra.registry import register_pass
-from slimgraph.passes.adapters.fuse import fuse_lora, fuse_lora_bias, fuse_shira
 from slimgraph.passes.adapters.peft_files import SUPPORTED, Adapter, LoraModule, read_adapter
-from slimgraph.passes.adapters.targets import Storage, Target, base_weights, match_modules, own_bias, own_weight
+from slimgraph.passes.adapters.targets import AdaptedLayer, Storage, base_weights, match_modules, own_bias, own_weight
+from slimgraph.passes.adapters.weight_math import fuse_lora, fuse_lora_bias, fuse_shira
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -70,7 +70,7 @@ class MergeAdapters(Pass):
     def run(self, model: ir.Model, ctx: PassContext) -> PassResult:
         adapters = self.read()
         weights = self.weights or (1.0,) * len(adapters)
-        plan: dict[str, tuple[Target, list]] = {}
+        plan: dict[str, tuple[AdaptedLayer, list]] = {}
         described, bases, counts = [], [], []
         for adapter, weight in zip(adapters, weights):  # every adapter is matched before anything is written
             base, note = base_weights(adapter, self.base)
@@ -98,7 +98,7 @@ class MergeAdapters(Pass):
             stats["scale"] = self.scale
         return PassResult(True, stats)
 
-    def _fuse(self, model: ir.Model, target: Target, parts: list) -> None:
+    def _fuse(self, model: ir.Model, target: AdaptedLayer, parts: list) -> None:
         storage = own_weight(model, target)  # a tied or shared weight gets its own copy first
         base = model.graph.initializers[storage.name].const_value.numpy()
         fuse = fuse_lora if self.peft_type == "LORA" else fuse_shira

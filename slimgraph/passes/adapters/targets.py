@@ -50,7 +50,7 @@ from slimgraph.passes.adapters.safetensors_file import read_safetensors
 
 
 @dataclass(frozen=True)
-class Target:
+class AdaptedLayer:
     """The linear or embedding an adapter module adapts."""
 
     module: str  # the module path in the adapter
@@ -94,7 +94,7 @@ class Storage:
 class Matches:
     """Each adapter module's target; `checked`: how many were checked against the base's fingerprints."""
 
-    targets: list[Target]
+    targets: list[AdaptedLayer]
     checked: int
     base: str  # where the base weights came from, or why there were none
 
@@ -170,19 +170,19 @@ def _strip_weight(name: str) -> str:
     return name[: -len(".weight")] if name.endswith(".weight") else name
 
 
-def _candidates(model: ir.Model) -> tuple[list[Target], list[Target]]:
-    linears = [Target("", lin.name, "", linear=lin) for lin in find_linears(model)]
-    tables = [Target("", emb.name, "", embedding=emb) for emb in find_embeddings(model)]
+def _candidates(model: ir.Model) -> tuple[list[AdaptedLayer], list[AdaptedLayer]]:
+    linears = [AdaptedLayer("", lin.name, "", linear=lin) for lin in find_linears(model)]
+    tables = [AdaptedLayer("", emb.name, "", embedding=emb) for emb in find_embeddings(model)]
     return linears, tables
 
 
-def _keys(target: Target) -> tuple[str, str]:
+def _keys(target: AdaptedLayer) -> tuple[str, str]:
     """(module path, weight name without `.weight`) of a candidate."""
     weight = target.linear.weight if target.linear else target.embedding.table
     return module_path(target.node) or "", _strip_weight(weight)
 
 
-def _by_name(pool: list[tuple[Target, tuple[str, str]]], path: str, which: int) -> list[Target]:
+def _by_name(pool: list[tuple[AdaptedLayer, tuple[str, str]]], path: str, which: int) -> list[AdaptedLayer]:
     exact = [t for t, keys in pool if keys[which] == path]
     if exact:
         return exact
@@ -195,7 +195,7 @@ def match_modules(model: ir.Model, adapter: Adapter, base: BaseWeights | None, b
     linears, tables = ([(t, _keys(t)) for t in pool] for pool in _candidates(model))
     prints: dict[int, str] = {}
 
-    def ir_print(target: Target) -> str:
+    def ir_print(target: AdaptedLayer) -> str:
         if id(target.node) not in prints:
             prints[id(target.node)] = fingerprint(target.weight())
         return prints[id(target.node)]
@@ -249,7 +249,7 @@ def match_modules(model: ir.Model, adapter: Adapter, base: BaseWeights | None, b
     return Matches(targets, checked, base_note or (str(base.source) if base else "not available"))
 
 
-def _check_shape(adapter: Adapter, module, target: Target) -> None:
+def _check_shape(adapter: Adapter, module, target: AdaptedLayer) -> None:
     out, in_ = target.shape
     if isinstance(module, LoraModule):
         fits = module.shape == (out, in_)
@@ -269,7 +269,7 @@ def _is_own(value: ir.Value | None) -> bool:
     return value is not None and value.is_initializer() and len(value.uses()) == 1 and not value.is_graph_output()
 
 
-def is_owned(target: Target, *, bias: bool = False) -> bool:
+def is_owned(target: AdaptedLayer, *, bias: bool = False) -> bool:
     """Whether the target's weight (and bias) is already an initializer that only its node reads."""
     if target.embedding is not None:
         return _is_own(target.node.inputs[0])
@@ -287,7 +287,7 @@ def _own(model: ir.Model, node: ir.Node, index: int, name: str) -> ir.Value:
     return copy
 
 
-def own_weight(model: ir.Model, target: Target) -> Storage:
+def own_weight(model: ir.Model, target: AdaptedLayer) -> Storage:
     """Give the target a weight of its own (a tied LM head is untied; a shared table copied), so that
     writing it changes nothing else; returns where it is."""
     if target.embedding is not None:
@@ -301,7 +301,7 @@ def own_weight(model: ir.Model, target: Target) -> Storage:
     return Storage(value.name, transposed=not gemm_trans_b)
 
 
-def own_bias(model: ir.Model, target: Target) -> Storage:
+def own_bias(model: ir.Model, target: AdaptedLayer) -> Storage:
     """The same for a linear's bias (for `lora_bias`). A linear without one in the graph (an exporter
     drops a zero bias) gets an `Add` of zeros."""
     if target.linear is None:

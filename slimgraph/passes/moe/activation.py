@@ -21,9 +21,10 @@ import numpy as np
 import onnx_ir as ir
 
 from slimgraph.errors import SlimgraphError
-from slimgraph.ir import edit, evaluate
+from slimgraph.ir import edit
 from slimgraph.ir.graph import ELEMENTWISE_OPS, SHAPE_ONLY_OPS, Walk, constant_tensor, static_dim
 from slimgraph.ir.structure import FFN
+from slimgraph.measure import evaluate
 
 PASS_THROUGH = SHAPE_ONLY_OPS | {"Identity"}
 # What com.microsoft.MoE computes (ORT 1.32's CPU kernel, checked by running it); "gelu" is the

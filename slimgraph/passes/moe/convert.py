@@ -2,7 +2,7 @@
 router built without training (Dense2MoE, MoEfication).
 
 1. On the calibration tokens, each FFN's input x and activations h = act(gate·x) ⊙ (up·x) (or
-   act(up·x)) are recorded (`slimgraph.passes.calibration.value_rows`).
+   act(up·x)) are recorded (`slimgraph.passes.activations.value_rows`).
 2. Shared expert: the `shared` fraction of the neurons, always active: neurons with massive
    activations, then those most often among each token's strongest (`slimgraph.passes.moe.clustering`).
 3. The other neurons split into `experts` equal experts, each a multiple of 8 neurons (what is left
@@ -32,11 +32,11 @@ from slimgraph.errors import SlimgraphError
 from slimgraph.ir import edit
 from slimgraph.ir.groups import remove_channels
 from slimgraph.ir.opset import upgrade_opset
-from slimgraph.ir.stats import human_count
 from slimgraph.ir.structure import FFN, Structures, discover
+from slimgraph.measure.stats import human_count
 from slimgraph.passes._infra.base import Pass, PassContext, PassResult
 from slimgraph.passes._infra.registry import register_pass
-from slimgraph.passes.calibration import capture_chunks, value_rows
+from slimgraph.passes.activations import capture_chunks, value_rows
 from slimgraph.passes.moe import clustering
 from slimgraph.passes.moe.activation import ORT_KINDS, Activation, find_activation, kind
 from slimgraph.passes.moe.emit import MoEPlan, Weights, emit

@@ -1,4 +1,4 @@
-"""Pruning passes: width (FFN channels, attention heads, conv channels), depth (blocks), low rank.
+"""Pruning passes: width (FFN channels, attention heads, conv channels) and depth (blocks).
 
 All are lossy and training-free: they work from the weights and, where it helps, calibration
 activations; the pipeline measures and budgets what they cost. They edit through the dependency

@@ -23,7 +23,7 @@ import onnx_ir as ir
 from slimgraph.ir import edit
 from slimgraph.ir.groups import Group
 from slimgraph.ir.structure import Linear, find_linear
-from slimgraph.passes.calibration import Moments
+from slimgraph.passes.activations import Moments
 from slimgraph.passes.prune.importance import reads
 
 # The ridge, relative to the mean diagonal of x̃ᵀx̃: calibration tokens are few next to the unknowns,

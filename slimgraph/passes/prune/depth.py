@@ -17,12 +17,13 @@ import numpy as np
 import onnx_ir as ir
 
 from slimgraph.errors import SlimgraphError
-from slimgraph.ir import edit, evaluate
+from slimgraph.ir import edit
 from slimgraph.ir.graph import Walk, constant_tensor
 from slimgraph.ir.structure import Block, discover, same_shape
+from slimgraph.measure import evaluate
 from slimgraph.passes._infra.base import Pass, PassContext, PassResult
 from slimgraph.passes._infra.registry import register_pass
-from slimgraph.passes.calibration import token_rows
+from slimgraph.passes.activations import token_rows
 
 
 @dataclass(frozen=True)

@@ -22,7 +22,7 @@ from slimgraph.errors import SlimgraphError
 from slimgraph.ir import edit
 from slimgraph.ir.groups import Group, Slice
 from slimgraph.passes._infra.base import PassContext
-from slimgraph.passes.calibration import Moments, moments
+from slimgraph.passes.activations import Moments, moments
 
 METHODS = ("magnitude", "wanda", "activation")
 

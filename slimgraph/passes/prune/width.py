@@ -26,10 +26,10 @@ import numpy as np
 import onnx_ir as ir
 
 from slimgraph.errors import SlimgraphError
-from slimgraph.ir.evaluate import initializer_bytes
 from slimgraph.ir.groups import Group, remove_channels
-from slimgraph.ir.stats import human_bytes
 from slimgraph.ir.structure import Structures, discover
+from slimgraph.measure.evaluate import initializer_bytes
+from slimgraph.measure.stats import human_bytes
 from slimgraph.passes._infra.base import Pass, PassContext, PassResult
 from slimgraph.passes._infra.registry import register_pass
 from slimgraph.passes.prune.compensate import compensate

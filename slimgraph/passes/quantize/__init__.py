@@ -1,1 +1,1 @@
-"""Quantization passes: weight-only (MatMulNBits), dynamic int8, ternary, mixed precision."""
+"""Quantization passes: weight-only (MatMulNBits), dynamic int8, static int8 (QDQ), ternary, mixed precision."""

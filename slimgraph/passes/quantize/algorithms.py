@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from slimgraph.passes.quantize.packing import (
+from slimgraph.ir.nbits import (
     BlockQuantized,
     blocks_of,
     codes_for,

@@ -3,7 +3,7 @@ Cast(MatMulInteger(DynamicQuantizeLinear(x), W_int8)) · (x_scale · w_scale) [+
 
 W8A8 as onnxruntime's quantize_dynamic builds it: int8 weights (per output channel, or per
 tensor), activations quantized to uint8 per tensor at run time. `weights=auto` follows the target
-(`slimgraph.ir.target`): int8 where ONNX Runtime's U8S8 kernel is exact (VNNI), 7-bit int8 (ORT's
+(`slimgraph.measure.target`): int8 where ONNX Runtime's U8S8 kernel is exact (VNNI), 7-bit int8 (ORT's
 reduce_range) on AVX2 without VNNI, where U8S8's int16 pair sums would saturate; `u8` (uint8 with
 zero point 128: the same levels, ORT's slower U8U8 kernel) is the other remedy. One
 DynamicQuantizeLinear is shared by the linears that read the same input (q, k, v). The
@@ -23,7 +23,7 @@ import onnx_ir as ir
 
 from slimgraph.ir.edit import add_initializer, bias_value, replace_linear, replace_region, weight_matrix
 from slimgraph.ir.structure import Embedding, Linear
-from slimgraph.ir.target import Target, detect
+from slimgraph.measure.target import Target, detect
 from slimgraph.passes._infra.base import Pass, PassContext, PassResult
 from slimgraph.passes._infra.registry import register_pass
 from slimgraph.passes.quantize.rewrite import (

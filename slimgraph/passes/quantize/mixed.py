@@ -20,15 +20,15 @@ import numpy as np
 import onnx_ir as ir
 
 from slimgraph.errors import SlimgraphError
-from slimgraph.ir import evaluate
 from slimgraph.ir.edit import replace_linear, weight_matrix
-from slimgraph.ir.fidelity import compare
-from slimgraph.ir.stats import human_bytes
+from slimgraph.ir.nbits import quantize_rtn
+from slimgraph.measure import evaluate
+from slimgraph.measure.fidelity import compare
+from slimgraph.measure.stats import human_bytes
 from slimgraph.passes._infra.base import Pass, PassContext, PassResult
 from slimgraph.passes._infra.registry import register_pass
-from slimgraph.passes.calibration import linear_inputs
+from slimgraph.passes.activations import linear_inputs
 from slimgraph.passes.quantize.algorithms import gram, output_error
-from slimgraph.passes.quantize.packing import quantize_rtn
 from slimgraph.passes.quantize.rewrite import (
     input_dtype,
     matmul_nbits,

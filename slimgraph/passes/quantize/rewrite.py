@@ -14,9 +14,9 @@ import onnx_ir as ir
 from slimgraph.errors import SlimgraphError
 from slimgraph.ir.edit import add_initializer, bias_value, replace_region
 from slimgraph.ir.graph import constant_tensor, transposed_source, weight_tensor
+from slimgraph.ir.nbits import BlockQuantized, pack, quantize_rtn
 from slimgraph.ir.structure import Embedding, Linear, find_embeddings, find_linears
 from slimgraph.passes._infra.base import PassResult
-from slimgraph.passes.quantize.packing import BlockQuantized, pack, quantize_rtn
 
 MS_DOMAIN = "com.microsoft"
 T = TypeVar("T")

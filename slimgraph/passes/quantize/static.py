@@ -32,7 +32,6 @@ import numpy as np
 import onnx_ir as ir
 
 from slimgraph.errors import SlimgraphError
-from slimgraph.ir import evaluate
 from slimgraph.ir.edit import (
     add_initializer,
     constant_array,
@@ -40,7 +39,8 @@ from slimgraph.ir.edit import (
     remove_unused_initializers,
 )
 from slimgraph.ir.graph import constant_tensor, ensure_shapes, filled_constant, is_default_domain, module_path
-from slimgraph.ir.target import detect
+from slimgraph.measure import evaluate
+from slimgraph.measure.target import detect
 from slimgraph.passes._infra.base import Pass, PassContext, PassResult
 from slimgraph.passes._infra.registry import register_pass
 from slimgraph.passes.quantize.dynamic import WEIGHT_FORMATS, quantize_int8_symmetric, stored_codes, weight_format

@@ -21,10 +21,10 @@ import numpy as np
 import onnx_ir as ir
 
 from slimgraph.ir.edit import add_initializer, replace_linear, weight_matrix
+from slimgraph.ir.nbits import BlockQuantized, blocks_of
 from slimgraph.passes._infra.base import Pass, PassContext, PassResult
 from slimgraph.passes._infra.registry import register_pass
-from slimgraph.passes.calibration import linear_inputs
-from slimgraph.passes.quantize.packing import BlockQuantized, blocks_of
+from slimgraph.passes.activations import linear_inputs
 from slimgraph.passes.quantize.rewrite import (
     input_dtype,
     matmul_nbits,

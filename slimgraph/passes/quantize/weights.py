@@ -21,14 +21,14 @@ import onnx_ir as ir
 
 from slimgraph.errors import SlimgraphError
 from slimgraph.ir.edit import replace_linear, weight_matrix
-from slimgraph.ir.evaluate import initializer_bytes
-from slimgraph.ir.stats import human_bytes
+from slimgraph.ir.nbits import SUPPORTED_BITS, BlockQuantized, quantize_rtn
+from slimgraph.measure.evaluate import initializer_bytes
+from slimgraph.measure.stats import human_bytes
 from slimgraph.passes._infra.base import Pass, PassContext, PassResult
 from slimgraph.passes._infra.registry import register_pass
-from slimgraph.passes.calibration import linear_inputs
+from slimgraph.passes.activations import linear_inputs
 from slimgraph.passes.quantize import algorithms
 from slimgraph.passes.quantize.awq_scales import apply_input_scales
-from slimgraph.passes.quantize.packing import SUPPORTED_BITS, BlockQuantized, quantize_rtn
 from slimgraph.passes.quantize.rewrite import (
     SharedWeights,
     embedding_tables,

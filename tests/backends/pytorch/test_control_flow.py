@@ -9,7 +9,7 @@ import onnx_ir as ir
 import pytest
 
 import slimgraph
-from slimgraph.ir import evaluate
+from slimgraph.measure import evaluate
 from tests.backends.pytorch.standalone import run_standalone
 
 # If: the branches read an outer value (w) and differ in shape; the then-branch nests a Loop

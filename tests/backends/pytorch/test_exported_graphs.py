@@ -10,7 +10,7 @@ import onnx_ir as ir
 from onnx import TensorProto, helper
 
 import slimgraph
-from slimgraph.ir import evaluate
+from slimgraph.measure import evaluate
 from tests.backends.pytorch.standalone import run_standalone
 
 

@@ -8,7 +8,7 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 import slimgraph
-from slimgraph.ir import evaluate
+from slimgraph.measure import evaluate
 
 
 def _random_forest(rng: np.random.Generator, trees: int, features: int, targets: int, aggregate: int) -> ir.Model:

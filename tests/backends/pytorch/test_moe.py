@@ -8,7 +8,7 @@ import pytest
 from onnx import TensorProto, helper
 
 import slimgraph
-from slimgraph.ir import evaluate
+from slimgraph.measure import evaluate
 
 EXPERTS, HIDDEN, INTER = 4, 8, 16
 

@@ -12,7 +12,7 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 import slimgraph
-from slimgraph.ir import evaluate
+from slimgraph.measure import evaluate
 
 
 def _float_cnn(path, rng) -> None:

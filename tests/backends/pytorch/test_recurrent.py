@@ -12,7 +12,7 @@ import torch
 from onnx import TensorProto, helper, numpy_helper
 
 import slimgraph
-from slimgraph.ir import evaluate
+from slimgraph.measure import evaluate
 from tests.backends.pytorch.standalone import run_standalone
 
 HIDDEN, INPUT = 5, 4
@@ -163,7 +163,7 @@ def test_onnxruntime_quantized_torch_lstm(tmp_path, weights, per_channel):
     without it; the full-range QInt8 weights here can saturate AVX2's int16 pair sums."""
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
-    from slimgraph.ir.target import detect
+    from slimgraph.measure.target import detect
 
     exact = weights == "QUInt8" or not detect().int8_saturates
     rtol = 1e-4 if exact else 1e-1

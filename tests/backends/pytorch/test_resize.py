@@ -80,7 +80,7 @@ def test_resize_with_run_time_sizes_and_scales():
     import onnx_ir as ir
 
     import slimgraph
-    from slimgraph.ir import evaluate
+    from slimgraph.measure import evaluate
 
     model = ir.serde.deserialize_model(onnx.parser.parse_model(FEATURE_PYRAMID))
     artifact = slimgraph.compile(model, backend="pytorch")

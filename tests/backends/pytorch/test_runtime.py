@@ -9,7 +9,7 @@ import pytest
 from onnx import TensorProto, helper
 
 import slimgraph
-from slimgraph.ir import evaluate
+from slimgraph.measure import evaluate
 from tests.backends.pytorch.standalone import run_standalone
 
 

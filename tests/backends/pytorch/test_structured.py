@@ -14,8 +14,8 @@ import torch
 
 import slimgraph
 from slimgraph.errors import SlimgraphError
-from slimgraph.ir import evaluate
-from slimgraph.ir.inputs import sample_inputs
+from slimgraph.measure import evaluate
+from slimgraph.measure.inputs import sample_inputs
 from slimgraph.passes import Pipeline
 from tests.conftest import LIGHT_MODELS, copy_model
 
@@ -273,7 +273,7 @@ def test_layers_named_by_bare_numbers_become_attributes():
     from onnx import TensorProto, helper, numpy_helper
 
     import slimgraph
-    from slimgraph.ir import evaluate
+    from slimgraph.measure import evaluate
 
     weight = numpy_helper.from_array(np.random.default_rng(0).standard_normal((4, 3, 3, 3)).astype(np.float32), "7")
     graph = helper.make_graph([helper.make_node("Conv", ["input", "7"], ["391"], name="391", pads=[1, 1, 1, 1])],

@@ -9,7 +9,7 @@ from onnx import TensorProto, helper
 
 import slimgraph
 from slimgraph.backends.triton.codegen import SETTINGS
-from slimgraph.ir import evaluate
+from slimgraph.measure import evaluate
 
 GPU_SETTINGS = {name: value for name, (value, _) in SETTINGS.items()}  # small tiles, as on a GPU
 

@@ -103,7 +103,7 @@ def test_a_value_read_before_the_group_ends_splits_it():
              helper.make_node("Softmax", ["t"], ["s"], axis=-1), helper.make_node("Mul", ["e", "s"], ["y"])]
     model = _graph(nodes)
     ensure_shapes(model)
-    groups = fusion.find_groups(model.graph)
+    groups = fusion.find_fusion_groups(model.graph)
     assert [[n.op_type for n in g.nodes] for g in groups] == [["Add", "Exp"], ["Mul"]]
     artifact = assert_matches(model, _feeds())
     assert _calls(artifact) == [["Add", "Exp"]]  # (a lone Mul gains nothing as a kernel)

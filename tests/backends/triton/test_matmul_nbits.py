@@ -8,8 +8,8 @@ import numpy as np
 import onnx_ir as ir
 import pytest
 
+from slimgraph.ir.nbits import unpack
 from slimgraph.passes import Pipeline
-from slimgraph.passes.quantize.packing import unpack
 from tests.backends.triton.helpers import GPU_SETTINGS, assert_matches, linear_model
 
 K, N = 72, 40  # K not a whole number of blocks (padded), N not a power of two

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 import slimgraph
-from slimgraph.ir.inputs import sample_inputs
+from slimgraph.measure.inputs import sample_inputs
 from slimgraph.passes import Pipeline
 from tests.backends.triton.helpers import GPU_SETTINGS, assert_matches
 from tests.conftest import copy_model

@@ -9,7 +9,7 @@ import pytest
 
 import slimgraph
 from slimgraph.errors import SlimgraphError
-from slimgraph.ir import evaluate
+from slimgraph.measure import evaluate
 from slimgraph.passes.adapters.merge import MergeLora, MergeShira
 from slimgraph.passes.adapters.peft_files import read_adapter
 from tests.conftest import copy_model

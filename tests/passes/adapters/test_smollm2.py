@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 import slimgraph
-from slimgraph.ir import evaluate
+from slimgraph.measure import evaluate
 from slimgraph.passes.adapters.merge import MergeLora, MergeShira
 from tests.conftest import copy_model
 from tests.passes.adapters.peft_adapters import Made, anonymize, relative, train

@@ -12,7 +12,7 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 from slimgraph.errors import SlimgraphError
-from slimgraph.ir import evaluate
+from slimgraph.measure import evaluate
 from slimgraph.passes.adapters.merge import MergeLora, MergeShira
 
 safetensors_numpy = pytest.importorskip("safetensors.numpy", reason="the torch extra installs safetensors")

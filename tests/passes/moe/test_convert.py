@@ -17,9 +17,9 @@ from onnx import TensorProto, helper, numpy_helper
 import slimgraph
 from slimgraph.cli import main
 from slimgraph.errors import SlimgraphError
-from slimgraph.ir import evaluate
-from slimgraph.ir.inputs import sample_inputs
 from slimgraph.ir.structure import discover
+from slimgraph.measure import evaluate
+from slimgraph.measure.inputs import sample_inputs
 from slimgraph.passes import PassContext, Pipeline
 from slimgraph.passes.moe.activation import find_activation, kind
 from slimgraph.passes.moe.convert import MoEConvert

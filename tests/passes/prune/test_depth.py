@@ -6,9 +6,9 @@ import numpy as np
 import pytest
 
 from slimgraph.errors import SlimgraphError
-from slimgraph.ir import evaluate
-from slimgraph.ir.inputs import model_inputs
 from slimgraph.ir.structure import discover
+from slimgraph.measure import evaluate
+from slimgraph.measure.inputs import model_inputs
 from slimgraph.passes import PassContext, Pipeline
 from slimgraph.passes.prune.depth import PruneDepth, block_influence
 from tests.conftest import copy_model

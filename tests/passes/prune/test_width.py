@@ -11,10 +11,10 @@ import pytest
 
 from slimgraph.cli import main
 from slimgraph.errors import SlimgraphError
-from slimgraph.ir import evaluate
-from slimgraph.ir.inputs import sample_inputs
-from slimgraph.ir.stats import model_stats
 from slimgraph.ir.structure import discover
+from slimgraph.measure import evaluate
+from slimgraph.measure.inputs import sample_inputs
+from slimgraph.measure.stats import model_stats
 from slimgraph.passes import PassContext, Pipeline
 from tests.conftest import LIGHT_DIR, copy_model
 

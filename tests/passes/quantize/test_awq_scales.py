@@ -5,10 +5,10 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from slimgraph.ir import evaluate
-from slimgraph.ir.inputs import model_inputs
+from slimgraph.measure import evaluate
+from slimgraph.measure.inputs import model_inputs
 from slimgraph.passes import PassContext
-from slimgraph.passes.calibration import linear_inputs
+from slimgraph.passes.activations import linear_inputs
 from slimgraph.passes.quantize.awq_scales import apply_input_scales
 from slimgraph.passes.quantize.rewrite import quantizable_linears
 from tests.conftest import copy_model

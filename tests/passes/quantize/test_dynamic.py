@@ -52,7 +52,7 @@ def test_int8_symmetric_codes():
     ("cpu", "s8", np.int8, -127, 127),
 ])
 def test_weight_format_follows_the_target(mlp_model, target, fmt, dtype, low, high):
-    from slimgraph.ir.target import parse
+    from slimgraph.measure.target import parse
     from slimgraph.passes import PassContext
 
     model = copy_model(mlp_model)

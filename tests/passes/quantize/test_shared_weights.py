@@ -9,7 +9,7 @@ import onnx_ir as ir
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-from slimgraph.ir.stats import model_stats
+from slimgraph.measure.stats import model_stats
 from slimgraph.passes import Pipeline
 
 STEPS = 6

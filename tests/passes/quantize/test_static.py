@@ -10,7 +10,7 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 from slimgraph.errors import SlimgraphError
-from slimgraph.ir import evaluate
+from slimgraph.measure import evaluate
 from slimgraph.passes import PassContext, Pipeline
 from slimgraph.passes.quantize.ranges import activation_ranges, uint8_params
 
@@ -47,7 +47,7 @@ def feeds(count: int, seed: int = 1) -> list[dict[str, np.ndarray]]:
 
 
 def quantized(text: str = "quantize-static", target: str = "cpu-vnni", model: ir.Model | None = None):
-    from slimgraph.ir.target import parse
+    from slimgraph.measure.target import parse
 
     model = model or small_cnn()
     report = Pipeline.parse(text).run(model, PassContext(target=parse(target)), calib=feeds(16))
@@ -216,7 +216,7 @@ def test_real_detector_from_a_wheel_is_as_faithful_as_onnxruntime_quantize_stati
 
     quantize_static(str(source), str(tmp_path / "ort.onnx"), Reader(), quant_format=QuantFormat.QDQ, per_channel=True)
     original, theirs = ir.load(source), ir.load(tmp_path / "ort.onnx")
-    from slimgraph.ir.fidelity import compare
+    from slimgraph.measure.fidelity import compare
 
     reference = evaluate.run_all(original, held_out)
     ours_cos = compare(reference, evaluate.run_all(model, held_out)).cosine

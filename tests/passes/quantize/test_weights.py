@@ -7,8 +7,8 @@ import pytest
 
 import slimgraph
 from slimgraph.errors import SlimgraphError
-from slimgraph.ir import evaluate
-from slimgraph.ir.inputs import sample_inputs
+from slimgraph.measure import evaluate
+from slimgraph.measure.inputs import sample_inputs
 from slimgraph.passes import Pipeline
 from tests.conftest import copy_model
 
@@ -76,8 +76,8 @@ def test_a_tied_head_and_its_embedding_share_one_quantized_table(gpt2_ir, text):
     outputs as quantizing them apart, and the table's bytes once (SmolLM2: 538 MB fp32 → 86.3 MB
     shared, 104.4 MB apart)."""
     from slimgraph.ir import edit
-    from slimgraph.ir.stats import model_stats
     from slimgraph.ir.structure import discover
+    from slimgraph.measure.stats import model_stats
 
     shared, apart = copy_model(gpt2_ir), copy_model(gpt2_ir)
     edit.untie(apart, next(lin for lin in discover(apart).linears if lin.name == "lm_head"))
@@ -155,7 +155,7 @@ def embedding_model(rows: int = 50, dim: int = 64):
     ("quantize-weights{embeddings=true,bits=8}", 8, False),
 ])
 def test_gather_block_quantized_returns_the_dequantized_rows(text, bits, symmetric):
-    from slimgraph.passes.quantize.packing import quantize_rtn
+    from slimgraph.ir.nbits import quantize_rtn
 
     model, table = embedding_model()
     report = Pipeline.parse(text).run(model)

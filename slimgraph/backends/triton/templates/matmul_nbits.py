@@ -1,6 +1,6 @@
 """com.microsoft.MatMulNBits as Triton kernels: `y = x · dequant(B)ᵀ (+ bias)`, 2/4/8-bit weights.
 
-Layout (slimgraph.passes.quantize.packing, bit-identical to ONNX Runtime): B is uint8
+Layout (slimgraph.ir.nbits, bit-identical to ONNX Runtime): B is uint8
 `[N, BLOCKS, BLOCK_SIZE·BITS/8]`, so weight row n is `BLOCKS · BLOCK_BYTES` contiguous bytes and
 byte b of it holds the codes of k = b·PER_BYTE … b·PER_BYTE + PER_BYTE − 1, low bits first.
 Scales are `[N, BLOCKS]`; zero points either packed like B (`[N, ceil(BLOCKS/PER_BYTE)]`), or in

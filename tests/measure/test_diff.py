@@ -11,7 +11,7 @@ import onnx_ir as ir
 import onnx_ir.passes.common as common
 import pytest
 
-from slimgraph.ir.diff import Change, WeightChange, diff_models, fold
+from slimgraph.measure.diff import Change, WeightChange, diff_models, fold
 from slimgraph.passes import Pipeline
 from slimgraph.report import render_diff
 from tests.conftest import LIGHT_DIR, assert_golden, copy_model, render_text

@@ -37,8 +37,8 @@ import numpy as np
 import onnx_ir as ir
 
 from slimgraph.ir.graph import constant_tensor, module_path
-from slimgraph.ir.stats import ModelStats, model_stats, op_key
 from slimgraph.ir.structure import strip_weight_suffix
+from slimgraph.measure.stats import ModelStats, model_stats, op_key
 
 ChangeKind = Literal["added", "removed", "changed", "replaced"]
 KINDS: tuple[ChangeKind, ...] = ("replaced", "changed", "added", "removed")
@@ -399,7 +399,7 @@ def _compare_pair(na: ir.Node, nb: ir.Node, pairs: dict) -> tuple[str | None, li
 
 
 def _io_changes(a_values: list[ir.Value], b_values: list[ir.Value], what: str) -> list[str]:
-    from slimgraph.ir.stats import describe_value
+    from slimgraph.measure.stats import describe_value
 
     a_map = {v.name: describe_value(v) for v in a_values if not v.is_initializer()}
     b_map = {v.name: describe_value(v) for v in b_values if not v.is_initializer()}

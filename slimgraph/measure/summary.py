@@ -6,8 +6,8 @@ from dataclasses import dataclass
 
 import onnx_ir as ir
 
-from slimgraph.ir.stats import ModelStats, human_bytes, human_count, model_stats
 from slimgraph.ir.structure import Structures, discover
+from slimgraph.measure.stats import ModelStats, human_bytes, human_count, model_stats
 
 
 @dataclass(frozen=True)

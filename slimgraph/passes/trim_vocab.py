@@ -26,15 +26,16 @@ import numpy as np
 import onnx_ir as ir
 
 from slimgraph.errors import SlimgraphError
-from slimgraph.ir import edit, evaluate
-from slimgraph.ir.fidelity import OutputMap
+from slimgraph.ir import edit
 from slimgraph.ir.groups import remove_channels, vocab_group
 from slimgraph.ir.meta import OUTPUT_MAPS_KEY
-from slimgraph.ir.stats import human_bytes
 from slimgraph.ir.structure import Linear, discover
+from slimgraph.measure import evaluate
+from slimgraph.measure.fidelity import OutputMap
+from slimgraph.measure.stats import human_bytes
 from slimgraph.passes._infra.base import Pass, PassContext, PassResult
 from slimgraph.passes._infra.registry import register_pass
-from slimgraph.passes.calibration import tokenizer_of
+from slimgraph.passes.activations import tokenizer_of
 
 TOKEN_IDS = "token_ids"
 

@@ -38,10 +38,10 @@ import onnx_ir as ir
 from slimgraph.errors import SlimgraphError
 from slimgraph.ir import edit
 from slimgraph.ir.factors import Factor, FactorFlow, ShapeElement, resized, rewrite_elements, same
-from slimgraph.ir.fidelity import OutputMap
 from slimgraph.ir.graph import constant_tensor, static_dim
 from slimgraph.ir.meta import OUTPUT_MAPS_KEY
 from slimgraph.ir.structure import discover
+from slimgraph.measure.fidelity import OutputMap
 from slimgraph.passes._infra.base import Pass, PassContext, PassResult
 from slimgraph.passes._infra.registry import register_pass
 

@@ -8,7 +8,7 @@ import pytest
 from slimgraph.errors import SlimgraphError
 from slimgraph.ir.structure import find_linears
 from slimgraph.passes import PassContext, Pipeline
-from slimgraph.passes.prune.low_rank import factor
+from slimgraph.passes.low_rank import factor
 from tests.conftest import copy_model
 
 RNG = np.random.default_rng(0)
@@ -33,7 +33,7 @@ def test_energy_gives_the_frobenius_error(energy):
 def test_a_wide_weight_factors_as_lapacks_svd_does():
     """A language model's head [hidden, vocab] goes through A·Aᵀ rather than LAPACK's SVD (memory):
     the same singular values and truncations, and full rank is still the weight."""
-    from slimgraph.passes.prune.low_rank import _svd
+    from slimgraph.passes.low_rank import _svd
 
     a = RNG.standard_normal((24, 200)) * np.linspace(3, 0.1, 200)
     u, s, vt = _svd(a)
@@ -75,8 +75,9 @@ def test_activation_beats_svd_on_minilm(minilm, sentence_eval):
 def test_only_layers_that_save_are_factored(llama_ir):
     """Random weights have flat spectra: at energy 0.9 no rank saves 10%; a layer whose weight is
     exactly rank 2 is factored, losslessly, and the others are left alone."""
-    from slimgraph.ir import edit, evaluate
-    from slimgraph.ir.inputs import sample_inputs
+    from slimgraph.ir import edit
+    from slimgraph.measure import evaluate
+    from slimgraph.measure.inputs import sample_inputs
 
     model = copy_model(llama_ir)
     target = find_linears(model)[3]

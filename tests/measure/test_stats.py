@@ -3,7 +3,7 @@ import onnx_ir as ir
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-from slimgraph.ir.stats import human_bytes, human_count, model_stats, node_flops
+from slimgraph.measure.stats import human_bytes, human_count, model_stats, node_flops
 
 
 def test_mlp_stats(mlp_model):

@@ -1,7 +1,7 @@
 import numpy as np
 import pytest
 
-from slimgraph.ir.fidelity import compare, compare_output
+from slimgraph.measure.fidelity import compare, compare_output
 
 
 def test_identical_outputs():
@@ -35,7 +35,7 @@ def test_shape_change_is_an_error():
 def test_pooled_outputs_are_compared_as_the_sentences_they_pool_to():
     """A sentence encoder's token states: compared as mean-pooled sentences over the real tokens;
     padding positions (whatever they hold) do not count."""
-    from slimgraph.ir.fidelity import OutputMap, sentence_cosines
+    from slimgraph.measure.fidelity import OutputMap, sentence_cosines
 
     rng = np.random.default_rng(0)
     mask = np.array([[1, 1, 1, 0], [1, 1, 1, 1]])

@@ -4,8 +4,8 @@ import onnx_ir as ir
 import pytest
 
 from slimgraph.errors import SlimgraphError
-from slimgraph.ir import evaluate
-from slimgraph.ir.inputs import model_inputs, sample_inputs
+from slimgraph.measure import evaluate
+from slimgraph.measure.inputs import model_inputs, sample_inputs
 
 
 def test_token_inputs_are_valid(minilm):
@@ -115,7 +115,7 @@ def test_sizes_that_empty_an_activation_are_never_run():
     Runtime kernels divide by (SIGFPE: the whole process stops); such sizes are skipped before running."""
     from onnx import TensorProto, helper
 
-    from slimgraph.ir.inputs import _empties_an_activation, _outline, model_inputs
+    from slimgraph.measure.inputs import _empties_an_activation, _outline, model_inputs
 
     pools = [helper.make_node("MaxPool", [f"p{i}"], [f"p{i + 1}"], kernel_shape=[3, 1], strides=[2, 1])
              for i in range(5)]

@@ -7,8 +7,8 @@ import pytest
 
 from slimgraph.errors import SlimgraphError
 from slimgraph.frontend.calibration import tokenize_lines
-from slimgraph.ir import evaluate
-from slimgraph.ir.inputs import sample_inputs
+from slimgraph.measure import evaluate
+from slimgraph.measure.inputs import sample_inputs
 from slimgraph.passes import PassContext, Pipeline
 from tests.conftest import copy_model
 

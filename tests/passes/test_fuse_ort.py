@@ -15,12 +15,12 @@ import pytest
 import slimgraph
 from slimgraph.cli import main
 from slimgraph.errors import SlimgraphError
-from slimgraph.ir import evaluate
-from slimgraph.ir.fidelity import EXACT_RTOL
-from slimgraph.ir.inputs import sample_inputs
-from slimgraph.ir.target import parse as parse_target
+from slimgraph.measure import evaluate
+from slimgraph.measure.fidelity import EXACT_RTOL
+from slimgraph.measure.inputs import sample_inputs
+from slimgraph.measure.target import parse as parse_target
 from slimgraph.passes import PassContext, Pipeline
-from slimgraph.passes.fuse import split_skip_norms
+from slimgraph.passes.fuse_ort import split_skip_norms
 from tests.conftest import copy_model
 
 

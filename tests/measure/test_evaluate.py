@@ -2,8 +2,8 @@ import numpy as np
 import pytest
 
 from slimgraph.errors import SlimgraphError
-from slimgraph.ir import evaluate
-from slimgraph.ir.inputs import sample_inputs
+from slimgraph.measure import evaluate
+from slimgraph.measure.inputs import sample_inputs
 
 
 def test_run_and_capture_intermediates(mlp_model):

@@ -117,9 +117,9 @@ class AdapterBank:
             self.set(active)
 
     def _plan(self, model: ir.Model, adapter: Adapter, targets: list) -> list[_Write]:
-        from slimgraph.passes.adapters.fuse import shira_positions
         from slimgraph.passes.adapters.peft_files import LoraModule
         from slimgraph.passes.adapters.targets import own_bias, own_weight
+        from slimgraph.passes.adapters.weight_math import shira_positions
 
         writes = []
         for target in targets:
@@ -163,7 +163,7 @@ class AdapterBank:
                     self.store._write_weight(storage.name, self._base[storage.name])
 
     def _apply(self, loaded: _Loaded) -> None:
-        from slimgraph.passes.adapters.fuse import fuse_lora, fuse_lora_bias, shira_values
+        from slimgraph.passes.adapters.weight_math import fuse_lora, fuse_lora_bias, shira_values
 
         for write in loaded.writes:
             base = self._base[write.weight.name]

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from slimgraph.ir.fidelity import perplexity
+from slimgraph.measure.fidelity import perplexity
 
 
 def torch_perplexity(batches) -> float:

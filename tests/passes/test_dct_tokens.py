@@ -6,11 +6,11 @@ import numpy as np
 import pytest
 
 from slimgraph.errors import SlimgraphError
-from slimgraph.ir import evaluate
-from slimgraph.ir.inputs import sample_inputs
-from slimgraph.ir.stats import model_stats
+from slimgraph.measure import evaluate
+from slimgraph.measure.inputs import sample_inputs
+from slimgraph.measure.stats import model_stats
 from slimgraph.passes import PassContext, Pipeline
-from slimgraph.passes.tokens import compression, dct_matrix, grid_compression
+from slimgraph.passes.dct_tokens import compression, dct_matrix, grid_compression
 from tests.conftest import copy_model
 
 RNG = np.random.default_rng(0)

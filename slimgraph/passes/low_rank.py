@@ -27,7 +27,7 @@ from slimgraph.ir.edit import add_initializer, bias_value, replace_linear, weigh
 from slimgraph.ir.structure import Linear, find_linears
 from slimgraph.passes._infra.base import Pass, PassContext, PassResult
 from slimgraph.passes._infra.registry import register_pass
-from slimgraph.passes.calibration import moments
+from slimgraph.passes.activations import moments
 
 DAMPING = 0.01
 

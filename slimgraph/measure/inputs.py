@@ -222,7 +222,7 @@ def _signature(model: ir.Model) -> tuple:
 
 def _find_plan(model: ir.Model, seed: int, count: int) -> tuple[Sizes, bool]:
     """The first candidate sizes whose samples ONNX Runtime runs: (sizes, batch 1 only)."""
-    from slimgraph.ir import evaluate  # (onnxruntime loads only when a search runs)
+    from slimgraph.measure import evaluate  # (onnxruntime loads only when a search runs)
 
     default = (Sizes(batch=1, sequence=DEFAULT_SEQUENCE, spatial=DEFAULT_SPATIAL), False)
     try:
@@ -288,7 +288,7 @@ def _empties_an_activation(outline: onnx.ModelProto, feeds: dict[str, np.ndarray
 
 
 def _runs(session, feeds: dict[str, np.ndarray]) -> bool:
-    from slimgraph.ir import evaluate
+    from slimgraph.measure import evaluate
 
     try:
         evaluate.run(session, feeds)

@@ -12,10 +12,10 @@ import numpy as np
 import onnx_ir as ir
 
 from slimgraph.errors import SlimgraphError
-from slimgraph.ir import evaluate
 from slimgraph.ir.graph import static_dim
 from slimgraph.ir.meta import TOKENIZER_KEY
 from slimgraph.ir.structure import Linear
+from slimgraph.measure import evaluate
 from slimgraph.passes._infra.base import PassContext
 
 MAX_TOKENS = 4096

@@ -9,9 +9,9 @@ import pytest
 from onnxruntime.capi._pybind_state import quantize_matmul_2bits, quantize_matmul_4bits, quantize_matmul_8bits
 from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
 
-from slimgraph.ir import evaluate
+from slimgraph.ir.nbits import pack, quantize_rtn, roundf, unpack
+from slimgraph.measure import evaluate
 from slimgraph.passes import Pipeline
-from slimgraph.passes.quantize.packing import pack, quantize_rtn, roundf, unpack
 
 ORT_KERNELS = {2: quantize_matmul_2bits, 4: quantize_matmul_4bits, 8: quantize_matmul_8bits}
 
@@ -69,8 +69,8 @@ def test_whole_model_matches_matmul_nbits_quantizer(minilm, bits, symmetric):
 def test_matmul_nbits_computes_the_dequantized_weight(mlp_model, bits):
     """MatMulNBits(x) == x @ dequantize(codes) + bias: the rewrite is exact up to the weight rounding."""
     from slimgraph.ir.edit import weight_matrix
-    from slimgraph.ir.inputs import sample_inputs
     from slimgraph.ir.structure import find_linears
+    from slimgraph.measure.inputs import sample_inputs
 
     feeds = sample_inputs(mlp_model, batch=4)
     expected = {}

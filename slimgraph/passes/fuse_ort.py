@@ -49,11 +49,11 @@ import onnx_ir as ir
 from slimgraph.errors import SlimgraphError
 from slimgraph.ir import edit
 from slimgraph.ir.opset import default_opset
-from slimgraph.ir.target import detect
+from slimgraph.measure.target import detect
 from slimgraph.passes._infra.base import Pass, PassContext, PassResult
 from slimgraph.passes._infra.registry import register_pass
 from slimgraph.passes.cleanup import Cleanup
-from slimgraph.passes.fuse_patterns import fuse_exporter_patterns
+from slimgraph.passes.fuse_ort_patterns import fuse_exporter_patterns
 
 
 @register_pass
