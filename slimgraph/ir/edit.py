@@ -15,16 +15,13 @@ Rules every function here keeps:
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping, Sequence
-from typing import TYPE_CHECKING
 
 import numpy as np
 import onnx_ir as ir
 
 from slimgraph.errors import SlimgraphError
 from slimgraph.ir.graph import constant_tensor, filled_constant, transposed_source
-
-if TYPE_CHECKING:  # structure discovery builds groups, which edit: only the type is needed here
-    from slimgraph.ir.structure import Linear
+from slimgraph.ir.parts import Linear
 
 # --- constants ------------------------------------------------------------------------------
 

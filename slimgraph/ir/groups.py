@@ -26,7 +26,7 @@ import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from fractions import Fraction
-from typing import TYPE_CHECKING, Literal
+from typing import Literal
 
 import numpy as np
 import onnx_ir as ir
@@ -43,9 +43,7 @@ from slimgraph.ir.graph import (
     ops,
     transposed_source,
 )
-
-if TYPE_CHECKING:
-    from slimgraph.ir.structure import FFN, Attention, Linear
+from slimgraph.ir.parts import FFN, Attention, Linear
 
 Role = Literal["producer", "consumer", "carried"]
 GroupKind = Literal["ffn", "heads", "kv-heads", "vocab", "channels"]

@@ -14,7 +14,7 @@ import onnx_ir as ir
 from slimgraph.errors import SlimgraphError
 from slimgraph.ir.graph import static_dim
 from slimgraph.ir.meta import TOKENIZER_KEY
-from slimgraph.ir.structure import Linear
+from slimgraph.ir.parts import Linear
 from slimgraph.measure import evaluate
 from slimgraph.passes._infra.base import PassContext
 

@@ -24,7 +24,8 @@ import onnx_ir as ir
 
 from slimgraph.errors import SlimgraphError
 from slimgraph.ir.edit import add_initializer, bias_value, replace_linear, weight_matrix
-from slimgraph.ir.structure import Linear, find_linears
+from slimgraph.ir.parts import Linear
+from slimgraph.ir.structure import find_linears
 from slimgraph.passes._infra.base import Pass, PassContext, PassResult
 from slimgraph.passes._infra.registry import register_pass
 from slimgraph.passes.activations import moments

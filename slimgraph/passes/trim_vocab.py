@@ -29,7 +29,8 @@ from slimgraph.errors import SlimgraphError
 from slimgraph.ir import edit
 from slimgraph.ir.groups import remove_channels, vocab_group
 from slimgraph.ir.meta import OUTPUT_MAPS_KEY
-from slimgraph.ir.structure import Linear, discover
+from slimgraph.ir.parts import Linear
+from slimgraph.ir.structure import discover
 from slimgraph.measure import evaluate
 from slimgraph.measure.fidelity import OutputMap
 from slimgraph.measure.stats import human_bytes

@@ -90,7 +90,7 @@ def _check_saved(artifact, folder: Path, inputs: list) -> None:
     """The saved model.py (imported here, by path) gives the module's outputs and imports no slimgraph."""
     import torch
 
-    from slimgraph.backends.pytorch.builder import to_torch
+    from slimgraph.backends.pytorch.tensors import to_torch
 
     artifact.save(folder)
     source = (folder / "model.py").read_text()

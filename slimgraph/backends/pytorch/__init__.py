@@ -65,8 +65,8 @@ class PyTorchArtifact(AdapterSwitching):
 
     def save(self, path: str | os.PathLike) -> Path:
         """`DIR/` → DIR/model.py + DIR/model.safetensors; `NAME.pt2` → a torch.export program."""
-        from slimgraph.backends.pytorch.builder import to_torch
         from slimgraph.backends.pytorch.codegen import save_directory, save_pt2
+        from slimgraph.backends.pytorch.tensors import to_torch
         from slimgraph.measure.inputs import model_inputs
 
         path = Path(path)
@@ -119,7 +119,8 @@ class PyTorchArtifact(AdapterSwitching):
     def _make_writable(self, names: list[str]) -> None:
         import torch
 
-        from slimgraph.backends.pytorch.builder import attribute_path, to_torch
+        from slimgraph.backends.pytorch.builder import attribute_path
+        from slimgraph.backends.pytorch.tensors import to_torch
 
         writable = self.__dict__.setdefault("_writable", {})
         for name in (n for n in names if n not in writable):  # the parameter that holds it, with its values
@@ -139,7 +140,7 @@ class PyTorchArtifact(AdapterSwitching):
 
     def graph_weight(self, name: str) -> np.ndarray:
         """The values of initializer `name` as the module holds them now, in the graph's layout."""
-        from slimgraph.backends.pytorch.builder import to_numpy
+        from slimgraph.backends.pytorch.tensors import to_numpy
 
         path, transposed = self.sources.get(name, (None, False))
         parameter = self._parameter(name) if name in self.__dict__.get("_writable", {}) else \
@@ -179,7 +180,7 @@ def _shared_tensor(array: np.ndarray):
     """A torch view of a writable array (no copy), else a copy (read-only arrays, bfloat16)."""
     import torch
 
-    from slimgraph.backends.pytorch.builder import to_torch
+    from slimgraph.backends.pytorch.tensors import to_torch
 
     if array.flags.writeable and array.flags.c_contiguous and array.dtype.name != "bfloat16":
         return torch.from_numpy(array)
@@ -192,7 +193,7 @@ def run_module(module: Any, input_names: list[str], output_names: list[str], arg
     `device` if given; returns output name → numpy array."""
     import torch
 
-    from slimgraph.backends.pytorch.builder import to_numpy, to_torch
+    from slimgraph.backends.pytorch.tensors import to_numpy, to_torch
 
     feeds = dict(zip(input_names, args))
     feeds.update(kwargs)

@@ -14,6 +14,7 @@ import torch
 import torch.fx as fx
 
 from slimgraph.backends.pytorch.lowering import Dims, find_lowering
+from slimgraph.backends.pytorch.tensors import tensor_array, to_numpy, to_torch
 from slimgraph.errors import SlimgraphError
 from slimgraph.ir.graph import module_path
 
@@ -198,7 +199,7 @@ class Builder:
     def _load_initializers(self, graph: ir.Graph) -> None:
         for name, value in graph.initializers.items():
             if value.const_value is not None:
-                array = _array(value.const_value)
+                array = tensor_array(value.const_value)
                 self._keep.append(array)
                 self._tensor_names[id(array)] = name
                 self.values[value] = array
@@ -334,32 +335,6 @@ def _place_factories(graph: fx.Graph) -> None:
         device = graph.call_function(getattr, (inputs[0], "device"))
     for node in made:
         node.kwargs = {**node.kwargs, "device": device}
-
-
-def to_torch(array: np.ndarray) -> torch.Tensor:
-    """numpy → torch, including ml_dtypes' bfloat16 (which torch.from_numpy does not know)."""
-    array = np.array(array, order="C", copy=True)  # (ascontiguousarray would make 0-D arrays 1-D)
-    if array.dtype.name == "bfloat16":
-        return torch.from_numpy(array.view(np.uint16)).view(torch.bfloat16)
-    return torch.from_numpy(array)
-
-
-def to_numpy(tensor: torch.Tensor) -> np.ndarray:
-    tensor = tensor.detach().cpu()
-    if tensor.dtype == torch.bfloat16:
-        import ml_dtypes
-
-        return tensor.view(torch.uint16).numpy().view(ml_dtypes.bfloat16)
-    return tensor.numpy()
-
-
-
-
-def _array(tensor: ir.TensorProtocol) -> np.ndarray:
-    """A tensor as numpy; 4-bit tensors as their packed bytes (torch has no int4)."""
-    if tensor.dtype in (ir.DataType.INT4, ir.DataType.UINT4):
-        return np.frombuffer(tensor.tobytes(), dtype=np.uint8).copy()
-    return tensor.numpy()
 
 
 def _nodes(arg: Any) -> Any:

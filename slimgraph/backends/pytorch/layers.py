@@ -26,12 +26,12 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import onnx_ir as ir
-import torch
 import torch.nn.functional as F
 from torch import nn
 
 from slimgraph.backends.pytorch.lowering import attr
 from slimgraph.backends.pytorch.modules import Conv1D, MixtureOfExperts, QuantizedEmbedding, QuantizedLinear
+from slimgraph.backends.pytorch.tensors import tensor_array, to_torch
 from slimgraph.ir.graph import constant_tensor, filled_constant, is_default_domain, module_path, transposed_source
 from slimgraph.ir.structure import bias_of, find_linear, strip_weight_suffix
 
@@ -86,23 +86,15 @@ def _array(value: ir.Value | None) -> np.ndarray | None:
     if tensor is None:
         filled = filled_constant(value)
         return np.full(filled[0], filled[1][0]) if filled is not None else None
-    if tensor.dtype in (ir.DataType.INT4, ir.DataType.UINT4):
-        return np.frombuffer(tensor.tobytes(), dtype=np.uint8).copy()
-    return tensor.numpy()
+    return tensor_array(tensor)
 
 
 def _float(array: np.ndarray | None) -> bool:
     return array is not None and array.dtype.kind == "f"
 
 
-def _tensor(array: np.ndarray) -> torch.Tensor:
-    from slimgraph.backends.pytorch.builder import to_torch
-
-    return to_torch(array)
-
-
 def _parameter(array: np.ndarray) -> nn.Parameter:
-    return nn.Parameter(_tensor(array))
+    return nn.Parameter(to_torch(array))
 
 
 def _path(node: ir.Node, weight: ir.Value | None) -> str:
@@ -328,7 +320,7 @@ def batch_norm(node: ir.Node) -> Layer | None:
     cls = {2: nn.BatchNorm1d, 3: nn.BatchNorm1d, 4: nn.BatchNorm2d, 5: nn.BatchNorm3d}[rank]
     module = cls(scale.shape[0], eps=attr(node, "epsilon", 1e-5), momentum=1 - attr(node, "momentum", 0.9))
     module.weight, module.bias = _parameter(scale), _parameter(bias)
-    module.running_mean, module.running_var = _tensor(mean), _tensor(var)
+    module.running_mean, module.running_var = to_torch(mean), to_torch(var)
     names = [v.name or "" for v in node.inputs[1:5]]  # (scale, bias, mean, var: their common stem)
     stem = os.path.commonprefix(names).rstrip("_./") if module_path(node) is None else ""
     path = stem or _path(node, node.inputs[1])
@@ -359,9 +351,9 @@ def matmul_nbits(node: ir.Node) -> Layer | None:
     module = QuantizedLinear(attr(node, "K"), attr(node, "N"), attr(node, "bits", 4), attr(node, "block_size"),
                              bias=bias is not None,
                              zero_points=None if zero_points is None else "packed" if packed else "float")
-    module.qweight, module.scales = _tensor(qweight), _tensor(scales)
+    module.qweight, module.scales = to_torch(qweight), to_torch(scales)
     if zero_points is not None:
-        module.zero_points = _tensor(zero_points)
+        module.zero_points = to_torch(zero_points)
     if bias is not None:
         module.bias = _parameter(bias)
     return Layer(_path(node, inputs[1]), [node], [node.inputs[0]], node.outputs[0], module)
@@ -384,9 +376,9 @@ def gather_block_quantized(node: ir.Node) -> Layer | None:
         dim = dim * 8 // bits
     module = QuantizedEmbedding(rows, dim, bits, attr(node, "block_size", 128),
                                 signed=node.inputs[0].dtype == ir.DataType.INT4, zero_points=has_zero)
-    module.qweight, module.scales = _tensor(data), _tensor(scales)
+    module.qweight, module.scales = to_torch(data), to_torch(scales)
     if has_zero:
-        module.zero_points = _tensor(zero_points)
+        module.zero_points = to_torch(zero_points)
     return Layer(_path(node, node.inputs[0]), [node], [node.inputs[1]], node.outputs[0], module)
 
 

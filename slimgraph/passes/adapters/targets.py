@@ -44,7 +44,8 @@ from slimgraph.ir.edit import (
     with_input,
 )
 from slimgraph.ir.graph import constant_tensor, module_path, transposed_source, weight_tensor
-from slimgraph.ir.structure import Embedding, Linear, find_embeddings, find_linears
+from slimgraph.ir.parts import Embedding, Linear
+from slimgraph.ir.structure import find_embeddings, find_linears
 from slimgraph.passes.adapters.peft_files import Adapter, LoraModule
 from slimgraph.passes.adapters.safetensors_file import read_safetensors
 

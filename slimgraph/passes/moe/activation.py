@@ -23,7 +23,7 @@ import onnx_ir as ir
 from slimgraph.errors import SlimgraphError
 from slimgraph.ir import edit
 from slimgraph.ir.graph import ELEMENTWISE_OPS, SHAPE_ONLY_OPS, Walk, constant_tensor, static_dim
-from slimgraph.ir.structure import FFN
+from slimgraph.ir.parts import FFN
 from slimgraph.measure import evaluate
 
 PASS_THROUGH = SHAPE_ONLY_OPS | {"Identity"}

@@ -32,7 +32,8 @@ from slimgraph.errors import SlimgraphError
 from slimgraph.ir import edit
 from slimgraph.ir.groups import remove_channels
 from slimgraph.ir.opset import upgrade_opset
-from slimgraph.ir.structure import FFN, Structures, discover
+from slimgraph.ir.parts import FFN
+from slimgraph.ir.structure import Structures, discover
 from slimgraph.measure.stats import human_count
 from slimgraph.passes._infra.base import Pass, PassContext, PassResult
 from slimgraph.passes._infra.registry import register_pass

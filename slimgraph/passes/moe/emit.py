@@ -34,7 +34,7 @@ import onnx_ir as ir
 
 from slimgraph.ir import edit
 from slimgraph.ir.meta import NAME_SCOPES_KEY
-from slimgraph.ir.structure import FFN
+from slimgraph.ir.parts import FFN
 from slimgraph.passes.moe.activation import Activation, copy_activation
 from slimgraph.passes.moe.router import Router, routing_scale
 

@@ -22,7 +22,8 @@ import onnx_ir as ir
 
 from slimgraph.ir import edit
 from slimgraph.ir.groups import Group
-from slimgraph.ir.structure import Linear, find_linear
+from slimgraph.ir.parts import Linear
+from slimgraph.ir.structure import find_linear
 from slimgraph.passes.activations import Moments
 from slimgraph.passes.prune.importance import reads
 

@@ -19,7 +19,8 @@ import onnx_ir as ir
 from slimgraph.errors import SlimgraphError
 from slimgraph.ir import edit
 from slimgraph.ir.graph import Walk, constant_tensor
-from slimgraph.ir.structure import Block, discover, same_shape
+from slimgraph.ir.parts import Block
+from slimgraph.ir.structure import discover, same_shape
 from slimgraph.measure import evaluate
 from slimgraph.passes._infra.base import Pass, PassContext, PassResult
 from slimgraph.passes._infra.registry import register_pass

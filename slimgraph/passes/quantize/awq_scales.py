@@ -30,7 +30,8 @@ from onnxscript.rewriter import pattern
 
 from slimgraph.ir import edit
 from slimgraph.ir.graph import constant_tensor
-from slimgraph.ir.structure import Linear, find_linear
+from slimgraph.ir.parts import Linear
+from slimgraph.ir.structure import find_linear
 from slimgraph.passes.quantize.algorithms import awq_scale
 
 

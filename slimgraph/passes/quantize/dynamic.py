@@ -22,7 +22,7 @@ import numpy as np
 import onnx_ir as ir
 
 from slimgraph.ir.edit import add_initializer, bias_value, replace_linear, replace_region, weight_matrix
-from slimgraph.ir.structure import Embedding, Linear
+from slimgraph.ir.parts import Embedding, Linear
 from slimgraph.measure.target import Target, detect
 from slimgraph.passes._infra.base import Pass, PassContext, PassResult
 from slimgraph.passes._infra.registry import register_pass

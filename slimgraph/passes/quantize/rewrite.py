@@ -15,7 +15,8 @@ from slimgraph.errors import SlimgraphError
 from slimgraph.ir.edit import add_initializer, bias_value, replace_region
 from slimgraph.ir.graph import constant_tensor, transposed_source, weight_tensor
 from slimgraph.ir.nbits import BlockQuantized, pack, quantize_rtn
-from slimgraph.ir.structure import Embedding, Linear, find_embeddings, find_linears
+from slimgraph.ir.parts import Embedding, Linear
+from slimgraph.ir.structure import find_embeddings, find_linears
 from slimgraph.passes._infra.base import PassResult
 
 MS_DOMAIN = "com.microsoft"
