@@ -116,8 +116,8 @@ def unfused_lora(model, path: Path):
     """`y = x W + (x Aᵀ)(s Bᵀ)` at every adapted linear: the adapter left as extra MatMuls."""
     import onnx_ir as ir
 
+    from slimgraph.frontend.peft_files import read_adapter
     from slimgraph.ir.edit import add_initializer, insert_after
-    from slimgraph.passes.adapters.peft_files import read_adapter
     from slimgraph.passes.adapters.targets import match_modules
 
     model = model.clone()

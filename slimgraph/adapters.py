@@ -29,10 +29,11 @@ from typing import Any
 import onnx_ir as ir
 
 from slimgraph.backends import Artifact, compile
+from slimgraph.frontend.peft_files import base_weights, read_adapter
 from slimgraph.passes import PassRecord, Pipeline
 from slimgraph.passes.adapters.merge import MergeLora, MergeShira
-from slimgraph.passes.adapters.peft_files import Adapter, read_adapter
-from slimgraph.passes.adapters.targets import Matches, base_weights, match_modules
+from slimgraph.passes.adapters.records import Adapter
+from slimgraph.passes.adapters.targets import Matches, match_modules
 
 __all__ = ["Adapter", "Matches", "compile_with_adapters", "match", "merge", "read"]
 

@@ -31,7 +31,7 @@ from slimgraph.errors import SlimgraphError
 if TYPE_CHECKING:
     import onnx_ir as ir
 
-    from slimgraph.passes.adapters.peft_files import Adapter, LoraModule, ShiraModule
+    from slimgraph.passes.adapters.records import Adapter, LoraModule, ShiraModule
     from slimgraph.passes.adapters.targets import Storage
 
 
@@ -89,8 +89,8 @@ class AdapterBank:
         self._base: dict[str, np.ndarray] = {}  # initializer → its values before any adapter (never written)
 
     def load(self, path: str | os.PathLike, name: str, *, scale: float = 1.0, base: str = "auto") -> None:
-        from slimgraph.passes.adapters.peft_files import read_adapter
-        from slimgraph.passes.adapters.targets import base_weights, match_modules
+        from slimgraph.frontend.peft_files import base_weights, read_adapter
+        from slimgraph.passes.adapters.targets import match_modules
 
         if not isinstance(name, str) or not name:
             raise SlimgraphError(f"an adapter's name must be a non-empty string, not {name!r}")
@@ -117,7 +117,7 @@ class AdapterBank:
             self.set(active)
 
     def _plan(self, model: ir.Model, adapter: Adapter, targets: list) -> list[_Write]:
-        from slimgraph.passes.adapters.peft_files import LoraModule
+        from slimgraph.passes.adapters.records import LoraModule
         from slimgraph.passes.adapters.targets import own_bias, own_weight
         from slimgraph.passes.adapters.weight_math import shira_positions
 

@@ -2,7 +2,8 @@
 
 `load` dispatches on the source: an `ir.Model` or `onnx.ModelProto`, a torch `nn.Module`
 (with example inputs), a `.pt2` file, a `.onnx` file, a `.gguf` file, or a Hugging Face model folder.
-Torch and transformers are imported only by the frontends that need them.
+Torch and transformers are imported only by the frontends that need them; `reader` reads the files
+passes need (calibration, tokenizers, adapters).
 """
 
 from __future__ import annotations
@@ -14,9 +15,8 @@ from typing import Any
 import onnx_ir as ir
 
 from slimgraph.errors import SlimgraphError
-from slimgraph.ir.meta import TOKENIZER_KEY
-from slimgraph.passes._infra.pipeline import set_calibration_reader
-from slimgraph.passes.activations import set_tokenizer_loader
+from slimgraph.frontend.reader import READER
+from slimgraph.ir.meta import READER_KEY
 
 
 def load(source: Any, *, example_inputs: Any = None, dynamic_shapes: Any = None, **options: Any) -> ir.Model:
@@ -26,7 +26,16 @@ def load(source: Any, *, example_inputs: Any = None, dynamic_shapes: Any = None,
     - `nn.Module`: exported with torch.export; needs `example_inputs` (a tuple of tensors or
       a dict of keyword tensors); `dynamic_shapes` maps input names to {axis: "dim name"}.
     - path to `.onnx`, `.pt2`, `.gguf` (dequantized to float32), or a folder with `config.json` (Hugging Face).
+
+    The model carries the frontend's reader (`model.meta[READER_KEY]`), through which passes read its
+    calibration files, tokenizer and adapters.
     """
+    model = _load(source, example_inputs=example_inputs, dynamic_shapes=dynamic_shapes, **options)
+    model.meta[READER_KEY] = READER
+    return model
+
+
+def _load(source: Any, *, example_inputs: Any, dynamic_shapes: Any, **options: Any) -> ir.Model:
     if isinstance(source, ir.Model):
         return _as_exported(source, options)
     module = type(source).__module__
@@ -78,21 +87,3 @@ def _as_exported(model: ir.Model, options: dict[str, Any]) -> ir.Model:
 
 def _is_torch_module(obj: Any) -> bool:
     return any(cls.__module__.startswith("torch.nn") and cls.__name__ == "Module" for cls in type(obj).__mro__)
-
-
-def _read_calibration(path: Path, model: ir.Model) -> tuple[list, str]:
-    from slimgraph.frontend.calibration import load_calibration
-
-    return load_calibration(path, model)
-
-
-def _tokenizer(model: ir.Model):
-    from slimgraph.frontend.calibration import load_tokenizer
-
-    return load_tokenizer(Path(model.meta[TOKENIZER_KEY]))
-
-
-# `Pipeline.run(model, calib="file")` reads files, and passes find tokenizers, through here:
-# passes may not import frontends.
-set_calibration_reader(_read_calibration)
-set_tokenizer_loader(_tokenizer)

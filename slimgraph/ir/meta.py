@@ -13,4 +13,5 @@ EXAMPLE_INPUTS_KEY = "slimgraph.example_inputs"  # list of feeds (name → array
 EXAMPLE_INPUTS_SOURCE_KEY = "slimgraph.example_inputs_source"  # where they came from, for the report
 SOURCE_KEY = "slimgraph.source"  # the file or folder the model was loaded from
 TOKENIZER_KEY = "slimgraph.tokenizer"  # a folder or file the tokenizer loads from (HF folder, .gguf)
+READER_KEY = "slimgraph.reader"  # the frontend's DataReader: how passes read files for this model
 OUTPUT_MAPS_KEY = "slimgraph.output_maps"  # output name → fidelity.OutputMap: how it relates to the original's

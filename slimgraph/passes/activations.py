@@ -4,7 +4,7 @@ a value's channels (sums and the Gram matrix, for passes that need no more than 
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -16,7 +16,7 @@ from slimgraph.ir.graph import static_dim
 from slimgraph.ir.meta import TOKENIZER_KEY
 from slimgraph.ir.parts import Linear
 from slimgraph.measure import evaluate
-from slimgraph.passes._infra.base import PassContext
+from slimgraph.passes._infra.base import PassContext, reader_of
 
 MAX_TOKENS = 4096
 
@@ -149,18 +149,9 @@ def capture_chunks(values: Mapping[ir.Value, int]) -> list[dict[ir.Value, int]]:
 
 # --- the tokenizer a model was loaded with --------------------------------------------------
 
-TokenizerLoader = Callable[[ir.Model], Any]
-_tokenizer_loader: TokenizerLoader | None = None
 
-
-def set_tokenizer_loader(loader: TokenizerLoader) -> None:
-    """Frontends register how to load a model's tokenizer (passes may not import frontends)."""
-    global _tokenizer_loader
-    _tokenizer_loader = loader
-
-
-def tokenizer_of(model: ir.Model) -> Any | None:
+def tokenizer_of(model: ir.Model, ctx: PassContext | None = None) -> Any | None:
     """The tokenizer the model was loaded with (a Hugging Face folder's, a .gguf's), or None."""
-    if _tokenizer_loader is None or not model.meta.get(TOKENIZER_KEY):
+    if not model.meta.get(TOKENIZER_KEY):
         return None
-    return _tokenizer_loader(model)
+    return reader_of(model, ctx, needed_for="the model's tokenizer").tokenizer(model)

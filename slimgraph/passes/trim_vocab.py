@@ -52,7 +52,7 @@ class TrimVocab(Pass):
     coverage: float = 0.99
     # predict by default: on SmolLM2 (256 pydoc paragraphs) 0.99 of the predicted probability keeps
     # 12,576 of 49,152 tokens and agrees with the full model's next token 99.1% of the time on held-out
-    # text; counting the text and the best predicted tokens reached 93.5% at most (benchmarks/vocab.py)
+    # text; counting the text and the best predicted tokens reached 93.5% at most (benchmarks/trim_vocab.py)
     source: Literal["predict", "calib", "generate"] = "predict"
     keep_ids: tuple[int, ...] = ()
     embeddings: Literal["keep", "trim"] = "keep"
@@ -98,7 +98,7 @@ class TrimVocab(Pass):
         head = self.head(model)
         vocab = head.out_features
         mass, text_ids = self._mass(model, ctx, vocab)
-        tokenizer = tokenizer_of(model)
+        tokenizer = tokenizer_of(model, ctx)
         special = _special_ids(tokenizer)
         always = special | set(self.keep_ids) | (text_ids if self.embeddings == "trim" else set())
         kept = self._chosen(mass, always)

@@ -18,16 +18,21 @@ import dataclasses
 import fnmatch
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import asdict, dataclass, field
-from typing import Any, ClassVar, TypeVar
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, ClassVar, Protocol, TypeVar
 
 import numpy as np
 import onnx_ir as ir
 
 from slimgraph.errors import SlimgraphError
+from slimgraph.ir.meta import READER_KEY
 from slimgraph.measure.diff import Change
 from slimgraph.measure.fidelity import Fidelity
 from slimgraph.measure.stats import ModelStats, human_bytes
 from slimgraph.measure.target import Target
+
+if TYPE_CHECKING:
+    from slimgraph.passes.adapters.records import Adapter, BaseWeights
 
 T = TypeVar("T")
 
@@ -45,6 +50,33 @@ class PassResult:
     warnings: list[str] = field(default_factory=list)
 
 
+class DataReader(Protocol):
+    """Reads the files passes need: calibration inputs, the model's tokenizer, adapters and their base
+    weights. Passes do no file I/O of their own and may not import frontends: the frontend that loaded
+    a model gives its reader (`slimgraph.frontend.reader`), in `model.meta` or `PassContext.reader`."""
+
+    def calibration(self, path: Path, model: ir.Model) -> tuple[list[dict[str, np.ndarray]], str]:
+        """The feeds a calibration file (or image folder) holds for `model`, and a line naming them."""
+
+    def tokenizer(self, model: ir.Model) -> Any | None:
+        """The tokenizer the model was loaded with, or None."""
+
+    def adapter(self, path: str | Path) -> Adapter:
+        """A PEFT adapter folder, read and checked."""
+
+    def base_weights(self, adapter: Adapter, base: str) -> tuple[BaseWeights | None, str]:
+        """The weights `adapter` was trained on (`base`: a path, "auto" or "none") and where they came from."""
+
+
+def reader_of(model: ir.Model, ctx: PassContext | None = None, *, needed_for: str) -> DataReader:
+    """The reader for `model`'s files: the context's, else the one its frontend left in `model.meta`."""
+    reader = (ctx.reader if ctx is not None else None) or model.meta.get(READER_KEY)
+    if reader is None:
+        raise SlimgraphError(f"{needed_for} needs slimgraph's frontend to read files: load the model with "
+                             "slimgraph.load, or give PassContext(reader=slimgraph.frontend.reader.READER)")
+    return reader
+
+
 @dataclass
 class PassContext:
     """What passes may need, passed explicitly (never global).
@@ -56,7 +88,9 @@ class PassContext:
     - `reference`: the unmodified model the pipeline started from (kept when verifying);
     - `max_drop`: the fidelity budget, 1 − cosine against the original;
     - `progress`: where passes report per-layer progress; call `track` rather than it;
-    - `target`: where the model will run (`slimgraph.measure.target`); None: the machine running slimgraph.
+    - `target`: where the model will run (`slimgraph.measure.target`); None: the machine running slimgraph;
+    - `reader`: reads calibration files, tokenizers and adapters (`DataReader`); None: the one the model's
+      frontend left in `model.meta`.
     """
 
     inputs: list[dict[str, np.ndarray]] = field(default_factory=list)
@@ -68,6 +102,7 @@ class PassContext:
     max_drop: float | None = None
     progress: ProgressHook | None = field(default=None, repr=False)
     target: Target | None = None
+    reader: DataReader | None = field(default=None, repr=False)
 
     def track(self, items: Iterable[T], what: str) -> Iterator[T]:
         """Yield `items`, reporting `what (i/n)` to the progress hook as each one is done.

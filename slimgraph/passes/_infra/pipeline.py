@@ -30,7 +30,7 @@ import difflib
 import os
 import re
 import tomllib
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -41,7 +41,7 @@ import yaml
 
 from slimgraph.errors import SlimgraphError, first_line
 from slimgraph.measure.stats import model_stats
-from slimgraph.passes._infra.base import Pass, PassContext, PassRecord, PipelineReport, ProgressHook
+from slimgraph.passes._infra.base import Pass, PassContext, PassRecord, PipelineReport, ProgressHook, reader_of
 from slimgraph.passes._infra.instruments import Instrument, Journal, Timing, Verify
 from slimgraph.passes._infra.options import convert, describe_type, option_types, split_top_level
 from slimgraph.passes._infra.registry import get_pass_class
@@ -51,17 +51,6 @@ RECIPE_KEYS = {"pipeline", "max_drop", "calib"}
 HELD_OUT_MIN_SAMPLES = 4  # below this, calibration and verification share the samples
 
 Feeds = dict[str, np.ndarray]
-# Reads a calibration file for a model: (feeds, where they came from). The frontend, which
-# knows tokenizers, registers it (passes may not import frontends).
-CalibrationReader = Callable[[Path, ir.Model], tuple[list[Feeds], str]]
-_calibration_reader: CalibrationReader | None = None
-
-
-def set_calibration_reader(reader: CalibrationReader) -> None:
-    global _calibration_reader
-    _calibration_reader = reader
-
-
 def make_pass(name: str, options: Mapping[str, Any] | None = None) -> Pass:
     """Build a registered pass from its name and raw option values (text or YAML/TOML scalars)."""
     cls = get_pass_class(name)
@@ -222,7 +211,7 @@ class Pipeline:
         self.check(model)
         held_out = None
         if calib is not None:
-            ctx.inputs, ctx.inputs_source = read_calibration(calib, model)
+            ctx.inputs, ctx.inputs_source = read_calibration(calib, model, ctx)
             held_out = split_held_out(ctx.inputs, ctx.inputs_source)
         if verify_inputs is not None:
             ctx.verify_inputs = [dict(feeds) for feeds in verify_inputs]
@@ -329,13 +318,10 @@ def check_max_drop(value: Any, what: str) -> float:
     return float(value)
 
 
-def read_calibration(calib: Any, model: ir.Model) -> tuple[list[Feeds], str]:
+def read_calibration(calib: Any, model: ir.Model, ctx: PassContext | None = None) -> tuple[list[Feeds], str]:
     """Calibration feeds from a file (through the frontend's reader), a list of feeds or one feed."""
     if isinstance(calib, (str, os.PathLike)):
-        if _calibration_reader is None:
-            raise SlimgraphError("reading a calibration file needs slimgraph.frontend (import slimgraph.frontend, "
-                                 "or pass the feeds: a list of name → array dicts)")
-        return _calibration_reader(Path(calib), model)
+        return reader_of(model, ctx, needed_for=f"calibration file {calib}").calibration(Path(calib), model)
     if isinstance(calib, Mapping):
         calib = [calib]
     if not isinstance(calib, Sequence) or not calib or not all(isinstance(f, Mapping) for f in calib):

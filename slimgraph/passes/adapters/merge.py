@@ -2,7 +2,7 @@
 
 - `merge-lora{adapter=PATH}`: `W += s · B A` per adapted module (s = alpha / r, rsLoRA alpha / √r,
   per module from `rank_pattern` / `alpha_pattern`), DoRA (`W' = m / ‖W + ΔW‖ · (W + ΔW)`),
-  embedding LoRA, `lora_bias`, GPT-2's Conv1D (`fan_in_fan_out`) — see `fuse` and `peft_files`.
+  embedding LoRA, `lora_bias`, GPT-2's Conv1D (`fan_in_fan_out`) — see `weight_math` and `slimgraph.frontend.peft_files`.
   Several adapters, each with a weight: `merge-lora{adapter=[a,b],weights=[0.7,0.3]}` adds
   `0.7 · ΔW_a + 0.3 · ΔW_b`; `scale` multiplies every delta (PEFT's `set_scale`).
 - `merge-shira{adapter=PATH}`: `W[rows, cols] += values` (same options).
@@ -28,10 +28,10 @@ import onnx_ir as ir
 from slimgraph.errors import SlimgraphError
 from slimgraph.ir.edit import constant_array, replace_constant
 from slimgraph.measure.diff import Change, fold
-from slimgraph.passes._infra.base import Pass, PassContext, PassResult
+from slimgraph.passes._infra.base import Pass, PassContext, PassResult, reader_of
 from slimgraph.passes._infra.registry import register_pass
-from slimgraph.passes.adapters.peft_files import SUPPORTED, Adapter, LoraModule, read_adapter
-from slimgraph.passes.adapters.targets import AdaptedLayer, Storage, base_weights, match_modules, own_bias, own_weight
+from slimgraph.passes.adapters.records import SUPPORTED, Adapter, LoraModule
+from slimgraph.passes.adapters.targets import AdaptedLayer, Storage, match_modules, own_bias, own_weight
 from slimgraph.passes.adapters.weight_math import fuse_lora, fuse_lora_bias, fuse_shira
 
 
@@ -55,8 +55,9 @@ class MergeAdapters(Pass):
         if not all(math.isfinite(w) for w in (*self.weights, self.scale)):
             raise SlimgraphError(f"{self.name}: weights and scale must be finite numbers")
 
-    def read(self) -> list[Adapter]:
-        adapters = [read_adapter(path) for path in self.adapter]
+    def read(self, model: ir.Model, ctx: PassContext | None = None) -> list[Adapter]:
+        reader = reader_of(model, ctx, needed_for=self.name)
+        adapters = [reader.adapter(path) for path in self.adapter]
         for adapter in adapters:
             if adapter.peft_type != self.peft_type:
                 raise SlimgraphError(f"{adapter.path} is a {adapter.peft_type} adapter: merge it with "
@@ -65,15 +66,15 @@ class MergeAdapters(Pass):
 
     def check(self, model: ir.Model) -> None:
         super().check(model)
-        self.read()
+        self.read(model)
 
     def run(self, model: ir.Model, ctx: PassContext) -> PassResult:
-        adapters = self.read()
+        adapters = self.read(model, ctx)
         weights = self.weights or (1.0,) * len(adapters)
         plan: dict[str, tuple[AdaptedLayer, list]] = {}
         described, bases, counts = [], [], []
         for adapter, weight in zip(adapters, weights):  # every adapter is matched before anything is written
-            base, note = base_weights(adapter, self.base)
+            base, note = reader_of(model, ctx, needed_for=self.name).base_weights(adapter, self.base)
             matches = match_modules(model, adapter, base, note)
             for target in matches.targets:
                 plan.setdefault(target.name, (target, []))[1].append((adapter.modules[target.module],

@@ -28,7 +28,6 @@ import collections
 import dataclasses
 import hashlib
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 import onnx_ir as ir
@@ -46,8 +45,7 @@ from slimgraph.ir.edit import (
 from slimgraph.ir.graph import constant_tensor, module_path, transposed_source, weight_tensor
 from slimgraph.ir.parts import Embedding, Linear
 from slimgraph.ir.structure import find_embeddings, find_linears
-from slimgraph.passes.adapters.peft_files import Adapter, LoraModule
-from slimgraph.passes.adapters.safetensors_file import read_safetensors
+from slimgraph.passes.adapters.records import Adapter, BaseWeights, LoraModule
 
 
 @dataclass(frozen=True)
@@ -103,55 +101,6 @@ class Matches:
         """`36 by module path`, `24 by module path, 12 by fingerprint`."""
         by = collections.Counter(t.matched_by for t in self.targets)
         return ", ".join(f"{n} by {how}" for how, n in by.items())
-
-
-# --- the base model's weights ------------------------------------------------------------------
-
-
-class BaseWeights:
-    """The weights of the model an adapter was trained on (a Hugging Face folder or a `.safetensors`
-    file), by module path, memory-mapped."""
-
-    def __init__(self, source: str | Path) -> None:
-        self.source = Path(source)
-        files = [self.source] if self.source.is_file() else sorted(self.source.glob("*.safetensors"))
-        if not files:
-            raise SlimgraphError(f"base model {self.source} has no .safetensors weights to fingerprint the adapter "
-                                 "with")
-        self.tensors: dict[str, np.ndarray] = {}
-        for file in files:
-            self.tensors.update(read_safetensors(file))
-
-    def weight(self, module: str, *, embedding: bool, fan_in_fan_out: bool) -> np.ndarray | None:
-        """The module's weight in PyTorch's [out, in] layout (as stored: not converted), or None."""
-        key = f"{module}.weight"
-        if key not in self.tensors:
-            near = [k for k in self.tensors if k.endswith("." + key) or key.endswith("." + k)]
-            if len(near) != 1:
-                return None
-            key = near[0]
-        tensor = self.tensors[key]
-        if tensor.ndim != 2:
-            return None
-        return tensor.T if embedding or fan_in_fan_out else tensor  # tables are [num, dim]; Conv1D [in, out]
-
-
-def base_weights(adapter: Adapter, base: str) -> tuple[BaseWeights | None, str]:
-    """The base weights to check `adapter` against, and a line saying where they came from.
-
-    `base`: a folder or file; "auto" (or "") for the adapter's `base_model_name_or_path` when that is
-    local; "none" for no check.
-    """
-    if base.lower() == "none":
-        return None, "not checked (base=none)"
-    if base and base.lower() != "auto":
-        if not Path(base).exists():
-            raise SlimgraphError(f"base={base}: no such folder or file")
-        return BaseWeights(base), str(base)
-    if adapter.base_model and Path(adapter.base_model).exists():
-        return BaseWeights(adapter.base_model), adapter.base_model
-    where = f"{adapter.base_model!r} is not a local folder" if adapter.base_model else "the adapter names none"
-    return None, f"not available ({where}; give base=FOLDER to check fingerprints)"
 
 
 def fingerprint(weight: np.ndarray) -> str:

@@ -20,7 +20,7 @@ from collections.abc import Sequence
 import numpy as np
 
 from slimgraph.errors import SlimgraphError
-from slimgraph.passes.adapters.peft_files import LoraModule, ShiraModule
+from slimgraph.passes.adapters.records import LoraModule, ShiraModule
 
 
 def lora_delta(module: LoraModule, weight: float = 1.0, transposed: bool = False) -> np.ndarray:

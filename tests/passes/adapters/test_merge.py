@@ -9,9 +9,9 @@ import pytest
 
 import slimgraph
 from slimgraph.errors import SlimgraphError
+from slimgraph.frontend.peft_files import read_adapter
 from slimgraph.measure import evaluate
 from slimgraph.passes.adapters.merge import MergeLora, MergeShira
-from slimgraph.passes.adapters.peft_files import read_adapter
 from tests.conftest import copy_model
 from tests.passes.adapters.peft_adapters import Made, anonymize, ir_weight, relative
 
@@ -103,7 +103,7 @@ def test_weighted_lora_adapters_equal_peft_cat_combination(minilm, minilm_path, 
 
 def test_scale_multiplies_the_delta(minilm, minilm_adapter):
     made = minilm_adapter("rslora")
-    twice = minilm.clone()
+    twice = copy_model(minilm)
     MergeLora(adapter=(str(made.path),), scale=0.5)(minilm)
     MergeLora(adapter=(str(made.path), str(made.path)), weights=(0.25, 0.25))(twice)
     assert relative(outputs(minilm, made), outputs(twice, made)) <= 1e-6
@@ -154,7 +154,7 @@ def test_adapter_for_another_base_model(tmp_path, gpt2_adapter):
 def test_unmatched_module_is_named(gpt2_ir, minilm_adapter):
     made = minilm_adapter("rslora")
     with pytest.raises(SlimgraphError, match="module 'encoder.layer.0.attention.self.query' matches no linear"):
-        MergeLora(adapter=(str(made.path),))(gpt2_ir.clone())
+        MergeLora(adapter=(str(made.path),))(copy_model(gpt2_ir))
 
 
 @pytest.mark.parametrize("pass_, kind", [(MergeLora, "lora"), (MergeShira, "shira")])

@@ -11,6 +11,7 @@ import onnx_ir as ir
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
+import slimgraph
 from slimgraph.errors import SlimgraphError
 from slimgraph.measure import evaluate
 from slimgraph.passes.adapters.merge import MergeLora, MergeShira
@@ -29,7 +30,7 @@ def two_linears(names=("w1", "w2"), w1=W1, w2=W2) -> ir.Model:
         "two", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 8])],
         [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2, 5])],
         initializer=[numpy_helper.from_array(w1, names[0]), numpy_helper.from_array(w2, names[1])])
-    return ir.serde.deserialize_model(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]))
+    return slimgraph.load(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]))
 
 
 def base_file(tmp_path: Path, w1=W1, w2=W2) -> Path:

@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 
 from slimgraph.errors import SlimgraphError
-from slimgraph.passes.adapters.peft_files import read_adapter
-from slimgraph.passes.adapters.safetensors_file import read_safetensors
+from slimgraph.frontend.peft_files import read_adapter
+from slimgraph.frontend.safetensors_file import read_safetensors
 
 safetensors_numpy = pytest.importorskip("safetensors.numpy", reason="the torch extra installs safetensors")
 MODULE = "base_model.model.encoder.layer.0.attention.self.query"

@@ -9,7 +9,7 @@
     compressed tokens).
     Fourier-VLM reports −83.8% FLOPs on LLaVA-1.5 (with fine-tuning; this is training-free).
 
-    .venv/bin/python benchmarks/tokens.py [--part a|b|all] [--runs N]
+    .venv/bin/python benchmarks/dct_tokens.py [--part a|b|all] [--runs N]
 """
 
 from __future__ import annotations

@@ -5,7 +5,7 @@ the full model on held-out pydoc text (every real token position; a best token t
 a miss), and ONNX Runtime latency of one token at batch 1 (runs alternating), alone and after int4
 weight quantization of both. Calibration: pydoc paragraphs of other topics.
 
-    .venv/bin/python benchmarks/vocab.py [--runs N] [--calibration N]
+    .venv/bin/python benchmarks/trim_vocab.py [--runs N] [--calibration N]
 """
 
 from __future__ import annotations

@@ -25,19 +25,18 @@ from __future__ import annotations
 import json
 import math
 import re
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from slimgraph.errors import SlimgraphError
-from slimgraph.passes.adapters.safetensors_file import read_safetensors
+from slimgraph.frontend.safetensors_file import read_safetensors
+from slimgraph.passes.adapters.records import SUPPORTED, Adapter, LoraModule, ShiraModule
 
 CONFIG_FILE = "adapter_config.json"
 WEIGHTS_FILE = "adapter_model.safetensors"
 PEFT_PREFIX = "base_model.model."
-SUPPORTED = {"LORA": "merge-lora", "SHIRA": "merge-shira"}  # peft_type → the pass that merges it
 
 LORA_KEYS = {
     "lora_A.weight": "a", "lora_B.weight": "b", "lora_B.bias": "bias",
@@ -56,63 +55,6 @@ UNSUPPORTED_LORA_SETTINGS = {
 }
 # Initializations that change the base weights: the saved factors belong to that changed base.
 BASE_CHANGING_INITS = ("pissa", "olora", "corda", "loftq", "lora_ga")
-
-
-@dataclass(frozen=True)
-class LoraModule:
-    """One LoRA-adapted module: `ΔW = scaling · B @ A` in PyTorch's [out, in] layout."""
-
-    path: str
-    a: np.ndarray  # [r, in]
-    b: np.ndarray  # [out, r]
-    scaling: float
-    magnitude: np.ndarray | None = None  # DoRA: [out]
-    bias: np.ndarray | None = None  # lora_bias: [out]
-    embedding: bool = False
-
-    @property
-    def rank(self) -> int:
-        return self.a.shape[0]
-
-    @property
-    def shape(self) -> tuple[int, int]:
-        """(out, in) of the weight it adapts."""
-        return self.b.shape[0], self.a.shape[1]
-
-
-@dataclass(frozen=True)
-class ShiraModule:
-    """One SHiRA-adapted module: `W[rows, cols] += values` (PyTorch's [out, in] layout; no repeats)."""
-
-    path: str
-    rows: np.ndarray  # int64 [n]
-    cols: np.ndarray  # int64 [n]
-    values: np.ndarray  # float32 [n]
-    embedding: bool = False
-
-
-@dataclass(frozen=True)
-class Adapter:
-    """A PEFT adapter folder, read and checked."""
-
-    path: Path
-    peft_type: str  # "LORA" or "SHIRA"
-    modules: dict[str, LoraModule | ShiraModule]
-    base_model: str | None  # `base_model_name_or_path`
-    fan_in_fan_out: bool  # GPT-2's Conv1D stores its weight [in, out]
-    dora: bool = False
-    rslora: bool = False
-
-    def describe(self) -> str:
-        """`LoRA r=8 α=16 on 12 modules`, `DoRA r=4–8 ...`, `SHiRA on 6 modules (9,216 values)`."""
-        count = f"{len(self.modules)} module{'s' if len(self.modules) != 1 else ''}"
-        if self.peft_type == "SHIRA":
-            values = sum(len(m.values) for m in self.modules.values())
-            return f"SHiRA on {count} ({values:,} values)"
-        ranks = sorted({m.rank for m in self.modules.values()})
-        rank = f"r={ranks[0]}" if len(ranks) == 1 else f"r={ranks[0]}–{ranks[-1]}"
-        kind = "DoRA" if self.dora else "LoRA"
-        return f"{kind} {rank}{' (rsLoRA)' if self.rslora else ''} on {count}"
 
 
 def read_adapter(path: str | Path) -> Adapter:
@@ -278,3 +220,52 @@ def _coalesce(rows: np.ndarray, cols: np.ndarray, values: np.ndarray) -> tuple[n
     summed = np.zeros(len(unique), np.float32)
     np.add.at(summed, inverse, values)
     return rows[first], cols[first], summed
+
+
+# --- the base model's weights, to fingerprint the adapter's modules with ------------------------
+
+
+class SafetensorsBaseWeights:
+    """The weights of the model an adapter was trained on (a Hugging Face folder or a `.safetensors`
+    file), by module path, memory-mapped."""
+
+    def __init__(self, source: str | Path) -> None:
+        self.source = Path(source)
+        files = [self.source] if self.source.is_file() else sorted(self.source.glob("*.safetensors"))
+        if not files:
+            raise SlimgraphError(f"base model {self.source} has no .safetensors weights to fingerprint the adapter "
+                                 "with")
+        self.tensors: dict[str, np.ndarray] = {}
+        for file in files:
+            self.tensors.update(read_safetensors(file))
+
+    def weight(self, module: str, *, embedding: bool, fan_in_fan_out: bool) -> np.ndarray | None:
+        """The module's weight in PyTorch's [out, in] layout (as stored: not converted), or None."""
+        key = f"{module}.weight"
+        if key not in self.tensors:
+            near = [k for k in self.tensors if k.endswith("." + key) or key.endswith("." + k)]
+            if len(near) != 1:
+                return None
+            key = near[0]
+        tensor = self.tensors[key]
+        if tensor.ndim != 2:
+            return None
+        return tensor.T if embedding or fan_in_fan_out else tensor  # tables are [num, dim]; Conv1D [in, out]
+
+
+def base_weights(adapter: Adapter, base: str) -> tuple[SafetensorsBaseWeights | None, str]:
+    """The base weights to check `adapter` against, and a line saying where they came from.
+
+    `base`: a folder or file; "auto" (or "") for the adapter's `base_model_name_or_path` when that is
+    local; "none" for no check.
+    """
+    if base.lower() == "none":
+        return None, "not checked (base=none)"
+    if base and base.lower() != "auto":
+        if not Path(base).exists():
+            raise SlimgraphError(f"base={base}: no such folder or file")
+        return SafetensorsBaseWeights(base), str(base)
+    if adapter.base_model and Path(adapter.base_model).exists():
+        return SafetensorsBaseWeights(adapter.base_model), adapter.base_model
+    where = f"{adapter.base_model!r} is not a local folder" if adapter.base_model else "the adapter names none"
+    return None, f"not available ({where}; give base=FOLDER to check fingerprints)"
