@@ -4,7 +4,7 @@ PY     := $(VENV)/bin/python
 PIP    := $(PY) -m pip
 STAMP  := $(VENV)/.installed
 
-.PHONY: demo test setup clean bench
+.PHONY: demo test setup clean bench goldens
 
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -23,6 +23,10 @@ demo: $(STAMP)
 test: $(STAMP)
 	$(VENV)/bin/ruff check slimgraph tests benchmarks examples
 	$(PY) -m pytest -q -n 2
+
+# Rewrite every golden file (tests/golden/) from the current code; review the diff before committing.
+goldens: $(STAMP)
+	UPDATE_GOLDEN=1 $(PY) -m pytest -q -n 2 $$(grep -rl assert_golden tests --include='test_*.py')
 
 bench: $(STAMP)
 	$(PY) benchmarks/capture.py

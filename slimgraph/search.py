@@ -29,7 +29,7 @@ import onnx_ir as ir
 from slimgraph.errors import FidelityError, SlimgraphError
 from slimgraph.measure.stats import human_bytes, model_stats
 from slimgraph.measure.target import Target
-from slimgraph.passes import Pass, PassContext, Pipeline, PipelineReport
+from slimgraph.passes import Pass, PassContext, Pipeline, PipelineReport, get_pass_class
 
 Goal = Literal["latency", "size", "balanced"]
 GOALS: tuple[str, ...] = ("latency", "size", "balanced")
@@ -212,7 +212,7 @@ def _sensitive_layers_float(model: ir.Model, over: Candidate, quantize: str, max
     layers are grouped by block (`encoder.layer.3.*`, `/model.22/*`) and by role across blocks
     (`*.output.dense`); each round keeps float the group that gains the most cosine per weight it
     keeps float, until the budget holds (at most `SENSITIVE_ROUNDS` rounds)."""
-    cost = _layer_weights(model, quantize)
+    cost = get_pass_class(quantize)().layer_sizes(model)
     blocks: dict[str, set[str]] = {}  # "encoder.layer.3.*" → its layers
     roles: dict[str, set[str]] = {}  # "encoder.layer.#.output.dense" → that layer in every block
     for name in cost:
@@ -247,19 +247,6 @@ def _sensitive_layers_float(model: ir.Model, over: Candidate, quantize: str, max
         if best.status == "ok":
             return best
     return best
-
-
-def _layer_weights(model: ir.Model, quantize: str) -> dict[str, int]:
-    """The layers `quantize` rewrites, by the name its `exclude` matches, and their weights' sizes."""
-    from slimgraph.passes.quantize.rewrite import quantizable_linears
-
-    if quantize == "quantize-dynamic":
-        return {lin.name: lin.in_features * lin.out_features for lin in quantizable_linears(model, ())[0]}
-    from slimgraph.ir.graph import constant_tensor
-    from slimgraph.passes.quantize.static import COMPUTE_OPS
-
-    return {node.name: tensor.size for node in model.graph if node.op_type in COMPUTE_OPS and node.name
-            and len(node.inputs) > 1 and (tensor := constant_tensor(node.inputs[1])) is not None}
 
 
 def _with_exclude(passes: list[Pass], quantize: str, globs: list[str]) -> str:

@@ -21,6 +21,8 @@ makes the channels unremovable, and says where.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import numpy as np
 import onnx_ir as ir
 
@@ -127,47 +129,27 @@ class _Search:
     # --- following the channels ------------------------------------------------------------
 
     def forward(self, node: ir.Node, slot: int, axis: int, indices: np.ndarray) -> None:
-        op = node.op_type
-        where = f"{op} {node.name!r}"
+        """The channels reach `node`'s input `slot`: follow them through it (`_FORWARD`)."""
         if not is_default_domain(node):
-            raise _Unremovable(f"{where} is not followed")
-        if op == "Shape" or op == "Size":
-            return
-        if op in _CHANNELWISE:
-            self.reach(node.outputs[0], axis, indices, via=node)
-        elif op == "BatchNormalization":
-            self._batch_norm(node, indices)
-            self.reach(node.outputs[0], axis, indices, via=node)
-        elif op in _ADDITIVE | _SCALING:
-            self._merge(node, axis, indices)
-        elif op == "Conv" and slot == 0:
-            self._conv_input(node, axis, indices)
-        elif op == "Conv":
-            raise _Unremovable(f"{where} reads the channels as a weight")
-        elif op == "Concat":
-            self._concat(node, slot, axis, indices)
-        elif op in ("Flatten", "Reshape") and slot == 0:
-            self._flatten(node, axis, indices)
-        elif op in ("Gemm", "MatMul") and slot == 0:
-            self._linear_input(node, axis, indices)
-        else:
-            raise _Unremovable(f"{where} mixes or reshapes the channels")
+            raise _Unremovable(f"{node.op_type} {node.name!r} is not followed")
+        rule = _FORWARD.get(node.op_type)
+        if rule is None:
+            raise _Unremovable(f"{node.op_type} {node.name!r} mixes or reshapes the channels")
+        rule(self, node, slot, axis, indices)
 
     def backward(self, node: ir.Node, value: ir.Value, axis: int, indices: np.ndarray) -> None:
-        op = node.op_type
-        if op == "Conv":
-            self._conv_output(node, indices)
-        elif op in _CHANNELWISE:
-            self.reach(node.inputs[0], axis, indices, via=node)
-        elif op == "BatchNormalization":
-            self._batch_norm(node, indices)
-            self.reach(node.inputs[0], axis, indices, via=node)
-        elif op in _ADDITIVE | _SCALING:
-            self._merge(node, axis, indices)
-        elif op == "Concat":
-            raise _Unremovable(f"channels coupled after Concat {node.name!r}")
-        else:
-            raise _Unremovable(f"the channels come from {op} {node.name!r}, which is not followed")
+        """The channels come out of `node`: follow them to where they are made (`_BACKWARD`)."""
+        rule = _BACKWARD.get(node.op_type)
+        if rule is None:
+            raise _Unremovable(f"the channels come from {node.op_type} {node.name!r}, which is not followed")
+        rule(self, node, axis, indices)
+
+    def _through(self, node: ir.Node, value: ir.Value, axis: int, indices: np.ndarray) -> None:
+        self.reach(value, axis, indices, via=node)
+
+    def _batch_norm_through(self, node: ir.Node, value: ir.Value, axis: int, indices: np.ndarray) -> None:
+        self._batch_norm(node, indices)
+        self.reach(value, axis, indices, via=node)
 
     def _merge(self, node: ir.Node, axis: int, indices: np.ndarray) -> None:
         """An elementwise op on the channels: constants are sliced, activations coupled."""
@@ -262,6 +244,43 @@ class _Search:
         trans_b = node.op_type == "Gemm" and node.attributes.get_int("transB", 0)
         self.add_slice(weight[0], 1 if trans_b else 0, indices, "consumer")
 
+
+
+def _first_input_only(rule: Callable, what: str) -> Callable:
+    """A forward rule for ops that carry the channels only from their first input."""
+    def forward(search: _Search, node: ir.Node, slot: int, axis: int, indices: np.ndarray) -> None:
+        if slot != 0:
+            raise _Unremovable(f"{node.op_type} {node.name!r} {what}")
+        rule(search, node, axis, indices)
+    return forward
+
+
+def _coupled_after_concat(search: _Search, node: ir.Node, axis: int, indices: np.ndarray) -> None:
+    raise _Unremovable(f"channels coupled after Concat {node.name!r}")
+
+
+# op → how the channels go through it, forward (search, node, slot, axis, indices) and backward
+# (search, node, axis, indices); an op in neither table stops the search with a reason.
+_FORWARD: dict[str, Callable] = {
+    "Shape": lambda *_: None,
+    "Size": lambda *_: None,
+    **dict.fromkeys(_CHANNELWISE, lambda s, node, slot, axis, idx: s._through(node, node.outputs[0], axis, idx)),
+    "BatchNormalization": lambda s, node, slot, axis, idx: s._batch_norm_through(node, node.outputs[0], axis, idx),
+    **dict.fromkeys(_ADDITIVE | _SCALING, lambda s, node, slot, axis, idx: s._merge(node, axis, idx)),
+    "Conv": _first_input_only(_Search._conv_input, "reads the channels as a weight"),
+    "Concat": _Search._concat,
+    "Flatten": _first_input_only(_Search._flatten, "mixes or reshapes the channels"),
+    "Reshape": _first_input_only(_Search._flatten, "mixes or reshapes the channels"),
+    "Gemm": _first_input_only(_Search._linear_input, "mixes or reshapes the channels"),
+    "MatMul": _first_input_only(_Search._linear_input, "mixes or reshapes the channels"),
+}
+_BACKWARD: dict[str, Callable] = {
+    "Conv": lambda s, node, axis, idx: s._conv_output(node, idx),
+    **dict.fromkeys(_CHANNELWISE, lambda s, node, axis, idx: s._through(node, node.inputs[0], axis, idx)),
+    "BatchNormalization": lambda s, node, axis, idx: s._batch_norm_through(node, node.inputs[0], axis, idx),
+    **dict.fromkeys(_ADDITIVE | _SCALING, lambda s, node, axis, idx: s._merge(node, axis, idx)),
+    "Concat": _coupled_after_concat,
+}
 
 def conv_channel_groups(model: ir.Model) -> tuple[list[Group], list[str]]:
     """Channel groups of every conv's output (each group once), and why the others cannot be pruned."""

@@ -38,9 +38,9 @@ def __getattr__(name: str):
     # `from slimgraph.passes import FoldConstants` works without importing every pass module.
     import importlib
 
-    from slimgraph.passes._infra.registry import BUILTIN_PASS_MODULES
+    from slimgraph.passes._infra.registry import builtin_pass_modules
 
-    for module in dict.fromkeys(BUILTIN_PASS_MODULES.values()):
+    for module in dict.fromkeys(builtin_pass_modules().values()):
         mod = importlib.import_module(module)
         if hasattr(mod, name):
             return getattr(mod, name)

@@ -42,7 +42,6 @@ from __future__ import annotations
 from collections import Counter
 from dataclasses import dataclass
 from typing import ClassVar, Literal
-from unittest import mock
 
 import onnx_ir as ir
 
@@ -67,21 +66,9 @@ class FuseOrt(Pass):
     attention: Literal["heads", "packed"] = "heads"
     skip_norm: Literal["auto", "fused", "split"] = "auto"
 
-    def __post_init__(self) -> None:
-        if self.attention not in ("heads", "packed"):
-            raise SlimgraphError(f"fuse-ort: attention must be heads or packed, got {self.attention!r}")
-        if self.skip_norm not in ("auto", "fused", "split"):
-            raise SlimgraphError(f"fuse-ort: skip_norm must be auto, fused or split, got {self.skip_norm!r}")
-
     def run(self, model: ir.Model, ctx: PassContext) -> PassResult:
-        from onnxscript.rewriter.ort_fusions import _core, optimize_for_ort
-
         nodes = len(model.graph)
-        if self.attention == "packed":
-            _, counts = optimize_for_ort(model)
-        else:  # onnxscript has no switch for its last attention step, the one that packs the projections
-            with mock.patch.object(_core, "fuse_attention", lambda model, debug=False: 0):
-                _, counts = optimize_for_ort(model)
+        counts = ort_fusions(model, pack_attention=self.attention == "packed")
         exporter = fuse_exporter_patterns(model)  # paddle2onnx's, tf2onnx's forms: fuse_patterns.py
         if not any(counts.values()) and not any(exporter.values()):
             raise SlimgraphError("fuse-ort: nothing to fuse: no attention, LayerNorm-after-residual, GELU, HardSwish "
@@ -100,6 +87,70 @@ class FuseOrt(Pass):
         if unfused:
             stats["residual norms split"] = f"{unfused} (Add + LayerNorm: faster than the Skip op on CPU)"
         return PassResult(True, stats)
+
+
+def ort_fusions(model: ir.Model, *, pack_attention: bool) -> dict[str, int]:
+    """onnxscript's `optimize_for_ort` (its steps, in its order), run here step by step because it has no
+    switch for the step that packs an attention's Q, K and V projections into one Attention weight
+    (`pack_attention`). Returns how many of each fusion matched."""
+    import onnx_ir.passes.common as common_passes
+    from onnxscript.optimizer import optimize
+    from onnxscript.rewriter import rewrite
+    from onnxscript.rewriter.ort_fusions import (
+        _core,
+        attention,
+        bias_gelu,
+        cos_sin_cache,
+        erfgelu,
+        gelu,
+        gqa,
+        gqa_packed_qkv,
+        mha,
+        mha_bias,
+        mha_scale,
+        rms_normalization,
+        rotary_embedding,
+        sdpa,
+        sdpa_via_mha,
+        skip_normalization,
+    )
+
+    rewrite(model, [_core._gemm_to_matmul_add.gemm_to_matmul_add_rule])
+    _core._pre_optimize(model)
+    counts: dict[str, int] = {}
+
+    def fuse(name: str, function, **options) -> None:
+        counts[name] = function(model, debug=False, **options)
+
+    fuse("erf_gelu", erfgelu.fuse_erfgelu)
+    fuse("rms_normalization", rms_normalization.fuse_rms_normalization)
+    fuse("skip_layer_normalization", skip_normalization.fuse_skip_layer_normalization)
+    fuse("skip_rms_normalization", skip_normalization.fuse_skip_rms_normalization)
+    fuse("rotary_embedding", rotary_embedding.fuse_rotary_embedding)
+    fuse("cos_sin_cache", cos_sin_cache.fuse_cos_sin_cache)
+    common_passes.CommonSubexpressionEliminationPass()(model)
+    fuse("partial_rotary_embedding", rotary_embedding.fuse_partial_rotary_embedding)
+    fuse("sdpa", sdpa.fuse_sdpa, apply_shape_inference=True)
+    fuse("gqa", gqa.fuse_gqa)
+    fuse("packed_qkv_for_gqa", gqa_packed_qkv.fuse_qkv_gqa)
+    fuse("mha1", mha.fuse_mha1)
+    fuse("mha2", mha.fuse_mha2)
+    fuse("mha_scale", mha_scale.fuse_mha_scale)
+    if counts["mha1"] or counts["mha2"]:
+        fuse("mha_bias", mha_bias.fuse_mha_bias)
+        if pack_attention:
+            fuse("attention", attention.fuse_attention)
+    fuse("gelu", gelu.fuse_gelu)
+    fuse("bias_gelu", bias_gelu.fuse_bias_gelu)
+    fuse("sdpa_via_mha", sdpa_via_mha.replace_sdpa_by_mha)
+    optimize(model)
+    rewrite(model, _core.ORT_PATTERN_REWRITE_RULES)
+    ir.passes.Sequential(
+        common_passes.LiftConstantsToInitializersPass(lift_all_constants=False, size_limit=1),
+        common_passes.RemoveInitializersFromInputsPass(),
+        common_passes.ShapeInferencePass(),
+    )(model)
+    return counts
 
 
 def split_skip_norms(model: ir.Model) -> int:

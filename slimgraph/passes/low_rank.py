@@ -27,6 +27,7 @@ from slimgraph.ir.edit import add_initializer, bias_value, replace_linear, weigh
 from slimgraph.ir.parts import Linear
 from slimgraph.ir.structure import find_linears
 from slimgraph.passes._infra.base import Pass, PassContext, PassResult
+from slimgraph.passes._infra.options import option
 from slimgraph.passes._infra.registry import register_pass
 from slimgraph.passes.activations import moments
 
@@ -96,24 +97,16 @@ class LowRank(Pass):
 
     name: ClassVar[str] = "low-rank"
     exact: ClassVar[bool] = False
-    energy: float = 0.9
-    rank: int = 0
-    ratio: float = 0.0
+    energy: float = option(0.9, low=0, low_open=True, high=1)
+    rank: int = option(0, low=0)
+    ratio: float = option(0.0, low=0, high=1, high_open=True)
     method: Literal["svd", "activation"] = "svd"
-    min_saving: float = 0.1
+    min_saving: float = option(0.1, low=0, high=1, high_open=True)
     exclude: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
-        if not 0 < self.energy <= 1:
-            raise SlimgraphError(f"{self.name}: energy must be in (0, 1], got {self.energy}")
-        if self.rank < 0:
-            raise SlimgraphError(f"{self.name}: rank must be positive, got {self.rank}")
-        if not 0 <= self.ratio < 1:
-            raise SlimgraphError(f"{self.name}: ratio must be in [0, 1), got {self.ratio}")
         if self.rank and self.ratio:
             raise SlimgraphError(f"{self.name}: give rank or ratio, not both")
-        if not 0 <= self.min_saving < 1:
-            raise SlimgraphError(f"{self.name}: min_saving must be in [0, 1), got {self.min_saving}")
 
     def linears(self, model: ir.Model) -> list[Linear]:
         chosen = []
@@ -128,14 +121,16 @@ class LowRank(Pass):
             chosen.append(linear)
         return chosen
 
-    def check(self, model: ir.Model) -> None:
+    def check(self, model: ir.Model) -> list[Linear]:
+        """The linears `run` factors."""
         super().check(model)
-        if not self.linears(model):
+        linears = self.linears(model)
+        if not linears:
             raise SlimgraphError(f"{self.name}: no linear layer (MatMul/Gemm with a constant 2-D weight) to factor")
+        return linears
 
     def run(self, model: ir.Model, ctx: PassContext) -> PassResult:
-        self.check(model)
-        linears = self.linears(model)
+        linears = self.check(model)
         grams = _input_grams(model, linears, ctx) if self.method == "activation" else {}
         factored, skipped, before, after, energies = 0, 0, 0, 0, []
         for linear in ctx.track(linears, f"low-rank {self.method}"):

@@ -35,6 +35,7 @@ from slimgraph.measure import evaluate
 from slimgraph.measure.fidelity import OutputMap
 from slimgraph.measure.stats import human_bytes
 from slimgraph.passes._infra.base import Pass, PassContext, PassResult
+from slimgraph.passes._infra.options import option
 from slimgraph.passes._infra.registry import register_pass
 from slimgraph.passes.activations import tokenizer_of
 
@@ -48,23 +49,15 @@ class TrimVocab(Pass):
 
     name: ClassVar[str] = "trim-vocab"
     exact: ClassVar[bool] = False
-    keep: int = 0  # how many ids; 0: as many as `coverage` needs
-    coverage: float = 0.99
+    keep: int = option(0, low=0)  # how many ids; 0: as many as `coverage` needs
+    coverage: float = option(0.99, low=0, low_open=True, high=1)
     # predict by default: on SmolLM2 (256 pydoc paragraphs) 0.99 of the predicted probability keeps
     # 12,576 of 49,152 tokens and agrees with the full model's next token 99.1% of the time on held-out
     # text; counting the text and the best predicted tokens reached 93.5% at most (benchmarks/trim_vocab.py)
     source: Literal["predict", "calib", "generate"] = "predict"
     keep_ids: tuple[int, ...] = ()
     embeddings: Literal["keep", "trim"] = "keep"
-    new_tokens: int = 16  # generated per calibration sample with source=generate
-
-    def __post_init__(self) -> None:
-        if self.keep < 0:
-            raise SlimgraphError(f"{self.name}: keep must be positive, got {self.keep}")
-        if not 0 < self.coverage <= 1:
-            raise SlimgraphError(f"{self.name}: coverage must be in (0, 1], got {self.coverage}")
-        if self.new_tokens < 1:
-            raise SlimgraphError(f"{self.name}: new_tokens must be at least 1, got {self.new_tokens}")
+    new_tokens: int = option(16, low=1)  # generated per calibration sample with source=generate
 
     def head(self, model: ir.Model) -> Linear:
         heads = discover(model).lm_heads
@@ -74,9 +67,11 @@ class TrimVocab(Pass):
                                  "embedding's vocabulary)")
         return heads[0]
 
-    def check(self, model: ir.Model) -> None:
+    def check(self, model: ir.Model) -> Linear:
+        """The LM head `run` trims."""
         super().check(model)
-        vocab = self.head(model).out_features
+        head = self.head(model)
+        vocab = head.out_features
         bad = [i for i in self.keep_ids if not 0 <= i < vocab]
         if bad:
             raise SlimgraphError(f"{self.name}: keep_ids={bad[0]} is not a token id (vocabulary of {vocab})")
@@ -92,10 +87,10 @@ class TrimVocab(Pass):
         if self.embeddings == "trim" and tokenizer is not None and tokenizer.unk_token_id is None:
             raise SlimgraphError(f"{self.name}: embeddings=trim maps removed ids to UNK, and this tokenizer has none; "
                                  "use embeddings=keep")
+        return head
 
     def run(self, model: ir.Model, ctx: PassContext) -> PassResult:
-        self.check(model)
-        head = self.head(model)
+        head = self.check(model)
         vocab = head.out_features
         mass, text_ids = self._mass(model, ctx, vocab)
         tokenizer = tokenizer_of(model, ctx)

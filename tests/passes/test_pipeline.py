@@ -23,6 +23,7 @@ from slimgraph.passes import (
     make_pass,
     register_pass,
 )
+from slimgraph.passes._infra.options import option
 from slimgraph.passes.cleanup import Cleanup, FoldConstants, RemoveDeadNodes
 
 
@@ -33,15 +34,11 @@ class _ToyOptions(Pass):
 
     name: ClassVar[str] = "test-toy-options"
     bits: Literal[2, 4, 8] = 4
-    ratio: float = 0.5
+    ratio: float = option(0.5, low=0, low_open=True, high=1)
     method: Literal["rtn", "awq"] = "rtn"
     enabled: bool = True
     exclude: tuple[str, ...] = ()
     label: str | None = None
-
-    def __post_init__(self) -> None:
-        if not 0 < self.ratio <= 1:
-            raise SlimgraphError(f"test-toy-options: ratio must be in (0, 1], got {self.ratio}")
 
     def run(self, model, ctx):
         return PassResult(False)
@@ -401,8 +398,8 @@ def test_python_option_types_are_checked():
         _ToyOptions(exclude="lm_head")
     with pytest.raises(SlimgraphError, match=r"option method=1 is an int; expected rtn\|awq"):
         _ToyOptions(method=1)
-    with pytest.raises(SlimgraphError, match=r"bits must be 2, 4 or 8 \(MatMulNBits\), got 3"):
-        QuantizeWeights(bits=3)  # the right type: the pass itself says which values it takes
+    with pytest.raises(SlimgraphError, match=r"bits must be one of 2\|4\|8, got 3"):
+        QuantizeWeights(bits=3)  # the right type, not one of the choices
     assert _ToyOptions(exclude=["a", "b"]).exclude == ("a", "b")  # a list is taken for a tuple
     assert _ToyOptions(ratio=1).ratio == 1
 

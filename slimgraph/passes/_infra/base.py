@@ -158,9 +158,13 @@ class Pass:
     def run(self, model: ir.Model, ctx: PassContext) -> PassResult:  # pragma: no cover
         raise NotImplementedError
 
-    def check(self, model: ir.Model) -> None:
+    def check(self, model: ir.Model) -> Any:
         """Cheap checks on the input model, run before any pass: raise `SlimgraphError`
         for what would make this pass fail (or do nothing the user asked for).
+
+        A pass whose checks find what it will work on (structures, layers) returns that plan, and
+        its `run` starts with `plan = self.check(model)` (on the model as the earlier passes left
+        it): the model is searched once per run.
 
         The default checks that each `exclude` glob matches something the pass could
         exclude. Overrides should call it, and stay conservative: earlier passes in the
@@ -220,7 +224,7 @@ class Pass:
 
 
 def _check_option_types(pass_: Pass) -> None:
-    from slimgraph.passes._infra.options import check_type, option_types
+    from slimgraph.passes._infra.options import check_bounds, check_type, option_types
 
     try:
         types = option_types(type(pass_))
@@ -229,6 +233,7 @@ def _check_option_types(pass_: Pass) -> None:
     for f in dataclasses.fields(pass_):
         value = getattr(pass_, f.name)
         checked = check_type(pass_.name, f.name, types[f.name], value)
+        check_bounds(pass_.name, f, checked)
         if checked is not value:  # e.g. a list given for a tuple option
             object.__setattr__(pass_, f.name, checked)
 

@@ -3,7 +3,10 @@
 Supported field types: bool, int, float, str, Literal[...] of those, optional (`X | None`)
 and lists/tuples of them. Lists are written `[a,b]` in pipeline text. `convert` reads text
 (and YAML/TOML scalars); `check_type` holds values given from Python to the same types,
-without converting them (only a list becomes a tuple, and an int a float).
+without converting them (only a list becomes a tuple, and an int a float), and a Literal
+to its choices. A number's range is declared on its field, `ratio: float = option(0.5, low=0,
+high=1, high_open=True)`, and `check_bounds` holds every value (each item of a list) to it:
+passes write no range checks of their own.
 """
 
 from __future__ import annotations
@@ -15,6 +18,48 @@ import typing
 from typing import Any, Literal, get_args, get_origin
 
 from slimgraph.errors import SlimgraphError
+
+BOUNDS_KEY = "slimgraph.bounds"
+
+
+@dataclasses.dataclass(frozen=True)
+class Bounds:
+    """The interval a number option lives in; None: unbounded on that side."""
+
+    low: float | None = None
+    high: float | None = None
+    low_open: bool = False
+    high_open: bool = False
+
+    def holds(self, value: float) -> bool:
+        above = self.low is None or (value > self.low if self.low_open else value >= self.low)
+        below = self.high is None or (value < self.high if self.high_open else value <= self.high)
+        return above and below
+
+    def describe(self) -> str:
+        """`in [0, 1)`, `at least 1`, `above 0`, `at most 8`."""
+        if self.low is not None and self.high is not None:
+            return f"in {'(' if self.low_open else '['}{self.low:g}, {self.high:g}{')' if self.high_open else ']'}"
+        if self.low is not None:
+            return f"{'above' if self.low_open else 'at least'} {self.low:g}"
+        return f"{'below' if self.high_open else 'at most'} {self.high:g}"
+
+
+def option(default: Any = dataclasses.MISSING, *, low: float | None = None, high: float | None = None, low_open: bool = False,
+           high_open: bool = False) -> Any:
+    """A pass option with the range its value (or each item of its list) must lie in."""
+    bounds = Bounds(low, high, low_open, high_open)
+    return dataclasses.field(default=default, metadata={BOUNDS_KEY: bounds})
+
+
+def check_bounds(pass_name: str, field: dataclasses.Field, value: Any) -> None:
+    """Raise a `SlimgraphError` naming the option when `value` lies outside the field's declared range."""
+    bounds = field.metadata.get(BOUNDS_KEY)
+    if bounds is None or value is None:
+        return
+    for item in value if isinstance(value, (list, tuple)) else (value,):
+        if not bounds.holds(item):
+            raise SlimgraphError(f"{pass_name}: {field.name} must be {bounds.describe()}, got {format_value(item)}")
 
 
 @functools.cache
@@ -64,6 +109,8 @@ def check_type(pass_name: str, option: str, tp: Any, value: Any) -> Any:
     """`value` if it is of type `tp` (a list given for a tuple comes back as a tuple);
     otherwise a `SlimgraphError` that names the option, the type given and the one expected."""
     checked = _checked(tp, value)
+    if checked is _UNCHECKED and _checked(_literal_types(tp), value) is not _UNCHECKED:
+        raise SlimgraphError(f"{pass_name}: {option} must be one of {describe_type(tp)}, got {format_value(value)}")
     if checked is _UNCHECKED:
         given = type(value).__name__
         article = "an" if given[:1] in "aeiou" else "a"
@@ -83,8 +130,8 @@ def _checked(tp: Any, value: Any) -> Any:
         return _UNCHECKED
     if tp is type(None):
         return value if value is None else _UNCHECKED
-    if origin is Literal:  # the type only: the pass says which values it takes (and why)
-        return value if any(type(value) is type(c) for c in get_args(tp)) else _UNCHECKED
+    if origin is Literal:
+        return value if any(type(value) is type(c) and value == c for c in get_args(tp)) else _UNCHECKED
     if origin in (list, tuple):
         if not isinstance(value, (list, tuple)):
             return _UNCHECKED
@@ -104,6 +151,19 @@ def _checked(tp: Any, value: Any) -> Any:
     if tp is str:
         return value if isinstance(value, str) else _UNCHECKED
     return value
+
+
+def _literal_types(tp: Any) -> Any:
+    """`tp` with each Literal replaced by the types of its choices: what a value of the right type
+    but not one of the choices still matches (for the error message)."""
+    origin = get_origin(tp)
+    if origin is Literal:
+        return typing.Union[tuple({type(c) for c in get_args(tp)})]  # noqa: UP007 (built from a tuple)
+    if origin in (typing.Union, types.UnionType):
+        return typing.Union[tuple(_literal_types(a) for a in get_args(tp))]  # noqa: UP007
+    if origin in (list, tuple):
+        return origin[_literal_types(get_args(tp)[0]), ...] if origin is tuple else list[_literal_types(get_args(tp)[0])]
+    return tp
 
 
 def _convert(tp: Any, value: Any) -> Any:

@@ -393,7 +393,7 @@ def load_recipe(path: Path) -> dict[str, Any]:
 
 def pass_help(cls: type[Pass]) -> list[tuple[str, str, str]]:
     """(option, type, default) rows for `slimgraph passes NAME`."""
-    from slimgraph.passes._infra.options import describe_type, format_value
+    from slimgraph.passes._infra.options import BOUNDS_KEY, describe_type, format_value
 
     types = option_types(cls)
     rows = []
@@ -401,5 +401,7 @@ def pass_help(cls: type[Pass]) -> list[tuple[str, str, str]]:
         default = f.default if f.default is not dataclasses.MISSING else (
             f.default_factory() if f.default_factory is not dataclasses.MISSING else "(required)"
         )
-        rows.append((f.name, describe_type(types[f.name]), format_value(default)))
+        bounds = f.metadata.get(BOUNDS_KEY)
+        kind = describe_type(types[f.name]) + (f" {bounds.describe()}" if bounds else "")
+        rows.append((f.name, kind, format_value(default)))
     return rows

@@ -1,7 +1,8 @@
 """The pass registry: name → Pass class, importing a pass's module only when it is asked for.
 
-Built-in passes are listed by module so that `slimgraph passes` and pipeline parsing never
-import more than they need; `@register_pass` adds a class (built-in or the user's own).
+Built-in passes are found in the source of the passes package (`builtin_pass_modules`): a new pass is
+one new file, and `slimgraph passes` and pipeline parsing never import more modules than they need.
+`@register_pass` adds a class (built-in or the user's own).
 
 Passes from other packages (plugins) are found two ways:
 - an entry point in the `slimgraph.passes` group, named after the pass, whose value is the
@@ -12,7 +13,9 @@ Passes from other packages (plugins) are found two ways:
 
 from __future__ import annotations
 
+import ast
 import difflib
+import functools
 import importlib
 import importlib.util
 import sys
@@ -22,29 +25,50 @@ from pathlib import Path
 from slimgraph.errors import SlimgraphError
 from slimgraph.passes._infra.base import Pass
 
-# Pass name → module that defines it. Importing the module runs its @register_pass.
-BUILTIN_PASS_MODULES: dict[str, str] = {
-    "cleanup": "slimgraph.passes.cleanup",
-    "fold-constants": "slimgraph.passes.cleanup",
-    "remove-dead-nodes": "slimgraph.passes.cleanup",
-    "remove-identity": "slimgraph.passes.cleanup",
-    "cse": "slimgraph.passes.cleanup",
-    "fuse-ort": "slimgraph.passes.fuse_ort",
-    "remove-unused-initializers": "slimgraph.passes.cleanup",
-    "quantize-weights": "slimgraph.passes.quantize.weights",
-    "quantize-dynamic": "slimgraph.passes.quantize.dynamic",
-    "quantize-static": "slimgraph.passes.quantize.static",
-    "ternarize": "slimgraph.passes.quantize.ternary",
-    "mixed-precision": "slimgraph.passes.quantize.mixed",
-    "prune-width": "slimgraph.passes.prune.width",
-    "prune-depth": "slimgraph.passes.prune.depth",
-    "low-rank": "slimgraph.passes.low_rank",
-    "trim-vocab": "slimgraph.passes.trim_vocab",
-    "dct-tokens": "slimgraph.passes.dct_tokens",
-    "merge-lora": "slimgraph.passes.adapters.merge",
-    "merge-shira": "slimgraph.passes.adapters.merge",
-    "moe-convert": "slimgraph.passes.moe.convert",
-}
+PASSES_DIR = Path(__file__).resolve().parents[1]  # slimgraph/passes
+
+
+def builtin_pass_modules(root: Path = PASSES_DIR, package: str = "slimgraph.passes") -> dict[str, str]:
+    """Pass name → the module under `root` that defines it, read from the source without importing it.
+
+    A built-in pass registers itself by being in the passes package: a class decorated with
+    `@register_pass` whose `name` is a string literal. Reading the source (not importing every module)
+    keeps `slimgraph passes` and pipeline parsing fast.
+    """
+    found: dict[str, str] = {}
+    for path in sorted(root.rglob("*.py")):
+        text = path.read_text()
+        if "@register_pass" not in text or "_infra" in path.relative_to(root).parts:
+            continue
+        module = ".".join([package, *path.relative_to(root).with_suffix("").parts])
+        for name in _registered_names(ast.parse(text)):
+            if name in found:
+                raise ValueError(f"pass name {name!r} is defined in both {found[name]} and {module}")
+            found[name] = module
+    return found
+
+
+def _registered_names(tree: ast.Module) -> list[str]:
+    names = []
+    for node in ast.walk(tree):
+        if isinstance(node, ast.ClassDef) and any(_is_register(d) for d in node.decorator_list):
+            for stmt in node.body:
+                target = stmt.target if isinstance(stmt, ast.AnnAssign) else (
+                    stmt.targets[0] if isinstance(stmt, ast.Assign) and len(stmt.targets) == 1 else None)
+                if isinstance(target, ast.Name) and target.id == "name" and isinstance(stmt.value, ast.Constant):
+                    names.append(stmt.value.value)
+    return names
+
+
+def _is_register(decorator: ast.expr) -> bool:
+    return (isinstance(decorator, ast.Name) and decorator.id == "register_pass") or (
+        isinstance(decorator, ast.Attribute) and decorator.attr == "register_pass")
+
+
+@functools.cache
+def _builtin() -> dict[str, str]:
+    return builtin_pass_modules()
+
 
 _REGISTRY: dict[str, type[Pass]] = {}
 
@@ -87,12 +111,12 @@ def load_plugin(module: str) -> None:
 
 
 def known_pass_names() -> list[str]:
-    return sorted(set(BUILTIN_PASS_MODULES) | set(_REGISTRY) | set(_plugin_entry_points()))
+    return sorted(set(_builtin()) | set(_REGISTRY) | set(_plugin_entry_points()))
 
 
 def get_pass_class(name: str) -> type[Pass]:
-    if name not in _REGISTRY and name in BUILTIN_PASS_MODULES:
-        importlib.import_module(BUILTIN_PASS_MODULES[name])
+    if name not in _REGISTRY and name in _builtin():
+        importlib.import_module(_builtin()[name])
     if name not in _REGISTRY:
         entry = _plugin_entry_points().get(name)
         if entry is not None:

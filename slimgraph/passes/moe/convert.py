@@ -36,6 +36,7 @@ from slimgraph.ir.parts import FFN
 from slimgraph.ir.structure import Structures, discover
 from slimgraph.measure.stats import human_count
 from slimgraph.passes._infra.base import Pass, PassContext, PassResult
+from slimgraph.passes._infra.options import option
 from slimgraph.passes._infra.registry import register_pass
 from slimgraph.passes.activations import capture_chunks, value_rows
 from slimgraph.passes.moe import clustering
@@ -54,9 +55,9 @@ class MoEConvert(Pass):
     name: ClassVar[str] = "moe-convert"
     exact: ClassVar[bool] = False
     min_opset: ClassVar[int | None] = 16  # ScatterND with reduction, for decomposed experts
-    experts: int = 8
-    top_k: int = 2
-    shared: float = 0.125
+    experts: int = option(8, low=2)
+    top_k: int = option(2, low=1)
+    shared: float = option(0.125, low=0, high=1, high_open=True)
     # k-means measured better than co-activation clusters on MiniLM at every top-k and on SmolLM2 at
     # top-1/2 (benchmarks/moe.py); co-activation is kept as the issue's second method
     method: Literal["kmeans", "coactivation", "random"] = "kmeans"
@@ -67,12 +68,8 @@ class MoEConvert(Pass):
     compensate: Literal["mean", "none"] = "mean"
 
     def __post_init__(self) -> None:
-        if self.experts < 2:
-            raise SlimgraphError(f"{self.name}: experts must be at least 2, got {self.experts}")
-        if not 1 <= self.top_k <= self.experts:
+        if self.top_k > self.experts:
             raise SlimgraphError(f"{self.name}: top_k must be between 1 and experts={self.experts}, got {self.top_k}")
-        if not 0 <= self.shared < 1:
-            raise SlimgraphError(f"{self.name}: shared must be in [0, 1), got {self.shared}")
         if self.layers != "all" and (not self.layers or min(self.layers) < 0 or len(set(self.layers)) != len(self.layers)):
             raise SlimgraphError(f"{self.name}: layers must be 'all' or distinct FFN indices from 0, got {list(self.layers)}")
 
@@ -95,7 +92,8 @@ class MoEConvert(Pass):
             raise SlimgraphError(f"{self.name}: layers={missing[0]} does not exist (FFNs 0..{len(dense) - 1})")
         return [dense[i] for i in sorted(self.layers)]
 
-    def check(self, model: ir.Model) -> None:
+    def check(self, model: ir.Model) -> tuple[Structures, list[FFN]]:
+        """What `run` converts: the model's structures and the FFNs chosen among them."""
         super().check(model)
         found = discover(model)
         ffns = self.chosen(found)
@@ -116,12 +114,11 @@ class MoEConvert(Pass):
             if dtype not in (None, ir.DataType.FLOAT):
                 raise SlimgraphError(f"{self.name}: {ffn.name} computes in {dtype.name.lower()}; only float32 is supported")
             find_activation(model, ffn)
+        return found, ffns
 
     def run(self, model: ir.Model, ctx: PassContext) -> PassResult:
         upgrade_opset(model, self.min_opset)  # the pipeline did already; a direct call may not have
-        self.check(model)
-        found = discover(model)
-        ffns = self.chosen(found)
+        found, ffns = self.check(model)
         activations = {ffn.name: find_activation(model, ffn) for ffn in ffns}
         kinds = {ffn.name: kind(model, activations[ffn.name]) for ffn in ffns}
         rows = calibration_rows(model, ffns, ctx)

@@ -31,6 +31,7 @@ from slimgraph.ir.structure import Structures, discover
 from slimgraph.measure.evaluate import initializer_bytes
 from slimgraph.measure.stats import human_bytes
 from slimgraph.passes._infra.base import Pass, PassContext, PassResult
+from slimgraph.passes._infra.options import option
 from slimgraph.passes._infra.registry import register_pass
 from slimgraph.passes.prune.compensate import compensate
 from slimgraph.passes.prune.importance import channel_scores, consumer_moments
@@ -50,24 +51,19 @@ class PruneWidth(Pass):
     name: ClassVar[str] = "prune-width"
     exact: ClassVar[bool] = False
     target: Literal["ffn", "heads", "kv-heads", "channels", "all"] = "ffn"
-    ratio: float = 0.25
+    ratio: float = option(0.25, low=0, high=1, high_open=True)
     importance: Literal["magnitude", "wanda", "activation"] = "wanda"
     scope: Literal["uniform", "global"] = "uniform"
-    round_to: int = 8
+    round_to: int = option(8, low=1)
     keep: tuple[str, ...] = ()
     compensate: Literal["refit", "bias", "none"] = "refit"
-
-    def __post_init__(self) -> None:
-        if not 0 <= self.ratio < 1:
-            raise SlimgraphError(f"{self.name}: ratio must be in [0, 1), got {self.ratio}")
-        if self.round_to < 1:
-            raise SlimgraphError(f"{self.name}: round_to must be at least 1, got {self.round_to}")
 
     def groups(self, found: Structures) -> list[Group]:
         kinds = TARGET_KINDS[self.target]
         return [g for g in found.groups if g.kind in kinds and not any(fnmatch.fnmatchcase(g.name, p) for p in self.keep)]
 
-    def check(self, model: ir.Model) -> None:
+    def check(self, model: ir.Model) -> list[Group]:
+        """The groups `run` prunes."""
         super().check(model)
         found = discover(model)
         if not self.groups(found):
@@ -79,10 +75,10 @@ class PruneWidth(Pass):
             if not any(fnmatch.fnmatchcase(g.name, pattern) for g in found.groups):
                 raise SlimgraphError(f"{self.name}: keep={pattern} matches no layer "
                                      f"(e.g. '{found.groups[0].name}')")
+        return self.groups(found)
 
     def run(self, model: ir.Model, ctx: PassContext) -> PassResult:
-        self.check(model)
-        groups = self.groups(discover(model))
+        groups = self.check(model)
         calibrated = self.importance != "magnitude" or self.compensate != "none"
         activations = consumer_moments(model, groups, ctx, gram=self.compensate == "refit") if calibrated else None
         scores = {g: channel_scores(g, self.importance, activations)

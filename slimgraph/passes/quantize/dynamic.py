@@ -117,6 +117,10 @@ class QuantizeDynamic(Pass):
     exclude: tuple[str, ...] = ()
     weights: Literal["auto", "s8", "s8-reduced", "u8"] = "auto"
 
+    def layer_sizes(self, model: ir.Model) -> dict[str, int]:
+        """The layers this pass rewrites, by the name `exclude` matches, and their weights' sizes."""
+        return {lin.name: lin.in_features * lin.out_features for lin in quantizable_linears(model, ())[0]}
+
     def run(self, model: ir.Model, ctx: PassContext) -> PassResult:
         target = ctx.target or detect()
         fmt = weight_format(self.weights, target)

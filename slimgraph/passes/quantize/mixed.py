@@ -26,6 +26,7 @@ from slimgraph.measure import evaluate
 from slimgraph.measure.fidelity import compare
 from slimgraph.measure.stats import human_bytes
 from slimgraph.passes._infra.base import Pass, PassContext, PassResult
+from slimgraph.passes._infra.options import option
 from slimgraph.passes._infra.registry import register_pass
 from slimgraph.passes.activations import linear_inputs
 from slimgraph.passes.quantize.algorithms import gram, output_error
@@ -35,7 +36,7 @@ from slimgraph.passes.quantize.rewrite import (
     nothing_to_quantize,
     quantizable_linears,
 )
-from slimgraph.passes.quantize.weights import validate_group_size
+from slimgraph.passes.quantize.weights import GroupSize
 
 FLOAT = 32
 
@@ -100,22 +101,16 @@ class MixedPrecision(Pass):
 
     name: ClassVar[str] = "mixed-precision"
     exact: ClassVar[bool] = False
-    budget_mb: float
-    candidates: tuple[int, ...] = (8, 4, 2)
-    group_size: int = 32
+    budget_mb: float = option(low=0, low_open=True)
+    candidates: tuple[Literal[2, 4, 8, 32], ...] = (8, 4, 2)  # bits; 32: keep float
+    group_size: GroupSize = 32
     measure: Literal["output", "layer"] = "output"
     exclude: tuple[str, ...] = ()
     accuracy_level: Literal[0, 4] = 4  # 4: onnxruntime's fast int8 kernels (level 0 is slow for 8 and 2 bits)
 
     def __post_init__(self) -> None:
-        if self.budget_mb <= 0:
-            raise SlimgraphError(f"{self.name}: budget_mb must be positive, got {self.budget_mb}")
-        if not self.candidates or any(b not in (2, 4, 8, FLOAT) for b in self.candidates):
-            raise SlimgraphError(f"{self.name}: candidates must be chosen from 2, 4, 8 and 32 (keep float), "
-                                 f"got {list(self.candidates)}")
-        validate_group_size(self.name, self.group_size)
-        if self.measure not in ("output", "layer"):
-            raise SlimgraphError(f"{self.name}: measure must be output or layer, got {self.measure!r}")
+        if not self.candidates:
+            raise SlimgraphError(f"{self.name}: candidates must name at least one of 2, 4, 8 and 32 (keep float)")
 
     def check(self, model: ir.Model) -> None:
         """Refuse a budget below the smallest size the candidates can reach, before measuring."""

@@ -42,6 +42,7 @@ from slimgraph.ir.graph import constant_tensor, ensure_shapes, filled_constant, 
 from slimgraph.measure import evaluate
 from slimgraph.measure.target import detect
 from slimgraph.passes._infra.base import Pass, PassContext, PassResult
+from slimgraph.passes._infra.options import option
 from slimgraph.passes._infra.registry import register_pass
 from slimgraph.passes.quantize.dynamic import WEIGHT_FORMATS, quantize_int8_symmetric, stored_codes, weight_format
 from slimgraph.passes.quantize.ranges import activation_ranges, uint8_params
@@ -111,15 +112,13 @@ class QuantizeStatic(Pass):
     min_opset: ClassVar[int | None] = 13  # QuantizeLinear/DequantizeLinear with a per-channel axis
     reads_target: ClassVar[bool] = True  # the int8 weight format (weights=auto)
     method: Literal["minmax", "percentile", "mse", "entropy"] = "minmax"
-    percentile: float = 99.999
+    percentile: float = option(99.999, low=90, high=100, high_open=True)
     per_channel: bool = True
     weights: Literal["auto", "s8", "s8-reduced", "u8"] = "auto"
     ops: tuple[str, ...] = ()  # the op types to quantize; empty: every op in RULES
     exclude: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
-        if not 90.0 <= self.percentile < 100.0:
-            raise SlimgraphError(f"{self.name}: percentile must be in [90, 100), got {self.percentile}")
         unknown = [op for op in self.ops if op not in RULES]
         if unknown:
             raise SlimgraphError(f"{self.name}: ops={unknown[0]} is not an op it quantizes "
@@ -132,6 +131,12 @@ class QuantizeStatic(Pass):
             example = f"'{names[0]}'" if names else "none in this model"
             raise SlimgraphError(f"{self.name}: exclude={unmatched[0]} matches no node it would quantize "
                                  f"(globs match node names, module paths and output names, e.g. {example})")
+
+    def layer_sizes(self, model: ir.Model) -> dict[str, int]:
+        """The layers with a constant weight this pass rewrites, by node name (what `exclude` matches),
+        and their weights' sizes."""
+        return {node.name: tensor.size for node in model.graph if node.op_type in COMPUTE_OPS and node.name
+                and len(node.inputs) > 1 and (tensor := constant_tensor(node.inputs[1])) is not None}
 
     def run(self, model: ir.Model, ctx: PassContext) -> PassResult:
         ensure_shapes(model)

@@ -31,7 +31,7 @@ from slimgraph.passes.quantize.rewrite import (
     nothing_to_quantize,
     quantizable_linears,
 )
-from slimgraph.passes.quantize.weights import validate_group_size
+from slimgraph.passes.quantize.weights import GroupSize
 
 QAT_NOTE = "post-training ternarization of a method that needs quantization-aware training: expect a large loss"
 
@@ -64,11 +64,8 @@ class Ternarize(Pass):
     name: ClassVar[str] = "ternarize"
     exact: ClassVar[bool] = False
     method: Literal["absmean", "tequila"] = "tequila"
-    group_size: int = 128
+    group_size: GroupSize = 128
     exclude: tuple[str, ...] = ()
-
-    def __post_init__(self) -> None:
-        validate_group_size(self.name, self.group_size)
 
     def run(self, model: ir.Model, ctx: PassContext) -> PassResult:
         linears, skipped = quantizable_linears(model, self.exclude)

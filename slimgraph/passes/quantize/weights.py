@@ -21,7 +21,7 @@ import onnx_ir as ir
 
 from slimgraph.errors import SlimgraphError
 from slimgraph.ir.edit import replace_linear, weight_matrix
-from slimgraph.ir.nbits import SUPPORTED_BITS, BlockQuantized, quantize_rtn
+from slimgraph.ir.nbits import BlockQuantized, quantize_rtn
 from slimgraph.measure.evaluate import initializer_bytes
 from slimgraph.measure.stats import human_bytes
 from slimgraph.passes._infra.base import Pass, PassContext, PassResult
@@ -41,21 +41,7 @@ from slimgraph.passes.quantize.rewrite import (
     tied_table,
 )
 
-GROUP_SIZES = (16, 32, 64, 128, 256)
-
-
-def validate_group_size(pass_name: str, group_size: int) -> None:
-    if group_size not in GROUP_SIZES:
-        raise SlimgraphError(
-            f"{pass_name}: group_size must be a power of two from 16 to 256 "
-            f"({', '.join(map(str, GROUP_SIZES))}), got {group_size}"
-        )
-
-
-def validate_bits_and_group(pass_name: str, bits: int, group_size: int) -> None:
-    if bits not in SUPPORTED_BITS:
-        raise SlimgraphError(f"{pass_name}: bits must be 2, 4 or 8 (MatMulNBits), got {bits}")
-    validate_group_size(pass_name, group_size)
+GroupSize = Literal[16, 32, 64, 128, 256]  # MatMulNBits block sizes: powers of two from 16
 
 
 @register_pass
@@ -66,7 +52,7 @@ class QuantizeWeights(Pass):
     name: ClassVar[str] = "quantize-weights"
     exact: ClassVar[bool] = False
     bits: Literal[2, 4, 8] = 4
-    group_size: int = 32
+    group_size: GroupSize = 32
     symmetric: bool = False
     method: Literal["rtn", "awq", "gptq"] = "rtn"
     exclude: tuple[str, ...] = ()
@@ -74,11 +60,6 @@ class QuantizeWeights(Pass):
     accuracy_level: Literal[0, 4] = 0
 
     def __post_init__(self) -> None:
-        validate_bits_and_group(self.name, self.bits, self.group_size)
-        if self.method not in ("rtn", "awq", "gptq"):
-            raise SlimgraphError(f"{self.name}: method must be rtn, awq or gptq, got {self.method!r}")
-        if self.accuracy_level not in (0, 4):
-            raise SlimgraphError(f"{self.name}: accuracy_level must be 0 or 4, got {self.accuracy_level}")
         if self.embeddings and self.bits == 2:
             raise SlimgraphError(f"{self.name}: embeddings can be quantized to 4 or 8 bits, not 2")
 
