@@ -13,7 +13,7 @@ from slimgraph.passes import PassContext, Pipeline
 from tests.conftest import copy_model
 
 # greedy next-token agreement on 16 held-out pydoc paragraphs after calibrating on 48 others (measured
-# 98.3%; 99.1% after 256 in benchmarks/vocab.py)
+# 98.3%; 99.1% after 256 in benchmarks/trim_vocab.py)
 AGREEMENT_FLOOR = 0.975
 
 
