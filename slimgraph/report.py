@@ -568,7 +568,8 @@ class TerminalProgress:
 
             self._progress = Progress(
                 SpinnerColumn(),
-                TextColumn("{task.description}", table_column=Column(ratio=1, no_wrap=True, overflow="ellipsis")),
+                TextColumn("{task.description}", markup=False,  # paths and options the user typed: `[/abs/path]`
+                           table_column=Column(ratio=1, no_wrap=True, overflow="ellipsis")),
                 BarColumn(bar_width=20),
                 TextColumn("{task.fields[count]}", table_column=Column(no_wrap=True, min_width=7)),
                 TimeElapsedColumn(),

@@ -9,6 +9,7 @@ writers (safetensors) stage through `mkstemp`, whose files are private (0600).
 from __future__ import annotations
 
 import os
+import tempfile
 from pathlib import Path
 
 from slimgraph.errors import SlimgraphError
@@ -29,6 +30,10 @@ def check_writable(path: Path, *, folder: bool) -> None:
         raise SlimgraphError(f"cannot write {path}: {ancestor} is a file, not a folder")
     if not os.access(ancestor, os.W_OK | os.X_OK):
         raise SlimgraphError(f"cannot write {path}: no permission to write in {ancestor}")
+    try:  # permissions are not the whole story (/proc, a read-only mount, a full quota): try it
+        tempfile.TemporaryDirectory(prefix=".slimgraph-probe-", dir=ancestor).cleanup()
+    except OSError as exc:
+        raise SlimgraphError(f"cannot write {path}: {ancestor} takes no new files ({exc.strerror or exc})") from None
     if folder and path.is_dir() and not os.access(path, os.W_OK | os.X_OK):
         raise SlimgraphError(f"cannot write {path}: no permission to write in it")
 

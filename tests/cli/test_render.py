@@ -166,6 +166,18 @@ def test_progress_draws_stages_passes_and_layers(mlp_model):
         assert expected in drawn, expected
 
 
+def test_progress_shows_what_the_user_typed_as_text_not_markup():
+    """`merge-lora{adapter=/abs/path/lora}` once crashed the bar (rich read `[/abs/path/lora]` as a closing tag)."""
+    console = Console(file=io.StringIO(), force_terminal=True, width=120, color_system=None)
+    typed = "merge-lora{adapter=[/abs/path/lora]}"
+    with TerminalProgress(enabled=True, console=console) as progress:
+        with progress.stage(f"pass {typed}"):
+            pass
+        progress.step("[bold]layers[/bold]", 1, 2)
+    drawn = console.file.getvalue()
+    assert typed in drawn and "[bold]layers[/bold]" in drawn
+
+
 def test_disabled_progress_draws_nothing(mlp_model):
     console = Console(file=io.StringIO(), force_terminal=True, width=100)
     with TerminalProgress(enabled=False, console=console) as progress:
