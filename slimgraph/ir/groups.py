@@ -155,7 +155,9 @@ def remove_channels(model: ir.Model, removals: Mapping[Group, Sequence[int]]) ->
         edit.clear_shapes(group.activations)
     rewrite_elements(model, elements, lambda array: edit.add_initializer(model, "shape", array))
     for value, shape in shapes.items():
-        if shape is not None and value.shape is None:
+        if value.is_graph_output():  # a graph output keeps its declared shape through clear_shapes
+            value.shape = shape
+        elif shape is not None and value.shape is None:
             value.shape = shape
     edit.remove_dead(model)
     edit.refresh_shapes(model)

@@ -65,6 +65,12 @@ class Fidelity:
     def drop(self) -> float:
         return max(0.0, 1.0 - self.cosine)
 
+    @property
+    def unchanged(self) -> bool:
+        """Every output equals the original's, value for value: none differs, none was compared
+        through a view (fewer columns or tokens), and every argmax agrees."""
+        return self.max_rel_error == 0 and all(o.view is None and o.top1 in (None, 1.0) for o in self.outputs)
+
     def worst_output(self) -> OutputFidelity:
         """The output with the largest relative error (what an exact pass is held to)."""
         return max(self.outputs, key=lambda o: o.max_rel_error)
@@ -214,7 +220,7 @@ def _compare_columns(name: str, pairs: list[tuple[np.ndarray, np.ndarray]], colu
     new = np.concatenate([p[1].reshape(-1, p[1].shape[-1]) for p in pairs])
     result = compare_output(name, ref[:, columns], new)
     agreement = float(np.mean(ref.argmax(-1) == columns[new.argmax(-1)]))
-    return dataclasses.replace(result, top1=agreement)
+    return dataclasses.replace(result, top1=agreement, view=f"at the {len(columns):,} kept of {ref.shape[-1]:,} columns")
 
 
 def mean_pooled(hidden: np.ndarray, mask: np.ndarray) -> np.ndarray:

@@ -100,6 +100,7 @@ class TrimVocab(Pass):
         if len(kept) == vocab:
             raise SlimgraphError(f"{self.name}: every token is kept (coverage={self.coverage}); nothing to trim")
         removed = np.setdiff1d(np.arange(vocab), kept)
+        before = evaluate.initializer_bytes(model)  # (before untying the head: the file's weights)
         tables = []
         if self.embeddings == "keep":
             edit.untie(model, head)
@@ -110,7 +111,6 @@ class TrimVocab(Pass):
         group = vocab_group(model, head, list(dict.fromkeys(tables)))
         if isinstance(group, str):
             raise SlimgraphError(f"{self.name}: {group}")
-        before = evaluate.initializer_bytes(model)
         logits = [v for v in group.activations if v.is_graph_output()]
         remove_channels(model, {group: removed})
         ids = edit.add_initializer(model, "vocab.token_ids", kept.astype(np.int64))

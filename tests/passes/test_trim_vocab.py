@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import numpy as np
+import onnx
 import pytest
 
+import slimgraph
 from slimgraph.errors import SlimgraphError
 from slimgraph.frontend.calibration import tokenize_lines
 from slimgraph.measure import evaluate
 from slimgraph.measure.inputs import sample_inputs
+from slimgraph.measure.stats import human_bytes
 from slimgraph.passes import PassContext, Pipeline
 from tests.conftest import copy_model
 
@@ -41,6 +44,19 @@ def test_kept_logits_are_the_full_models_bit_for_bit(gpt2_ir):
     assert len(ids) in (120, 121) and ids[0] == 0 and np.all(np.diff(ids) > 0)
     np.testing.assert_array_equal(got["logits"], full["logits"][..., ids])
     assert record.fidelity.cosine > 0.999999  # what Verify compared: the logits at the kept ids
+
+
+def test_the_trimmed_model_declares_what_it_returns_and_reads_as_changed(gpt2_ir, tmp_path):
+    model = copy_model(gpt2_ir)
+    report = Pipeline.parse("trim-vocab{keep=120,keep_ids=[0]}").run(model, calibration(gpt2_ir, 1000))
+    kept = len(evaluate.run(model, sample_inputs(gpt2_ir, batch=1, sequence=4))["token_ids"])
+    logits = next(v for v in model.graph.outputs if v.name == "logits")
+    assert logits.shape[-1] == kept  # not the original vocabulary of 1000
+    onnx.shape_inference.infer_shapes(onnx.load(slimgraph.save(model, tmp_path / "t.onnx")), strict_mode=True)
+    assert not report.fidelity.unchanged and "no output changed" not in repr(report)
+    assert "kept of 1,000 columns" in report.records[0].fidelity.worst_output().view
+    before, after = report.records[0].stats["weights"].split(" → ")
+    assert before == human_bytes(report.before.bytes)  # the file's weights, not those after untying the head
 
 
 def test_trimmed_embeddings_remap_incoming_ids(llama_ir):

@@ -382,8 +382,9 @@ class PipelineReport:
     def __repr__(self) -> str:
         fidelity = self.fidelity
         verdict = ("not verified" if not self.verified else
-                   "no output changed" if fidelity is None or fidelity.max_rel_error == 0 else
-                   f"cosine {fidelity.cosine:.5f} vs the original")
+                   "no output changed" if fidelity is None or fidelity.unchanged else
+                   f"cosine {fidelity.cosine:.5f}" + (f", top-1 {fidelity.top1:.1%}" if fidelity.top1 is not None else "")
+                   + " vs the original")
         return (f"<PipelineReport {self.pipeline}: {len(self.records)} passes, "
                 f"{human_bytes(self.before.bytes)} → {human_bytes(self.after.bytes)}, "
                 f"{self.before.nodes} → {self.after.nodes} nodes, {verdict}>")
