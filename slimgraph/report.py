@@ -330,8 +330,12 @@ def _segments(module: str) -> list[str]:
 _KIND_STYLE = {"added": "green", "removed": "red", "replaced": "yellow", "changed": "cyan"}
 
 
+MAX_TREE_LINES = 40  # about a screenful; --json has every change
+
+
 def render_change_tree(changes, depth: int, title: str, width: int | None = None):
-    """Changes grouped under the first `depth` segments of their module path."""
+    """Changes grouped under the first `depth` segments of their module path, at most `MAX_TREE_LINES`
+    lines, then how many more there are."""
     from rich.tree import Tree
 
     tree = Tree(Text(title, style="bold"))
@@ -340,7 +344,13 @@ def render_change_tree(changes, depth: int, title: str, width: int | None = None
         segments = _segments(change.module)
         head, rest = ".".join(segments[:depth]), ".".join(segments[depth:])
         groups.setdefault(head, []).append((rest, change))
-    for head, members in groups.items():
+    lines = 0
+    for number, (head, members) in enumerate(groups.items()):
+        if lines + 1 + len(members) > MAX_TREE_LINES and lines:
+            left = sum(len(m) for m in list(groups.values())[number:])
+            tree.add(Text(f"{left} more change{'s' if left > 1 else ''} (--json for all)", style="dim"))
+            break
+        lines += 1 + len(members)
         branch = tree.add(Text(shorten_left(head, width - 8) if width else head or "(root)", style="bold"))
         for rest, change in members:
             line = Text()

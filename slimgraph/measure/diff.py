@@ -570,7 +570,8 @@ def diff_models(a: ir.Model, b: ir.Model, *, weights: bool = False, a_name: str 
 
 # --- folding repeated changes -------------------------------------------------------------
 
-_INDEX = re.compile(r"(?<=\.)\d+(?=\.|$)")
+# A block index (`layer.3.x`) or an exporter's numbering (`/Constant_17`, `conv2d_4/BiasAdd`).
+_INDEX = re.compile(r"(?<=[._/])\d+(?=[._/]|$)")
 
 
 def _ranges(values: list[int]) -> str:
@@ -581,7 +582,8 @@ def _ranges(values: list[int]) -> str:
 
 
 def fold(changes: list[Change]) -> list[Change]:
-    """Fold changes that differ only in block indices: `layer.0.x`…`layer.5.x` → `layer.0–5.x` ×6."""
+    """Fold changes that differ only in numbers: `layer.0.x`…`layer.5.x` → `layer.0–5.x` ×6,
+    `/Constant_1`…`/Constant_19` → `/Constant_1–19` ×19."""
     groups: dict[tuple, list[tuple[list[int], Change]]] = {}
     for change in changes:
         indices = [int(m) for m in _INDEX.findall(change.module)]

@@ -178,6 +178,16 @@ def test_progress_shows_what_the_user_typed_as_text_not_markup():
     assert typed in drawn and "[bold]layers[/bold]" in drawn
 
 
+def test_a_change_tree_stops_at_a_screenful():
+    from slimgraph.measure.diff import Change
+    from slimgraph.report import MAX_TREE_LINES, render_change_tree
+
+    changes = [Change(f"block{i}.x", "removed", before="Relu") for i in range(100)]
+    text = render_text(render_change_tree(changes, 1, "changes", 80), width=80)
+    assert len(text.splitlines()) <= MAX_TREE_LINES + 2
+    assert text.rstrip().endswith(f"{100 - MAX_TREE_LINES // 2} more changes (--json for all)")
+
+
 def test_disabled_progress_draws_nothing(mlp_model):
     console = Console(file=io.StringIO(), force_terminal=True, width=100)
     with TerminalProgress(enabled=False, console=console) as progress:

@@ -124,6 +124,14 @@ def test_changed_attributes_and_io():
     assert result.outputs == ["output y: float[2×3] → float[2×4]"]
 
 
+def test_exporter_numbering_folds_like_block_indices():
+    changes = [Change(f"/Constant_{i}", "removed", before="Constant") for i in range(1, 20)]
+    changes.append(Change("/lstm/cell_3/Constant", "removed", before="Constant"))
+    changes.append(Change("/lstm/cell_4/Constant", "removed", before="Constant"))
+    assert fold(changes) == [Change("/Constant_1–19", "removed", before="Constant", count=19),
+                             Change("/lstm/cell_3–4/Constant", "removed", before="Constant", count=2)]
+
+
 def test_fold_keeps_distinct_changes_apart():
     changes = [
         Change("layers.0.mlp", "removed", before="Relu"),
