@@ -116,6 +116,9 @@ def build_parser() -> argparse.ArgumentParser:
     passes.add_argument("name", nargs="?")
     _plugin(passes)
     _common(passes)
+    cache = sub.add_parser("cache", help="show what slimgraph's cache holds (exports, downloads), or clear it")
+    cache.add_argument("action", nargs="?", choices=["info", "clear"], default="info")
+    _common(cache)
     parser.commands = dict(sub.choices)  # type: ignore[attr-defined]
     return parser
 
@@ -401,8 +404,33 @@ def cmd_passes(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_cache(args: argparse.Namespace) -> int:
+    from slimgraph.frontend import cache
+    from slimgraph.measure.stats import human_bytes
+
+    if args.action == "clear":
+        freed = cache.clear()
+        if args.json:
+            _print_json({"cleared": str(cache.cache_root()), "bytes_freed": freed})
+        else:
+            print(f"cleared {cache.cache_root()}: {human_bytes(freed)} freed")
+        return 0
+    held = cache.usage()
+    if args.json:
+        _print_json({"root": str(cache.cache_root()), "enabled": cache.enabled(),
+                     "folders": {name: {"entries": n, "bytes": size} for name, (n, size) in held.items()}})
+        return 0
+    total = sum(size for _, size in held.values())
+    state = "" if cache.enabled() else " (off: SLIMGRAPH_NO_CACHE)"
+    print(f"{cache.cache_root()}{state}: {human_bytes(total)}")
+    for name, (entries, size) in held.items():
+        print(f"  {name}: {entries} entr{'y' if entries == 1 else 'ies'}, {human_bytes(size)}")
+    print("`slimgraph cache clear` removes it all; exports are made again when next needed")
+    return 0
+
+
 COMMANDS = {"optimize": cmd_optimize, "inspect": cmd_inspect, "diff": cmd_diff, "bench": cmd_bench,
-            "passes": cmd_passes}
+            "passes": cmd_passes, "cache": cmd_cache}
 
 
 # --- helpers ------------------------------------------------------------------------------

@@ -63,6 +63,31 @@ def cache_root() -> Path:
     return Path(os.environ.get("SLIMGRAPH_CACHE") or Path.home() / ".cache" / "slimgraph")
 
 
+def usage() -> dict[str, tuple[int, int]]:
+    """What the cache holds: folder (exports, wheels, …) → (entries, bytes)."""
+    root = cache_root()
+    if not root.is_dir():
+        return {}
+    found = {}
+    for folder in sorted(p for p in root.iterdir() if p.is_dir()):
+        files = [f for f in folder.rglob("*") if f.is_file() and not f.is_symlink()]
+        found[folder.name] = (sum(1 for _ in folder.iterdir()), sum(f.stat().st_size for f in files))
+    return found
+
+
+def clear() -> int:
+    """Remove everything in the cache; returns the bytes freed."""
+    freed = sum(size for _, size in usage().values())
+    root = cache_root()
+    if root.is_dir():
+        for entry in root.iterdir():
+            if entry.is_dir() and not entry.is_symlink():
+                shutil.rmtree(entry)
+            else:
+                entry.unlink()
+    return freed
+
+
 def enabled() -> bool:
     return os.environ.get("SLIMGRAPH_NO_CACHE", "").strip() not in {"1", "true", "yes"}
 

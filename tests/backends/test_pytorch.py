@@ -193,3 +193,8 @@ def test_language_models_train(request, which):
                                       torch.from_numpy(feeds["input_ids"]).reshape(-1)).backward()
     parameters = dict(module.named_parameters())
     assert parameters and [n for n, p in parameters.items() if p.grad is None] == []
+
+
+def test_the_artifact_says_what_it_is(mlp_model):
+    text = repr(slimgraph.compile(mlp_model, backend="pytorch"))
+    assert text.startswith("<PyTorchArtifact (x) → (y): ") and "M parameters>" in text

@@ -269,3 +269,15 @@ def test_recipe_with_calibration_file(tmp_path, minilm_path, capsys):
     recipe.write_text("pipeline: [cleanup]\ncalib: calib.txt\n")
     assert main(["optimize", str(minilm_path), "--recipe", str(recipe), "-o", str(tmp_path / "m.onnx"), "--json"]) == 0
     assert json.loads(capsys.readouterr().out)["inputs"] == "calib.txt: 2 samples"
+
+
+def test_cache_shows_what_it_holds_and_clears(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("SLIMGRAPH_CACHE", str(tmp_path / "cache"))
+    (tmp_path / "cache" / "exports" / "abc").mkdir(parents=True)
+    (tmp_path / "cache" / "exports" / "abc" / "model.onnx").write_bytes(b"x" * 3000)
+    assert main(["cache", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["folders"] == {"exports": {"entries": 1, "bytes": 3000}}
+    assert main(["cache", "clear"]) == 0
+    assert "3.0 KB freed" in capsys.readouterr().out
+    assert main(["cache"]) == 0
+    assert capsys.readouterr().out.startswith(f"{tmp_path / 'cache'}: 0 B")

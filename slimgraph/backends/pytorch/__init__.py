@@ -52,6 +52,12 @@ class PyTorchArtifact(AdapterSwitching):
         """Run on positional inputs (graph order) and/or named inputs; returns name → numpy array."""
         return run_module(self.module, self.input_names, self.output_names, args, kwargs)
 
+    def __repr__(self) -> str:
+        parameters = sum(p.numel() for p in self.module.parameters())
+        adapter = f", adapter {self.active_adapter!r}" if self.active_adapter else ""
+        return (f"<PyTorchArtifact ({', '.join(self.input_names)}) → ({', '.join(self.output_names)}): "
+                f"{self.style} {type(self.module).__name__}, {parameters / 1e6:.1f}M parameters{adapter}>")
+
     def _dynamic_shapes(self) -> tuple:
         """torch.export.Dim.AUTO for every axis that is symbolic in the ONNX graph."""
         import torch
