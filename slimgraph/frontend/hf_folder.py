@@ -39,6 +39,10 @@ TEXT_INPUTS = ("input_ids", "attention_mask", "token_type_ids")
 def load_folder(path: Path, *, example_inputs: Any = None, dynamic_shapes: Any = None,
                 kv_cache: bool = False) -> ir.Model:
     config_path = path / "config.json"
+    if not config_path.is_file() and (path / "model.py").is_file():
+        raise SlimgraphError(f"{path} is a PyTorch-backend folder (model.py + model.safetensors), which slimgraph "
+                             "writes but does not read: give it the model it was made from, or a .pt2 "
+                             "(optimize --backend pytorch -o model.pt2)")
     if not config_path.is_file():
         raise SlimgraphError(f"{path} is not a Hugging Face model folder: no config.json")
     try:

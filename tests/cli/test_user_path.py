@@ -288,6 +288,8 @@ def test_bench_refuses_a_pytorch_folder(tmp_path, mlp_path):
     assert run_cli("optimize", str(mlp_path), "-p", "cleanup", "--backend", "pytorch", "-o", str(folder)).returncode == 0
     line = one_error_line(run_cli("bench", str(folder)))
     assert "is a PyTorch-backend folder (model.py + model.safetensors); bench measures ONNX Runtime" in line
+    line = one_error_line(run_cli("inspect", str(folder)))
+    assert "is a PyTorch-backend folder (model.py + model.safetensors), which slimgraph writes but does not read" in line
     modes = {name: stat.S_IMODE((folder / name).stat().st_mode) for name in ("model.py", "model.safetensors")}
     umask = os.umask(0)
     os.umask(umask)
