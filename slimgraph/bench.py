@@ -47,6 +47,7 @@ class Latency:
     p50_ms: float
     p90_ms: float
     throughput: float  # samples per second at p50
+    runs_ms: tuple[float, ...] = field(default=(), repr=False)  # every timed run, in the order they ran
 
 
 @dataclass(frozen=True)
@@ -150,6 +151,21 @@ def alternating_runs(contenders: dict[Any, Callable[[], object]], runs: int, war
     return times
 
 
+# Two models' latency ratio is known to within its 95% interval (`ratio_interval`); rounds are added
+# until the interval is this tight or the time below is spent.
+TIGHT_INTERVAL = 1.05  # high / low
+MORE_ROUNDS_SECONDS = 20.0
+
+
+def ratio_interval(a_runs: list[float], b_runs: list[float], *, resamples: int = 2000) -> tuple[float, float]:
+    """The 95% interval of B's median latency over A's: a percentile bootstrap that resamples whole
+    rounds (A's run i with B's run i, timed side by side), seeded, so the same runs give the same interval."""
+    a, b = np.asarray(a_runs), np.asarray(b_runs)
+    rounds = np.random.default_rng(0).integers(0, len(a), (resamples, len(a)))
+    low, high = np.percentile(np.median(b[rounds], axis=1) / np.median(a[rounds], axis=1), [2.5, 97.5])
+    return float(low), float(high)
+
+
 SEQUENCE = 128  # tokens per sample of a text model, when timing (bench, and the --goal search)
 
 
@@ -211,11 +227,19 @@ def bench(
             what = f"batch {batch}: {runs} runs × {len(sessions)} model{'s' if len(sessions) > 1 else ''}"
             report(what, 0, 1)
             times = alternating_runs(contenders, runs, warmup)
+            started = time.perf_counter()
+            while len(times) == 2 and time.perf_counter() - started < MORE_ROUNDS_SECONDS:
+                low, high = ratio_interval(*times.values())
+                if high / low <= TIGHT_INTERVAL:
+                    break
+                for name, more in alternating_runs(contenders, runs, warmup=0).items():
+                    times[name] += more
             report(what, 1, 1)
             for result, samples in zip(results, times.values()):
                 p50 = statistics.median(samples)
                 p90 = float(np.percentile(samples, 90))
-                result.latency.append(Latency(batch, p50 * 1e3, p90 * 1e3, batch / p50))
+                result.latency.append(Latency(batch, p50 * 1e3, p90 * 1e3, batch / p50,
+                                              tuple(s * 1e3 for s in samples)))
         if memory:
             feeds = sample_inputs(models[0], batch=max(runnable), sequence=sequence)
             for i, (result, path) in enumerate(zip(results, files)):
@@ -354,6 +378,21 @@ def ratios(results: list[BenchResult]) -> dict:
     return out
 
 
+def ratio_intervals(results: list[BenchResult]) -> dict[str, tuple[float, float]]:
+    """The 95% interval of each latency and throughput ratio (`ratio_interval`); a ratio whose
+    interval holds 1.0 is within the noise of this machine."""
+    if len(results) != 2:
+        return {}
+    out = {}
+    for la, lb in zip(*(r.latency for r in results)):
+        if la.runs_ms and len(la.runs_ms) == len(lb.runs_ms):
+            low, high = ratio_interval(list(la.runs_ms), list(lb.runs_ms))
+            out[f"p50_batch{la.batch}"] = (low, high)
+            out[f"throughput_batch{la.batch}"] = (1 / high, 1 / low)
+    return out
+
+
 def to_json(results: list[BenchResult]) -> str:
-    return json.dumps({"models": [r.to_json() for r in results], "ratios": ratios(results)}, indent=2)
+    return json.dumps({"models": [r.to_json() for r in results], "ratios": ratios(results),
+                       "ratio_intervals": ratio_intervals(results)}, indent=2)
 

@@ -482,21 +482,25 @@ _RATIO_LABELS = {
 }
 
 
-def ratio_label(key: str, value: float) -> tuple[str, str]:
-    """(`latency p50, batch 1`, `1.17x (slower)`) for a `ratios` key and its B / A value."""
+def ratio_label(key: str, value: float, interval: tuple[float, float] | None = None) -> tuple[str, str]:
+    """(`latency p50, batch 1`, `1.17x (slower, 1.12–1.22)`) for a `ratios` key, its B / A value and
+    its 95% interval; a timing whose interval holds 1.0 is `within noise`, whichever way it leans."""
     measure, _, batch = key.partition("_batch")
     label, below, above = _RATIO_LABELS[measure]
     if batch:
         label += f", batch {batch}"
+    spread = f", {interval[0]:.2f}–{interval[1]:.2f}" if interval else ""
+    if interval and interval[0] <= 1 <= interval[1]:
+        return label, f"{value:.2f}x (within noise{spread})"
     if abs(value - 1) < 0.005:
-        return label, f"{value:.2f}x (same)"
-    return label, f"{value:.2f}x ({below if value < 1 else above})"
+        return label, f"{value:.2f}x (same{spread})"
+    return label, f"{value:.2f}x ({below if value < 1 else above}{spread})"
 
 
 def render_bench(results) -> _Fit:
     """`slimgraph bench`: latency, throughput, size and memory per model and batch; with two
     models, B / A ratios labelled with the direction."""
-    from slimgraph.bench import ratios
+    from slimgraph.bench import ratio_intervals, ratios
 
     def build(width: int) -> Group:
         name_width = max(12, width - 60)  # what the six figure columns leave
@@ -531,8 +535,9 @@ def render_bench(results) -> _Fit:
             grid = Table(box=None, pad_edge=False, show_header=False)
             grid.add_column("measure", no_wrap=True)
             grid.add_column("B / A", no_wrap=True)
+            intervals = ratio_intervals(results)
             for key, value in ratio.items():
-                _row(grid, *ratio_label(key, value))
+                _row(grid, *ratio_label(key, value, intervals.get(key)))
             parts.append(grid)
         return Group(*parts)
 

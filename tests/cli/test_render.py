@@ -116,9 +116,10 @@ def test_diff_golden_widths(width, mlp_model):
 
 def _bench_results() -> list[BenchResult]:
     def result(name, scale, size, rss):
+        runs = [(1 + 0.02 * (i % 5 - 2)) * scale for i in range(10)]  # ±4% around the median, in each round
         return BenchResult(name=name, file_bytes=size, peak_rss_mb=rss,
-                           latency=[Latency(1, 10.0 * scale, 12.5 * scale, 100 / scale),
-                                    Latency(8, 40.0 * scale, 44.0 * scale, 200 / scale)],
+                           latency=[Latency(1, 10.0 * scale, 12.5 * scale, 100 / scale, tuple(10 * r for r in runs)),
+                                    Latency(8, 40.0 * scale, 44.0 * scale, 200 / scale, tuple(40 * r for r in runs))],
                            skipped={16: f"{name}: input 'input_ids' is fixed at batch 8 (8×128)"})
 
     return [result("models/minilm-fp32.onnx", 1.0, 90_868_000, 180.0),
@@ -132,7 +133,8 @@ def test_bench_golden(width):
         r.skipped = {}
     text = render_text(render_bench(results), width)
     assert fits(text, width)
-    assert "latency p50, batch 1  1.17x (slower)" in text and "throughput, batch 8   0.85x (slower)" in text
+    assert "latency p50, batch 1  1.17x (slower, 1.17–1.17)" in text
+    assert "throughput, batch 8   0.85x (slower, 0.85–0.85)" in text
     assert_golden(f"bench_{width}.txt", text)
 
 
@@ -152,6 +154,15 @@ def test_bench_not_run_rows_have_no_figures():
 ])
 def test_ratio_labels_say_the_direction(key, value, expected):
     assert ratio_label(key, value) == expected
+
+
+@pytest.mark.parametrize("value, interval, expected", [
+    (0.89, (0.84, 1.03), "0.89x (within noise, 0.84–1.03)"),
+    (1.06, (0.97, 1.10), "1.06x (within noise, 0.97–1.10)"),
+    (1.17, (1.12, 1.22), "1.17x (slower, 1.12–1.22)"),
+])
+def test_a_timing_within_its_interval_of_one_is_noise(value, interval, expected):
+    assert ratio_label("p50_batch1", value, interval)[1] == expected
 
 
 def test_progress_draws_stages_passes_and_layers(mlp_model):
