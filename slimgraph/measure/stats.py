@@ -103,8 +103,8 @@ MATMUL_LIKE = {("", "MatMul"), ("", "MatMulInteger"), ("com.microsoft", "MatMulI
 
 
 def node_flops(node: ir.Node) -> int | None:
-    """Multiply-adds ×2 for MatMul (and its int8 forms), Gemm, Conv and MatMulNBits, from the
-    shapes the graph carries."""
+    """Multiply-adds ×2 for MatMul (and its int8 forms), Gemm, Conv, MatMulNBits and MoE (its top-k
+    experts), from the shapes the graph carries."""
     if (node.domain if node.domain != "ai.onnx" else "", node.op_type) in MATMUL_LIKE:
         a, b = _dims(node.inputs[0]), _dims(node.inputs[1])
         if not a or not b:
@@ -129,12 +129,25 @@ def node_flops(node: ir.Node) -> int | None:
             return None
         # out: [N, Cout, *spatial]; w: [Cout, Cin/group, *kernel]
         return 2 * math.prod(out) * math.prod(w[1:])
+    if node.domain == "com.microsoft" and node.op_type == "MoE":
+        return _moe_flops(node)
     if node.domain == "com.microsoft" and node.op_type == "MatMulNBits":
         rows = _dims(node.outputs[0]) or _dims(node.inputs[0])
         if not rows:
             return None
         return 2 * math.prod(rows[:-1]) * node.attributes.get_int("K") * node.attributes.get_int("N")
     return 0
+
+
+def _moe_flops(node: ir.Node) -> int | None:
+    """What runs in a com.microsoft.MoE: every token through its top-k experts' weights (fc1, fc2 and
+    the gate fc3 when there is one), not through all of them."""
+    rows = _dims(node.inputs[0])
+    weights = [_dims(node.inputs[i]) for i in (2, 4, 6) if i < len(node.inputs) and node.inputs[i] is not None]
+    if not rows or any(w is None for w in weights):
+        return None
+    per_expert = sum(2 * math.prod(w[1:]) for w in weights)  # [experts, out, in]: 2·out·in per token
+    return math.prod(rows[:-1]) * node.attributes.get_int("k", 1) * per_expert
 
 
 # Inputs of quantized ops that hold scales and zero points: quantization metadata, not parameters.

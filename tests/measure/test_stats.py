@@ -19,6 +19,17 @@ def test_mlp_stats(mlp_model):
     assert stats.inputs == {"x": "float[batch×8]"}
 
 
+def test_moe_flops_count_the_top_k_experts_a_token_goes_through():
+    x = ir.Value(name="x", shape=ir.Shape(["batch", "sequence", 64]), type=ir.TensorType(ir.DataType.FLOAT))
+    router = ir.Value(name="router", shape=ir.Shape(["batch", "sequence", 8]), type=ir.TensorType(ir.DataType.FLOAT))
+    fc1, fc2 = (ir.Value(name=n, shape=ir.Shape(s), const_value=ir.tensor(np.zeros(s, np.float32)))
+                for n, s in (("fc1", [8, 32, 64]), ("fc2", [8, 64, 32])))
+    moe = ir.node("MoE", [x, router, fc1, None, fc2], {"k": 2}, domain="com.microsoft")
+    moe.outputs[0].shape = ir.Shape(["batch", "sequence", 64])
+    tokens = 1 * 128  # symbolic batch and sequence are counted at 1 and 128
+    assert node_flops(moe) == tokens * 2 * (2 * 32 * 64 + 2 * 64 * 32)
+
+
 def test_conv_and_gemm_flops():
     w = numpy_helper.from_array(np.zeros((16, 3, 3, 3), np.float32), "w")
     g = numpy_helper.from_array(np.zeros((10, 16 * 30 * 30), np.float32), "g")
