@@ -7,7 +7,7 @@
     artifact = slimgraph.adapters.compile_with_adapters(
         model, {"lora": "out/lora", "shira": "out/shira"}, backend="onnxruntime")  # or "pytorch"
     artifact.set_adapter("shira")   # in place: SHiRA is a scatter, LoRA a fuse
-    artifact.set_adapter(None)      # the base again, bit for bit
+    artifact.set_adapter(None)      # the base weights again, bit for bit
 
     slimgraph.adapters.read("out/lora")            # <Adapter LoRA r=8 on 60 modules>
     slimgraph.adapters.match(model, "out/lora")    # which linear each module adapts, and how it was found
