@@ -38,6 +38,7 @@ def main() -> None:
     from slimgraph.measure.stats import human_bytes, model_stats
     from slimgraph.measure.target import detect
     from slimgraph.passes import Pipeline
+    from slimgraph.report import print_renderable, render_search
     from slimgraph.search import search
     from tests.conftest import SentenceEval
 
@@ -48,7 +49,7 @@ def main() -> None:
     contenders = {"fp32": fp32}
     for goal, max_drop in (("latency", 0.01), ("size", 0.05)):
         found = search(fp32, goal, max_drop=max_drop, calib=CALIBRATION)
-        print("\n".join(found.lines()) + "\n")
+        print_renderable(render_search(found))
         contenders[f"--goal {goal} --max-drop {max_drop}"] = found.chosen.model
     demo = Pipeline.from_recipe(ROOT / "recipes" / "minilm.yaml")
     contenders["make demo (recipes/minilm.yaml)"] = optimized(fp32, demo.pipeline.to_text(), None)

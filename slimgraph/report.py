@@ -287,6 +287,49 @@ def print_renderable(renderable, console: Console | None = None) -> None:
     (console or Console()).print(renderable)
 
 
+# --- --goal's candidates --------------------------------------------------------------------
+
+
+def _packed_pipeline(text: str, width: int) -> str:
+    """`wrap_pipeline`, with whole passes joined on one line while they fit."""
+    lines: list[str] = []
+    for line in wrap_pipeline(text, width).splitlines():
+        if lines and lines[-1].endswith(",") and not line.startswith(" ") and len(lines[-1]) + len(line) <= width:
+            lines[-1] += line
+        else:
+            lines.append(line)
+    return "\n".join(lines)
+
+
+def render_search(result) -> _Fit:
+    """`--goal`: one row per candidate pipeline (wrapped to the width), the chosen one marked; a
+    candidate left out says why under its pipeline."""
+
+    def build(width: int) -> Group:
+        batches = sorted({b for c in result.candidates for b in c.latency})
+        title = Text(f"--goal {result.goal}: {len(result.candidates)} candidates, budget 1 − cosine ≤ "
+                     f"{result.max_drop}; latency as a ratio to the original (runs alternating)")
+        figures = 7 + 17 + 8 * len(batches)  # cosine, size (with its ratio), one column per batch
+        pipeline_width = max(24, width - figures - 2 - 2 * (3 + len(batches)))
+        table = _table("", collapse_padding=True)
+        table.add_column("", no_wrap=True, width=1)
+        table.add_column("pipeline", max_width=pipeline_width, overflow="fold")
+        for column in ["cosine", "size", *(f"b{b}" for b in batches)]:
+            table.add_column(column, justify="right", no_wrap=True)
+        for c in result.candidates:
+            mark = "→" if c is result.chosen else ""
+            pipeline = Text(_packed_pipeline(c.pipeline, pipeline_width), style="bold" if mark else "")
+            if c.status != "ok":
+                pipeline.append("\n" + c.status, style="dim")
+                _row(table, mark, pipeline, *([""] * (2 + len(batches))))
+                continue
+            size = f"{human_bytes(c.bytes)} ({c.bytes / result.original_bytes:.2f}x)"
+            _row(table, mark, pipeline, f"{c.cosine:.4f}", size, *(f"{c.latency[b]:.2f}x" for b in batches))
+        return Group(title, table)
+
+    return _Fit(build)
+
+
 # --- pass list ----------------------------------------------------------------------------
 
 

@@ -101,29 +101,6 @@ class SearchResult:
                             "latency_ratio": {str(b): r for b, r in c.latency.items()}} for c in self.candidates],
         }
 
-    def lines(self) -> list[str]:
-        """The candidates table: one row each, the chosen one marked."""
-        batches = sorted({b for c in self.candidates for b in c.latency})
-        head = ["", "pipeline", "cosine", "size"] + [f"latency b{b}" for b in batches]
-        rows = []
-        for c in self.candidates:
-            mark = "→" if c is self.chosen else ""
-            if c.status != "ok":
-                rows.append([mark, c.pipeline, c.status])
-                continue
-            size = f"{human_bytes(c.bytes)} ({c.bytes / self.original_bytes:.2f}x)"
-            rows.append([mark, c.pipeline, f"{c.cosine:.4f}", size] + [f"{c.latency[b]:.2f}x" for b in batches])
-        widths = [max(len(r[i]) for r in rows + [head] if i < len(r)) for i in range(len(head))]
-
-        def line(row: list[str]) -> str:
-            if len(row) == 3:  # left out: the reason spans the figures
-                return f"{row[0]:1} {row[1]:{widths[1]}}  {row[2]}"
-            return "  ".join(f"{cell:{'<' if i < 2 else '>'}{widths[i]}}" for i, cell in enumerate(row)).rstrip()
-
-        title = (f"--goal {self.goal}: {len(self.candidates)} candidates, budget 1 − cosine ≤ {self.max_drop}; "
-                 "latency as a ratio to the original (runs alternating)")
-        return [title, line(head)] + [line(r) for r in rows]
-
 
 def search(
     model: ir.Model,

@@ -13,7 +13,9 @@ from slimgraph.cli import main
 from slimgraph.errors import SlimgraphError
 from slimgraph.measure.stats import model_stats
 from slimgraph.measure.target import FEATURES, Target, detect
+from slimgraph.report import render_search
 from slimgraph.search import search
+from tests.conftest import render_text
 
 CANDIDATES = ("cleanup", "quantize-dynamic", "quantize-weights{bits=4,group_size=16}", "prune-depth{blocks=1}")
 
@@ -28,7 +30,7 @@ def test_size_goal_picks_the_fewest_bytes_within_the_budget(mlp_model):
     assert result.chosen.pipeline == "quantize-weights{bits=4,group_size=16}"
     assert result.chosen.bytes == model_stats(result.chosen.model).bytes < result.original_bytes
     assert dict(mlp_model.graph.initializers) == initializers  # the input model is left as it was
-    assert "→" in next(line for line in result.lines() if "bits=4" in line)
+    assert "→" in next(line for line in render_text(render_search(result)).splitlines() if "bits=4" in line)
 
 
 def test_over_budget_candidates_are_never_chosen(mlp_model):

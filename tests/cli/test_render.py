@@ -25,6 +25,7 @@ from slimgraph.report import (
     render_diff,
     render_pass_list,
     render_pipeline_report,
+    render_search,
     render_summary,
     shorten_left,
     wrap_pipeline,
@@ -136,6 +137,30 @@ def test_bench_golden(width):
     assert "latency p50, batch 1  1.17x (slower, 1.17–1.17)" in text
     assert "throughput, batch 8   0.85x (slower, 0.85–0.85)" in text
     assert_golden(f"bench_{width}.txt", text)
+
+
+def _search_result():
+    from slimgraph.search import Candidate, SearchResult
+
+    mb = 1_000_000
+    candidates = [
+        Candidate("cleanup", cosine=1.0, bytes=90 * mb, latency={1: 1.0, 8: 0.99}),
+        Candidate("cleanup,fuse-ort,quantize-dynamic{exclude=[encoder.layer.0.*,encoder.layer.#.output.dense]}",
+                  cosine=0.9931, bytes=24 * mb, latency={1: 0.41, 8: 0.38}),
+        Candidate("cleanup,prune-width{target=channels,ratio=0.25},quantize-static",
+                  status="left out: prune-width: target=channels found nothing to prune: looked for Conv "
+                         "output channels read by a Conv, BatchNorm or a per-channel op"),
+        Candidate("cleanup,quantize-weights{bits=4,accuracy_level=4}", status="over budget: cosine 0.9712 < 0.99"),
+    ]
+    return SearchResult("latency", 0.01, 90 * mb, candidates, candidates[1])
+
+
+@pytest.mark.parametrize("width", WIDTHS)
+def test_goal_candidates_golden(width):
+    text = render_text(render_search(_search_result()), width)
+    assert fits(text, width)
+    assert "→" in next(line for line in text.splitlines() if "0.9931" in line)
+    assert_golden(f"goal_{width}.txt", text)
 
 
 def test_bench_not_run_rows_have_no_figures():
