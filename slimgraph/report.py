@@ -205,7 +205,8 @@ def render_summary(summary: ModelSummary) -> _Fit:
         _row(head, "parameters", f"{human_count(stats.parameters)} ({human_bytes(stats.bytes)})")
         _row(head, "by dtype", ", ".join(f"{k} {human_bytes(v)}" for k, v in stats.bytes_by_dtype.items()) or "-")
         _row(head, "nodes", f"{stats.nodes:,}")
-        _row(head, "FLOPs (est.)", f"{human_count(stats.flops)} (symbolic dims: batch 1, sequence 128)")
+        bound = ", ".join(f"{name} = {value}" for name, value in stats.symbolic_dims.items())
+        _row(head, "FLOPs (est.)", human_count(stats.flops) + (f" (at {bound})" if bound else ""))
         for note in _notes(summary):
             _row(head, "note", Text(note, style="yellow"))
 

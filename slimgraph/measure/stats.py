@@ -30,6 +30,8 @@ class ModelStats:
     # model-zoo CNNs' weights), which `parameters` and `bytes` do not count: they are not in the file.
     generated_tensors: int = 0
     generated_values: int = 0
+    # The inputs' symbolic dims and the values the FLOPs estimate binds them to.
+    symbolic_dims: dict[str, int] = field(default_factory=dict)
 
     def to_json(self) -> dict:
         return asdict(self)
@@ -193,6 +195,8 @@ def model_stats(model: ir.Model) -> ModelStats:
         else:
             flops += count
     generated, generated_count = generated_tensors(model)
+    symbolic = {str(dim): _dim(dim, axis) for v in model.graph.inputs if v.shape is not None and not v.is_initializer()
+                for axis, dim in enumerate(v.shape) if not isinstance(dim, int)}
     return ModelStats(
         parameters=parameters,
         bytes=sum(by_dtype.values()),
@@ -205,6 +209,7 @@ def model_stats(model: ir.Model) -> ModelStats:
         outputs={v.name: describe_value(v) for v in model.graph.outputs},
         generated_tensors=generated,
         generated_values=generated_count,
+        symbolic_dims=symbolic,
     )
 
 
