@@ -4,7 +4,8 @@
     slimgraph optimize model.onnx --plugin examples/remove_dropout.py -p remove-dropout,cleanup -o out.onnx
 
 A package can instead name the module in a `slimgraph.passes` entry point (see the README),
-and the pass is found without --plugin.
+and the pass is found without --plugin. The graph is changed through `slimgraph.ir.edit` (see
+docs/editing.md; examples/decompose_gelu.py adds nodes with its Builder).
 """
 
 from dataclasses import dataclass
@@ -12,6 +13,7 @@ from typing import ClassVar
 
 import onnx_ir as ir
 
+from slimgraph.ir import edit
 from slimgraph.passes import Pass, PassContext, PassResult, register_pass
 
 
@@ -30,9 +32,8 @@ class RemoveDropout(Pass):
                 continue
             mask_read = len(node.outputs) > 1 and bool(node.outputs[1].uses())
             training_mode = len(node.inputs) > 2 and node.inputs[2] is not None
-            if mask_read or training_mode or node.outputs[0].is_graph_output():
+            if mask_read or training_mode:
                 continue
-            ir.convenience.replace_all_uses_with(node.outputs[0], node.inputs[0])
-            model.graph.remove(node, safe=True)
+            edit.bypass(model, node.inputs[0], node.outputs[0])  # its readers read x; the Dropout goes
             removed += 1
         return PassResult(modified=removed > 0, stats={"Dropout nodes removed": removed})

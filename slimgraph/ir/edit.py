@@ -10,30 +10,41 @@ Rules every function here keeps:
   through `Transpose` (`[N, K]`, shared with an embedding; see `untie`).
 - New nodes take over the module path (`metadata_props`) of the nodes they replace, and new
   constants get readable, unique names derived from the weight they come from.
+- New nodes are made with a `Builder` (named nodes in name scopes, constants made once), put in
+  with `insert_after`, `insert_before` or `replace_region`, and read through `redirect`.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping, Sequence
+import contextlib
+from collections.abc import Callable, Container, Iterable, Iterator, Mapping, Sequence
 
 import numpy as np
 import onnx_ir as ir
 
 from slimgraph.errors import SlimgraphError
-from slimgraph.ir.graph import constant_tensor, filled_constant, transposed_source
+from slimgraph.ir.graph import cone, constant_tensor, filled_constant, transposed_source
+from slimgraph.ir.meta import NAME_SCOPES_KEY
 from slimgraph.ir.parts import Linear
 
 # --- constants ------------------------------------------------------------------------------
 
 
-def unique_name(model: ir.Model, base: str) -> str:
-    """`base`, or `base.2`, `base.3`, … : a name no initializer or node output has yet."""
-    taken = set(model.graph.initializers)
-    taken.update(v.name for node in model.graph for v in node.outputs if v.name)
-    name, i = base, 1
-    while name in taken:
+def unique_name(taken: ir.Model | Container[str] | Callable[[str], bool], base: str, *, sep: str = ".",
+                start: int = 1) -> str:
+    """`base`, or `base.2`, `base.3`, … (`sep` between): the first name not `taken`. `taken` is a
+    model (the names of its initializers and node outputs), a set of names, or a predicate that
+    says whether a name is taken. The search starts at suffix `start` (1: `base` itself)."""
+    if isinstance(taken, ir.Model):
+        names = set(taken.graph.initializers)
+        names.update(v.name for node in taken.graph for v in node.outputs if v.name)
+        taken = names
+    is_taken = taken if callable(taken) else taken.__contains__
+    i = start
+    name = base if i == 1 else f"{base}{sep}{i}"
+    while is_taken(name):
         i += 1
-        name = f"{base}.{i}"
+        name = f"{base}{sep}{i}"
     return name
 
 
@@ -193,6 +204,112 @@ def bias_value(linear: Linear) -> ir.Value | None:
     return next(v for v in add.inputs if v is not None and v.name == linear.bias)
 
 
+# --- new nodes ------------------------------------------------------------------------------
+
+
+class Builder:
+    """The nodes and constants a pass adds for one edit, named after what they belong to.
+
+    Nodes are named from `node_names` (fields: `scope`, the current scope; `op`; `n`, a running
+    count from `first`), copies from `copy_names` (fields: `name`, the original's; `n`); a node
+    given a name keeps it. Inside `with build.scope("router"):` nodes are in the submodule
+    `{scope}.router`, and, given `name_scopes` (the exporter's `pkg.torch.onnx.name_scopes` down to
+    `scope`), they record it as PyTorch's exporter would. Constants are named from
+    `constant_names` (fields: `scope`, the builder's own, whatever the current one; `name`) and
+    made once per name and value. `take()` hands over the nodes made since the last call::
+
+        build = Builder(model, "mlp")
+        with build.scope("router"):
+            logits = build.op("MatMul", [x, build.constant("router.weight", w)])  # mlp.router/MatMul_0
+        insert_after(model, x, build.take(), logits)
+    """
+
+    def __init__(self, model: ir.Model, scope: str, *, node_names: str = "{scope}/{op}_{n}",
+                 constant_names: str = "{scope}.{name}", copy_names: str = "{name}_{n}", first: int = 0,
+                 name_scopes: Sequence[str] | None = None, metadata: Mapping[str, str] | None = None,
+                 floats: np.dtype | type = np.float32) -> None:
+        self.model, self.root = model, scope
+        self.node_names, self.constant_names, self.copy_names = node_names, constant_names, copy_names
+        self.made = first  # the number the next node is named with
+        self.name_scopes = list(name_scopes) if name_scopes is not None else None
+        self.metadata = dict(metadata or {})  # what every node made carries
+        self.floats = np.dtype(floats)  # what Python floats and float64 arrays become
+        self.nodes: list[ir.Node] = []
+        self._inner: list[str] = []
+        self._constants: dict[tuple, ir.Value] = {}
+
+    @contextlib.contextmanager
+    def scope(self, name: str) -> Iterator[None]:
+        """Nodes made inside are in the submodule `name` (dotted: `experts.3`) of the current scope."""
+        parts = name.split(".")
+        self._inner += parts
+        try:
+            yield
+        finally:
+            del self._inner[-len(parts):]
+
+    def op(self, op_type: str, inputs: Sequence[ir.Value | None], attributes: Mapping | None = None, *,
+           domain: str = "", outputs: int = 1, name: str | None = None, **more: object
+           ) -> ir.Value | tuple[ir.Value, ...]:
+        """A new node (attributes as a mapping or as keywords); its output, or its outputs."""
+        attributes = {**(attributes or {}), **more}
+        node = ir.node(op_type, inputs, attributes or None, domain=domain, num_outputs=outputs, name=name)
+        self.add([node])
+        return node.outputs[0] if outputs == 1 else tuple(node.outputs)
+
+    def copy(self, node: ir.Node, inputs: Sequence[ir.Value | None]) -> ir.Value:
+        """A copy of the one-output `node` that reads `inputs`; its output."""
+        name = self.copy_names.format(name=node.name, n=self.made)
+        return self.op(node.op_type, inputs, dict(node.attributes), domain=node.domain, name=name)
+
+    def add(self, nodes: Iterable[ir.Node]) -> None:
+        """Take nodes made elsewhere (a copied region) into the current scope, naming those without a name."""
+        path = ".".join([self.root, *self._inner])
+        for node in nodes:
+            if not node.name:
+                node.name = self.node_names.format(scope=path, op=node.op_type, n=self.made)
+            self.made += 1
+            if self.name_scopes is not None:
+                inner = [".".join([self.root, *self._inner[: i + 1]]) for i in range(len(self._inner))]
+                node.metadata_props[NAME_SCOPES_KEY] = repr([*self.name_scopes, *inner, node.name])
+            for key, value in self.metadata.items():
+                node.metadata_props.setdefault(key, value)
+            self.nodes.append(node)
+
+    def constant(self, name: str, value: np.ndarray | float | Sequence[int]) -> ir.Value:
+        """A new initializer (a Python float: a scalar; a list: an int64 vector; float64 becomes
+        `floats`), or the one made before under the same name with the same value."""
+        if isinstance(value, float):
+            value = np.array(value, self.floats)
+        elif isinstance(value, (list, tuple)):
+            value = np.array(value, np.int64)
+        elif value.dtype == np.float64:
+            value = value.astype(self.floats)
+        value = np.array(value, order="C")  # (np.ascontiguousarray would make a scalar 1-D)
+        key = (name, value.dtype.str, value.shape, value.tobytes())
+        if key not in self._constants:
+            full = self.constant_names.format(scope=self.root, name=name)
+            self._constants[key] = add_initializer(self.model, full, value)
+        return self._constants[key]
+
+    def take(self) -> list[ir.Node]:
+        """The nodes made since the last `take`, in the order made (to insert them)."""
+        nodes, self.nodes = self.nodes, []
+        return nodes
+
+
+def redirect(users: Iterable[tuple[ir.Node, int]], value: ir.Value) -> None:
+    """Make each `(node, input index)` in `users` (some of a value's `uses()`) read `value` instead;
+    the value they read before keeps its other readers."""
+    for node, index in list(users):
+        node.replace_input_with(index, value)
+
+
+def insert_before(model: ir.Model, node: ir.Node, nodes: Sequence[ir.Node]) -> None:
+    """Put `nodes` (in their order) before `node` in the graph, so that `node` may read them."""
+    model.graph.insert_before(node, list(nodes))
+
+
 # --- regions of nodes -----------------------------------------------------------------------
 
 
@@ -244,8 +361,7 @@ def insert_after(model: ir.Model, value: ir.Value, nodes: Sequence[ir.Node], out
         else:
             model.graph.insert_before(first_user, list(nodes))
     output.type, output.shape = value.type, output.shape or value.shape
-    for node, index in users:
-        node.replace_input_with(index, output)
+    redirect(users, output)
     outputs = model.graph.outputs
     for i, out in enumerate(outputs):
         if out is value:
@@ -260,8 +376,7 @@ def bypass(model: ir.Model, entry: ir.Value, exit_: ir.Value) -> None:
     the nodes only the bypassed region used are removed."""
     if entry.type is not None and exit_.type is not None and entry.dtype != exit_.dtype:
         raise SlimgraphError(f"cannot bypass {exit_.name!r} with {entry.name!r}: dtypes differ")
-    for node, index in list(exit_.uses()):
-        node.replace_input_with(index, entry)
+    redirect(exit_.uses(), entry)
     outputs = model.graph.outputs
     for i, out in enumerate(outputs):
         if out is exit_:
@@ -282,12 +397,63 @@ def remove_dead(model: ir.Model) -> None:
     remove_unused_initializers(model)
 
 
-def remove_unused_initializers(model: ir.Model) -> None:
+def remove_unused_initializers(model: ir.Model) -> list[str]:
+    """Remove the initializers that no node (subgraphs included) reads and that are no graph
+    input or output; returns their names."""
     graph = model.graph
     keep = set(graph.inputs) | set(graph.outputs)
-    for name, value in list(graph.initializers.items()):
-        if not value.uses() and value not in keep:
-            del graph.initializers[name]
+    unused = [name for name, value in graph.initializers.items() if not value.uses() and value not in keep]
+    for name in unused:
+        del graph.initializers[name]
+    return unused
+
+
+_SHAPE_VECTOR_OPS = {"Shape", "Concat", "Slice", "Gather", "Cast", "Identity", "Unsqueeze", "Squeeze"}
+
+
+def follow_length(model: ir.Model, build: Builder, old: ir.Value, new: ir.Value, axis: int) -> int:
+    """After `new` took the place of `old` with another length along `axis`, where that length is
+    known only at run time: the shape vectors that the nodes computed from `new` read, and that are
+    computed from the `Shape` of a tensor with `old`'s length (the exporter's `Shape(input_ids)`),
+    read the length from `new` instead. Each reader gets its own copy of the computation (others
+    may read it too), made by `build`; returns how many inputs changed. (A fixed length is counted
+    by shape constants instead: `factors.length_elements`.)"""
+    if build.nodes:
+        raise ValueError("follow_length: the builder has nodes not yet inserted (insert build.take() first)")
+    length = old.shape[axis]
+    if isinstance(length, int):
+        return 0
+    later = set(cone(new))
+    patched: dict[ir.Value, ir.Value] = {}
+
+    def rebuild(vector: ir.Value) -> ir.Value:
+        node = vector.producer()
+        if node is None or node.op_type not in _SHAPE_VECTOR_OPS or vector in later:
+            return vector
+        if node.op_type == "Shape":
+            source = node.inputs[0]
+            if source.shape is None or all(str(d) != str(length) for d in source.shape):
+                return vector
+            if vector not in patched:
+                pieces = [build.op("Shape", [new], start=axis, end=axis + 1) if str(d) == str(length)
+                          else build.op("Shape", [source], start=i, end=i + 1) for i, d in enumerate(source.shape)]
+                start, end = node.attributes.get_int("start", 0), node.attributes.get_int("end", len(pieces))
+                patched[vector] = build.op("Concat", pieces[slice(start, end)], axis=0)
+            return patched[vector]
+        inputs = [rebuild(v) if v is not None else None for v in node.inputs]
+        return vector if all(a is b for a, b in zip(inputs, node.inputs)) else build.copy(node, inputs)
+
+    followed = 0
+    for node in [n for n in model.graph if any(o in later for o in n.outputs)]:
+        for index, vector in enumerate(node.inputs):
+            if vector is None or vector in later or vector.dtype != ir.DataType.INT64:
+                continue
+            rebuilt, nodes = rebuild(vector), build.take()
+            if rebuilt is not vector:
+                insert_before(model, node, nodes)
+                redirect([(node, index)], rebuilt)
+                followed += 1
+    return followed
 
 
 def clear_shapes(values: Iterable[ir.Value]) -> None:

@@ -10,6 +10,10 @@ factors each of its elements counts, so that removing heads can rewrite exactly 
 
 `FactorFlow.run` follows values forward from the given start values until `stop` nodes; values
 it cannot follow (an op it does not know, a reshape it cannot explain) are recorded in `lost`.
+
+Where a sequence's length changes (fewer tokens), `length_elements` finds the shape elements that
+count it and `position_axes` tells a table of positions (whose prefix serves the shorter sequence)
+from a constant that merely has the length.
 """
 
 from __future__ import annotations
@@ -21,7 +25,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import onnx_ir as ir
 
-from slimgraph.ir.graph import constant_tensor, is_default_domain
+from slimgraph.ir.graph import cone, constant_tensor, is_default_domain, static_dim
 
 Axes = tuple[tuple["Factor", ...], ...]  # one tuple of factors per axis; () is a size-1 axis
 
@@ -135,12 +139,13 @@ class FactorFlow:
         """Follow the factors of `start` values forward through the graph, up to `stop` nodes
         (reaching a model output is a loss, unless `outputs_allowed`)."""
         self.axes.update(start)
-        cone = _forward_cone(start, stop)
+        # shapes read at run time are not followed: a reshape reads them through where it uses them
+        reached = set(start) | set(cone(start, stop=lambda n: stop(n) or n.op_type in ("Shape", "Size")))
         for node in model.graph:  # topological order: a node's inputs are done before it
-            reached = [v for v in node.inputs if v is not None and v in cone]
-            if not reached or stop(node) or node.op_type in ("Shape", "Size"):  # read through by reshapes
+            inputs = [v for v in node.inputs if v is not None and v in reached]
+            if not inputs or stop(node) or node.op_type in ("Shape", "Size"):  # read through by reshapes
                 continue
-            if any(v not in self.axes for v in reached):
+            if any(v not in self.axes for v in inputs):
                 self._lose(node, "an input that could not be followed")
                 continue
             outputs = self._step(node)
@@ -414,20 +419,6 @@ class FactorFlow:
         return tuple(out)
 
 
-def _forward_cone(start: Iterable[ir.Value], stop: Callable[[ir.Node], bool]) -> set[ir.Value]:
-    """Every value computed from `start` without passing a `stop` node (shapes read at run time
-    are not: they are read through where a reshape uses them)."""
-    cone, queue = set(start), list(start)
-    while queue:
-        for node, _ in queue.pop().uses():
-            if not stop(node) and node.op_type not in ("Shape", "Size"):
-                for out in node.outputs:
-                    if out not in cone:
-                        cone.add(out)
-                        queue.append(out)
-    return cone
-
-
 def _product(factors: Iterable[Factor]) -> int | None:
     sizes = [f.find().size for f in factors]
     return None if any(s is None for s in sizes) else math.prod(sizes)
@@ -440,6 +431,52 @@ def resized(element: ShapeElement, new_sizes: Mapping[Factor, int]) -> int:
         count = sum(1 for f in element.factors if same(f, factor))
         value = value // factor.find().size ** count * new_size ** count
     return value
+
+
+def length_elements(model: ir.Model, value: ir.Value, axis: int, stop: Callable[[ir.Node], bool] | None = None
+                    ) -> tuple[Factor, list[ShapeElement]]:
+    """The factor of `value`'s (fixed-length) axis `axis`, and the shape elements after `value` (up
+    to `stop` nodes; model outputs may be reached) that count it: once the axis has another length,
+    `rewrite_elements` gives each `resized(element, {factor: length})`."""
+    flow = FactorFlow()
+    length = Factor(static_dim(value, axis), "length")
+    axes = tuple((length,) if i == axis else flow.dim_factors(d) for i, d in enumerate(value.shape))
+    flow.run(model, {value: axes}, stop=stop or (lambda node: False), outputs_allowed=True)
+    return length, [e for e in flow.elements if any(same(f, length) for f in e.factors)]
+
+
+def position_axes(array: np.ndarray, length: int) -> list[int] | None:
+    """The axes of a constant that have a sequence's `length`, when along them it is a table of
+    positions whose prefix is the table of a shorter sequence: a function of the position on each
+    (`arange`, rotary angles and their cos/sin) or a causal mask on the last two. None when it has
+    that length but is neither (a learned per-token constant): a shorter sequence has no table."""
+    axes = [a for a, d in enumerate(array.shape) if d == length]
+    if all(_is_position_function(array, a) for a in axes) or _is_causal_mask(array, axes):
+        return axes
+    return None
+
+
+def _is_position_function(array: np.ndarray, axis: int) -> bool:
+    """Every line along `axis` satisfies x[i+1] + x[i−1] = 2κ·x[i] with one κ per line: it is
+    `a + b·i` (κ = 1), `a·cos(iω) + b·sin(iω)` (κ = cos ω) or their hyperbolic twin (κ > 1) of the
+    position i — the tables of positions, rotary angles and their cos/sin are; a per-token constant
+    of any other make (a learned bias) is not."""
+    x = np.moveaxis(array, axis, 0).reshape(array.shape[axis], -1).astype(np.float64)
+    if len(x) < 3:
+        return True
+    middle, sides = x[1:-1], x[2:] + x[:-2]
+    kappa = (sides * middle).sum(axis=0) / np.maximum(2 * (middle * middle).sum(axis=0), 1e-300)
+    residual = np.abs(sides - 2 * kappa * middle).max()
+    return bool(residual <= 1e-3 * max(1.0, np.abs(x).max()))
+
+
+def _is_causal_mask(array: np.ndarray, axes: list[int]) -> bool:
+    """A [.., L, L] mask with one value on and below the diagonal and another above it."""
+    if len(axes) != 2 or axes[1] != array.ndim - 1 or axes[0] != array.ndim - 2:
+        return False
+    blocks = array.reshape(-1, *array.shape[-2:])
+    below = np.tril(np.ones(array.shape[-2:], bool))
+    return all(np.all(b[below] == b[0, 0]) and np.all(b[~below] == b[0, -1]) for b in blocks)
 
 
 def rewrite_elements(model: ir.Model, values: Mapping[ShapeElement, int],

@@ -1,5 +1,6 @@
 """Graph queries over onnx_ir: constants behind values, linear weights, module paths, shapes,
-and one breadth-first walk that every structure finder and dependency group uses.
+one breadth-first walk that every structure finder and dependency group uses, and `cone`: everything
+computed from a value (or that it is computed from).
 
 `walk` goes up through producers or down through consumers, continuing only through the
 nodes a predicate lets through, and stops after `limit` values so that a pattern search
@@ -169,6 +170,31 @@ class Walk:
                     yield value, node
                     if self.through(node):
                         queue.extend(node.outputs)
+
+
+def cone(start: ir.Value | Iterable[ir.Value], *, up: bool = False,
+         stop: Callable[[ir.Node], bool] | None = None) -> list[ir.Value]:
+    """Every value computed from `start` (or, with `up`, every value `start` is computed from, graph
+    inputs and constants included), `start` itself left out, in the order found. Unlike `Walk`, it
+    has no limit and goes through every input and output (shapes and constants too); it does not go
+    through a `stop` node (down: its outputs are not reached; up: its inputs are not)."""
+    starts = [start] if isinstance(start, ir.Value) else list(start)
+    seen, found, stack = set(starts), [], list(starts)
+    while stack:
+        value = stack.pop()
+        if up:
+            nodes = [value.producer()] if value.producer() is not None else []
+        else:
+            nodes = [node for node, _ in value.uses()]
+        for node in nodes:
+            if stop is not None and stop(node):
+                continue
+            for reached in node.inputs if up else node.outputs:
+                if reached is not None and reached not in seen:
+                    seen.add(reached)
+                    found.append(reached)
+                    stack.append(reached)
+    return found
 
 
 def ops(names: Iterable[str]) -> Callable[[ir.Node], bool]:

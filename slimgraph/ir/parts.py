@@ -1,6 +1,6 @@
 """The parts of a model that structure discovery finds (`slimgraph.ir.structure`): linears, embeddings,
-FFNs, mixtures of experts, attention, repeated blocks. Plain records, at the bottom of the editing core so
-that every module may name them."""
+FFNs, mixtures of experts, attention, repeated blocks, joined token sequences. Plain records, at the
+bottom of the editing core so that every module may name them."""
 
 from __future__ import annotations
 
@@ -138,3 +138,18 @@ class BlockGroup:
         return {"prefix": self.prefix, "count": self.count, "source": self.source,
                 "boundaries": [{"index": b.index, "name": b.name, "entry": b.entry.name, "exit": b.exit.name}
                                for b in self.blocks]}
+
+
+@dataclass(frozen=True)
+class Join:
+    """A Concat on the token axis of `[batch, tokens, dim]` values that joins some tokens with others
+    (a VLM's image tokens with its text): `before` tokens precede them, and the joined sequence has
+    `length` tokens (either None where not fixed)."""
+
+    concat: ir.Node = field(repr=False, compare=False)
+    before: int | None
+    length: int | None
+
+    @property
+    def joined(self) -> ir.Value:
+        return self.concat.outputs[0]

@@ -13,17 +13,21 @@ so a plain `.onnx` file without metadata yields the same answer:
   on the same input (gate, up);
 - LM head: a linear whose width is an input embedding's vocabulary;
 - blocks: module paths `prefix.N` repeated (name scopes), else the attention blocks, else
-  residual adds (an Add whose operands are connected: one feeds the other);
+  residual adds (an Add whose operands are connected: one feeds the other); a block's attention
+  and MLP sub-blocks (`sub_block`): the residual branches on its stream;
 - MoE: a com.microsoft.MoE node, or TopK over a Softmax whose indices pick the tokens of one FFN
-  per expert (the decomposed form); the shared expert is an FFN reading the same rows.
+  per expert (the decomposed form); the shared expert is an FFN reading the same rows;
+- tokens (`[batch, tokens, dim]`): where they are joined with others (`find_join`: a VLM's image
+  tokens with its text) and whether token 0 is read alone (`reads_first_token`: a CLS pooler).
 """
 
 from __future__ import annotations
 
 import collections
 import re
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
+from typing import Literal
 
 import networkx as nx
 import onnx_ir as ir
@@ -36,6 +40,7 @@ from slimgraph.ir.graph import (
     MAX_WALK,
     SHAPE_ONLY_OPS,
     Walk,
+    cone,
     constant_tensor,
     data_inputs,
     ensure_shapes,
@@ -48,7 +53,7 @@ from slimgraph.ir.graph import (
     weight_tensor,
 )
 from slimgraph.ir.groups import Group
-from slimgraph.ir.parts import FFN, Attention, Block, BlockGroup, Embedding, Linear, MoE
+from slimgraph.ir.parts import FFN, Attention, Block, BlockGroup, Embedding, Join, Linear, MoE
 
 
 def strip_weight_suffix(name: str) -> str:
@@ -383,6 +388,43 @@ def _decomposed_moe(topk: ir.Node, reading: dict[ir.Value, list[FFN]]) -> tuple[
     return fields, gather.inputs[0], parts
 
 
+def find_join(value: ir.Value) -> Join | None:
+    """Where the tokens `value` [batch, tokens, dim] are joined with others: the Concat on the token
+    axis after it that also takes tokens not computed from it."""
+    after = [value, *cone(value)]
+    inside = set(after)
+    for current in after:
+        for node, _ in current.uses():
+            axis = node.attributes.get_int("axis", 0) if node.op_type == "Concat" else None
+            if axis not in (1, -2) or current.shape is None or len(current.shape) != 3:
+                continue
+            if any(v is not None and v not in inside for v in node.inputs):
+                sizes = [static_dim(v, 1) for v in node.inputs]
+                before = sizes[:list(node.inputs).index(current)]
+                return Join(node, None if None in before else sum(before),
+                            static_dim(node.outputs[0], 1) if None in sizes else sum(sizes))
+    return None
+
+
+def reads_first_token(value: ir.Value, stop: Callable[[ir.Node], bool] | None = None) -> bool:
+    """Something computed from the tokens `value` (not through `stop` nodes) takes token 0 alone: a
+    BERT pooler, a ViT classifier reading the CLS token."""
+    for token in cone(value, stop=stop):
+        node = token.producer()
+        if node is None or token.shape is None:
+            continue
+        if node.op_type == "Gather" and node.attributes.get_int("axis", 0) == 1:
+            index = constant_tensor(node.inputs[1])
+            if index is not None and index.size == 1 and int(index.numpy().reshape(-1)[0]) == 0:
+                return True
+        if node.op_type == "Slice" and len(node.inputs) >= 4:
+            starts, ends, axes = (constant_tensor(v) for v in node.inputs[1:4])
+            if None not in (starts, ends, axes) and axes.numpy().reshape(-1).tolist() == [1] and \
+                    starts.numpy().reshape(-1).tolist() == [0] and ends.numpy().reshape(-1).tolist() == [1]:
+                return True
+    return False
+
+
 def find_lm_heads(linears: list[Linear], embeddings: list[Embedding]) -> list[Linear]:
     vocab = {e.num_embeddings for e in embeddings if e.from_graph_input and e.num_embeddings > 2}
     return [lin for lin in linears if lin.out_features in vocab and lin.out_features > lin.in_features]
@@ -480,9 +522,36 @@ def _residual_block(index: int, add: ir.Node) -> Block | None:
     return None
 
 
-def _reaches(source: ir.Value, target: ir.Value) -> bool:
-    """`target` is computed from `source` (within a pattern walk)."""
-    return any(value is source for value, _ in Walk(target, up=True, through=lambda n: True))
+def _reaches(source: ir.Value, target: ir.Value, limit: int = MAX_WALK) -> bool:
+    """`target` is computed from `source` (within a walk of `limit` values)."""
+    return any(value is source for value, _ in Walk(target, up=True, through=lambda n: True, limit=limit))
+
+
+def sub_block(block: Block, part: Literal["attention", "mlp"]) -> Block | None:
+    """The attention (first) or MLP (last) residual branch of a block, as a block of its own
+    (`{block.name}.{part}`): its exit is the branch's residual Add, its entry the Add's residual
+    operand, so that `edit.bypass` removes the branch and keeps the stream. None where the block
+    does not have two residual Adds on its stream."""
+    start = block.entry.producer()
+    adds = []  # walking up from the exit: the MLP's residual Add comes before the attention's
+    for value, node in Walk(block.exit, up=True, through=lambda n: n is not start, limit=4096):
+        if node is not None and node is not start and node.op_type == "Add" and value is node.outputs[0]:
+            residual = _residual_operand(node)
+            if residual is not None and same_shape(residual, block.entry):  # on the residual stream
+                adds.append((node, residual))
+    if len(adds) < 2:
+        return None
+    add, residual = adds[-1] if part == "attention" else adds[0]
+    return Block(block.index, f"{block.name}.{part}", residual, add.outputs[0])
+
+
+def _residual_operand(add: ir.Node) -> ir.Value | None:
+    """The operand of an Add that the other operand is computed from (the skip connection)."""
+    left, right = add.inputs
+    for skip, branch in ((left, right), (right, left)):
+        if skip is not None and branch is not None and constant_tensor(skip) is None and _reaches(skip, branch, 1024):
+            return skip
+    return None
 
 
 def same_shape(a: ir.Value, b: ir.Value) -> bool:

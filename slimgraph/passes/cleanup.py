@@ -19,6 +19,7 @@ import onnx_ir as ir
 import onnx_ir.passes.common as common
 
 from slimgraph.errors import SlimgraphError
+from slimgraph.ir import edit
 from slimgraph.passes._infra.base import Pass, PassContext, PassResult
 from slimgraph.passes._infra.registry import register_pass
 
@@ -127,11 +128,7 @@ class RemoveUnusedInitializers(Pass):
     def run(self, model: ir.Model, ctx: PassContext) -> PassResult:
         # onnx_ir only removes unused initializers together with dead nodes; this pass
         # does the initializer half alone, so it can be used without touching nodes.
-        graph = model.graph
-        keep = set(graph.outputs) | set(graph.inputs)
-        unused = [name for name, v in graph.initializers.items() if not v.uses() and v not in keep]
-        for name in unused:
-            del graph.initializers[name]
+        unused = edit.remove_unused_initializers(model)
         return PassResult(bool(unused), {"initializers removed": len(unused)})
 
 

@@ -120,3 +120,64 @@ def test_insert_after_and_bypass(mlp_model):
     edit.bypass(mlp_model, relu.inputs[0], relu.outputs[0])
     assert "relu" not in {n.name for n in mlp_model.graph}
     onnx.checker.check_model(ir.serde.serialize_model(mlp_model))
+
+
+def test_builder_names_nodes_in_scopes_and_makes_each_constant_once(mlp_model):
+    y = mlp_model.graph.outputs[0]
+    build = edit.Builder(mlp_model, "head", name_scopes=["", "head"])
+    with build.scope("experts.0"):
+        two = build.constant("two", 2.0)
+        assert build.constant("two", 2.0) is two  # the same name and value: made once
+        assert build.constant("two", 3.0) is not two  # another value: another constant
+        scaled = build.op("Mul", [y, two])
+    out = build.op("Identity", [scaled], name="kept")
+    nodes = build.take()
+    assert build.take() == [] and [n.name for n in nodes] == ["head.experts.0/Mul_0", "kept"]
+    assert nodes[0].metadata_props[NAME_SCOPES_KEY] == repr(["", "head", "head.experts", "head.experts.0",
+                                                             "head.experts.0/Mul_0"])
+    assert two.name == "head.two" and two.const_value.dtype == ir.DataType.FLOAT  # a float: a float32 scalar
+    assert [v.name for v in mlp_model.graph.initializers.values()][-2:] == ["head.two", "head.two.2"]
+    assert build.constant("axes", [0, 1]).const_value.numpy().dtype == np.int64  # a list: an int64 vector
+    edit.insert_after(mlp_model, y, nodes, out)
+    feeds = {"x": RNG.standard_normal((3, 8)).astype(np.float32)}
+    assert mlp_model.graph.outputs[0].name == "y"
+    onnx.checker.check_model(ir.serde.serialize_model(mlp_model))
+    assert evaluate.run(mlp_model, feeds)["y"].shape == (3, 4)
+
+
+def test_builder_templates_and_copies(mlp_model):
+    relu = next(n for n in mlp_model.graph if n.name == "relu")
+    build = edit.Builder(mlp_model, "a", node_names="{scope}_map_{n}", constant_names="{scope}.map_{name}",
+                         copy_names="{name}_copy{n}", first=1, metadata={"note": "made"})
+    first = build.op("Relu", [relu.inputs[0]])
+    copied = build.copy(relu, [first])
+    assert [n.name for n in build.nodes] == ["a_map_1", "relu_copy2"]
+    assert copied.producer().op_type == "Relu" and copied.producer().metadata_props["note"] == "made"
+    assert build.constant("k", 1.0).name == "a.map_k"
+
+
+def test_redirect_and_insert_before(mlp_model):
+    relu = next(n for n in mlp_model.graph if n.name == "relu")
+    h1 = relu.inputs[0]
+    users = [(node, i) for node, i in h1.uses() if node is relu]
+    build = edit.Builder(mlp_model, "clip")
+    clipped = build.op("Clip", [h1, build.constant("low", 0.0)])
+    edit.insert_before(mlp_model, relu, build.take())
+    edit.redirect(users, clipped)
+    assert relu.inputs[0] is clipped and any(node.name == "relu_dup" for node, _ in h1.uses())  # the others stay
+    nodes = list(mlp_model.graph)
+    assert nodes.index(clipped.producer()) == nodes.index(relu) - 1
+    onnx.checker.check_model(ir.serde.serialize_model(mlp_model))
+
+
+def test_unique_name_takes_a_model_a_set_or_a_predicate(mlp_model):
+    assert edit.unique_name(mlp_model, "fc1.weight") == "fc1.weight.2"
+    assert edit.unique_name(mlp_model, "h1") == "h1.2"  # node outputs are taken too
+    assert edit.unique_name({"x", "x_2"}, "x", sep="_") == "x_3"
+    assert edit.unique_name(lambda name: name < "x_5", "x", sep="_") == "x_5"
+    assert edit.unique_name(set(), "x", sep="_", start=4) == "x_4"
+
+
+def test_remove_unused_initializers_says_what_it_removed(mlp_model):
+    assert edit.remove_unused_initializers(mlp_model) == ["unused"]
+    assert edit.remove_unused_initializers(mlp_model) == []

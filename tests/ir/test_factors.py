@@ -6,7 +6,7 @@ import numpy as np
 import onnx_ir as ir
 from onnx import TensorProto, helper, numpy_helper, shape_inference
 
-from slimgraph.ir.factors import Factor, FactorFlow, same
+from slimgraph.ir.factors import Factor, FactorFlow, position_axes, same
 
 
 def flow_through_reduction(axis: int) -> FactorFlow:
@@ -37,3 +37,13 @@ def test_a_reduction_over_another_axis_keeps_the_followed_one():
 def test_a_reduction_over_the_followed_axis_is_a_loss():
     flow = flow_through_reduction(axis=1)  # a mean over the tokens depends on how many there are
     assert [why for _, why in flow.lost][:1] == ["a reduction over a followed axis"]
+
+
+def test_position_axes_tell_tables_of_positions_from_other_constants():
+    positions = np.arange(6, dtype=np.float32)
+    angles = np.outer(positions, [1.0, 0.1, 0.01]).astype(np.float32)  # rotary angles [L, dim]
+    causal = np.triu(np.full((6, 6), -1e9, np.float32), k=1)[None, None]
+    assert position_axes(positions, 6) == [0]
+    assert position_axes(np.cos(angles), 6) == [0]
+    assert position_axes(causal, 6) == [2, 3]
+    assert position_axes(np.random.default_rng(0).standard_normal((1, 6, 4)), 6) is None  # a learned bias

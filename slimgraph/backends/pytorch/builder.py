@@ -16,6 +16,7 @@ import torch.fx as fx
 from slimgraph.backends.pytorch.lowering import Dims, find_lowering
 from slimgraph.backends.pytorch.tensors import tensor_array, to_numpy, to_torch
 from slimgraph.errors import SlimgraphError
+from slimgraph.ir.edit import unique_name
 from slimgraph.ir.graph import module_path
 
 if TYPE_CHECKING:
@@ -300,13 +301,8 @@ class SubgraphBuilder(Builder):
         return self._captures[key]
 
     def _argument(self, name: str) -> str:
-        text, i = identifier(name, "value"), 1
         taken = {n.name for n in self.graph.nodes} | {n.target for n in self.graph.nodes}
-        candidate = text
-        while candidate in taken:
-            i += 1
-            candidate = f"{text}_{i}"
-        return candidate
+        return unique_name(taken, identifier(name, "value"), sep="_")
 
     def build_function(self) -> fx.GraphModule:
         self._load_initializers(self.subgraph_ir)
@@ -381,13 +377,8 @@ class _AttributeNames:
         (`q.weight.scale` once `q.weight` is a tensor) joins that segment: `q.weight_scale`."""
         while (owner := self._below_taken(base)) is not None:
             base = owner + "_" + base[len(owner) + 1:]
-        candidate, i = base, self._next_suffix.get(base, 1)
-        if i > 1:
-            candidate = f"{base}_{i}"
-        while not self._free(candidate):
-            i += 1
-            candidate = f"{base}_{i}"
-        self._next_suffix[base] = i
+        candidate = unique_name(lambda name: not self._free(name), base, sep="_", start=self._next_suffix.get(base, 1))
+        self._next_suffix[base] = 1 if candidate == base else int(candidate[len(base) + 1:])
         self._taken.add(candidate)
         parts = candidate.split(".")
         self._modules.update(".".join(parts[:j]) for j in range(1, len(parts)))

@@ -33,6 +33,7 @@ from slimgraph.backends.pytorch import runtime
 from slimgraph.backends.pytorch.builder import Builder, identifier, lowerable
 from slimgraph.backends.pytorch.layers import CLASS_HIERARCHY_KEY, find_layers
 from slimgraph.backends.pytorch.modules import Conv1D, MixtureOfExperts, QuantizedEmbedding, QuantizedLinear
+from slimgraph.ir.edit import unique_name
 from slimgraph.ir.graph import NAME_SCOPES_KEY, ensure_shapes
 from slimgraph.ir.structure import blocks_from_scopes
 
@@ -199,7 +200,7 @@ class _Generator:
         names = _input_names(region)
         taken: set[str] = set()
         for value in region.inputs:
-            name = _free_name(names.get(value) or self._name(value), taken)
+            name = unique_name(taken, identifier(names.get(value) or self._name(value)), sep="_")
             taken.add(name)
             env[value] = graph.placeholder(name)
         outside: dict[str, str] = {}  # attribute outside the block that it reads → a copy of its own
@@ -208,7 +209,7 @@ class _Generator:
             if target.startswith(own):
                 return target[len(own):]
             if target not in outside:
-                outside[target] = _free_name(target.split(".")[-1], set(outside.values()))
+                outside[target] = unique_name(set(outside.values()), identifier(target.split(".")[-1]), sep="_")
             return outside[target]
 
         self._copy(region.nodes, graph, env, attribute)
@@ -442,15 +443,6 @@ def _input_names(region: Region) -> dict[fx.Node, str]:
 def _access(path: str) -> str:
     """`self.a.b["3"].c` for the attribute at a dotted path (numbered children sit in an nn.ModuleDict)."""
     return "self" + "".join(f"[{part!r}]" if part.isdigit() else f".{part}" for part in path.split("."))
-
-
-def _free_name(name: str, taken: set[str]) -> str:
-    name = identifier(name)
-    candidate, i = name, 1
-    while candidate in taken:
-        i += 1
-        candidate = f"{name}_{i}"
-    return candidate
 
 
 def _snake(name: str) -> str:

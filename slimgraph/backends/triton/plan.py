@@ -40,6 +40,7 @@ from slimgraph.backends.triton.templates.gather import GatherBlockQuantized
 from slimgraph.backends.triton.templates.matmul_nbits import TERNARY, Epilogue, MatMulNBits
 from slimgraph.backends.triton.templates.moe import ACTIVATIONS, MixtureOfExperts
 from slimgraph.backends.triton.templates.rowwise import RowKernel
+from slimgraph.ir.edit import unique_name
 from slimgraph.ir.graph import constant_tensor, module_path
 
 MS = "com.microsoft"
@@ -367,11 +368,7 @@ def _name(result: Plan) -> None:
     taken: set[str] = set()
     for (spec, folded), calls in shared.items():
         paths = {c.path for c in calls}
-        base = _identifier(f"{paths.pop() if len(paths) == 1 else folded}_{spec.suffix}")
-        name, i = base, 1
-        while name in taken:
-            i += 1
-            name = f"{base}_{i}"
+        name = unique_name(taken, _identifier(f"{paths.pop() if len(paths) == 1 else folded}_{spec.suffix}"), sep="_")
         taken.add(name)
         for call in calls:
             call.launcher = name

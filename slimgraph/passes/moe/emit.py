@@ -97,54 +97,61 @@ class MoEPlan:
 def emit(model: ir.Model, plan: MoEPlan, form: Form) -> None:
     """Add the routed experts beside the FFN and make its readers read the sum (see the module
     docstring). The FFN's own neurons are not touched: the caller narrows them to the shared ones."""
-    build = _Builder(model, plan.ffn)
+    build = edit.Builder(model, plan.ffn.name, name_scopes=_scopes_of(plan.ffn))
     ffn, weights = plan.ffn, plan.weights
     x = ffn.up.node.inputs[0]
     flat = x.shape is not None and len(x.shape) == 2
-    rows = x if flat else build.op("Reshape", [x, build.constant("rows_shape", np.array([-1, ffn.hidden]))])
+    rows = x if flat else build.op("Reshape", [x, build.constant("rows_shape", [-1, ffn.hidden])])
     logits = _router(build, plan, rows)
     routed = _ort_moe(build, plan, rows, logits) if form == "onnxruntime" else _decomposed(build, plan, rows, logits)
     if plan.offset is not None:
         routed = build.op("Add", [routed, build.constant("experts.bias", plan.offset)])
     out = weights.down.shape[1]
     if not flat:
-        leading = build.op("Shape", [x], {"start": 0, "end": -1})
-        shape = build.op("Concat", [leading, build.constant("out_features", np.array([out]))], {"axis": 0})
+        leading = build.op("Shape", [x], start=0, end=-1)
+        shape = build.op("Concat", [leading, build.constant("out_features", [out])], axis=0)
         routed = build.op("Reshape", [routed, shape])
     dense = ffn.down.output
     total = build.op("Add", [dense, routed]) if len(plan.shared) else build.op("Identity", [routed])
     total.type = dense.type
-    edit.insert_after(model, dense, build.nodes, total)
+    edit.insert_after(model, dense, build.take(), total)
 
 
-def _router(build: _Builder, plan: MoEPlan, rows: ir.Value) -> ir.Value:
+def _router(build: edit.Builder, plan: MoEPlan, rows: ir.Value) -> ir.Value:
     router = plan.router
-    if router.kind == "centroid":
-        return build.op("MatMul", [rows, build.constant("router.weight", router.matrix)], module="router")
-    h = _expert_activation(build, plan, router.neurons, rows, "router")
-    scale = build.constant("router.scale", np.array(router.scale, np.float32))
-    return build.op("Mul", [build.op("Abs", [h], module="router"), scale], module="router")
+    with build.scope("router"):
+        if router.kind == "centroid":
+            return build.op("MatMul", [rows, build.constant("router.weight", router.matrix)])
+        h = _expert_activation(build, plan, router.neurons, rows, "router")
+        scale = build.constant("router.scale", np.array(router.scale, np.float32))
+        return build.op("Mul", [build.op("Abs", [h]), scale])
 
 
-def _expert_activation(build: _Builder, plan: MoEPlan, neurons: np.ndarray, rows: ir.Value, module: str) -> ir.Value:
-    """act(rows · gate[:, neurons]) · (rows · up[:, neurons]) with the FFN's own activation nodes."""
+def _expert_activation(build: edit.Builder, plan: MoEPlan, neurons: np.ndarray, rows: ir.Value, module: str
+                       ) -> ir.Value:
+    """act(rows · gate[:, neurons]) · (rows · up[:, neurons]) with the FFN's own activation nodes, in
+    the current scope (the FFN's `module`, which names the constants)."""
     weights = plan.weights
 
     def linear(matrix: np.ndarray, bias: np.ndarray | None, what: str) -> ir.Value:
         where = f"{module}.{what}"
-        out = build.op("MatMul", [rows, build.constant(f"{where}.weight", matrix[:, neurons])], module=where)
-        if bias is not None:
-            out = build.op("Add", [out, build.constant(f"{where}.bias", bias[neurons])], module=where)
+        with build.scope(what):
+            out = build.op("MatMul", [rows, build.constant(f"{where}.weight", matrix[:, neurons])])
+            if bias is not None:
+                out = build.op("Add", [out, build.constant(f"{where}.bias", bias[neurons])])
         return out
 
     up = linear(weights.up, weights.up_bias, "up_proj")
     gate = linear(weights.gate, weights.gate_bias, "gate_proj") if weights.gate is not None else None
-    nodes, h = copy_activation(plan.activation, neurons, up, gate, build.copied)
-    build.add(nodes, f"{module}.act_fn")
+    # the activation's constants are shared by every expert: one per source and values
+    nodes, h = copy_activation(plan.activation, neurons, up, gate,
+                               lambda source, array: build.constant(f"act_fn.{source.name or 'constant'}", array))
+    with build.scope("act_fn"):
+        build.add(nodes)
     return h
 
 
-def _ort_moe(build: _Builder, plan: MoEPlan, rows: ir.Value, logits: ir.Value) -> ir.Value:
+def _ort_moe(build: edit.Builder, plan: MoEPlan, rows: ir.Value, logits: ir.Value) -> ir.Value:
     weights = plan.weights
     experts = np.stack(plan.experts)  # [experts, size]
     if plan.ort_activation == "swiglu":  # rows interleaved: gate 0, up 0, gate 1, up 1, ...
@@ -179,81 +186,36 @@ def _ort_moe(build: _Builder, plan: MoEPlan, rows: ir.Value, logits: ir.Value) -
     return out
 
 
-def _decomposed(build: _Builder, plan: MoEPlan, rows: ir.Value, logits: ir.Value) -> ir.Value:
+def _decomposed(build: edit.Builder, plan: MoEPlan, rows: ir.Value, logits: ir.Value) -> ir.Value:
     weights = plan.weights
-    probabilities = build.op("Softmax", [logits], {"axis": -1})
-    chosen_weights, chosen = build.op("TopK", [probabilities, build.constant("router.top_k", np.array([plan.top_k]))],
-                                      {"axis": -1}, outputs=2)
+    probabilities = build.op("Softmax", [logits], axis=-1)
+    chosen_weights, chosen = build.op("TopK", [probabilities, build.constant("router.top_k", [plan.top_k])],
+                                      axis=-1, outputs=2)
     if plan.normalize:
-        axes = build.constant("router.last_axis", np.array([-1]))
-        total = build.op("ReduceSum", [chosen_weights, axes], {"keepdims": 1})
+        total = build.op("ReduceSum", [chosen_weights, build.constant("router.last_axis", [-1])], keepdims=1)
         chosen_weights = build.op("Div", [chosen_weights, total])
-    tokens_count = build.op("Shape", [rows], {"start": 0, "end": 1})
+    tokens_count = build.op("Shape", [rows], start=0, end=1)
     out = weights.down.shape[1]
-    shape = build.op("Concat", [tokens_count, build.constant("out_features", np.array([out]))], {"axis": 0})
-    zero = ir.tensor(np.zeros(1, np.float32))
-    total = build.op("ConstantOfShape", [shape], {"value": zero})
-    first, last = build.constant("index_0", np.array(0)), build.constant("axis_1", np.array([1]))
+    shape = build.op("Concat", [tokens_count, build.constant("out_features", [out])], axis=0)
+    total = build.op("ConstantOfShape", [shape], value=ir.tensor(np.zeros(1, np.float32)))
+    first, last = build.constant("index_0", np.array(0)), build.constant("axis_1", [1])
     for e, neurons in enumerate(plan.experts):
         module = f"experts.{e}"
-        expert_id = build.constant(f"{module}.id", np.array(e))
-        hit = build.op("NonZero", [build.op("Equal", [chosen, expert_id], module=module)], module=module)
-        tokens = build.op("Gather", [hit, first], {"axis": 0}, module=module)  # hit: (token, slot), one per token
-        weight = build.op("GatherND", [chosen_weights, build.op("Transpose", [hit], {"perm": [1, 0]}, module=module)],
-                          module=module)
-        inputs = build.op("Gather", [rows, tokens], {"axis": 0}, module=module)
-        h = _expert_activation(build, plan, neurons, inputs, module)
-        down = build.constant(f"{module}.down_proj.weight", weights.down[neurons] * plan.scale)
-        result = build.op("MatMul", [h, down], module=f"{module}.down_proj")
-        if plan.means is not None:
-            bias = build.constant(f"{module}.down_proj.bias", -plan.scale * plan.means[e])
-            result = build.op("Add", [result, bias], module=f"{module}.down_proj")
-        result = build.op("Mul", [result, build.op("Unsqueeze", [weight, last], module=module)], module=module)
-        total = build.op("ScatterND", [total, build.op("Unsqueeze", [tokens, last], module=module), result],
-                         {"reduction": "add"}, module=module)
+        with build.scope(module):
+            hit = build.op("NonZero", [build.op("Equal", [chosen, build.constant(f"{module}.id", np.array(e))])])
+            tokens = build.op("Gather", [hit, first], axis=0)  # hit: (token, slot), one per token
+            weight = build.op("GatherND", [chosen_weights, build.op("Transpose", [hit], perm=[1, 0])])
+            inputs = build.op("Gather", [rows, tokens], axis=0)
+            h = _expert_activation(build, plan, neurons, inputs, module)
+            down = build.constant(f"{module}.down_proj.weight", weights.down[neurons] * plan.scale)
+            with build.scope("down_proj"):
+                result = build.op("MatMul", [h, down])
+                if plan.means is not None:
+                    result = build.op("Add", [result, build.constant(f"{module}.down_proj.bias",
+                                                                     -plan.scale * plan.means[e])])
+            result = build.op("Mul", [result, build.op("Unsqueeze", [weight, last])])
+            total = build.op("ScatterND", [total, build.op("Unsqueeze", [tokens, last]), result], reduction="add")
     return total
-
-
-class _Builder:
-    """New nodes for one FFN: in its module or a submodule of it (name scopes, as PyTorch's exporter
-    writes them: `mlp.experts.3.up_proj`), constants registered once under readable names."""
-
-    def __init__(self, model: ir.Model, ffn: FFN) -> None:
-        self.model = model
-        self.prefix = ffn.name
-        self.nodes: list[ir.Node] = []
-        self.scopes = _scopes_of(ffn)
-        self._copied: dict[tuple, ir.Value] = {}
-
-    def op(self, op_type: str, inputs: list[ir.Value | None], attributes: dict | None = None, *,
-           domain: str = "", outputs: int = 1, module: str = "") -> ir.Value | tuple[ir.Value, ...]:
-        node = ir.node(op_type, inputs, attributes, domain=domain, num_outputs=outputs)
-        self.add([node], module)
-        return node.outputs[0] if outputs == 1 else tuple(node.outputs)
-
-    def add(self, nodes: list[ir.Node], module: str = "") -> None:
-        """Take `nodes` into the FFN's `module`, naming them after it."""
-        path = f"{self.prefix}.{module}" if module else self.prefix
-        for node in nodes:
-            node.name = f"{path}/{node.op_type}_{len(self.nodes)}"
-            if self.scopes is not None:
-                parts = module.split(".") if module else []
-                inner = [".".join([self.prefix, *parts[: i + 1]]) for i in range(len(parts))]
-                node.metadata_props[NAME_SCOPES_KEY] = repr([*self.scopes, *inner, node.name])
-            self.nodes.append(node)
-
-    def constant(self, name: str, array: np.ndarray) -> ir.Value:
-        if array.dtype == np.float64:
-            array = array.astype(np.float32)
-        # np.ascontiguousarray would make a scalar 1-D, and a [1] index or axis changes ranks
-        return edit.add_initializer(self.model, f"{self.prefix}.{name}", np.array(array, order="C"))
-
-    def copied(self, source: ir.Value, array: np.ndarray) -> ir.Value:
-        """A constant of the activation, made once per source and values."""
-        key = (source, array.shape, array.tobytes())
-        if key not in self._copied:
-            self._copied[key] = self.constant(f"act_fn.{source.name or 'constant'}", array)
-        return self._copied[key]
 
 
 def _scopes_of(ffn: FFN) -> list[str] | None:

@@ -18,22 +18,12 @@ import onnx_ir as ir
 
 from slimgraph.errors import SlimgraphError
 from slimgraph.ir import edit
-from slimgraph.ir.graph import Walk, constant_tensor
 from slimgraph.ir.parts import Block
-from slimgraph.ir.structure import discover, same_shape
+from slimgraph.ir.structure import discover, sub_block
 from slimgraph.measure import evaluate
 from slimgraph.passes._infra.base import Pass, PassContext, PassResult
 from slimgraph.passes._infra.registry import register_pass
 from slimgraph.passes.activations import token_rows
-
-
-@dataclass(frozen=True)
-class _Span:
-    """What one choice removes: the values it joins (exit takes entry's place)."""
-
-    name: str
-    entry: ir.Value
-    exit: ir.Value
 
 
 @register_pass
@@ -59,7 +49,8 @@ class PruneDepth(Pass):
         if self.drop and self.importance != "explicit":
             object.__setattr__(self, "importance", "explicit")
 
-    def spans(self, model: ir.Model) -> list[_Span]:
+    def spans(self, model: ir.Model) -> list[Block]:
+        """What each choice removes: a block, or its attention or MLP sub-block (`structure.sub_block`)."""
         found = discover(model).blocks
         if found is None:
             raise SlimgraphError(f"{self.name}: no repeated blocks found (looked for numbered module paths, "
@@ -68,8 +59,8 @@ class PruneDepth(Pass):
             raise SlimgraphError(f"{self.name}: found {found.count} blocks but the residual stream in and out of "
                                  f"only {len(found.blocks)} of them; cannot drop blocks safely")
         if self.part == "block":
-            return [_Span(b.name, b.entry, b.exit) for b in found.blocks]
-        spans = [_sub_block(b, self.part) for b in found.blocks]
+            return list(found.blocks)
+        spans = [sub_block(b, self.part) for b in found.blocks]
         missing = [b.name for b, s in zip(found.blocks, spans) if s is None]
         if missing:
             raise SlimgraphError(f"{self.name}: part={self.part}: no residual Add for it in {missing[0]}")
@@ -109,7 +100,7 @@ class PruneDepth(Pass):
         return PassResult(True, stats)
 
 
-def block_influence(model: ir.Model, spans: list[_Span], ctx: PassContext) -> np.ndarray:
+def block_influence(model: ir.Model, spans: list[Block], ctx: PassContext) -> np.ndarray:
     """ShortGPT's BI per span: 1 − cos(x_in, x_out) per token, averaged over calibration tokens."""
     names = [n for span in spans for n in (span.entry.name, span.exit.name)]
     captured = evaluate.capture(model, names, ctx.inputs)
@@ -123,29 +114,3 @@ def block_influence(model: ir.Model, spans: list[_Span], ctx: PassContext) -> np
             if i == 0:
                 count += a.shape[0]
     return total / max(count, 1)
-
-
-def _sub_block(block: Block, part: str) -> _Span | None:
-    """The attention (first) or MLP (last) residual branch of a block: its residual Add, whose
-    output is replaced by the Add's residual operand."""
-    start = block.entry.producer()
-    adds = []  # walking up from the exit: the MLP's residual Add comes before the attention's
-    for value, node in Walk(block.exit, up=True, through=lambda n: n is not start, limit=4096):
-        if node is not None and node is not start and node.op_type == "Add" and value is node.outputs[0]:
-            residual = _residual_operand(node)
-            if residual is not None and same_shape(residual, block.entry):  # on the residual stream
-                adds.append((node, residual))
-    if len(adds) < 2:
-        return None
-    add, residual = adds[-1] if part == "attention" else adds[0]
-    return _Span(f"{block.name}.{part}", residual, add.outputs[0])
-
-
-def _residual_operand(add: ir.Node) -> ir.Value | None:
-    """The operand of an Add that the other operand is computed from (the skip connection)."""
-    left, right = add.inputs
-    for skip, branch in ((left, right), (right, left)):
-        if skip is not None and branch is not None and constant_tensor(skip) is None and any(
-                v is skip for v, _ in Walk(branch, up=True, through=lambda n: True, limit=1024)):
-            return skip
-    return None

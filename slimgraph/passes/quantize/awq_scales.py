@@ -59,14 +59,13 @@ def _divide_input(model: ir.Model, x: ir.Value, group: list[Linear], s: np.ndarr
     """Make the group's linears read Mul(x, 1/s); returns the Mul."""
     first = group[0]
     dtype = x.dtype.numpy() if x.dtype is not None else np.float32
-    inverse = edit.add_initializer(model, f"{first.weight or first.name}.awq_inv_scale", (1.0 / s).astype(dtype))
-    mul = ir.node("Mul", [x, inverse], name=f"{first.node.name or first.name}_awq_scale",
-                  metadata_props=dict(first.node.metadata_props))
-    mul.outputs[0].type, mul.outputs[0].shape = x.type, x.shape
-    model.graph.insert_before(first.node, mul)
-    for linear in group:
-        linear.node.replace_input_with(0, mul.outputs[0])
-    return mul
+    build = edit.Builder(model, first.weight or first.name, metadata=first.node.metadata_props, floats=dtype)
+    scaled = build.op("Mul", [x, build.constant("awq_inv_scale", (1.0 / s).astype(dtype))],
+                      name=f"{first.node.name or first.name}_awq_scale")
+    scaled.type, scaled.shape = x.type, x.shape
+    edit.insert_before(model, first.node, build.take())
+    edit.redirect([(linear.node, 0) for linear in group], scaled)
+    return scaled.producer()
 
 
 # --- folding ------------------------------------------------------------------------------
@@ -119,8 +118,7 @@ def _fold_into_linear(model: ir.Model, mul: ir.Node) -> bool:
         if len(bias.uses()) != 1:
             return False
         edit.replace_constant(bias, (edit.constant_array(bias) * c).astype(edit.constant_array(bias).dtype))
-    mul.outputs[0].replace_all_uses_with(x)
-    model.graph.remove(mul, safe=True)
+    edit.bypass(model, x, mul.outputs[0])  # the Mul goes: its readers read x
     return True
 
 
