@@ -37,6 +37,7 @@ from slimgraph.ir.edit import (
     constant_array,
     constant_shape,
     remove_unused_initializers,
+    unique_name,
 )
 from slimgraph.ir.graph import constant_tensor, ensure_shapes, filled_constant, is_default_domain, module_path
 from slimgraph.measure import evaluate
@@ -246,10 +247,7 @@ class _Rewriter:
 
     def _fresh(self, base: str) -> str:
         """`base`, or `base.2`, …: ONNX Runtime refuses two nodes of one name (a shared bias has several DQs)."""
-        name, i = base, 1
-        while name in self.taken or name in self.model.graph.initializers:  # (initializers: added since)
-            i += 1
-            name = f"{base}.{i}"
+        name = unique_name(lambda n: n in self.taken or n in self.model.graph.initializers, base)  # (added since)
         self.taken.add(name)
         return name
 
