@@ -30,14 +30,22 @@ def _counts(model: ir.Model) -> tuple[int, int]:
     return len(model.graph), len(model.graph.initializers)
 
 
+def _removed(before: tuple[int, int], after: tuple[int, int]) -> dict[str, int]:
+    """`nodes removed`, `initializers removed` — or `… added` where folding made more (Constant
+    nodes become initializers): never a negative count."""
+    stats = {}
+    for what, b, a in (("nodes", before[0], after[0]), ("initializers", before[1], after[1])):
+        stats[f"{what} removed" if a <= b else f"{what} added (folded constants)"] = abs(b - a)
+    return stats
+
+
 def _run(model: ir.Model, *steps: Callable[[ir.Model], ir.passes.PassResult]) -> PassResult:
     """Run onnx_ir/onnxscript passes (anything returning a result with `.modified`) in order."""
-    nodes, inits = _counts(model)
+    before = _counts(model)
     modified = False
     for step in steps:
         modified |= step(model).modified
-    after_nodes, after_inits = _counts(model)
-    return PassResult(modified, {"nodes removed": nodes - after_nodes, "initializers removed": inits - after_inits})
+    return PassResult(modified, _removed(before, _counts(model)))
 
 
 @register_pass
@@ -154,7 +162,7 @@ class Cleanup(Pass):
             RemoveDeadNodes(),
             RemoveUnusedInitializers(),
         ]
-        nodes, inits = _counts(model)
+        before = _counts(model)
         modified, rounds = False, 0
         for rounds in range(1, self.max_rounds + 1):
             changed = False
@@ -163,8 +171,4 @@ class Cleanup(Pass):
             modified |= changed
             if not changed:
                 break
-        after_nodes, after_inits = _counts(model)
-        return PassResult(
-            modified,
-            {"nodes removed": nodes - after_nodes, "initializers removed": inits - after_inits, "rounds": rounds},
-        )
+        return PassResult(modified, _removed(before, _counts(model)) | {"rounds": rounds})

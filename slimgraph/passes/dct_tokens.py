@@ -44,6 +44,7 @@ from slimgraph.ir.parts import Join
 from slimgraph.ir.structure import discover, find_join, reads_first_token
 from slimgraph.measure.fidelity import OutputMap
 from slimgraph.passes._infra.base import Pass, PassContext, PassResult
+from slimgraph.passes._infra.options import option
 from slimgraph.passes._infra.registry import register_pass
 
 
@@ -73,18 +74,16 @@ class DctTokens(Pass):
 
     name: ClassVar[str] = "dct-tokens"
     exact: ClassVar[bool] = False
-    at: int = -1  # the block whose entry is compressed; -1: use `value`
+    at: int | None = option(None, low=0)  # the block whose entry is compressed (or give `value`)
     value: str = ""
-    keep: float = 0.5
+    keep: float = option(0.5, low=0, low_open=True, high=1)
     grid: tuple[int, ...] = ()  # [h, w] kept of the H×W grid (layout=grid)
     layout: Literal["sequence", "grid"] = "sequence"
     cls: Literal["auto", "first", "none"] = "auto"
     restore: bool = True
 
     def __post_init__(self) -> None:
-        if not 0 < self.keep <= 1:
-            raise SlimgraphError(f"{self.name}: keep must be in (0, 1], got {self.keep}")
-        if (self.at < 0) == (not self.value):
+        if (self.at is None) == (not self.value):
             raise SlimgraphError(f"{self.name}: give at=BLOCK or value=NAME (one of them)")
         if self.grid and (len(self.grid) != 2 or min(self.grid) < 1):
             raise SlimgraphError(f"{self.name}: grid must be [h, w] with h, w ≥ 1, got {list(self.grid)}")
@@ -111,7 +110,8 @@ class DctTokens(Pass):
                                  f"(shape {value.shape})")
         return value
 
-    def check(self, model: ir.Model) -> None:
+    def check(self, model: ir.Model) -> tuple[ir.Value, Join | None]:
+        """The tokens `run` compresses, and where they are joined with others (None: nowhere)."""
         super().check(model)
         value = self.tokens(model)
         if self.layout == "grid":
@@ -119,6 +119,7 @@ class DctTokens(Pass):
         join = self._join(model, value)
         if join is not None:
             _position_tables(model, join)  # refuses a constant of the joined length it cannot follow
+        return value, join
 
     def _join(self, model: ir.Model, value: ir.Value) -> Join | None:
         """Where `value`'s tokens are concatenated with others on the token axis, checked."""
@@ -155,9 +156,7 @@ class DctTokens(Pass):
                              "grid layouts need H×W tokens")
 
     def run(self, model: ir.Model, ctx: PassContext) -> PassResult:
-        self.check(model)
-        value = self.tokens(model)
-        join = self._join(model, value)
+        value, join = self.check(model)
         before_join = (lambda n: n is join.concat) if join else None
         lead = 1 if self.cls == "first" or (self.cls == "auto" and reads_first_token(value, before_join)) else 0
         if self.layout == "sequence" and join is None and discover(model).lm_heads:

@@ -22,6 +22,7 @@ from slimgraph.ir.parts import Block
 from slimgraph.ir.structure import discover, sub_block
 from slimgraph.measure import evaluate
 from slimgraph.passes._infra.base import Pass, PassContext, PassResult
+from slimgraph.passes._infra.options import option
 from slimgraph.passes._infra.registry import register_pass
 from slimgraph.passes.activations import token_rows
 
@@ -33,17 +34,13 @@ class PruneDepth(Pass):
 
     name: ClassVar[str] = "prune-depth"
     exact: ClassVar[bool] = False
-    blocks: int = 0  # how many; 0: use ratio
-    ratio: float = 0.2
+    blocks: int = option(0, low=0)  # how many; 0: use ratio
+    ratio: float = option(0.2, low=0, high=1, high_open=True)
     importance: Literal["block-influence", "explicit"] = "block-influence"
     drop: tuple[int, ...] = ()
     part: Literal["block", "attention", "mlp"] = "block"
 
     def __post_init__(self) -> None:
-        if not 0 <= self.ratio < 1:
-            raise SlimgraphError(f"{self.name}: ratio must be in [0, 1), got {self.ratio}")
-        if self.blocks < 0:
-            raise SlimgraphError(f"{self.name}: blocks must be 0 or more, got {self.blocks}")
         if self.importance == "explicit" and not self.drop:
             raise SlimgraphError(f"{self.name}: importance=explicit needs drop=[i,...]")
         if self.drop and self.importance != "explicit":
@@ -66,21 +63,25 @@ class PruneDepth(Pass):
             raise SlimgraphError(f"{self.name}: part={self.part}: no residual Add for it in {missing[0]}")
         return spans
 
-    def check(self, model: ir.Model) -> None:
+    def check(self, model: ir.Model) -> list[Block]:
+        """The spans (blocks or sub-blocks) `run` chooses from."""
         super().check(model)
         spans = self.spans(model)
         bad = [i for i in self.drop if not 0 <= i < len(spans)]
         if bad:
             raise SlimgraphError(f"{self.name}: drop={bad[0]} does not exist (blocks 0..{len(spans) - 1})")
+        if self.blocks > len(spans):
+            raise SlimgraphError(f"{self.name}: blocks={self.blocks}, but the model has {len(spans)} "
+                                 f"{'blocks' if self.part == 'block' else self.part + ' sub-blocks'}")
         if len(set(self.drop)) >= len(spans) or self._count(len(spans)) >= len(spans):
             raise SlimgraphError(f"{self.name}: dropping all {len(spans)} blocks would leave no model")
+        return spans
 
     def _count(self, total: int) -> int:
         return len(set(self.drop)) if self.drop else (self.blocks or int(round(self.ratio * total)))
 
     def run(self, model: ir.Model, ctx: PassContext) -> PassResult:
-        self.check(model)
-        spans = self.spans(model)
+        spans = self.check(model)
         if self.drop:
             chosen = sorted(set(self.drop))
             scores = None

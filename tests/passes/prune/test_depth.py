@@ -59,6 +59,7 @@ def test_minilm_one_block_fidelity_floor(minilm, sentence_eval):
     ("prune-depth{drop=[0,1,2]}", "dropping all 3 blocks"),
     ("prune-depth{ratio=1.0}", r"ratio must be in \[0, 1\)"),
     ("prune-depth{importance=explicit}", "needs drop="),
+    ("prune-depth{blocks=10}", "blocks=10, but the model has 3 blocks"),
 ])
 def test_bad_input(llama_ir, text, message):
     with pytest.raises(SlimgraphError, match=message):
