@@ -294,14 +294,14 @@ def cmd_optimize(args: argparse.Namespace) -> int:
                     | ({"lowering": lowering.to_json()} if lowering is not None else {})
                     | ({"search": found.to_json() | {"recipe": str(recipe)}} if found is not None else {}))
     else:
-        from slimgraph.report import print_renderable, render_pipeline_report, render_search
+        from slimgraph.report import print_renderable, render_lowering, render_pipeline_report, render_search
 
         if found is not None:
             print_renderable(render_search(found))
             print(f"chosen recipe written to {recipe}\n")
         print_renderable(render_pipeline_report(report, output=str(output)))
         if lowering is not None:
-            print("\n".join(lowering.lines()))
+            print_renderable(render_lowering(lowering))
     return 0
 
 

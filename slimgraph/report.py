@@ -331,6 +331,28 @@ def render_search(result) -> _Fit:
     return _Fit(build)
 
 
+# --- the Triton backend's lowering ----------------------------------------------------------
+
+
+def render_lowering(report) -> Group:
+    """`--backend triton`: which nodes run as Triton kernels and which on PyTorch, wrapped to the
+    width; the nodes left to PyTorch folded by op and reason (a few names each)."""
+    def ops(counter) -> str:
+        return ", ".join(f"{op} {count}" for op, count in counter.most_common()) or "none"
+
+    lines = [Text(f"Triton kernels: {len(report.kernels)} launchers, {sum(c for _, c in report.kernels.values())} "
+                  f"calls, {sum(report.triton.values())} nodes ({ops(report.triton)})"),
+             Text(f"PyTorch lowering: {sum(report.pytorch.values())} nodes ({ops(report.pytorch)})")]
+    left: dict[tuple[str, str], list[str]] = {}
+    for op, node, why in report.left:
+        left.setdefault((op, why), []).append(node)
+    for (op, why), nodes in left.items():
+        named = ", ".join(nodes[:3]) + (f", … ({len(nodes)} in all)" if len(nodes) > 3 else "")
+        lines.append(Text(f"left to PyTorch: {op} ×{len(nodes)}: {why} ({named})" if len(nodes) > 1
+                          else f"left to PyTorch: {op} {nodes[0]}: {why}", style="dim"))
+    return Group(*lines)
+
+
 # --- pass list ----------------------------------------------------------------------------
 
 

@@ -224,6 +224,25 @@ def test_a_change_tree_stops_at_a_screenful():
     assert text.rstrip().endswith(f"{100 - MAX_TREE_LINES // 2} more changes (--json for all)")
 
 
+@pytest.mark.parametrize("width", WIDTHS)
+def test_triton_lowering_fits_and_folds_what_is_left(width):
+    import collections
+
+    from slimgraph.backends.triton.plan import LoweringReport
+    from slimgraph.report import render_lowering
+
+    report = LoweringReport(
+        kernels={f"matmul_nbits_{i}": ("MatMulNBits + bias", 6) for i in range(4)},
+        triton=collections.Counter({"com.microsoft::MatMulNBits": 24, "Add": 24, "Gelu": 6}),
+        pytorch=collections.Counter({"Softmax": 6, "LayerNormalization": 13, "Gather": 3, "Reshape": 48}),
+        left=[("com.microsoft::MatMulNBits", f"/encoder/layer.{i}/attention/query/MatMulNBits", "a g_idx input")
+              for i in range(6)])
+    text = render_text(render_lowering(report), width)
+    assert fits(text, width)
+    flat = " ".join(text.split())
+    assert "left to PyTorch: com.microsoft::MatMulNBits ×6: a g_idx input" in flat and "(6 in all)" in flat
+
+
 def test_disabled_progress_draws_nothing(mlp_model):
     console = Console(file=io.StringIO(), force_terminal=True, width=100)
     with TerminalProgress(enabled=False, console=console) as progress:
