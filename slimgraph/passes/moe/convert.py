@@ -189,7 +189,7 @@ class MoEConvert(Pass):
             for p in plans)
         values = np.array([r.mean for r in recalls])
         best = np.mean([r.best for r in recalls])
-        emitted = collections.Counter(form if why is None else f"{form} ({why})" for form, why in forms.values())
+        emitted = collections.Counter(form if why is None else f"{form} (see the warning)" for form, why in forms.values())
         return {
             "converted": f"{len(plans)} FFNs",
             "experts": ", ".join(f"{n} × {text}" if n > 1 else text for text, n in layouts.items()),
