@@ -558,12 +558,19 @@ def same_shape(a: ir.Value, b: ir.Value) -> bool:
     return a.shape is not None and b.shape is not None and [str(d) for d in a.shape] == [str(d) for d in b.shape]
 
 
+def _gated(node: ir.Node) -> bool:
+    """A product of two computed values (a recurrent cell's gate times its state), not a scaling."""
+    return node.op_type == "Mul" and sum(v is not None and constant_tensor(v) is None for v in node.inputs) == 2
+
+
 def residual_adds(model: ir.Model, max_span: int = MAX_WALK) -> list[ir.Node]:
     """Add/Sum nodes that merge two branches forking from one recent value.
 
     The fork is the latest common ancestor of the two operands; an identity shortcut forks
     at one operand itself, a projection shortcut (ResNet's first block of a stage) just
     before both branches. `max_span` (in topological positions) keeps far-apart merges out.
+    An unrolled LSTM's adds are a recurrence, not residuals: the state update `f·c + i·g` (two gated
+    products) and the gate inputs `W·x + U·h` (read only by the Split into gates).
     """
     order = {node: i for i, node in enumerate(model.graph)}
     graph = nx.DiGraph()
@@ -580,6 +587,11 @@ def residual_adds(model: ir.Model, max_span: int = MAX_WALK) -> list[ir.Node]:
         if len(producers) != 2 or any(p is None for p in producers) or producers[0] is producers[1]:
             continue
         a, b = producers
+        if all(_gated(p) for p in producers):  # an LSTM/GRU cell's state update: f·c + i·g
+            continue
+        readers = [user.op_type for user, _ in node.outputs[0].uses()]
+        if readers and set(readers) == {"Split"}:  # a recurrent cell's gate inputs W·x + U·h, cut into gates
+            continue
         common = (nx.ancestors(graph, a) | {a}) & (nx.ancestors(graph, b) | {b})
         if common and order[node] - order[max(common, key=order.__getitem__)] <= max_span:
             found.append(node)

@@ -152,3 +152,34 @@ def test_resnet_blocks_with_an_identity_shortcut_can_be_bypassed():
     assert {op: gone[op] for op in ("Conv", "BatchNormalization", "Relu", "Sum")} == {
         "Conv": 3, "BatchNormalization": 3, "Relu": 3, "Sum": 1}
     assert evaluate.run(model, sample_inputs(model, batch=1))["gpu_0/softmax_1"].shape == (1, 1000)
+
+
+def test_an_unrolled_lstm_has_no_residual_adds():
+    """Two steps of an LSTM cell as the TorchScript exporter unrolls it: W·x + U·h is cut into gates,
+    c' = f·c + i·g multiplies gates; neither is a residual block (a CRNN was said to have 55)."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    from slimgraph.ir.structure import residual_adds
+
+    rng = np.random.default_rng(0)
+    weights = [numpy_helper.from_array(rng.standard_normal((8, 16)).astype(np.float32), name) for name in ("W", "U")]
+    nodes, h, c = [], "h0", "c0"
+    for t in range(2):
+        nodes += [
+            helper.make_node("Gemm", [f"x{t}", "W"], [f"wx{t}"]), helper.make_node("Gemm", [h, "U"], [f"uh{t}"]),
+            helper.make_node("Add", [f"wx{t}", f"uh{t}"], [f"gates{t}"]),
+            helper.make_node("Split", [f"gates{t}"], [f"i{t}", f"f{t}", f"g{t}", f"o{t}"], axis=1, num_outputs=4),
+            *[helper.make_node("Sigmoid", [f"{k}{t}"], [f"{k}s{t}"]) for k in "ifo"],
+            helper.make_node("Tanh", [f"g{t}"], [f"gt{t}"]),
+            helper.make_node("Mul", [f"fs{t}", c], [f"fc{t}"]), helper.make_node("Mul", [f"is{t}", f"gt{t}"], [f"ig{t}"]),
+            helper.make_node("Add", [f"fc{t}", f"ig{t}"], [f"c{t + 1}"]),
+            helper.make_node("Tanh", [f"c{t + 1}"], [f"ct{t}"]),
+            helper.make_node("Mul", [f"os{t}", f"ct{t}"], [f"h{t + 1}"]),
+        ]
+        h, c = f"h{t + 1}", f"c{t + 1}"
+    inputs = [helper.make_tensor_value_info(n, TensorProto.FLOAT, [1, 8 if n.startswith("x") else 4])
+              for n in ("x0", "x1", "h0", "c0")]
+    graph = helper.make_graph(nodes, "lstm", inputs, [helper.make_tensor_value_info(h, TensorProto.FLOAT, [1, 4])],
+                              initializer=weights)
+    model = ir.serde.deserialize_model(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)]))
+    assert residual_adds(model) == []
