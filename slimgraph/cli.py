@@ -261,8 +261,8 @@ def cmd_optimize(args: argparse.Namespace) -> int:
     from slimgraph.report import TerminalProgress
 
     with TerminalProgress(enabled=_show_progress(args)) as progress:
-        with progress.stage(_loading(model_path)):
-            model = load(model_path, **_load_options(args))
+        with progress.stage(_loading(model_path)) as say:
+            model = load(model_path, stage=say, **_load_options(args))
         if args.goal is not None:
             from slimgraph.search import search
 
@@ -311,8 +311,8 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     from slimgraph.report import TerminalProgress
 
     with TerminalProgress(enabled=_show_progress(args)) as progress:
-        with progress.stage(_loading(Path(args.model))):
-            model = load(Path(args.model), **_load_options(args))
+        with progress.stage(_loading(Path(args.model))) as say:
+            model = load(Path(args.model), stage=say, **_load_options(args))
         with progress.stage("finding structures"):
             summary = inspect_model(model)
     if args.json:
@@ -332,8 +332,8 @@ def cmd_diff(args: argparse.Namespace) -> int:
     with TerminalProgress(enabled=_show_progress(args)) as progress:
         models = []
         for path in (Path(args.a), Path(args.b)):
-            with progress.stage(_loading(path)):
-                models.append(load(path, **_load_options(args)))
+            with progress.stage(_loading(path)) as say:
+                models.append(load(path, stage=say, **_load_options(args)))
         with progress.stage("matching nodes and comparing weights"):
             result = diff(*models, weights=args.weights, a_name=args.a, b_name=args.b)
     if args.json:
@@ -479,8 +479,7 @@ def _load_options(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def _loading(path: Path) -> str:
-    how = " (exporting with torch)" if path.is_dir() else ""
-    return f"loading {path.name or path}{how}"
+    return f"loading {path.name or path}"
 
 
 def _warn(message: str) -> None:

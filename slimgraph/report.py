@@ -667,17 +667,24 @@ class TerminalProgress:
             self._progress = None
 
     @contextlib.contextmanager
-    def stage(self, what: str) -> Iterator[None]:
-        """An open-ended step (loading a model, writing it): a spinner and the time it takes."""
+    def stage(self, what: str) -> Iterator[Callable[[str], None]]:
+        """An open-ended step (loading a model, writing it): a spinner and the time it takes. It yields
+        a function that says which part of the step is running (`loading x: from the export cache`)."""
         if self._progress is None:
-            yield
+            yield lambda detail: None
             return
-        task = self._progress.add_task(what, total=None, count="")
-        self._progress.refresh()
+        progress = self._progress
+        task = progress.add_task(what, total=None, count="")
+        progress.refresh()
+
+        def say(detail: str) -> None:
+            progress.update(task, description=f"{what}: {detail}")
+            progress.refresh()
+
         try:
-            yield
+            yield say
         finally:
-            self._progress.remove_task(task)
+            progress.remove_task(task)
 
     def step(self, what: str, done: int, total: int) -> None:
         """A `ProgressHook`: the layers of a pass, the runs of a benchmark."""

@@ -9,6 +9,7 @@ passes need (calibration, tokenizers, adapters).
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -19,7 +20,8 @@ from slimgraph.frontend.reader import READER
 from slimgraph.ir.meta import READER_KEY
 
 
-def load(source: Any, *, example_inputs: Any = None, dynamic_shapes: Any = None, **options: Any) -> ir.Model:
+def load(source: Any, *, example_inputs: Any = None, dynamic_shapes: Any = None,
+         stage: Callable[[str], None] | None = None, **options: Any) -> ir.Model:
     """Capture `source` into the IR.
 
     - `ir.Model` / `onnx.ModelProto`: used as is (a proto is deserialized).
@@ -27,15 +29,17 @@ def load(source: Any, *, example_inputs: Any = None, dynamic_shapes: Any = None,
       a dict of keyword tensors); `dynamic_shapes` maps input names to {axis: "dim name"}.
     - path to `.onnx`, `.pt2`, `.gguf` (dequantized to float32), or a folder with `config.json` (Hugging Face).
 
-    The model carries the frontend's reader (`model.meta[READER_KEY]`), through which passes read its
+    `stage(text)` hears which stage the load of a folder or `.gguf` is in (from the export cache,
+    exporting with torch, …). The model carries the frontend's reader (`model.meta[READER_KEY]`), through which passes read its
     calibration files, tokenizer and adapters.
     """
-    model = _load(source, example_inputs=example_inputs, dynamic_shapes=dynamic_shapes, **options)
+    model = _load(source, example_inputs=example_inputs, dynamic_shapes=dynamic_shapes, stage=stage, **options)
     model.meta[READER_KEY] = READER
     return model
 
 
-def _load(source: Any, *, example_inputs: Any, dynamic_shapes: Any, **options: Any) -> ir.Model:
+def _load(source: Any, *, example_inputs: Any, dynamic_shapes: Any, stage: Callable[[str], None] | None,
+          **options: Any) -> ir.Model:
     if isinstance(source, ir.Model):
         return _as_exported(source, options)
     module = type(source).__module__
@@ -53,7 +57,8 @@ def _load(source: Any, *, example_inputs: Any, dynamic_shapes: Any, **options: A
     if path.is_dir():
         from slimgraph.frontend import hf_folder
 
-        return hf_folder.load_folder(path, example_inputs=example_inputs, dynamic_shapes=dynamic_shapes, **options)
+        return hf_folder.load_folder(path, example_inputs=example_inputs, dynamic_shapes=dynamic_shapes, stage=stage,
+                                     **options)
     suffix = path.suffix.lower()
     if suffix == ".onnx":
         from slimgraph.frontend import onnx_file
@@ -69,7 +74,8 @@ def _load(source: Any, *, example_inputs: Any, dynamic_shapes: Any, **options: A
     if suffix == ".gguf":
         from slimgraph.frontend import gguf_file
 
-        return gguf_file.load_gguf(path, example_inputs=example_inputs, dynamic_shapes=dynamic_shapes, **options)
+        return gguf_file.load_gguf(path, example_inputs=example_inputs, dynamic_shapes=dynamic_shapes, stage=stage,
+                                   **options)
     raise SlimgraphError(
         f"unsupported file type '{suffix or path.name}': expected .onnx, .pt2, .gguf or a Hugging Face model folder")
 

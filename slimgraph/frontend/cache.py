@@ -92,36 +92,49 @@ def enabled() -> bool:
     return os.environ.get("SLIMGRAPH_NO_CACHE", "").strip() not in {"1", "true", "yes"}
 
 
-def cached_export(kind: str, source: Path, export: Callable[[], ir.Model], options: dict | None = None) -> ir.Model:
+Stage = Callable[[str], None]  # told which stage a load is in (the CLI shows it beside its spinner)
+EXPORTING = "exporting with torch (a minute or more the first time; the clock may pause while torch works)"
+
+
+def cached_export(kind: str, source: Path, export: Callable[[], ir.Model], options: dict | None = None,
+                  stage: Stage | None = None) -> ir.Model:
     """The model `export()` makes from `source` with `options` (JSON values that change the
-    export), from the cache when an intact entry exists.
+    export), from the cache when an intact entry exists; `stage` hears which it is.
 
     The returned model carries the example inputs and their source in `model.meta`; the
     caller sets what depends on where the source is (`SOURCE_KEY`, `TOKENIZER_KEY`).
     """
+    say = stage or (lambda what: None)
     if not enabled():
+        say(EXPORTING + " (the export cache is off)")
         return export()
+    say("looking in the export cache")
     entry = cache_root() / "exports" / entry_key(kind, source, options)
     if entry.is_dir():
+        say("reading the export from the cache")
         model = _read(entry)
         if model is not None:
             with contextlib.suppress(OSError):
                 os.utime(entry / ENTRY_FILE)  # most recently used: pruned last
             return model
         shutil.rmtree(entry, ignore_errors=True)  # corrupt or partial: rebuild
+    say(EXPORTING)
     model = export()
+    say("writing the export to the cache")
     _write(entry, model)
     _prune(entry.parent, keep=entry)
     return model
 
 
 def export_once(kind: str, source: Path, export: Callable[[Path, Any, Any], ir.Model], example_inputs: Any,
-                dynamic_shapes: Any, kv_cache: bool) -> ir.Model:
+                dynamic_shapes: Any, kv_cache: bool, stage: Stage | None = None) -> ir.Model:
     """`export(source, example_inputs, dynamic_shapes)`, through the cache when the inputs are the
     frontend's own: inputs chosen by the caller are not part of the key, so those export every time."""
     if example_inputs is None and dynamic_shapes is None:
         options = {"kv_cache": True} if kv_cache else None
-        return cached_export(kind, source, lambda: export(source, None, None), options)
+        return cached_export(kind, source, lambda: export(source, None, None), options, stage)
+    if stage is not None:
+        stage(EXPORTING)
     return export(source, example_inputs, dynamic_shapes)
 
 

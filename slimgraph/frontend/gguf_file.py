@@ -22,7 +22,7 @@ from typing import Any
 import onnx_ir as ir
 
 from slimgraph.errors import SlimgraphError, first_line
-from slimgraph.frontend.cache import export_once
+from slimgraph.frontend.cache import Stage, export_once
 from slimgraph.frontend.calibration import load_tokenizer
 from slimgraph.frontend.hf_folder import EXAMPLE_SENTENCES, export_generation_steps, forward_parameters
 from slimgraph.frontend.kv_cache import check_kv_options
@@ -32,13 +32,13 @@ MAGIC = b"GGUF"
 
 
 def load_gguf(path: Path, *, example_inputs: Any = None, dynamic_shapes: Any = None,
-              kv_cache: bool = False) -> ir.Model:
+              kv_cache: bool = False, stage: Stage | None = None) -> ir.Model:
     _check_magic(path)
     check_kv_options(kv_cache, dynamic_shapes)
     # The full check (parsing the metadata, some seconds) runs only before an export: a file
     # found in the export cache has the content of one that was read whole before.
     model = export_once("gguf", path, _export_with_cache if kv_cache else _export, example_inputs, dynamic_shapes,
-                        kv_cache)
+                        kv_cache, stage)
     model.meta[SOURCE_KEY] = str(path)
     model.meta[TOKENIZER_KEY] = str(path)
     return model

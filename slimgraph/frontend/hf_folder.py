@@ -21,7 +21,7 @@ from typing import Any
 import onnx_ir as ir
 
 from slimgraph.errors import SlimgraphError, first_line
-from slimgraph.frontend.cache import export_once
+from slimgraph.frontend.cache import Stage, export_once
 from slimgraph.frontend.calibration import has_tokenizer, load_tokenizer
 from slimgraph.frontend.kv_cache import check_kv_options
 from slimgraph.ir.meta import OUTPUT_MAPS_KEY, SOURCE_KEY, TOKENIZER_KEY
@@ -37,7 +37,7 @@ TEXT_INPUTS = ("input_ids", "attention_mask", "token_type_ids")
 
 
 def load_folder(path: Path, *, example_inputs: Any = None, dynamic_shapes: Any = None,
-                kv_cache: bool = False) -> ir.Model:
+                kv_cache: bool = False, stage: Stage | None = None) -> ir.Model:
     config_path = path / "config.json"
     if not config_path.is_file() and (path / "model.py").is_file():
         raise SlimgraphError(f"{path} is a PyTorch-backend folder (model.py + model.safetensors), which slimgraph "
@@ -51,7 +51,7 @@ def load_folder(path: Path, *, example_inputs: Any = None, dynamic_shapes: Any =
         raise SlimgraphError(f"{config_path} is not valid JSON: {exc}") from exc
     check_kv_options(kv_cache, dynamic_shapes)
     ir_model = export_once("hf-folder", path, _export_with_cache if kv_cache else _export, example_inputs,
-                           dynamic_shapes, kv_cache)
+                           dynamic_shapes, kv_cache, stage)
     ir_model.meta[SOURCE_KEY] = str(path)
     if has_tokenizer(path):
         ir_model.meta[TOKENIZER_KEY] = str(path)

@@ -193,12 +193,13 @@ def test_a_timing_within_its_interval_of_one_is_noise(value, interval, expected)
 def test_progress_draws_stages_passes_and_layers(mlp_model):
     console = Console(file=io.StringIO(), force_terminal=True, width=100, color_system=None)
     with TerminalProgress(enabled=True, console=console) as progress:
-        with progress.stage("loading mlp.onnx"):
-            pass
+        with progress.stage("loading mlp.onnx") as say:
+            say("reading the export from the cache")
         Pipeline("quantize-weights{group_size=16},cleanup").run(mlp_model, progress=progress.step,
                                                                 instruments=progress.passes(2))
     drawn = console.file.getvalue()
-    for expected in ("loading mlp.onnx", "pass quantize-weights{group_size=16}", "rtn int4", "1/2", "pass cleanup"):
+    for expected in ("loading mlp.onnx: reading the export from the cache", "pass quantize-weights{group_size=16}",
+                     "rtn int4", "1/2", "pass cleanup"):
         assert expected in drawn, expected
 
 
