@@ -9,7 +9,7 @@ import pytest
 
 import slimgraph
 from slimgraph.passes import Pipeline
-from slimgraph.passes._infra.registry import builtin_pass_modules
+from slimgraph.passes._infra.registry import builtin_passes
 from tests.conftest import copy_model
 
 # pipeline → the fixture of the model it runs on
@@ -23,6 +23,7 @@ PIPELINES = {
     "ternarize{method=tequila,group_size=16}": "mlp_model",
     "mixed-precision{budget_mb=0.001,candidates=[8,4],group_size=16}": "mlp_model",
     "low-rank{rank=2,method=activation}": "mlp_model",
+    "low-rank{rank=2},heal{steps=10,lr=0.01}": "mlp_model",
     "prune-width{target=all,ratio=0.5}": "llama_ir",
     "prune-depth{blocks=1}": "llama_ir",
     "moe-convert{experts=4,top_k=2,method=kmeans}": "llama_ir",
@@ -35,13 +36,13 @@ ELSEWHERE = {"merge-lora", "merge-shira"}
 
 def written(model, text: str, path: Path) -> bytes:
     model = copy_model(model)
-    Pipeline.parse(text).run(model, verify=False)
+    Pipeline.parse(text).run(model, verify="heal" in text)  # heal's teacher is the original Verify keeps
     return slimgraph.save(model, path).read_bytes()
 
 
 def test_every_pass_is_covered():
     covered = {p.name for text in PIPELINES for p in Pipeline.parse(text).passes}
-    assert covered | ELSEWHERE == set(builtin_pass_modules())
+    assert covered | ELSEWHERE == set(builtin_passes())
 
 
 @pytest.mark.parametrize("text", list(PIPELINES))

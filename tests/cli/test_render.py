@@ -17,7 +17,7 @@ from slimgraph.bench import BenchResult, Latency
 from slimgraph.measure.diff import diff_models
 from slimgraph.measure.fidelity import Fidelity
 from slimgraph.passes import Pipeline, get_pass_class
-from slimgraph.passes._infra.registry import builtin_pass_modules
+from slimgraph.passes._infra.registry import builtin_passes
 from slimgraph.report import (
     TerminalProgress,
     ratio_label,
@@ -57,7 +57,7 @@ def test_shorten_left_keeps_the_end():
 
 @pytest.mark.parametrize("width", WIDTHS)
 def test_pass_list_golden(width):
-    classes = [get_pass_class(name) for name in sorted(builtin_pass_modules())]
+    classes = [get_pass_class(name) for name in sorted(builtin_passes())]
     text = render_text(render_pass_list(classes), width)
     assert fits(text, width)
     assert_golden(f"passes_{width}.txt", text)

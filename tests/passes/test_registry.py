@@ -11,6 +11,7 @@ import numpy as np
 import onnx_ir as ir
 import pytest
 
+import slimgraph.backends
 import slimgraph.passes
 from slimgraph.errors import SlimgraphError
 from slimgraph.measure import evaluate
@@ -52,13 +53,17 @@ class ScaleOutputs(Pass):
 '''
 
 
-def test_the_built_in_passes_are_the_registered_classes_of_the_passes_package():
-    """Reading the source finds exactly the passes that importing every module registers."""
-    for module in pkgutil.walk_packages(slimgraph.passes.__path__, "slimgraph.passes."):
-        importlib.import_module(module.name)
+def test_the_built_in_passes_are_the_registered_classes_of_the_package():
+    """Reading the source finds exactly the passes that importing every module registers (the passes
+    package's, and heal beside the PyTorch backend it trains through)."""
+    for package in (slimgraph.passes, slimgraph.backends):
+        for module in pkgutil.walk_packages(package.__path__, package.__name__ + "."):
+            if "triton" not in module.name:  # (imports triton, which a CPU machine may lack)
+                importlib.import_module(module.name)
     registered = {name: cls.__module__ for name, cls in registry._REGISTRY.items()
-                  if cls.__module__.startswith("slimgraph.passes.")}
-    assert registry.builtin_pass_modules() == registered
+                  if cls.__module__.startswith(("slimgraph.passes.", "slimgraph.backends."))}
+    assert registry.builtin_passes() == registered
+    assert registered["heal"] == "slimgraph.backends.pytorch.heal"
 
 
 def test_a_new_file_in_the_passes_package_is_a_pass(tmp_path, monkeypatch):
@@ -71,7 +76,7 @@ def test_a_new_file_in_the_passes_package_is_a_pass(tmp_path, monkeypatch):
     assert found == {"scale-outputs": "more_passes.scale_outputs"}
     assert "more_passes.scale_outputs" not in sys.modules  # found without importing it
 
-    monkeypatch.setattr(registry, "_builtin", lambda: {**registry.builtin_pass_modules(), **found})
+    monkeypatch.setattr(registry, "builtin_passes", lambda: {**registry.builtin_pass_modules(), **found})
     monkeypatch.delitem(registry._REGISTRY, "scale-outputs", raising=False)
     assert "scale-outputs" in registry.known_pass_names()
     with pytest.raises(SlimgraphError, match=r"scale-outputs: factor must be above 0, got -1"):

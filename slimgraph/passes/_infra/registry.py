@@ -26,6 +26,9 @@ from slimgraph.errors import SlimgraphError
 from slimgraph.passes._infra.base import Pass
 
 PASSES_DIR = Path(__file__).resolve().parents[1]  # slimgraph/passes
+# A pass that trains through a backend (heal: the PyTorch lowering) lives beside it, since passes may
+# not import backends; it is found there the same way, and imported only when named.
+BACKENDS_DIR = PASSES_DIR.parent / "backends"
 
 
 def builtin_pass_modules(root: Path = PASSES_DIR, package: str = "slimgraph.passes") -> dict[str, str]:
@@ -66,8 +69,9 @@ def _is_register(decorator: ast.expr) -> bool:
 
 
 @functools.cache
-def _builtin() -> dict[str, str]:
-    return builtin_pass_modules()
+def builtin_passes() -> dict[str, str]:
+    """Every built-in pass, name → module: the passes package's, and those that train through a backend."""
+    return builtin_pass_modules() | builtin_pass_modules(BACKENDS_DIR, "slimgraph.backends")
 
 
 _REGISTRY: dict[str, type[Pass]] = {}
@@ -111,12 +115,12 @@ def load_plugin(module: str) -> None:
 
 
 def known_pass_names() -> list[str]:
-    return sorted(set(_builtin()) | set(_REGISTRY) | set(_plugin_entry_points()))
+    return sorted(set(builtin_passes()) | set(_REGISTRY) | set(_plugin_entry_points()))
 
 
 def get_pass_class(name: str) -> type[Pass]:
-    if name not in _REGISTRY and name in _builtin():
-        importlib.import_module(_builtin()[name])
+    if name not in _REGISTRY and name in builtin_passes():
+        importlib.import_module(builtin_passes()[name])
     if name not in _REGISTRY:
         entry = _plugin_entry_points().get(name)
         if entry is not None:
