@@ -7,7 +7,8 @@
 
 What trains (`train`): `lora` (default) adds a rank-`rank` product `A·B` (B starts at zero) to every
 linear's weight and merges it in afterwards, as merge-lora would; `norms` the scale and shift of the
-normalization layers; `biases` every 1-D bias; `all` every float weight. The loss (`loss=auto`) is the
+normalization layers; `biases` every 1-D bias; `all` all of these, the convolutions' and the embedding
+tables (the model's own weights, not the constants a pass built, such as a DCT basis). The loss (`loss=auto`) is the
 KL divergence of the next-token distributions for a language model's logits, the cosine distance of
 the sentence embeddings for a sentence encoder (outputs compared as Verify compares them: mean-pooled,
 at kept columns, around compressed tokens), the mean squared error relative to the teacher's otherwise.
@@ -32,7 +33,7 @@ from slimgraph.errors import SlimgraphError
 from slimgraph.ir.edit import replace_constant
 from slimgraph.ir.graph import constant_tensor
 from slimgraph.ir.meta import OUTPUT_MAPS_KEY
-from slimgraph.ir.structure import find_linears
+from slimgraph.ir.structure import find_embeddings, find_linears
 from slimgraph.measure import evaluate
 from slimgraph.measure.fidelity import is_logits_like
 from slimgraph.passes import Pass, PassContext, PassResult, register_pass
@@ -89,6 +90,8 @@ class Heal(Pass):
             i = (step - 1) % len(feeds)
             optimizer.zero_grad()
             value = loss_of(student.forward(feeds[i]), targets[i], feeds[i])
+            if not torch.isfinite(value):  # (a feed the student cannot fit yet: no step from it)
+                continue
             value.backward()
             optimizer.step()
             if ctx.progress is not None:
@@ -114,17 +117,17 @@ class Heal(Pass):
         graph = model.graph
         float_weights = {name for name, v in graph.initializers.items()
                          if v.const_value is not None and v.const_value.dtype == ir.DataType.FLOAT}
-        if self.train == "lora":
-            names = [lin.weight for lin in find_linears(model) if lin.weight in float_weights]
-        elif self.train == "norms":
-            names = [v.name for node in graph if node.op_type in NORM_OPS for v in node.inputs[1:]
-                     if v is not None and v.name in float_weights and len(v.shape or ()) == 1]
-        elif self.train == "biases":
-            names = [name for name in float_weights if len(graph.initializers[name].shape or ()) == 1
-                     and _reads_as_bias(graph.initializers[name])]
-        else:
-            names = sorted(float_weights)
-        return list(dict.fromkeys(names))
+        linears = [lin.weight for lin in find_linears(model) if lin.weight in float_weights]
+        norms = [v.name for node in graph if node.op_type in NORM_OPS for v in node.inputs[1:]
+                 if v is not None and v.name in float_weights and len(v.shape or ()) == 1]
+        biases = [name for name in float_weights if len(graph.initializers[name].shape or ()) == 1
+                  and _reads_as_bias(graph.initializers[name])]
+        if self.train == "all":  # the model's own weights, not the constants a pass built (a DCT basis, a 1.0)
+            tables = [e.table for e in find_embeddings(model) if e.table in float_weights]
+            convs = [node.inputs[1].name for node in graph if node.op_type in ("Conv", "ConvTranspose")
+                     and node.inputs[1] is not None and node.inputs[1].name in float_weights]
+            return list(dict.fromkeys([*linears, *convs, *tables, *norms, *biases]))
+        return list(dict.fromkeys({"lora": linears, "norms": norms, "biases": biases}[self.train]))
 
     def _teacher(self, model: ir.Model, ctx: PassContext) -> ir.Model:
         if self.teacher == "before":
