@@ -201,7 +201,7 @@ class MoEConvert(Pass):
             "compensation": "each skipped expert's mean output" if self.compensate == "mean" else "none",
             "routing recall": f"{values.mean():.3f} mean (layers {values.min():.3f}–{values.max():.3f}; "
                               f"the best experts would hold {best:.3f})",
-            "routing recall per layer": " ".join(f"{v:.2f}" for v in values),
+            "routing recall per layer": _per_layer(values),
             "emitted": ", ".join(f"{text} ×{n}" for text, n in emitted.items()),
         }
 
@@ -211,6 +211,14 @@ class MoEConvert(Pass):
             return []
         return [f"{self.name}: emit=onnxruntime fell back to decomposed for {len(fallen)} FFNs "
                 f"({fallen[0]}{', ...' if len(fallen) > 1 else ''}): {forms[fallen[0]][1]}"]
+
+
+def _per_layer(values: np.ndarray, shown: int = 12) -> str:
+    """Every layer's figure, or, past `shown` layers (SmolLM2 has 30), the lowest few by layer."""
+    if len(values) <= shown:
+        return " ".join(f"{v:.2f}" for v in values)
+    lowest = np.argsort(values, kind="stable")[:4]
+    return "lowest: " + ", ".join(f"layer {i} {values[i]:.2f}" for i in sorted(lowest)) + f" (of {len(values)})"
 
 
 def _neuron_parameters(weights: Weights) -> int:
