@@ -146,6 +146,8 @@ def test_stats_say_what_it_cost(llama_ir):
     activated = (48 + 2 * 16) * neuron + 64 * 8
     assert stats["activated FFN parameters"].startswith(f"{activated / dense:.1%} of dense")
     assert len(stats["routing recall per layer"].split()) == 3
+    assert stats["converted"] == "3 FFNs" and stats["clustering"] == "kmeans (test feeds)"
+    assert stats["compensation"] == "each skipped expert's mean output"
 
 
 def test_per_layer_figures_of_a_deep_model_name_the_lowest_layers():
@@ -153,8 +155,6 @@ def test_per_layer_figures_of_a_deep_model_name_the_lowest_layers():
 
     values = np.linspace(0.6, 0.4, 30)
     assert _per_layer(values) == "lowest: layer 26 0.42, layer 27 0.41, layer 28 0.41, layer 29 0.40 (of 30)"
-    assert stats["converted"] == "3 FFNs" and stats["clustering"] == "kmeans (test feeds)"
-    assert stats["compensation"] == "each skipped expert's mean output"
 
 
 def test_layers_and_inspect(llama_ir):
