@@ -35,7 +35,6 @@ from slimgraph.ir.graph import constant_tensor
 from slimgraph.ir.meta import OUTPUT_MAPS_KEY
 from slimgraph.ir.structure import find_embeddings, find_linears
 from slimgraph.measure import evaluate
-from slimgraph.measure.fidelity import is_logits_like
 from slimgraph.passes import Pass, PassContext, PassResult, register_pass
 from slimgraph.passes._infra.options import option
 
@@ -142,9 +141,8 @@ class Heal(Pass):
             return self.loss
         if any(m.pooled_by for m in maps.values()):
             return "cosine"
-        logits = [v for v in model.graph.outputs if is_logits_like(v.name, np.zeros([d if isinstance(d, int) else 1
-                                                                                     for d in (v.shape or [])]))]
-        return "kl" if logits else "mse"
+        logits = [v for v in model.graph.outputs if "logits" in v.name.lower() and len(v.shape or ()) >= 2]
+        return "kl" if logits else "mse"  # (KL of softmaxes: for logits, not for probabilities or scores)
 
 
 def _reads_as_bias(value: ir.Value) -> bool:
