@@ -31,7 +31,6 @@ import onnx_ir as ir
 
 from slimgraph.errors import SlimgraphError
 from slimgraph.ir.edit import replace_constant
-from slimgraph.ir.graph import constant_tensor
 from slimgraph.ir.meta import OUTPUT_MAPS_KEY
 from slimgraph.ir.structure import find_embeddings, find_linears
 from slimgraph.measure import evaluate
@@ -105,7 +104,7 @@ class Heal(Pass):
         student.write_back(model)
         return PassResult(True, {
             "trained": f"{self.train}" + (f" rank {self.rank}" if self.train == "lora" else "")
-                       + f" on {len(names)} weights ({student.trainable_count():,} values trained)",
+                       + f" on {len(student.paths)} weights ({student.trainable_count():,} values trained)",
             "steps": f"{step} of {self.steps} in {time.perf_counter() - started:.1f} s, lr {self.lr:g}",
             "loss": f"{loss_of.kind}: {first_loss:.4g} → {best_loss:.4g} (on {len(probe)} calibration feeds)",
             "teacher": "the original model" if self.teacher == "original" else "the model before heal",
@@ -240,7 +239,7 @@ class _Student:
         return sum(p.numel() for p in self.trainable)
 
     def write_back(self, model: ir.Model) -> None:
-        """Each trained weight (a LoRA delta merged in) into its initializer, in the graph's layout and dtype."""
+        """Each trained weight (a LoRA delta merged in) into its initializer, in the graph's layout."""
         from torch.nn.utils import parametrize
 
         from slimgraph.backends.pytorch.tensors import to_numpy
@@ -250,9 +249,8 @@ class _Student:
             holder = self.module.get_submodule(owner)
             if parametrize.is_parametrized(holder, attribute):
                 parametrize.remove_parametrizations(holder, attribute, leave_parametrized=True)
-            array = to_numpy(self.module.get_parameter(path).detach())
-            value = model.graph.initializers[name]
-            replace_constant(value, (array.T if transposed else array).astype(constant_tensor(value).numpy().dtype))
+            array = to_numpy(self.module.get_parameter(path).detach())  # float32, as every trained weight
+            replace_constant(model.graph.initializers[name], array.T if transposed else array)
 
 
 class _Loss:
@@ -267,7 +265,7 @@ class _Loss:
 
         from slimgraph.backends.pytorch.tensors import to_torch
 
-        total = 0.0
+        total, compared = 0.0, 0
         for name, target in teacher.items():
             out_map = self.maps.get(name)
             if name not in student or (out_map is not None and out_map.added):
@@ -284,14 +282,18 @@ class _Loss:
             elif out_map is not None and out_map.pooled_by:  # every real token: more to learn from than their mean
                 real = to_torch(np.asarray(feeds[out_map.pooled_by])) != 0
                 got, want = got[real], want[real]
-            if self.kind == "kl":
-                flat_got, flat_want = got.reshape(-1, got.shape[-1]), want.reshape(-1, want.shape[-1])
-                total = total + F.kl_div(F.log_softmax(flat_got, -1), F.log_softmax(flat_want, -1), log_target=True,
-                                         reduction="batchmean")
-            elif self.kind == "cosine":
-                flat_got, flat_want = got.reshape(-1, got.shape[-1]), want.reshape(-1, want.shape[-1])
-                total = total + (1 - F.cosine_similarity(flat_got, flat_want, dim=-1)).mean()
-            else:
+            compared += 1
+            if self.kind == "mse":
                 total = total + ((got - want) ** 2).mean() / (want**2).mean().clamp_min(1e-12)
+                continue
+            got, want = got.reshape(-1, got.shape[-1]), want.reshape(-1, want.shape[-1])  # rows of the last axis
+            if self.kind == "kl":
+                total = total + F.kl_div(F.log_softmax(got, -1), F.log_softmax(want, -1), log_target=True,
+                                         reduction="batchmean")
+            else:
+                total = total + (1 - F.cosine_similarity(got, want, dim=-1)).mean()
+        if not compared:
+            raise SlimgraphError(f"heal: none of the model's outputs ({', '.join(student)}) is one of the teacher's "
+                                 f"({', '.join(teacher)})")
         return total
 

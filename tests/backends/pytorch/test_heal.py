@@ -65,3 +65,10 @@ def test_the_original_as_teacher_needs_verification(llama_ir):
 def test_a_model_without_the_parts_to_train_is_refused(mlp_model):
     with pytest.raises(SlimgraphError, match="train=norms found no normalization layer"):
         Pipeline.parse("heal{train=norms}").run(copy_model(mlp_model))
+
+
+def test_outputs_the_teacher_does_not_have_are_named():
+    import torch
+
+    with pytest.raises(SlimgraphError, match=r"none of the model's outputs \(y\) is one of the teacher's \(logits\)"):
+        _Loss("mse", {})({"y": torch.zeros(2, 3)}, {"logits": np.zeros((2, 3), np.float32)}, {})
