@@ -337,12 +337,7 @@ def render_search(result) -> _Fit:
 def render_lowering(report) -> Group:
     """`--backend triton`: which nodes run as Triton kernels and which on PyTorch, wrapped to the
     width; the nodes left to PyTorch folded by op and reason (a few names each)."""
-    def ops(counter) -> str:
-        return ", ".join(f"{op} {count}" for op, count in counter.most_common()) or "none"
-
-    lines = [Text(f"Triton kernels: {len(report.kernels)} launchers, {sum(c for _, c in report.kernels.values())} "
-                  f"calls, {sum(report.triton.values())} nodes ({ops(report.triton)})"),
-             Text(f"PyTorch lowering: {sum(report.pytorch.values())} nodes ({ops(report.pytorch)})")]
+    lines = [Text(line) for line in report.summary()]
     left: dict[tuple[str, str], list[str]] = {}
     for op, node, why in report.left:
         left.setdefault((op, why), []).append(node)

@@ -106,15 +106,18 @@ class LoweringReport:
     pytorch: collections.Counter  # op → nodes on the PyTorch lowering
     left: list[tuple[str, str, str]]  # (op, node, why) for kernel ops kept on PyTorch
 
-    def lines(self) -> list[str]:
+    def summary(self) -> list[str]:
+        """Where the nodes run: two lines."""
         def ops(counter: collections.Counter) -> str:
             return ", ".join(f"{op} {count}" for op, count in counter.most_common()) or "none"
 
-        lines = [f"Triton kernels: {len(self.kernels)} launchers, {sum(c for _, c in self.kernels.values())} calls, "
-                 f"{sum(self.triton.values())} nodes ({ops(self.triton)})",
-                 f"PyTorch lowering: {sum(self.pytorch.values())} nodes ({ops(self.pytorch)})"]
-        lines += [f"left to PyTorch: {op} {node}: {why}" for op, node, why in self.left]
-        return lines
+        return [f"Triton kernels: {len(self.kernels)} launchers, {sum(c for _, c in self.kernels.values())} calls, "
+                f"{sum(self.triton.values())} nodes ({ops(self.triton)})",
+                f"PyTorch lowering: {sum(self.pytorch.values())} nodes ({ops(self.pytorch)})"]
+
+    def lines(self) -> list[str]:
+        """The summary, then each kernel op left to PyTorch and why (model.py's header)."""
+        return self.summary() + [f"left to PyTorch: {op} {node}: {why}" for op, node, why in self.left]
 
     def __str__(self) -> str:
         return "\n".join(self.lines())
