@@ -346,7 +346,9 @@ def _source_bytes(path: Path, model: ir.Model) -> int:
 
 
 def _check_benchable(path: Path) -> None:
-    if path.is_dir() and (path / "model.py").is_file() and not (path / "config.json").is_file():
+    from slimgraph.frontend.hf_folder import is_pytorch_backend_folder
+
+    if is_pytorch_backend_folder(path):
         raise SlimgraphError(
             f"{path} is a PyTorch-backend folder (model.py + model.safetensors); bench measures ONNX Runtime "
             "sessions: give it the .onnx model (or a .pt2 file, a Hugging Face folder)"

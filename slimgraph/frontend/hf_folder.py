@@ -36,10 +36,15 @@ EXAMPLE_SENTENCES = [
 TEXT_INPUTS = ("input_ids", "attention_mask", "token_type_ids")
 
 
+def is_pytorch_backend_folder(path: Path) -> bool:
+    """A folder the PyTorch backend wrote (model.py + model.safetensors), not a Hugging Face model."""
+    return path.is_dir() and (path / "model.py").is_file() and not (path / "config.json").is_file()
+
+
 def load_folder(path: Path, *, example_inputs: Any = None, dynamic_shapes: Any = None,
                 kv_cache: bool = False, stage: Stage | None = None) -> ir.Model:
     config_path = path / "config.json"
-    if not config_path.is_file() and (path / "model.py").is_file():
+    if is_pytorch_backend_folder(path):
         raise SlimgraphError(f"{path} is a PyTorch-backend folder (model.py + model.safetensors), which slimgraph "
                              "writes but does not read: give it the model it was made from, or a .pt2 "
                              "(optimize --backend pytorch -o model.pt2)")
