@@ -264,7 +264,7 @@ def bench_decode(
     """Greedy generation speed of one or two causal LMs under ONNX Runtime: the time to the first
     token and new tokens per second, per batch size (each row the same prompt)."""
     from slimgraph.frontend import load
-    from slimgraph.generate import Decoder, left_pad
+    from slimgraph.generate import Decoder, SessionDecoder, left_pad
 
     if not 1 <= len(paths) <= 2:
         raise SlimgraphError("bench takes one model, or two to compare")
@@ -281,7 +281,7 @@ def bench_decode(
         report(f"loading {path.name}", i, len(paths))
         model = load(path) if path.suffix.lower() == ".onnx" else load(path, kv_cache=True)
         session = evaluate.make_session(model, options=options)
-        decoders.append(Decoder(model, lambda feeds, s=session: evaluate.run(s, feeds)))
+        decoders.append(SessionDecoder(model, session))
         models.append(model)
     ids = _prompt_ids(models, paths, prompt, prompt_tokens)
     results = [BenchResult(name=str(p), file_bytes=_source_bytes(p, m), peak_rss_mb=None) for p, m in zip(paths, models)]
@@ -291,7 +291,7 @@ def bench_decode(
 
         def generation(decoder: Decoder, record: list) -> None:
             start = time.perf_counter()
-            logits = decoder.start(tokens, mask)
+            logits = decoder.start(tokens, mask, capacity=tokens.shape[1] + new_tokens)
             first = time.perf_counter()
             for _ in range(new_tokens - 1):
                 logits = decoder.advance(logits.argmax(axis=-1))

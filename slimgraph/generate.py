@@ -2,7 +2,7 @@
 
 Any backend's artifact (onnxruntime, pytorch) of a decoder graph runs:
 
-- with a KV cache (`load(..., kv_cache=True)`; the signature is in `slimgraph.frontend.kv_cache`):
+- with a KV cache (`load(..., kv_cache=True)`; the signature is in `slimgraph.ir.cache_signature`):
   the prompt runs once with an empty past, then one token per step, the presents fed back as
   the past;
 - without one: the whole sequence runs at every step (what a graph without a cache has to do).
@@ -13,7 +13,12 @@ logits, as transformers' `generate(do_sample=False)` picks it; a row that has pr
 end-of-sequence token gets the pad token from then on, and generation stops when every row has
 ended or after `max_new_tokens`.
 
-`Decoder` runs the steps (`start`, then `advance`); `slimgraph bench --new-tokens` times it.
+`Decoder` runs the steps (`start`, then `advance`) through any `run(feeds) → outputs`;
+`SessionDecoder` runs them in an ONNX Runtime session with the cache bound to it: the presents
+stay ONNX Runtime values fed back as they are (no numpy copy of the cache per step), and where
+`fuse-ort` made the attention GroupQueryAttention, past and present are one buffer per layer,
+preallocated for the whole generation, which it writes in place. `slimgraph bench --new-tokens`
+times them.
 """
 
 from __future__ import annotations
@@ -29,12 +34,14 @@ from typing import Any
 import numpy as np
 import onnx_ir as ir
 
-from slimgraph.errors import SlimgraphError
-from slimgraph.frontend.kv_cache import (
+from slimgraph.errors import SlimgraphError, first_line
+from slimgraph.ir.cache_signature import (
     ATTENTION_MASK,
     INPUT_IDS,
     LOGITS,
+    PAST,
     POSITION_IDS,
+    PRESENT,
     cache_layers,
     empty_past,
     past_name,
@@ -42,6 +49,7 @@ from slimgraph.frontend.kv_cache import (
     present_name,
 )
 from slimgraph.ir.meta import TOKENIZER_KEY
+from slimgraph.passes.trim_vocab import TOKEN_IDS
 
 Run = Callable[[dict[str, np.ndarray]], dict[str, np.ndarray]]
 OPTIONAL_INPUTS = (ATTENTION_MASK, POSITION_IDS, "token_type_ids")
@@ -95,8 +103,9 @@ class Decoder:
     def has_cache(self) -> bool:
         return self.layers > 0
 
-    def start(self, ids: np.ndarray, mask: np.ndarray) -> np.ndarray:
-        """Run the prompt (`ids`, `mask`: [batch, length], left-padded); the logits of its last position."""
+    def start(self, ids: np.ndarray, mask: np.ndarray, capacity: int | None = None) -> np.ndarray:
+        """Run the prompt (`ids`, `mask`: [batch, length], left-padded); the logits of its last position.
+        `capacity`: how long the sequence may grow (a hint for decoders that preallocate the cache)."""
         self._ids, self._mask = np.asarray(ids, np.int64), np.asarray(mask, np.int64)
         self._past = empty_past(self.model, self._ids.shape[0]) if self.has_cache else {}
         return self._step(self._ids)
@@ -111,20 +120,133 @@ class Decoder:
         return self._step(tokens if self.has_cache else self._ids)
 
     def _step(self, new_ids: np.ndarray) -> np.ndarray:
+        outputs = self.run({**self._token_feeds(new_ids), **self._past})
+        if self.has_cache:
+            self._past = {past_name(i, k): outputs[present_name(i, k)] for i in range(self.layers)
+                          for k in ("key", "value")}
+        return last_logits(outputs)
+
+    def _token_feeds(self, new_ids: np.ndarray) -> dict[str, np.ndarray]:
+        """The inputs other than the past: the new ids, the mask, their positions."""
         length = new_ids.shape[1]
-        feeds = {INPUT_IDS: new_ids, **self._past}
+        feeds = {INPUT_IDS: new_ids}
         if ATTENTION_MASK in self.inputs:
             feeds[ATTENTION_MASK] = self._mask
         if POSITION_IDS in self.inputs:
             feeds[POSITION_IDS] = position_ids(self._mask)[:, -length:]
         if "token_type_ids" in self.inputs:
             feeds["token_type_ids"] = np.zeros_like(new_ids)
-        feeds = {k: v.astype(self.dtypes[k], copy=False) if k in self.dtypes else v for k, v in feeds.items()}
-        outputs = self.run(feeds)
-        if self.has_cache:
-            self._past = {past_name(i, k): outputs[present_name(i, k)] for i in range(self.layers)
-                          for k in ("key", "value")}
-        return np.asarray(outputs[LOGITS])[:, -1, :]
+        return {k: v.astype(self.dtypes[k], copy=False) if k in self.dtypes else v for k, v in feeds.items()}
+
+
+class SessionDecoder(Decoder):
+    """A Decoder over an ONNX Runtime session whose cache stays bound to the session (module docstring)."""
+
+    def __init__(self, model: ir.Model, session: Any) -> None:
+        super().__init__(model, lambda feeds: dict(zip(self._names, session.run(self._names, feeds))))
+        self._names = [o.name for o in session.get_outputs()]
+        self._step_outputs = [name for name in self._names if not PRESENT.match(name)]  # logits (and token_ids)
+        self.session = session
+        self.in_place = self.has_cache and shares_cache_buffers(model)
+        self._binding = session.io_binding()
+        self._cache: dict[str, tuple[np.ndarray, Any]] = {}  # in place: input name → (array, its OrtValue)
+        self._capacity = 0
+
+    def start(self, ids: np.ndarray, mask: np.ndarray, capacity: int | None = None) -> np.ndarray:
+        import onnxruntime as ort
+
+        self._ids, self._mask = np.asarray(ids, np.int64), np.asarray(mask, np.int64)
+        self._binding.clear_binding_inputs()
+        self._binding.clear_binding_outputs()
+        if not self.has_cache:
+            return self._step(self._ids)
+        if self.in_place:
+            self._allocate(max(capacity or 0, self._ids.shape[1] + 1))
+        else:
+            for name, array in empty_past(self.model, self._ids.shape[0]).items():
+                self._binding.bind_ortvalue_input(name, ort.OrtValue.ortvalue_from_numpy(array))
+        return self._step(self._ids)
+
+    def _allocate(self, capacity: int) -> None:
+        """One buffer per past input, [batch, kv_heads, capacity, head_dim], bound as the past and as
+        its present (what was written so far copied over when it grows)."""
+        import onnxruntime as ort
+
+        batch = self._ids.shape[0]
+        for name, empty in empty_past(self.model, batch).items():
+            array = np.zeros((batch, empty.shape[1], capacity, empty.shape[3]), empty.dtype)
+            if name in self._cache:
+                old = self._cache[name][0]
+                array[:, :, : old.shape[2]] = old
+            value = ort.OrtValue.ortvalue_from_numpy(array)  # shares the array's memory
+            self._cache[name] = (array, value)
+            self._binding.bind_ortvalue_input(name, value)
+            layer, kind = PAST.match(name).groups()
+            self._binding.bind_ortvalue_output(present_name(int(layer), kind), value)
+        self._capacity = capacity
+
+    def _step(self, new_ids: np.ndarray) -> np.ndarray:
+        total = self._mask.shape[1]
+        if self.in_place and total > self._capacity:
+            self._allocate(max(2 * self._capacity, total))
+        for name, array in self._token_feeds(new_ids).items():
+            self._binding.bind_cpu_input(name, array)
+        for name in self._step_outputs:  # allocated by ONNX Runtime: the logits' length changes after the prompt
+            self._binding.bind_output(name)
+        if self.has_cache and not self.in_place:
+            for i in range(self.layers):
+                for kind in ("key", "value"):
+                    self._binding.bind_output(present_name(i, kind))
+        try:
+            self.session.run_with_iobinding(self._binding)
+        except Exception as exc:  # ONNX Runtime raises its own exception types
+            raise SlimgraphError(f"ONNX Runtime failed to run the model: {first_line(exc)}") from exc
+        outputs = dict(zip(self._binding_output_names(), self._binding.get_outputs()))
+        if self.has_cache and not self.in_place:
+            for i in range(self.layers):
+                for kind in ("key", "value"):
+                    self._binding.bind_ortvalue_input(past_name(i, kind), outputs[present_name(i, kind)])
+        return last_logits({name: outputs[name].numpy() for name in self._step_outputs})
+
+    def _binding_output_names(self) -> list[str]:
+        """The bound outputs in the order ONNX Runtime returns them: the order first bound."""
+        if self.in_place:  # the presents first (bound once), then the step's own
+            return [*(present_name(int(m.group(1)), m.group(2)) for name in self._cache if (m := PAST.match(name))),
+                    *self._step_outputs]
+        return [*self._step_outputs, *(present_name(i, k) for i in range(self.layers) for k in ("key", "value"))]
+
+
+def last_logits(outputs: dict[str, np.ndarray]) -> np.ndarray:
+    """The last position's logits [batch, vocabulary]; a trimmed vocabulary's (`trim-vocab`: logits
+    over the kept ids, listed in its `token_ids` output) scattered back to their ids (the others −∞)."""
+    logits = np.asarray(outputs[LOGITS])[:, -1, :]
+    if TOKEN_IDS not in outputs:
+        return logits
+    ids = np.asarray(outputs[TOKEN_IDS])
+    full = np.full((logits.shape[0], int(ids.max()) + 1), -np.inf, logits.dtype)
+    full[:, ids] = logits
+    return full
+
+
+def shares_cache_buffers(model: ir.Model) -> bool:
+    """Whether every layer's past is read only by a GroupQueryAttention whose present is that
+    layer's: then past and present can be one buffer, written in place."""
+    readers = {}
+    for node in model.graph:
+        for index, value in enumerate(node.inputs):
+            if value is not None and PAST.match(value.name or "") and value.is_graph_input():
+                readers.setdefault(value.name, []).append((node, index))
+    outputs = {v.name: v for v in model.graph.outputs}
+    for name, users in readers.items():
+        if len(users) != 1:
+            return False
+        (node, index), = users
+        layer, kind = PAST.match(name).groups()
+        present = outputs.get(present_name(int(layer), kind))
+        if node.op_type != "GroupQueryAttention" or index not in (3, 4) or present is None \
+                or node.outputs[index - 2] is not present:
+            return False
+    return bool(readers)
 
 
 def generate(artifact: Any, tokenizer: Any, prompt: str | Sequence[str], max_new_tokens: int = 32, *,
@@ -150,8 +272,8 @@ def generate(artifact: Any, tokenizer: Any, prompt: str | Sequence[str], max_new
     eos = tokenizer.eos_token_id
     pad = next((t for t in (tokenizer.pad_token_id, eos, 0) if t is not None))
     ids, mask = left_pad(prompt_ids, pad)
-    decoder = Decoder(model, lambda feeds: artifact(**feeds))
-    logits = decoder.start(ids, mask)
+    decoder = _decoder(artifact, model)
+    logits = decoder.start(ids, mask, capacity=ids.shape[1] + max_new_tokens)
     new = np.zeros((len(prompts), 0), np.int64)
     ended = np.zeros(len(prompts), bool)
     for step in range(max_new_tokens):
@@ -165,6 +287,14 @@ def generate(artifact: Any, tokenizer: Any, prompt: str | Sequence[str], max_new
     token_ids = [_until_end(row, eos if stop_at_eos else None) for row in new.tolist()]
     texts = [tokenizer.decode(row, skip_special_tokens=True) for row in token_ids]
     return Generation(prompt_ids, token_ids, texts)
+
+
+def _decoder(artifact: Any, model: ir.Model) -> Decoder:
+    from slimgraph.backends.onnxruntime import OnnxRuntimeArtifact
+
+    if isinstance(artifact, OnnxRuntimeArtifact):
+        return SessionDecoder(model, artifact.session)
+    return Decoder(model, lambda feeds: artifact(**feeds))
 
 
 def left_pad(rows: Sequence[Sequence[int]], pad: int) -> tuple[np.ndarray, np.ndarray]:

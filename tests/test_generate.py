@@ -151,3 +151,55 @@ def test_smollm2_token_for_token(smollm2_kv, smollm2_reference, smollm2_folder, 
     got = generate(artifact, tokenizer, prompts, max_new_tokens=12)
     assert got.token_ids == transformers_generate(smollm2_reference, tokenizer, prompts, 12, eos=tokenizer.eos_token_id)
     assert np.diff([len(got.prompt_ids[0]), len(got.prompt_ids[1])]) != 0  # the batch was padded
+
+
+@pytest.mark.slow
+def test_smollm2_fused_for_ort_still_token_for_token(smollm2_kv, smollm2_reference, smollm2_folder):
+    """fuse-ort (GroupQueryAttention writing the cache in place, RotaryEmbedding, RMSNorm): the
+    tokens transformers picks, for one prompt and for a left-padded batch."""
+    from slimgraph.frontend.calibration import load_tokenizer
+    from slimgraph.passes import Pipeline
+    from slimgraph.zoo import smollm2
+    from tests.conftest import copy_model
+
+    tokenizer = load_tokenizer(smollm2_folder)
+    model = copy_model(smollm2_kv)
+    Pipeline.parse("cleanup,fuse-ort").run(model)
+    artifact = slimgraph.compile(model, backend="onnxruntime")
+    got = generate(artifact, tokenizer, smollm2.PROMPT, max_new_tokens=20)
+    assert got.token_ids == transformers_generate(smollm2_reference, tokenizer, [smollm2.PROMPT], 20,
+                                                  eos=tokenizer.eos_token_id)
+    prompts = ["def fibonacci(n):", "The three primary colours are red,"]
+    got = generate(artifact, tokenizer, prompts, max_new_tokens=12)
+    assert got.token_ids == transformers_generate(smollm2_reference, tokenizer, prompts, 12, eos=tokenizer.eos_token_id)
+
+
+@pytest.mark.slow
+def test_text_calibrates_a_cache_graph(smollm2_kv, tmp_path):
+    """Text calibration fills a decoder's cache inputs (an empty past, positions from the mask) as
+    generate's first step does; AWQ runs on it."""
+    from slimgraph.frontend.calibration import load_calibration
+    from slimgraph.passes import Pipeline
+    from slimgraph.passes.quantize.weights import QuantizeWeights
+    from slimgraph.zoo.text import calibration_texts
+    from tests.conftest import copy_model
+
+    text = tmp_path / "calib.txt"
+    text.write_text("\n".join(p.replace("\n", " ") for p in calibration_texts(2)))
+    feeds, source = load_calibration(text, smollm2_kv)
+    assert source == "calib.txt: 2 prompts"
+    assert feeds[0]["past_key_values.0.key"].shape[2] == 0
+    assert feeds[0]["position_ids"].shape == feeds[0]["input_ids"].shape
+    model = copy_model(smollm2_kv)
+    awq = QuantizeWeights(bits=4, method="awq", exclude=("model.layers.[1-9]*", "lm_head"))  # layer 0: quick
+    report = Pipeline([awq]).run(model, calib=text)
+    assert report.records[-1].stats["linears quantized"] == 7 and report.records[-1].fidelity.cosine > 0.99
+
+
+def test_a_trimmed_vocabulary_is_scattered_back_to_its_ids():
+    from slimgraph.generate import last_logits
+
+    logits = np.array([[[0.0, 0.0, 0.0], [1.0, 3.0, 2.0]]], np.float32)  # [batch 1, 2 positions, 3 kept ids]
+    full = last_logits({"logits": logits, "token_ids": np.array([5, 9, 2])})
+    assert full.shape == (1, 10) and full.argmax(-1).tolist() == [9]
+    assert full[0, 2] == 2.0 and full[0, 0] == -np.inf

@@ -16,8 +16,9 @@ from typing import Any
 import onnx_ir as ir
 
 from slimgraph.errors import SlimgraphError
+from slimgraph.frontend.kv_cache import output_maps
 from slimgraph.frontend.reader import READER
-from slimgraph.ir.meta import READER_KEY
+from slimgraph.ir.meta import OUTPUT_MAPS_KEY, READER_KEY
 
 
 def load(source: Any, *, example_inputs: Any = None, dynamic_shapes: Any = None,
@@ -35,6 +36,8 @@ def load(source: Any, *, example_inputs: Any = None, dynamic_shapes: Any = None,
     """
     model = _load(source, example_inputs=example_inputs, dynamic_shapes=dynamic_shapes, stage=stage, **options)
     model.meta[READER_KEY] = READER
+    if kv_maps := output_maps(model):
+        model.meta[OUTPUT_MAPS_KEY] = kv_maps | dict(model.meta.get(OUTPUT_MAPS_KEY) or {})
     return model
 
 
@@ -83,7 +86,7 @@ def _load(source: Any, *, example_inputs: Any, dynamic_shapes: Any, stage: Calla
 def _as_exported(model: ir.Model, options: dict[str, Any]) -> ir.Model:
     """An ONNX model is used as it was exported: `kv_cache=True` only confirms it has a KV cache."""
     if options.pop("kv_cache", False):
-        from slimgraph.frontend.kv_cache import cache_layers
+        from slimgraph.ir.cache_signature import cache_layers
 
         if not cache_layers(model):
             raise SlimgraphError("kv_cache=True: this ONNX model has no KV cache inputs (past_key_values.N.key/value); "

@@ -55,7 +55,7 @@ STALE_STAGING_S = 24 * 3600
 # The modules whose code decides the exported graph (export options, weight names, example inputs).
 # Listed rather than globbed so that edits elsewhere in the package keep the cache warm.
 CAPTURE_MODULES = ("frontend/torch_module.py", "frontend/hf_folder.py", "frontend/gguf_file.py",
-                   "frontend/kv_cache.py", "frontend/calibration.py", "frontend/cache.py", "ir/graph.py", "ir/structure.py", "ir/meta.py")
+                   "frontend/kv_cache.py", "ir/cache_signature.py", "frontend/calibration.py", "frontend/cache.py", "ir/graph.py", "ir/structure.py", "ir/meta.py")
 
 
 def cache_root() -> Path:

@@ -16,6 +16,7 @@ import onnx_ir as ir
 
 from slimgraph.errors import SlimgraphError, first_line
 from slimgraph.frontend import images
+from slimgraph.ir.cache_signature import ATTENTION_MASK, INPUT_IDS, cache_layers, prompt_feeds
 from slimgraph.ir.meta import TOKENIZER_KEY
 
 TEXT_BATCH = 8
@@ -41,6 +42,9 @@ def load_calibration(path: Path, model: ir.Model) -> tuple[list[dict[str, np.nda
             "or from a .gguf file; "
             "use a .npz of input arrays instead"
         )
+    if cache_layers(model):  # a decoder's step: the prompt with an empty past, positions from the mask
+        encoded = tokenize_lines(folder, lines, [INPUT_IDS, ATTENTION_MASK])
+        return [prompt_feeds(model, feeds) for feeds in encoded], f"{path.name}: {len(lines)} prompts"
     return tokenize_lines(folder, lines, names), f"{path.name}: {len(lines)} samples"
 
 

@@ -3,7 +3,7 @@
 transformers reads a GGUF's config, tokenizer and (quantized) tensors and builds the matching
 PyTorch model in float32 (`from_pretrained(folder, gguf_file=name)`, which needs the `gguf`
 package). From there the path is the Hugging Face folder's: the ONNX exporter with
-`use_cache=False` (or, with `kv_cache=True`, past/present keys and values: `slimgraph.frontend.kv_cache`)
+`use_cache=False` (or, with `kv_cache=True`, past/present keys and values: `slimgraph.ir.cache_signature`)
 and dynamic batch and sequence axes, example inputs from the file's own tokenizer. `model.meta[TOKENIZER_KEY]` is the `.gguf` path, so text calibration tokenizes with it.
 
 Only what transformers can map is supported: a causal LM of an architecture in its GGUF table

@@ -7,7 +7,7 @@ checkpoint's weights widen exactly), which is what a CPU runs. The export is cac
 folder's content (`slimgraph.frontend.cache`), so loading the same folder again is fast.
 
 A causal LM is exported without a KV cache (each call computes the whole sequence), or with
-`kv_cache=True` with past/present keys and values (`slimgraph.frontend.kv_cache`), the graph
+`kv_cache=True` with past/present keys and values (`slimgraph.ir.cache_signature`), the graph
 that `slimgraph.generate` runs one token at a time.
 """
 

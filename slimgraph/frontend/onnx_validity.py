@@ -13,7 +13,9 @@ a traceback (all found by fuzzing malformed files, `tests/cli/fuzzing.py`):
   and a `ConstantOfShape` whose constant shape is negative or absurdly large (the model-zoo
   files store their weights that way, so slimgraph reads those shapes as weight shapes).
 
-Ops of other domains (`com.microsoft`, custom ones) are left to the runtime.
+Ops of other domains (`com.microsoft`, custom ones) are left to the runtime, and so are the ops
+ONNX Runtime registers in the default domain itself (`SimplifiedLayerNormalization`, which
+`fuse-ort` writes): slimgraph loads every file it writes.
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ import onnx
 import onnx_ir as ir
 
 from slimgraph.errors import SlimgraphError, first_line
+from slimgraph.ir.opset import ort_default_domain_ops
 
 MAX_GENERATED_VALUES = 1 << 40  # a ConstantOfShape beyond this many values is not a model anyone runs
 
@@ -46,7 +49,7 @@ def check_model(model: ir.Model, path: Path) -> None:
                 if value is not None and not _provided(value):
                     raise SlimgraphError(f"{path}: node {node.name!r} ({node.op_type}) reads {value.name!r}, which no "
                                          "node, graph input or initializer provides")
-            if node.domain in ("", "ai.onnx") and opset is not None:
+            if node.domain in ("", "ai.onnx") and opset is not None and node.op_type not in ort_default_domain_ops():
                 _check_schema(node, opset, path)
             _check_node_tensors(node, path)
         for value in graph.outputs:

@@ -5,7 +5,7 @@ path in `pkg.torch.onnx.name_scopes`. Linear weights come out transposed under g
 names (`val_83`); we rename them after the module they belong to.
 
 A transformers causal LM loaded with `kv_cache=True` is exported with past/present keys and
-values instead (`slimgraph.frontend.kv_cache`); `example_inputs` is then its prompt.
+values instead (`slimgraph.ir.cache_signature`); `example_inputs` is then its prompt.
 """
 
 from __future__ import annotations

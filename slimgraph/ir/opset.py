@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import functools
+
+import onnx.defs
 import onnx.helper
 import onnx.version_converter
 import onnx_ir as ir
@@ -11,6 +14,15 @@ from slimgraph.errors import SlimgraphError
 
 def default_opset(model: ir.Model) -> int:
     return model.opset_imports.get("", 1)
+
+
+@functools.cache
+def ort_default_domain_ops() -> frozenset[str]:
+    """The ops ONNX Runtime registers in the default domain although ONNX defines no such op
+    (`SimplifiedLayerNormalization`, which onnxscript's RMSNorm fusion writes, as ORT's own tools do)."""
+    from onnxruntime.capi.onnxruntime_pybind11_state import get_all_operator_schema
+
+    return frozenset(s.name for s in get_all_operator_schema() if s.domain == "" and not onnx.defs.has(s.name))
 
 
 def upgrade_opset(model: ir.Model, version: int) -> bool:

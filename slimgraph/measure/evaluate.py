@@ -13,6 +13,7 @@ import onnx_ir as ir
 import onnxruntime as ort
 
 from slimgraph.errors import SlimgraphError, first_line
+from slimgraph.ir.opset import ort_default_domain_ops
 
 # Protobuf cannot hold a model of 2 GiB or more; past this size we go through a file.
 PROTO_LIMIT_BYTES = 1_800_000_000
@@ -68,21 +69,16 @@ def _session(blob: bytes | str, options: ort.SessionOptions) -> ort.InferenceSes
         raise SlimgraphError(f"ONNX Runtime cannot load the model: {first_line(exc)}") from exc
 
 
-# Ops ONNX Runtime registers in the default domain although the standard has no such op
-# (onnxscript's RMSNorm fusion writes SimplifiedLayerNormalization there, as ORT's own tools do).
-ORT_DEFAULT_DOMAIN_OPS = frozenset({"SimplifiedLayerNormalization"})
-
-
 def check_model(model: ir.Model) -> None:
     """Structural validity: the ONNX checker, on the serialized model (ONNX Runtime's own
     default-domain ops checked as the contrib ops they are)."""
-    ort_ops = any(n.domain in ("", "ai.onnx") and n.op_type in ORT_DEFAULT_DOMAIN_OPS for n in model.graph)
+    ort_ops = any(n.domain in ("", "ai.onnx") and n.op_type in ort_default_domain_ops() for n in model.graph)
     with serialized(model) as blob:
         checked = blob if isinstance(blob, str) else onnx.load_from_string(blob)
         if ort_ops:  # (the common case skips this: Verify checks after every pass)
             proto = onnx.load(blob, load_external_data=False) if isinstance(blob, str) else checked
             for node in proto.graph.node:
-                if node.domain in ("", "ai.onnx") and node.op_type in ORT_DEFAULT_DOMAIN_OPS:
+                if node.domain in ("", "ai.onnx") and node.op_type in ort_default_domain_ops():
                     node.domain = "com.microsoft"
             if not any(o.domain == "com.microsoft" for o in proto.opset_import):
                 proto.opset_import.append(onnx.helper.make_opsetid("com.microsoft", 1))

@@ -141,13 +141,18 @@ class OutputMap:
     (start, n, m): the original's tokens [start, start + n) on axis 1 became m others (a VLM's
     compressed image tokens), compared at the tokens around them (its text); `pooled_by`: token
     states [B, S, D] a sentence encoder mean-pools over the real tokens of this input (its
-    attention mask), compared as those sentence embeddings — what the model's users read."""
+    attention mask), compared as those sentence embeddings — what the model's users read;
+    `real_tokens` (input, axis): compared only at the positions of `axis` that this mask keeps
+    (right-aligned: an output of length L reads the mask's last L columns) — a KV-cache
+    decoder's logits and cache at padding are never read, and fused attention leaves them
+    undefined."""
 
     columns: np.ndarray | None = None
     added: bool = False
     token_mean: bool = False
     replaced_tokens: tuple[int, int, int] | None = None
     pooled_by: str | None = None
+    real_tokens: tuple[str, int] | None = None
 
     @property
     def view(self) -> str | None:
@@ -183,6 +188,10 @@ def compare(reference: Sequence[dict[str, np.ndarray]], candidate: Sequence[dict
             elif name in maps and maps[name].pooled_by:
                 mask = _feed(inputs, i, maps[name].pooled_by)
                 ref, new = mean_pooled(ref, mask), mean_pooled(new, mask)
+            if name in maps and maps[name].real_tokens:
+                mask_name, axis = maps[name].real_tokens
+                mask = _feed(inputs, i, mask_name)
+                ref, new = at_real_tokens(ref, mask, axis), at_real_tokens(new, mask, axis)
             per_output.setdefault(name, []).append((ref, new))
     outputs = []
     for name, pairs in per_output.items():
@@ -206,9 +215,16 @@ def _without_tokens(output: np.ndarray, start: int, count: int) -> np.ndarray:
     return np.concatenate([output[:, :start], output[:, start + count:]], axis=1)
 
 
+def at_real_tokens(output: np.ndarray, mask: np.ndarray, axis: int) -> np.ndarray:
+    """The rows of `output` [B, …] at the positions of `axis` the mask [B, T] keeps, as [kept, …]
+    (the other axes in order)."""
+    keep = np.asarray(mask)[:, mask.shape[1] - output.shape[axis]:] != 0
+    return np.moveaxis(output, axis, 1)[keep]
+
+
 def _feed(inputs: Sequence[dict[str, np.ndarray]] | None, batch: int, name: str) -> np.ndarray:
     if inputs is None or name not in inputs[batch]:
-        raise ValueError(f"comparing sentences needs the input {name!r} the tokens are pooled over")
+        raise ValueError(f"comparing at real tokens needs the input {name!r} that marks them")
     return inputs[batch][name]
 
 

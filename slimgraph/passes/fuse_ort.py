@@ -47,11 +47,13 @@ import onnx_ir as ir
 
 from slimgraph.errors import SlimgraphError
 from slimgraph.ir import edit
+from slimgraph.ir.graph import constant_tensor
 from slimgraph.ir.opset import default_opset
 from slimgraph.measure.target import detect
 from slimgraph.passes._infra.base import Pass, PassContext, PassResult
 from slimgraph.passes._infra.registry import register_pass
 from slimgraph.passes.cleanup import Cleanup
+from slimgraph.passes.fuse_ort_decoder import fuse_kv_attention
 from slimgraph.passes.fuse_ort_patterns import fuse_exporter_patterns
 
 
@@ -117,7 +119,7 @@ def ort_fusions(model: ir.Model, *, pack_attention: bool) -> dict[str, int]:
 
     rewrite(model, [_core._gemm_to_matmul_add.gemm_to_matmul_add_rule])
     _core._pre_optimize(model)
-    counts: dict[str, int] = {}
+    counts: dict[str, int] = {"kv_cache_attention": fuse_kv_attention(model)}  # before the rules below claim it
 
     def fuse(name: str, function, **options) -> None:
         counts[name] = function(model, debug=False, **options)
@@ -145,12 +147,34 @@ def ort_fusions(model: ir.Model, *, pack_attention: bool) -> dict[str, int]:
     fuse("sdpa_via_mha", sdpa_via_mha.replace_sdpa_by_mha)
     optimize(model)
     rewrite(model, _core.ORT_PATTERN_REWRITE_RULES)
+    unfuse_weight_matmuls(model)
     ir.passes.Sequential(
         common_passes.LiftConstantsToInitializersPass(lift_all_constants=False, size_limit=1),
         common_passes.RemoveInitializersFromInputsPass(),
         common_passes.ShapeInferencePass(),
     )(model)
     return counts
+
+
+def unfuse_weight_matmuls(model: ir.Model) -> int:
+    """FusedMatMul(x, W, transB=1) with a constant 2-D W (a tied LM head: the embedding table read
+    transposed) → MatMul(x, Transpose(W)) again, the linear the quantize passes read (an int4 head
+    shares the table with the embedding's GatherBlockQuantized). Returns how many."""
+    plain = {"alpha": 1.0, "transA": 0, "transB": 1, "transBatchA": 0, "transBatchB": 0}
+    count = 0
+    for node in list(model.graph):
+        if node.op_type != "FusedMatMul" or node.domain != "com.microsoft" or len(node.inputs) != 2:
+            continue
+        weight = constant_tensor(node.inputs[1])
+        attributes = {name: node.attributes[name].value for name in node.attributes}
+        if weight is None or len(weight.shape) != 2 or any(attributes.get(k, v if k != "transB" else 0) != v
+                                                           for k, v in plain.items()):
+            continue
+        transpose = ir.node("Transpose", [node.inputs[1]], attributes={"perm": [1, 0]}, name=f"{node.name}_transpose")
+        matmul = ir.node("MatMul", [node.inputs[0], transpose.outputs[0]], name=node.name)
+        edit.replace_region(model, [node], [transpose, matmul], {node.outputs[0]: matmul.outputs[0]})
+        count += 1
+    return count
 
 
 def split_skip_norms(model: ir.Model) -> int:

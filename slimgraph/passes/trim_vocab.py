@@ -19,6 +19,7 @@ those ids; what is lost is only the tokens the corpus never used.
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from typing import ClassVar, Literal
 
@@ -124,7 +125,7 @@ class TrimVocab(Pass):
         output.outputs[0].type, output.outputs[0].shape = ids.type, ids.shape
         model.graph.outputs.append(output.outputs[0])
         maps = dict(model.meta.get(OUTPUT_MAPS_KEY) or {})
-        maps.update({v.name: OutputMap(columns=kept) for v in logits})
+        maps.update({v.name: dataclasses.replace(maps.get(v.name, OutputMap()), columns=kept) for v in logits})
         maps[TOKEN_IDS] = OutputMap(added=True)
         model.meta[OUTPUT_MAPS_KEY] = maps
         share = mass[kept].sum() / max(mass.sum(), 1e-30)

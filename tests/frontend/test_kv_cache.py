@@ -11,8 +11,8 @@ import torch
 import slimgraph
 from slimgraph.errors import SlimgraphError
 from slimgraph.frontend import cache, load
-from slimgraph.frontend.kv_cache import TOTAL_SEQUENCE, cache_layers, empty_past, position_ids
 from slimgraph.generate import Decoder, left_pad
+from slimgraph.ir.cache_signature import TOTAL_SEQUENCE, cache_layers, empty_past, position_ids
 from slimgraph.ir.meta import EXAMPLE_INPUTS_KEY
 from slimgraph.measure import evaluate
 from tests.conftest import copy_model

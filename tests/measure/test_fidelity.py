@@ -1,7 +1,7 @@
 import numpy as np
 import pytest
 
-from slimgraph.measure.fidelity import compare, compare_output
+from slimgraph.measure.fidelity import OutputMap, at_real_tokens, compare, compare_output
 
 
 def test_identical_outputs():
@@ -52,3 +52,18 @@ def test_pooled_outputs_are_compared_as_the_sentences_they_pool_to():
     assert per_sentence.min() - 1e-3 <= pooled.cosine <= per_sentence.max() + 1e-3
     with pytest.raises(ValueError, match="attention_mask"):
         compare([{"last_hidden_state": ref}], [{"last_hidden_state": new}], maps)
+
+
+def test_real_tokens_compares_only_what_the_mask_keeps():
+    """A decoder's outputs at padding are never read: a map with `real_tokens` leaves them out,
+    right-aligned (logits cover the new tokens, the mask the past too)."""
+    ref = np.arange(2 * 3 * 5, dtype=np.float32).reshape(2, 3, 5)  # [batch, 3 new tokens, vocab]
+    new = ref.copy()
+    new[0, 0] = -99  # at padding: the mask's last 3 of 4 columns are the new tokens
+    assert compare([{"logits": ref}], [{"logits": new}]).cosine < 1
+    maps = {"logits": OutputMap(real_tokens=("attention_mask", 1))}
+    mask = np.array([[0, 0, 1, 1], [1, 1, 1, 1]])
+    fidelity = compare([{"logits": ref}], [{"logits": new}], maps, [{"attention_mask": mask}])
+    assert fidelity.max_abs == 0 and fidelity.top1 == 1.0
+    kept = at_real_tokens(np.zeros((2, 3, 4, 8)), mask, 2)  # a cache [batch, heads, total, dim]
+    assert kept.shape == (6, 3, 8)  # 2 + 4 real positions, each with its heads' vectors

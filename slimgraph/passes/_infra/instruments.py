@@ -26,7 +26,7 @@ from slimgraph.errors import FidelityError, SlimgraphError
 from slimgraph.ir.meta import OUTPUT_MAPS_KEY
 from slimgraph.measure import evaluate
 from slimgraph.measure.diff import Change, describe, group_of, module_changes
-from slimgraph.measure.fidelity import COSINE_FLOOR, EXACT_RTOL, compare
+from slimgraph.measure.fidelity import COSINE_FLOOR, EXACT_RTOL, OutputMap, compare
 from slimgraph.measure.stats import node_count, weight_bytes
 from slimgraph.passes._infra.base import Changes, Pass, PassContext, PassRecord, PipelineReport, Size
 
@@ -143,9 +143,12 @@ class Verify(Instrument):
         except SlimgraphError as exc:
             raise SlimgraphError(f"pass '{pass_.name}' produced a broken model: {exc}") from exc
         try:
-            fidelity = compare(self.reference_outputs, outputs, model.meta.get(OUTPUT_MAPS_KEY), self.inputs)
-            before = fidelity if self.previous_outputs is self.reference_outputs else compare(self.previous_outputs,
-                                                                                                outputs)
+            maps = model.meta.get(OUTPUT_MAPS_KEY) or {}
+            fidelity = compare(self.reference_outputs, outputs, maps, self.inputs)
+            # against the previous pass's outputs only the positions that count carry over (padding is never read)
+            real_tokens = {name: OutputMap(real_tokens=m.real_tokens) for name, m in maps.items() if m.real_tokens}
+            before = fidelity if self.previous_outputs is self.reference_outputs else compare(
+                self.previous_outputs, outputs, real_tokens, self.inputs)
         except ValueError as exc:
             raise FidelityError(f"pass '{pass_.name}' changed the model's outputs: {exc}") from exc
         record.fidelity = fidelity
