@@ -12,8 +12,10 @@ at a time, the order reversed every other round:
 - llama.cpp (`llama-cpp-python`, if installed) on the original Q4_1 GGUF.
 
 Printed per contender: decode tokens/s (median, min–max over the rounds), time to first token,
-peak RSS, file size, and how many of the 64 greedy tokens equal transformers' fp32 greedy
-output before the first difference. Batch 1, 2 threads, one ~32-token prompt.
+peak RSS (the worker's VmHWM), file size, and how many of the 64 greedy tokens equal
+transformers' fp32 greedy output before the first difference. Batch 1, 2 threads, one prompt; the
+end-of-sequence token is suppressed everywhere (transformers' `min_new_tokens`, GenAI's
+`min_length`), so that every contender generates all 64.
 
     .venv/bin/python benchmarks/decode.py [--rounds 4] [--new-tokens 64] [--only NAME,…]
 """
@@ -39,6 +41,7 @@ INT4 = "quantize-weights{bits=4,embeddings=true,accuracy_level=4}"
 PIPELINES = {
     "slimgraph fp32": "cleanup",
     "slimgraph fp32 fused": "cleanup,fuse-ort",
+    "slimgraph int4 (unfused)": f"cleanup,{INT4}",
     "slimgraph int4": f"cleanup,fuse-ort,{INT4}",
     "slimgraph trim-vocab + int4": f"cleanup,trim-vocab,fuse-ort,{INT4}",
     "slimgraph prune-depth + int4": f"cleanup,prune-depth{{blocks=4}},fuse-ort,{INT4}",
@@ -51,19 +54,27 @@ THREADS = 2
 # --- the workers -------------------------------------------------------------------------------
 
 
-def worker(kind: str, path: str, prompt_ids: list[int], new_tokens: int) -> None:
+def worker(kind: str, path: str, prompt_ids: list[int], new_tokens: int, eos: int) -> None:
     """Load one contender, then answer each line on stdin with one timed generation (JSON)."""
-    generate = _generator(kind, path, prompt_ids, new_tokens)
+    generate = _generator(kind, path, prompt_ids, new_tokens, eos)
     print(json.dumps({"ready": True}), flush=True)
     for line in sys.stdin:
         if line.strip() != "run":
             break
         first, rest, tokens = generate()
         print(json.dumps({"first_ms": first * 1e3, "rate": (new_tokens - 1) / rest, "tokens": tokens}), flush=True)
-    print(json.dumps({"peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}), flush=True)
+    print(json.dumps({"peak_rss_mb": peak_rss_mb()}), flush=True)
 
 
-def _generator(kind: str, path: str, prompt_ids: list[int], new_tokens: int):
+def peak_rss_mb() -> float:
+    """This process's peak resident memory (VmHWM: unlike ru_maxrss, not inherited across exec)."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    return float(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) / 1024
+
+
+def _generator(kind: str, path: str, prompt_ids: list[int], new_tokens: int, eos: int):
     import numpy as np
 
     ids = np.array([prompt_ids], np.int64)
@@ -76,14 +87,17 @@ def _generator(kind: str, path: str, prompt_ids: list[int], new_tokens: int):
         session = evaluate.make_session(model, options=evaluate.session_options(THREADS))
         decoder = SessionDecoder(model, session)
 
+        def pick(logits):
+            logits[:, eos] = -np.inf
+            return int(logits.argmax(-1)[0])
+
         def generate():
             start = time.perf_counter()
             logits = decoder.start(ids, np.ones_like(ids), capacity=ids.shape[1] + new_tokens)
             first = time.perf_counter()
-            tokens = [int(logits.argmax(-1)[0])]
+            tokens = [pick(logits)]
             for _ in range(new_tokens - 1):
-                logits = decoder.advance(np.array(tokens[-1:]))
-                tokens.append(int(logits.argmax(-1)[0]))
+                tokens.append(pick(decoder.advance(np.array(tokens[-1:]))))
             return first - start, time.perf_counter() - first, tokens
         return generate
     if kind == "genai":
@@ -106,15 +120,20 @@ def _generator(kind: str, path: str, prompt_ids: list[int], new_tokens: int):
             return first - start, rest, [int(t) for t in generator.get_sequence(0)[ids.shape[1]:]]
         return generate
     if kind == "llama.cpp":
-        from llama_cpp import Llama
+        from llama_cpp import Llama, LogitsProcessorList
 
         llm = Llama(model_path=path, n_threads=THREADS, n_ctx=ids.shape[1] + new_tokens + 8, verbose=False)
+
+        def without_eos(_, scores):
+            scores[eos] = -np.inf
+            return scores
 
         def generate():
             llm.reset()
             start = time.perf_counter()
             tokens, first = [], 0.0
-            for token in llm.generate(prompt_ids, temp=0.0, top_k=1, reset=True):
+            for token in llm.generate(prompt_ids, temp=0.0, top_k=1, reset=True,
+                                      logits_processor=LogitsProcessorList([without_eos])):
                 if not tokens:
                     first = time.perf_counter()
                 tokens.append(int(token))
@@ -126,10 +145,10 @@ def _generator(kind: str, path: str, prompt_ids: list[int], new_tokens: int):
 
 
 class Worker:
-    def __init__(self, name: str, kind: str, path: Path, prompt_ids: list[int], new_tokens: int) -> None:
+    def __init__(self, name: str, kind: str, path: Path, prompt_ids: list[int], new_tokens: int, eos: int) -> None:
         self.name, self.path = name, path
         self.process = subprocess.Popen(
-            [sys.executable, __file__, "--worker", kind, str(path), json.dumps(prompt_ids), str(new_tokens)],
+            [sys.executable, __file__, "--worker", kind, str(path), json.dumps(prompt_ids), str(new_tokens), str(eos)],
             stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
         self._read()
 
@@ -231,12 +250,13 @@ def main() -> None:
     from slimgraph.zoo import smollm2
 
     folder = smollm2.hf_folder()
-    prompt_ids = list(load_tokenizer(folder)(PROMPT)["input_ids"])
+    tokenizer = load_tokenizer(folder)
+    prompt_ids, eos = list(tokenizer(PROMPT)["input_ids"]), tokenizer.eos_token_id
     only = {n.strip() for n in args.only.split(",") if n.strip()} or None
     with tempfile.TemporaryDirectory(prefix="slimgraph-decode-") as tmp:
         contenders = build(folder, Path(tmp), only)
         want = transformers_tokens(folder, prompt_ids, args.new_tokens)
-        workers = [Worker(name, kind, path, prompt_ids, args.new_tokens) for name, kind, path in contenders]
+        workers = [Worker(name, kind, path, prompt_ids, args.new_tokens, eos) for name, kind, path in contenders]
         results: dict[str, list[dict]] = {w.name: [] for w in workers}
         for w in workers:
             w.run()  # warm-up
@@ -265,6 +285,6 @@ def main() -> None:
 
 if __name__ == "__main__":
     if len(sys.argv) > 1 and sys.argv[1] == "--worker":
-        worker(sys.argv[2], sys.argv[3], json.loads(sys.argv[4]), int(sys.argv[5]))
+        worker(sys.argv[2], sys.argv[3], json.loads(sys.argv[4]), int(sys.argv[5]), int(sys.argv[6]))
     else:
         main()

@@ -39,7 +39,6 @@ from slimgraph.ir.cache_signature import (
     ATTENTION_MASK,
     INPUT_IDS,
     LOGITS,
-    PAST,
     POSITION_IDS,
     PRESENT,
     cache_layers,
@@ -47,6 +46,7 @@ from slimgraph.ir.cache_signature import (
     past_name,
     position_ids,
     present_name,
+    shares_cache_buffers,
 )
 from slimgraph.ir.meta import TOKENIZER_KEY
 from slimgraph.passes.trim_vocab import TOKEN_IDS
@@ -143,13 +143,17 @@ class SessionDecoder(Decoder):
     """A Decoder over an ONNX Runtime session whose cache stays bound to the session (module docstring)."""
 
     def __init__(self, model: ir.Model, session: Any) -> None:
-        super().__init__(model, lambda feeds: dict(zip(self._names, session.run(self._names, feeds))))
-        self._names = [o.name for o in session.get_outputs()]
-        self._step_outputs = [name for name in self._names if not PRESENT.match(name)]  # logits (and token_ids)
+        names = [o.name for o in session.get_outputs()]
+        super().__init__(model, lambda feeds: dict(zip(names, session.run(names, feeds))))
         self.session = session
         self.in_place = self.has_cache and shares_cache_buffers(model)
         self._binding = session.io_binding()
-        self._cache: dict[str, tuple[np.ndarray, Any]] = {}  # in place: input name → (array, its OrtValue)
+        self._cache_names = [(past_name(i, k), present_name(i, k)) for i in range(self.layers) for k in ("key", "value")]
+        self._step_outputs = [name for name in names if not PRESENT.match(name)]  # logits (and token_ids)
+        presents = [present for _, present in self._cache_names]
+        # the order ONNX Runtime returns bound outputs in: the order first bound (in place: the presents, at start)
+        self._returned = [*presents, *self._step_outputs] if self.in_place else [*self._step_outputs, *presents]
+        self._buffers: dict[str, np.ndarray] = {}  # in place: past name → the array its OrtValue shares
         self._capacity = 0
 
     def start(self, ids: np.ndarray, mask: np.ndarray, capacity: int | None = None) -> np.ndarray:
@@ -158,11 +162,10 @@ class SessionDecoder(Decoder):
         self._ids, self._mask = np.asarray(ids, np.int64), np.asarray(mask, np.int64)
         self._binding.clear_binding_inputs()
         self._binding.clear_binding_outputs()
-        if not self.has_cache:
-            return self._step(self._ids)
+        self._buffers = {}
         if self.in_place:
             self._allocate(max(capacity or 0, self._ids.shape[1] + 1))
-        else:
+        elif self.has_cache:
             for name, array in empty_past(self.model, self._ids.shape[0]).items():
                 self._binding.bind_ortvalue_input(name, ort.OrtValue.ortvalue_from_numpy(array))
         return self._step(self._ids)
@@ -172,48 +175,38 @@ class SessionDecoder(Decoder):
         its present (what was written so far copied over when it grows)."""
         import onnxruntime as ort
 
-        batch = self._ids.shape[0]
-        for name, empty in empty_past(self.model, batch).items():
-            array = np.zeros((batch, empty.shape[1], capacity, empty.shape[3]), empty.dtype)
-            if name in self._cache:
-                old = self._cache[name][0]
+        empty = empty_past(self.model, self._ids.shape[0])
+        for past, present in self._cache_names:
+            batch, heads, _, size = empty[past].shape
+            array = np.zeros((batch, heads, capacity, size), empty[past].dtype)
+            if past in self._buffers:
+                old = self._buffers[past]
                 array[:, :, : old.shape[2]] = old
+            self._buffers[past] = array
             value = ort.OrtValue.ortvalue_from_numpy(array)  # shares the array's memory
-            self._cache[name] = (array, value)
-            self._binding.bind_ortvalue_input(name, value)
-            layer, kind = PAST.match(name).groups()
-            self._binding.bind_ortvalue_output(present_name(int(layer), kind), value)
+            self._binding.bind_ortvalue_input(past, value)
+            self._binding.bind_ortvalue_output(present, value)
         self._capacity = capacity
 
     def _step(self, new_ids: np.ndarray) -> np.ndarray:
-        total = self._mask.shape[1]
-        if self.in_place and total > self._capacity:
-            self._allocate(max(2 * self._capacity, total))
+        if self.in_place and self._mask.shape[1] > self._capacity:
+            self._allocate(max(2 * self._capacity, self._mask.shape[1]))
         for name, array in self._token_feeds(new_ids).items():
             self._binding.bind_cpu_input(name, array)
         for name in self._step_outputs:  # allocated by ONNX Runtime: the logits' length changes after the prompt
             self._binding.bind_output(name)
         if self.has_cache and not self.in_place:
-            for i in range(self.layers):
-                for kind in ("key", "value"):
-                    self._binding.bind_output(present_name(i, kind))
+            for _, present in self._cache_names:
+                self._binding.bind_output(present)
         try:
             self.session.run_with_iobinding(self._binding)
         except Exception as exc:  # ONNX Runtime raises its own exception types
             raise SlimgraphError(f"ONNX Runtime failed to run the model: {first_line(exc)}") from exc
-        outputs = dict(zip(self._binding_output_names(), self._binding.get_outputs()))
-        if self.has_cache and not self.in_place:
-            for i in range(self.layers):
-                for kind in ("key", "value"):
-                    self._binding.bind_ortvalue_input(past_name(i, kind), outputs[present_name(i, kind)])
+        outputs = dict(zip(self._returned, self._binding.get_outputs()))
+        if self.has_cache and not self.in_place:  # the presents, as ONNX Runtime values, are the next past
+            for past, present in self._cache_names:
+                self._binding.bind_ortvalue_input(past, outputs[present])
         return last_logits({name: outputs[name].numpy() for name in self._step_outputs})
-
-    def _binding_output_names(self) -> list[str]:
-        """The bound outputs in the order ONNX Runtime returns them: the order first bound."""
-        if self.in_place:  # the presents first (bound once), then the step's own
-            return [*(present_name(int(m.group(1)), m.group(2)) for name in self._cache if (m := PAST.match(name))),
-                    *self._step_outputs]
-        return [*self._step_outputs, *(present_name(i, k) for i in range(self.layers) for k in ("key", "value"))]
 
 
 def last_logits(outputs: dict[str, np.ndarray]) -> np.ndarray:
@@ -226,27 +219,6 @@ def last_logits(outputs: dict[str, np.ndarray]) -> np.ndarray:
     full = np.full((logits.shape[0], int(ids.max()) + 1), -np.inf, logits.dtype)
     full[:, ids] = logits
     return full
-
-
-def shares_cache_buffers(model: ir.Model) -> bool:
-    """Whether every layer's past is read only by a GroupQueryAttention whose present is that
-    layer's: then past and present can be one buffer, written in place."""
-    readers = {}
-    for node in model.graph:
-        for index, value in enumerate(node.inputs):
-            if value is not None and PAST.match(value.name or "") and value.is_graph_input():
-                readers.setdefault(value.name, []).append((node, index))
-    outputs = {v.name: v for v in model.graph.outputs}
-    for name, users in readers.items():
-        if len(users) != 1:
-            return False
-        (node, index), = users
-        layer, kind = PAST.match(name).groups()
-        present = outputs.get(present_name(int(layer), kind))
-        if node.op_type != "GroupQueryAttention" or index not in (3, 4) or present is None \
-                or node.outputs[index - 2] is not present:
-            return False
-    return bool(readers)
 
 
 def generate(artifact: Any, tokenizer: Any, prompt: str | Sequence[str], max_new_tokens: int = 32, *,

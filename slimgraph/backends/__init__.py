@@ -50,6 +50,8 @@ def register_backend(name: str, module: str, artifact: str, writes: str) -> None
 
 
 register_backend("onnxruntime", "slimgraph.backends.onnxruntime", "OnnxRuntimeArtifact", "a .onnx file")
+register_backend("onnxruntime-genai", "slimgraph.backends.onnxruntime_genai", "OnnxRuntimeGenaiArtifact",
+                 "a folder ONNX Runtime GenAI runs (model.onnx, genai_config.json, the tokenizer)")
 register_backend("pytorch", "slimgraph.backends.pytorch", "PyTorchArtifact",
                  "a folder (model.py + model.safetensors) or a .pt2 file")
 register_backend("triton", "slimgraph.backends.triton", "TritonArtifact",

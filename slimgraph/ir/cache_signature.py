@@ -91,3 +91,24 @@ def prompt_feeds(model: ir.Model, encoded: Mapping[str, np.ndarray]) -> dict[str
     if POSITION_IDS in names:
         feeds[POSITION_IDS] = position_ids(mask)
     return feeds | empty_past(model, ids.shape[0])
+
+
+def shares_cache_buffers(model: ir.Model) -> bool:
+    """Whether every layer's past is read only by a GroupQueryAttention whose present is that
+    layer's: then past and present can be one buffer, written in place."""
+    readers = {}
+    for node in model.graph:
+        for index, value in enumerate(node.inputs):
+            if value is not None and PAST.match(value.name or "") and value.is_graph_input():
+                readers.setdefault(value.name, []).append((node, index))
+    outputs = {v.name: v for v in model.graph.outputs}
+    for name, users in readers.items():
+        if len(users) != 1:
+            return False
+        (node, index), = users
+        layer, kind = PAST.match(name).groups()
+        present = outputs.get(present_name(int(layer), kind))
+        if node.op_type != "GroupQueryAttention" or index not in (3, 4) or present is None \
+                or node.outputs[index - 2] is not present:
+            return False
+    return bool(readers)

@@ -84,7 +84,7 @@ def fuse_kv_attention(model: ir.Model) -> int:
     outputs = {v.name: v for v in model.graph.outputs}
     for layer in matched:
         with build.scope(f"layers.{layer.index}"):
-            q, k = layer.q, layer.k
+            q, k, v = _packed_projections(model, build, layer) or (layer.q, layer.k, layer.v)
             if layer.cos is not None:
                 cos, sin = tables
                 q = build.op("RotaryEmbedding", [q, inputs[POSITION_IDS], cos, sin], domain="com.microsoft",
@@ -93,14 +93,14 @@ def fuse_kv_attention(model: ir.Model) -> int:
                              num_heads=layer.kv_heads)
             attended, present_k, present_v = build.op(
                 "GroupQueryAttention",
-                [q, k, layer.v, inputs[past_name(layer.index, "key")], inputs[past_name(layer.index, "value")],
+                [q, k, v, inputs[past_name(layer.index, "key")], inputs[past_name(layer.index, "value")],
                  shared["seqlens_k"], shared["total"], None, None, None, shared["bias"]],
                 domain="com.microsoft", outputs=3, num_heads=layer.heads, kv_num_heads=layer.kv_heads,
                 scale=layer.scale)
         layer_nodes = build.take()
         edit.carry_metadata(layer_nodes, layer.scores)  # the layer's module path (self_attn)
         new_nodes += layer_nodes
-        edit.with_input(layer.merge, 0, attended)  # [b, s, h·d] in the order [b, s, h, d] was
+        _read_merged(layer.merge, attended)
         for kind, new in (("key", present_k), ("value", present_v)):
             old = outputs[present_name(layer.index, kind)]
             new.shape, new.dtype = old.shape, old.dtype
@@ -111,6 +111,41 @@ def fuse_kv_attention(model: ir.Model) -> int:
     model.opset_imports.setdefault("com.microsoft", 1)
     edit.remove_dead(model)
     return len(matched)
+
+
+def _read_merged(merge: ir.Node, attended: ir.Value) -> None:
+    """Make what read the merged heads read GroupQueryAttention's output, which is them already
+    ([batch, sequence, heads · head_dim], in the order [b, s, h, d] was): the merging Reshape goes,
+    unless it flattens further (GPT-2's Conv1D: [b · s, h · d]), in which case it reads the output."""
+    target = merge.inputs[1].shape if merge.inputs[1] is not None else None
+    if target is not None and len(target) == 1 and target[0] == 3:
+        attended.shape = merge.outputs[0].shape
+        ir.convenience.replace_all_uses_with(merge.outputs[0], attended)
+    else:
+        edit.with_input(merge, 0, attended)
+
+
+def _packed_projections(model: ir.Model, build: edit.Builder, layer: _Layer) -> tuple[ir.Value, ...] | None:
+    """`x·[Wq | Wk | Wv]` split in three, when the projections are bias-free MatMuls of one input
+    by constant weights: one matrix-vector product per token where there were three (ONNX Runtime
+    GenAI's builder packs them too). The new MatMul is the module `…qkv_proj` quantize passes read."""
+    nodes = [value.producer() for value in (layer.q, layer.k, layer.v)]
+    if any(node is None or node.op_type != "MatMul" or node.domain not in ("", "ai.onnx") for node in nodes):
+        return None
+    x = nodes[0].inputs[0]
+    weights = [constant_tensor(node.inputs[1]) for node in nodes]
+    if any(node.inputs[0] is not x for node in nodes) or any(w is None or len(w.shape) != 2 for w in weights):
+        return None
+    arrays = [w.numpy() for w in weights]
+    q_weight = nodes[0].inputs[1].name or "q_proj.weight"
+    name = edit.unique_name(model, q_weight.replace("q_proj", "qkv_proj") if "q_proj" in q_weight else f"{q_weight}.qkv")
+    packed = edit.add_initializer(model, name, np.concatenate(arrays, axis=1))
+    matmul = ir.node("MatMul", [x, packed], name=(nodes[0].name or "q_proj").replace("q_proj", "qkv_proj"))
+    for key, value in nodes[0].metadata_props.items():  # the module path, q_proj → qkv_proj
+        matmul.metadata_props[key] = value.replace("q_proj", "qkv_proj")
+    build.add([matmul])
+    sizes = build.constant("qkv_sizes", [a.shape[1] for a in arrays])
+    return build.op("Split", [matmul.outputs[0], sizes], axis=-1, outputs=3)
 
 
 # --- matching one layer ---------------------------------------------------------------------

@@ -101,9 +101,13 @@ def test_llama_normalization_and_rotary_embeddings_are_fused(llama_ir):
     model, original = copy_model(llama_ir), copy_model(llama_ir)
     report = Pipeline.parse("cleanup,fuse-ort").run(model, PassContext(target=parse_target("cpu-avx2")))
     assert fused_ops(model)  # which ones depends on onnxscript's rules; Verify held them to the original
-    # on the CPU, the residual RMSNorms are split again (Add + SimplifiedLayerNormalization)
+    # on the CPU too the residual RMSNorms stay fused (only the LayerNorms are split), unless asked
+    assert "residual norms split" not in report.records[-1].stats
+    assert "SkipSimplifiedLayerNormalization" in session_ops(model)
+    split = copy_model(llama_ir)
+    report = Pipeline.parse("cleanup,fuse-ort{skip_norm=split}").run(split)
     assert int(report.records[-1].stats["residual norms split"].split()[0]) > 0
-    assert "SkipSimplifiedLayerNormalization" not in session_ops(model)
+    assert "SkipSimplifiedLayerNormalization" not in session_ops(split)
     assert_same_outputs(model, original, [sample_inputs(original, batch=2, sequence=12)])
 
 
@@ -257,3 +261,14 @@ def test_ppocr_v4_rec_gets_its_hard_swish_and_affines_fused():
     ops = session_ops(model)
     assert ops["Clip"] == ops["Div"] == 0
     assert ops["Mul"] + ops["Add"] < session_ops(slimgraph.load(path))["Mul"] // 2
+
+
+def test_gpt2_conv1d_reads_multi_head_attention(gpt2_ir):
+    """GPT-2's Conv1D flattens its input for a Gemm; after MultiHeadAttention replaces the heads'
+    merge that input is 3-D, so the Gemm becomes MatMul + Add (verified exact)."""
+    model = copy_model(gpt2_ir)
+    Pipeline.parse("cleanup,fuse-ort").run(model)
+    found = Counter(node.op_type for node in model.graph)
+    assert found["MultiHeadAttention"] == 2
+    assert not any(node.op_type == "Gemm" and node.inputs[0].producer() is not None
+                   and node.inputs[0].producer().domain == "com.microsoft" for node in model.graph)

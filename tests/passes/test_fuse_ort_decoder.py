@@ -11,8 +11,8 @@ import pytest
 
 import slimgraph
 from slimgraph.frontend import load
-from slimgraph.generate import Decoder, SessionDecoder, left_pad, shares_cache_buffers
-from slimgraph.ir.cache_signature import empty_past, position_ids
+from slimgraph.generate import Decoder, SessionDecoder, left_pad
+from slimgraph.ir.cache_signature import empty_past, position_ids, shares_cache_buffers
 from slimgraph.ir.meta import EXAMPLE_INPUTS_KEY
 from slimgraph.measure import evaluate
 from slimgraph.measure.fidelity import at_real_tokens

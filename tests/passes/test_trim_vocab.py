@@ -122,3 +122,11 @@ def test_bad_input(gpt2_ir, text, message):
 def test_a_model_without_an_lm_head(minilm):
     with pytest.raises(SlimgraphError, match="no LM head found"):
         trimmed(minilm, "trim-vocab{keep=100,keep_ids=[0]}", PassContext())
+
+
+def test_it_runs_after_other_passes_and_before_exact_ones(gpt2_ir):
+    """The added token_ids output is not an output an exact pass changed: cleanup before it,
+    fuse-ort after it, both verified."""
+    model = copy_model(gpt2_ir)
+    report = Pipeline.parse("cleanup,trim-vocab{keep=120,keep_ids=[0]},fuse-ort").run(model, calibration(gpt2_ir, 1000))
+    assert [r.exact_check is not None for r in report.records] == [True, False, True]

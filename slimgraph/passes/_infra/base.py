@@ -152,8 +152,9 @@ class Pass:
 
     @classmethod
     def runs_on(cls, backend: str) -> bool:
-        """Whether `backend` can run what this pass writes."""
-        return cls.backends is None or backend in cls.backends
+        """Whether `backend` can run what this pass writes (onnxruntime-genai runs what onnxruntime runs)."""
+        runtime = "onnxruntime" if backend == "onnxruntime-genai" else backend
+        return cls.backends is None or runtime in cls.backends
 
     def run(self, model: ir.Model, ctx: PassContext) -> PassResult:  # pragma: no cover
         raise NotImplementedError

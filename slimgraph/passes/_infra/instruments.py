@@ -145,10 +145,11 @@ class Verify(Instrument):
         try:
             maps = model.meta.get(OUTPUT_MAPS_KEY) or {}
             fidelity = compare(self.reference_outputs, outputs, maps, self.inputs)
-            # against the previous pass's outputs only the positions that count carry over (padding is never read)
-            real_tokens = {name: OutputMap(real_tokens=m.real_tokens) for name, m in maps.items() if m.real_tokens}
-            before = fidelity if self.previous_outputs is self.reference_outputs else compare(
-                self.previous_outputs, outputs, real_tokens, self.inputs)
+            before = fidelity
+            if pass_.exact and self.previous_outputs is not self.reference_outputs:
+                # against the previous pass's outputs only the positions that count carry over (padding is never read)
+                real_tokens = {name: OutputMap(real_tokens=m.real_tokens) for name, m in maps.items() if m.real_tokens}
+                before = compare(self.previous_outputs, outputs, real_tokens, self.inputs)
         except ValueError as exc:
             raise FidelityError(f"pass '{pass_.name}' changed the model's outputs: {exc}") from exc
         record.fidelity = fidelity
