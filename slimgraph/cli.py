@@ -73,7 +73,7 @@ def build_parser() -> argparse.ArgumentParser:
                                "quantize-dynamic choose their kernels for it")
     optimize.add_argument("--max-drop", type=float, help="fail (exit 1) when 1 - cosine vs the original exceeds this")
     optimize.add_argument("--no-verify", action="store_true", help="skip verification against the original")
-    optimize.add_argument("--external-data", action="store_true", help="store weights in a separate .data file")
+    optimize.add_argument("--external-data", action="store_true", help="store weights in a separate .data file (the default from 256 MB of weights)")
     _kv_cache(optimize)
     _plugin(optimize)
     _common(optimize)

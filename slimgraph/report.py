@@ -144,7 +144,8 @@ def render_pipeline_report(report: PipelineReport, output: str | None = None) ->
         if report.target:
             _row(summary, "target", report.target)
         if output:
-            _row(summary, "written", output)
+            data = Path(f"{output}.data")  # (large weights: slimgraph.backends.onnxruntime.EXTERNAL_DATA_BYTES)
+            _row(summary, "written", f"{output} (+ {data.name})" if data.is_file() else output)
 
         longest = max((len(r.text) for r in report.records), default=8)
         pass_width = min(max(longest, 12), max(16, width // 4))

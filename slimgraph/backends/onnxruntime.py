@@ -23,14 +23,20 @@ from slimgraph.errors import SlimgraphError, first_line
 from slimgraph.measure import evaluate
 
 
+# From this many bytes of weights they go to `<name>.data` unless asked otherwise, as ORT GenAI's builder
+# and Optimum write large models: a file loaded later is memory-mapped, not read whole. SmolLM2's fp32
+# export (538 MB) peaked at 2.2 GB through `slimgraph.load` and a session from one file, 0.81 GB from two.
+EXTERNAL_DATA_BYTES = 256 * 2**20
+
+
 def save_onnx(model: ir.Model, path: str | os.PathLike, *, external_data: bool | None = None) -> Path:
-    """Write `model` to `path` atomically; weights go to `<name>.data` when asked or when
-    the model is too large for one protobuf (2 GB)."""
+    """Write `model` to `path` atomically; weights go to `<name>.data` when asked, or by default
+    from EXTERNAL_DATA_BYTES of them (a protobuf cannot hold 2 GB)."""
     path = Path(path)
     OnnxRuntimeArtifact.check_output(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     if external_data is None:
-        external_data = evaluate.initializer_bytes(model) >= evaluate.PROTO_LIMIT_BYTES
+        external_data = evaluate.initializer_bytes(model) >= EXTERNAL_DATA_BYTES
     data_name = f"{path.name}.data"
     with tempfile.TemporaryDirectory(prefix=".slimgraph-", dir=path.parent) as tmp:
         staged = Path(tmp) / path.name
