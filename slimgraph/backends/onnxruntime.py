@@ -22,7 +22,6 @@ from slimgraph.backends.switching import AdapterSwitching
 from slimgraph.errors import SlimgraphError, first_line
 from slimgraph.measure import evaluate
 
-
 # From this many bytes of weights they go to `<name>.data` unless asked otherwise, as ORT GenAI's builder
 # and Optimum write large models: a file loaded later is memory-mapped, not read whole. SmolLM2's fp32
 # export (538 MB) peaked at 2.2 GB through `slimgraph.load` and a session from one file, 0.81 GB from two.

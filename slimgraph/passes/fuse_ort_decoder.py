@@ -80,6 +80,9 @@ def fuse_kv_attention(model: ir.Model) -> int:
     tables = _rotary_tables(model, build, rotary[0]) if rotary else None
     if rotary and tables is None:
         matched = [m for m in matched if m.cos is None]
+        if not matched:
+            edit.remove_unused_initializers(model)  # the constants made for the shared inputs
+            return 0
     new_nodes = build.take()
     outputs = {v.name: v for v in model.graph.outputs}
     for layer in matched:
