@@ -5,7 +5,15 @@
 - cse:                        two identical op(x, y) → one
 - remove-dead-nodes:          nodes (and functions, opsets) no graph output depends on → removed
 - remove-unused-initializers: initializers no node reads → removed
+- remove-nan-guards:          Where(IsNaN(p), 0, p) after p = Softmax(scores + finite mask) → p
 - cleanup:                    all of the above, repeated until nothing changes
+
+The NaN guard is what torch's exporter writes after an attention Softmax (a row whose keys are all
+masked with −inf gives NaN there; 0 is what SDPA returns). With the additive mask transformers
+builds (`Where(keep, 0, float32 min)`: finite) no row is ever all −inf, so the guard is two
+elementwise ops over every [batch, heads, query, key] score that change nothing: 17% of the time of
+MiniLM's fp32 export at 8 × 128 (ONNX Runtime 1.32, 2 threads), the gap to Optimum's export. It is
+exact wherever the scores are finite (a NaN or infinite score would be a broken model either way).
 """
 
 from __future__ import annotations
@@ -15,11 +23,13 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import ClassVar
 
+import numpy as np
 import onnx_ir as ir
 import onnx_ir.passes.common as common
 
 from slimgraph.errors import SlimgraphError
 from slimgraph.ir import edit
+from slimgraph.ir.graph import constant_tensor
 from slimgraph.passes._infra.base import Pass, PassContext, PassResult
 from slimgraph.passes._infra.registry import register_pass
 
@@ -142,8 +152,68 @@ class RemoveUnusedInitializers(Pass):
 
 @register_pass
 @dataclass(frozen=True, kw_only=True)
+class RemoveNanGuards(Pass):
+    """Where(IsNaN(p), 0, p) after p = Softmax(scores + finite mask) → p: the guard never fires."""
+
+    name: ClassVar[str] = "remove-nan-guards"
+
+    def run(self, model: ir.Model, ctx: PassContext) -> PassResult:
+        removed = 0
+        for node in list(model.graph):
+            probs, guarded = _guarded_softmax(node), node.outputs[0]
+            if probs is None or (guarded.is_graph_output() and probs.is_graph_output()):
+                continue
+            name = guarded.name
+            ir.convenience.replace_all_uses_with(guarded, probs, replace_graph_outputs=True)
+            if probs.is_graph_output():  # the model's output keeps its name
+                guarded.name, probs.name = None, name
+            removed += 1
+        if removed:
+            edit.remove_dead(model)
+        return PassResult(bool(removed), {"NaN guards removed": removed})
+
+
+def _guarded_softmax(where: ir.Node) -> ir.Value | None:
+    """The Softmax output `where` guards (`Where(IsNaN(p), 0, p)`), if that Softmax reads Q·Kᵀ
+    plus nothing, or plus a mask that cannot be −inf (a finite constant, or `Where` between two)."""
+    if where.op_type != "Where" or len(where.inputs) != 3:
+        return None
+    isnan = where.inputs[0].producer() if where.inputs[0] is not None else None
+    probs = where.inputs[2]
+    if isnan is None or isnan.op_type != "IsNaN" or isnan.inputs[0] is not probs or not _is_zero(where.inputs[1]):
+        return None
+    softmax = probs.producer()
+    if softmax is None or softmax.op_type != "Softmax":
+        return None
+    scores = softmax.inputs[0].producer()
+    if scores is None:
+        return None
+    if scores.op_type == "MatMul":
+        return probs
+    if scores.op_type != "Add":
+        return None
+    for mask in scores.inputs:
+        made = mask.producer()
+        if _is_finite_constant(mask) or (made is not None and made.op_type == "Where"
+                                         and all(_is_finite_constant(v) for v in made.inputs[1:])):
+            return probs
+    return None
+
+
+def _is_zero(value: ir.Value | None) -> bool:
+    tensor = constant_tensor(value)
+    return tensor is not None and tensor.size == 1 and float(tensor.numpy().reshape(())) == 0.0
+
+
+def _is_finite_constant(value: ir.Value | None) -> bool:
+    tensor = constant_tensor(value)
+    return tensor is not None and bool(np.isfinite(tensor.numpy()).all())
+
+
+@register_pass
+@dataclass(frozen=True, kw_only=True)
 class Cleanup(Pass):
-    """fold-constants, remove-identity, cse, remove-dead-nodes, remove-unused-initializers until nothing changes."""
+    """fold-constants, remove-identity, cse, remove-dead-nodes, remove-unused-initializers, remove-nan-guards until nothing changes."""
 
     name: ClassVar[str] = "cleanup"
     max_elements: int = DEFAULT_MAX_ELEMENTS
@@ -161,6 +231,7 @@ class Cleanup(Pass):
             EliminateCommonSubexpressions(),
             RemoveDeadNodes(),
             RemoveUnusedInitializers(),
+            RemoveNanGuards(),
         ]
         before = _counts(model)
         modified, rounds = False, 0

@@ -203,3 +203,47 @@ def test_remove_identity_keeps_a_branch_output_made_in_the_outer_graph():
     assert "outer" in {v.name for n in model.graph for v in n.outputs}  # the outer value was not renamed
     for flag, expected in zip((True, False), before):
         assert_same_outputs(expected, outputs_of(model, {"x": x, "c": np.array(flag)}))
+
+
+def guarded_attention(mask_branch: str) -> ir.Model:
+    """Softmax(Q·Kᵀ + mask) with torch's NaN guard after it; the mask a Where between 0 and
+    `mask_branch` (a finite minimum, or −inf)."""
+    low = {"finite": np.finfo(np.float32).min, "-inf": -np.inf}[mask_branch]
+    nodes = [
+        helper.make_node("MatMul", ["q", "kt"], ["scores"]),
+        helper.make_node("Where", ["keep", "zero", "low"], ["mask"]),
+        helper.make_node("Add", ["scores", "mask"], ["masked"]),
+        helper.make_node("Softmax", ["masked"], ["probs"], axis=-1),
+        helper.make_node("IsNaN", ["probs"], ["nan"]),
+        helper.make_node("Where", ["nan", "zero", "probs"], ["y"]),
+    ]
+    graph = helper.make_graph(
+        nodes, "g",
+        [helper.make_tensor_value_info("q", TensorProto.FLOAT, [2, 4, 8]),
+         helper.make_tensor_value_info("kt", TensorProto.FLOAT, [2, 8, 4]),
+         helper.make_tensor_value_info("keep", TensorProto.BOOL, [2, 4, 4])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2, 4, 4])],
+        [numpy_helper.from_array(np.array(0, np.float32), "zero"), numpy_helper.from_array(np.array(low, np.float32), "low")])
+    return ir.serde.deserialize_model(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]))
+
+
+def test_nan_guards_go_where_the_mask_is_finite():
+    model = guarded_attention("finite")
+    keep = np.random.default_rng(0).random((2, 4, 4)) > 0.5
+    keep[0, 1] = False  # a row with every key masked: uniform with a finite mask, never NaN
+    feeds = {"q": np.random.default_rng(1).normal(size=(2, 4, 8)).astype(np.float32),
+             "kt": np.random.default_rng(2).normal(size=(2, 8, 4)).astype(np.float32), "keep": keep}
+    want = evaluate.run(model, feeds)["y"]
+    report = Pipeline.parse("remove-nan-guards").run(model, verify_inputs=[feeds])
+    assert report.records[0].stats["NaN guards removed"] == 1
+    assert [n.op_type for n in model.graph] == ["MatMul", "Where", "Add", "Softmax"]
+    np.testing.assert_array_equal(evaluate.run(model, feeds)["y"], want)
+    kept = guarded_attention("-inf")  # there the guard turns the all-masked row's NaN into 0: it stays
+    Pipeline.parse("remove-nan-guards").run(kept, verify_inputs=[feeds])
+    assert "IsNaN" in [n.op_type for n in kept.graph]
+
+
+def test_cleanup_removes_minilm_nan_guards(minilm):
+    model = minilm.clone()
+    Pipeline.parse("cleanup").run(model)  # verified exact against the original
+    assert not any(node.op_type == "IsNaN" for node in model.graph)
