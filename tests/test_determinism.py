@@ -16,6 +16,7 @@ from tests.conftest import copy_model
 PIPELINES = {
     "cleanup": "mlp_model",
     "fold-constants,remove-identity,cse,remove-dead-nodes,remove-unused-initializers": "mlp_model",
+    "remove-nan-guards": "minilm",
     "quantize-weights{bits=4,group_size=16,method=awq}": "mlp_model",
     "quantize-weights{bits=4,group_size=16,method=gptq}": "mlp_model",
     "quantize-dynamic": "mlp_model",
