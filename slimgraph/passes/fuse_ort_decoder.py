@@ -2,11 +2,12 @@
 
 Per layer of a graph with the KV-cache signature (`ir/cache_signature.py`):
 
-    q, k, v = x·Wq, x·Wk, x·Wv                             (unchanged)
+    q, k, v = x·Wq, x·Wk, x·Wv                             → Split(x·[Wq | Wk | Wv]): one MatMul
     heads(q), heads(k) rotated (x·cos + rotate_half(x)·sin)  → RotaryEmbedding(q|k, position_ids, cos, sin)
     present = Concat(past, heads(k|v)); GQA head repeat;
     Softmax(Q·Kᵀ·scale + mask) · V; merged heads           → GroupQueryAttention(q, k, v, past_key, past_value,
                                                                seqlens_k, total_sequence_length, attention_bias)
+                                                               (its output is the merged heads: no Reshape)
 
 The rotary tables (`[max_positions, head_dim / 2]`) are the model's own: its cos/sin subgraph run
 once over every position, so RoPE scaling (llama3, yarn's attention factor) is kept as computed.
