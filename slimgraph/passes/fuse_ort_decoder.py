@@ -85,6 +85,9 @@ def fuse_kv_attention(model: ir.Model) -> int:
             edit.remove_unused_initializers(model)  # the constants made for the shared inputs
             return 0
     new_nodes = build.take()
+    mask_readers = [node for node, _ in inputs[ATTENTION_MASK].uses()]
+    if mask_readers:  # the shared inputs take the module path of the exporter's own mask (the model's root)
+        edit.carry_metadata(new_nodes, mask_readers[0])
     outputs = {v.name: v for v in model.graph.outputs}
     for layer in matched:
         with build.scope(f"layers.{layer.index}"):
