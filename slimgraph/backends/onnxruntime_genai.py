@@ -27,17 +27,18 @@ import onnx_ir as ir
 from slimgraph.backends.onnxruntime import OnnxRuntimeArtifact, save_onnx
 from slimgraph.backends.output import check_writable
 from slimgraph.errors import SlimgraphError
+from slimgraph.frontend.reader import READER
 from slimgraph.ir.cache_signature import (
     ATTENTION_MASK,
     INPUT_IDS,
     LOGITS,
     POSITION_IDS,
+    PRESENT,
     cache_layers,
     empty_past,
     past_name,
     shares_cache_buffers,
 )
-from slimgraph.ir.meta import SOURCE_KEY, TOKENIZER_KEY
 
 MODEL_FILE = "model.onnx"
 CONFIG_FILE = "genai_config.json"
@@ -85,8 +86,8 @@ def genai_config(model: ir.Model) -> dict[str, Any]:
     if not layers or ATTENTION_MASK not in inputs:
         raise SlimgraphError("the onnxruntime-genai backend needs a causal LM with a KV cache (--kv-cache) and an "
                              "attention mask")
-    if outputs != [LOGITS, *(n for n in outputs[1:] if n.startswith("present."))]:
-        extra = [n for n in outputs if n != LOGITS and not n.startswith("present.")]
+    extra = [n for n in outputs if n != LOGITS and not PRESENT.match(n)]
+    if extra or outputs[0] != LOGITS:
         raise SlimgraphError(f"ONNX Runtime GenAI reads only logits and the cache; the model also outputs "
                              f"{', '.join(extra)} (trim-vocab's token_ids: its logits cover some ids only)")
     hf = _hf_config(model)
@@ -128,23 +129,14 @@ def genai_config(model: ir.Model) -> dict[str, Any]:
 
 
 def _hf_config(model: ir.Model) -> dict[str, Any]:
-    """The Hugging Face config.json the model was loaded from (a folder, or a .gguf's own metadata)."""
-    source = model.meta.get(SOURCE_KEY)
-    path = Path(source) if source else None
-    if path is not None and (path / "config.json").is_file():
-        return json.loads((path / "config.json").read_text())
-    if path is not None and path.suffix.lower() == ".gguf":
-        from slimgraph.frontend.gguf_file import check_gguf
-
-        return check_gguf(path).to_dict()
+    config = READER.model_config(model)
+    if config is not None:
+        return config
     raise SlimgraphError("the onnxruntime-genai backend needs the Hugging Face config of the model (load it from "
                          "its folder or .gguf)")
 
 
 def _save_tokenizer(model: ir.Model, folder: Path) -> None:
-    source = model.meta.get(TOKENIZER_KEY)
-    if source is None:
-        return  # GenAI runs token ids without one; its Tokenizer needs the files
-    from slimgraph.frontend.calibration import load_tokenizer
-
-    load_tokenizer(Path(source)).save_pretrained(folder)
+    tokenizer = READER.tokenizer(model)
+    if tokenizer is not None:  # (without one GenAI runs token ids; its Tokenizer needs the files)
+        tokenizer.save_pretrained(folder)

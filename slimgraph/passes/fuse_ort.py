@@ -56,10 +56,10 @@ from slimgraph.ir import edit
 from slimgraph.ir.graph import constant_tensor
 from slimgraph.ir.opset import default_opset
 from slimgraph.measure.target import detect
-from slimgraph.passes._infra.base import Pass, PassContext, PassResult
+from slimgraph.passes._infra.base import Pass, PassContext, PassResult, find_reader
 from slimgraph.passes._infra.registry import register_pass
 from slimgraph.passes.cleanup import Cleanup
-from slimgraph.passes.fuse_ort_decoder import fuse_kv_attention
+from slimgraph.passes.fuse_ort_decoder import DEFAULT_MAX_POSITIONS, fuse_kv_attention, rotary_positions
 from slimgraph.passes.fuse_ort_patterns import fuse_exporter_patterns
 
 
@@ -76,7 +76,9 @@ class FuseOrt(Pass):
 
     def run(self, model: ir.Model, ctx: PassContext) -> PassResult:
         nodes = len(model.graph)
-        counts = ort_fusions(model, pack_attention=self.attention == "packed")
+        reader = find_reader(model, ctx)
+        positions = rotary_positions(reader.model_config(model) if reader is not None else None)
+        counts = ort_fusions(model, pack_attention=self.attention == "packed", max_positions=positions)
         exporter = fuse_exporter_patterns(model)  # paddle2onnx's, tf2onnx's forms: fuse_patterns.py
         if not any(counts.values()) and not any(exporter.values()):
             raise SlimgraphError("fuse-ort: nothing to fuse: no attention, LayerNorm-after-residual, GELU, HardSwish "
@@ -99,7 +101,7 @@ class FuseOrt(Pass):
         return PassResult(True, stats)
 
 
-def ort_fusions(model: ir.Model, *, pack_attention: bool) -> dict[str, int]:
+def ort_fusions(model: ir.Model, *, pack_attention: bool, max_positions: int = DEFAULT_MAX_POSITIONS) -> dict[str, int]:
     """onnxscript's `optimize_for_ort` (its steps, in its order), run here step by step because it has no
     switch for the step that packs an attention's Q, K and V projections into one Attention weight
     (`pack_attention`). Returns how many of each fusion matched."""
@@ -127,7 +129,7 @@ def ort_fusions(model: ir.Model, *, pack_attention: bool) -> dict[str, int]:
 
     rewrite(model, [_core._gemm_to_matmul_add.gemm_to_matmul_add_rule])
     _core._pre_optimize(model)
-    counts: dict[str, int] = {"kv_cache_attention": fuse_kv_attention(model)}  # before the rules below claim it
+    counts: dict[str, int] = {"kv_cache_attention": fuse_kv_attention(model, max_positions)}  # before the rules below claim it
 
     def fuse(name: str, function, **options) -> None:
         counts[name] = function(model, debug=False, **options)
@@ -169,15 +171,15 @@ def unfuse_weight_matmuls(model: ir.Model) -> int:
     """FusedMatMul(x, W, transB=1) with a constant 2-D W (a tied LM head: the embedding table read
     transposed) → MatMul(x, Transpose(W)) again, the linear the quantize passes read (an int4 head
     shares the table with the embedding's GatherBlockQuantized). Returns how many."""
-    plain = {"alpha": 1.0, "transA": 0, "transB": 1, "transBatchA": 0, "transBatchB": 0}
+    defaults = {"alpha": 1.0, "transA": 0, "transB": 0, "transBatchA": 0, "transBatchB": 0}  # the op's
     count = 0
     for node in list(model.graph):
         if node.op_type != "FusedMatMul" or node.domain != "com.microsoft" or len(node.inputs) != 2:
             continue
         weight = constant_tensor(node.inputs[1])
-        attributes = {name: node.attributes[name].value for name in node.attributes}
-        if weight is None or len(weight.shape) != 2 or any(attributes.get(k, v if k != "transB" else 0) != v
-                                                           for k, v in plain.items()):
+        attributes = {name: node.attributes[name].value if name in node.attributes else value
+                      for name, value in defaults.items()}
+        if weight is None or len(weight.shape) != 2 or attributes != defaults | {"transB": 1}:
             continue
         transpose = ir.node("Transpose", [node.inputs[1]], attributes={"perm": [1, 0]}, name=f"{node.name}_transpose")
         matmul = ir.node("MatMul", [node.inputs[0], transpose.outputs[0]], name=node.name)

@@ -27,9 +27,9 @@ softcap) leaves that layer as it was.
 
 from __future__ import annotations
 
-import json
+from collections.abc import Mapping
 from dataclasses import dataclass
-from pathlib import Path
+from typing import Any
 
 import numpy as np
 import onnx_ir as ir
@@ -37,7 +37,6 @@ import onnx_ir as ir
 from slimgraph.ir import edit
 from slimgraph.ir.cache_signature import ATTENTION_MASK, INPUT_IDS, POSITION_IDS, cache_layers, past_name, present_name
 from slimgraph.ir.graph import cone, constant_tensor, ensure_shapes
-from slimgraph.ir.meta import SOURCE_KEY
 
 DEFAULT_MAX_POSITIONS = 4096  # the rotary table's length when the model's config does not say
 REPEAT_OPS = frozenset({"Unsqueeze", "Expand", "Reshape", "Transpose"})  # the KV heads' repeat and Kᵀ
@@ -61,8 +60,15 @@ class _Layer:
     scores: ir.Node  # Q·Kᵀ: the fused nodes take its module path
 
 
-def fuse_kv_attention(model: ir.Model) -> int:
-    """Fuse every layer of a KV-cache decoder that matches (module docstring); returns how many."""
+def rotary_positions(config: Mapping[str, Any] | None) -> int:
+    """`max_positions` for a model's Hugging Face config: its `max_position_embeddings`, else 4096."""
+    value = (config or {}).get("max_position_embeddings")
+    return value if isinstance(value, int) and value > 0 else DEFAULT_MAX_POSITIONS
+
+
+def fuse_kv_attention(model: ir.Model, max_positions: int = DEFAULT_MAX_POSITIONS) -> int:
+    """Fuse every layer of a KV-cache decoder that matches (module docstring); returns how many.
+    `max_positions`: the rotary tables' length (`rotary_positions` of the model's config)."""
     layers = cache_layers(model)
     names = {v.name for v in model.graph.inputs}
     if not layers or ATTENTION_MASK not in names:
@@ -78,7 +84,7 @@ def fuse_kv_attention(model: ir.Model) -> int:
     build = edit.Builder(model, "attention")
     inputs = {v.name: v for v in model.graph.inputs}
     shared = _shared_inputs(build, inputs[INPUT_IDS], inputs[ATTENTION_MASK], matched[0].q)
-    tables = _rotary_tables(model, build, rotary[0]) if rotary else None
+    tables = _rotary_tables(model, build, rotary[0], max_positions) if rotary else None
     if rotary and tables is None:
         matched = [m for m in matched if m.cos is None]
         if not matched:
@@ -399,7 +405,8 @@ def _shared_inputs(build: edit.Builder, input_ids: ir.Value, mask: ir.Value, lik
     return {"seqlens_k": seqlens, "total": total_scalar, "bias": bias}
 
 
-def _rotary_tables(model: ir.Model, build: edit.Builder, layer: _Layer) -> tuple[ir.Value, ir.Value] | None:
+def _rotary_tables(model: ir.Model, build: edit.Builder, layer: _Layer, positions: int
+                   ) -> tuple[ir.Value, ir.Value] | None:
     """The cos and sin tables `[max_positions, head_dim / 2]`, from the model's own subgraph run over
     positions 0 … max − 1 (None if that subgraph reads anything but position_ids, or its two
     halves differ: not transformers' rotate_half layout)."""
@@ -408,7 +415,6 @@ def _rotary_tables(model: ir.Model, build: edit.Builder, layer: _Layer) -> tuple
     sources = {v.name for v in cone([layer.cos, layer.sin], up=True) if v.is_graph_input()}
     if sources != {POSITION_IDS}:
         return None
-    positions = _max_positions(model)
     feeds = {POSITION_IDS: np.arange(positions, dtype=np.int64)[None, :]}
     got = next(capture(model, [layer.cos.name, layer.sin.name], [feeds]))
     half = layer.head_dim // 2
@@ -419,15 +425,3 @@ def _rotary_tables(model: ir.Model, build: edit.Builder, layer: _Layer) -> tuple
             return None
         tables.append(build.constant(f"rotary.{kind}_table", np.ascontiguousarray(table[:, :half])))
     return tables[0], tables[1]
-
-
-def _max_positions(model: ir.Model) -> int:
-    """`max_position_embeddings` of the Hugging Face folder the model came from, else 4096."""
-    source = model.meta.get(SOURCE_KEY)
-    config = Path(source) / "config.json" if source else None
-    if config is not None and config.is_file():
-        value = json.loads(config.read_text()).get("max_position_embeddings")
-        if isinstance(value, int) and value > 0:
-            return value
-    return DEFAULT_MAX_POSITIONS
-

@@ -67,10 +67,18 @@ class DataReader(Protocol):
     def base_weights(self, adapter: Adapter, base: str) -> tuple[BaseWeights | None, str]:
         """The weights `adapter` was trained on (`base`: a path, "auto" or "none") and where they came from."""
 
+    def model_config(self, model: ir.Model) -> dict[str, Any] | None:
+        """The Hugging Face config the model was loaded from (a folder's `config.json`, a `.gguf`'s), or None."""
+
+
+def find_reader(model: ir.Model, ctx: PassContext | None = None) -> DataReader | None:
+    """The reader for `model`'s files: the context's, else the one its frontend left in `model.meta`."""
+    return (ctx.reader if ctx is not None else None) or model.meta.get(READER_KEY)
+
 
 def reader_of(model: ir.Model, ctx: PassContext | None = None, *, needed_for: str) -> DataReader:
-    """The reader for `model`'s files: the context's, else the one its frontend left in `model.meta`."""
-    reader = (ctx.reader if ctx is not None else None) or model.meta.get(READER_KEY)
+    """`find_reader`, for a pass that cannot work without one."""
+    reader = find_reader(model, ctx)
     if reader is None:
         raise SlimgraphError(f"{needed_for} needs slimgraph's frontend to read files: load the model with "
                              "slimgraph.load, or give PassContext(reader=slimgraph.frontend.reader.READER)")
