@@ -166,6 +166,22 @@ def llama_ir(llama_folder) -> ir.Model:
     return load(llama_folder)
 
 
+@pytest.fixture(scope="session")
+def llama_kv(llama_folder) -> ir.Model:
+    """The small Llama exported with its KV cache (cached on disk). Tests must not modify it."""
+    from slimgraph.frontend import load
+
+    return load(llama_folder, kv_cache=True)
+
+
+@pytest.fixture(scope="session")
+def gpt2_kv(gpt2_folder) -> ir.Model:
+    """The small GPT-2 exported with its KV cache (cached on disk). Tests must not modify it."""
+    from slimgraph.frontend import load
+
+    return load(gpt2_folder, kv_cache=True)
+
+
 def llava_style(image_size: int, patch_size: int, vision_hidden: int, hidden: int, layers: int):
     """A LLaVA-style model (random weights): a ViT's patch tokens (CLS dropped) → a linear projector
     → the prefix of a Llama decoder's input, before the text: `forward(pixel_values, input_ids)`."""

@@ -35,11 +35,6 @@ PROMPTS = ["5 17 300 42 9 8 111", "7 8 999"]
 
 
 @pytest.fixture(scope="module")
-def llama_kv(llama_folder):
-    return load(llama_folder, kv_cache=True)
-
-
-@pytest.fixture(scope="module")
 def llama_reference(llama_folder):
     import transformers
 

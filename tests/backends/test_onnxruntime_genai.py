@@ -20,11 +20,6 @@ pytestmark = pytest.mark.slow  # an export of a transformer (cached on disk afte
 PROMPT = [5, 17, 300, 42, 9, 8, 111]
 
 
-@pytest.fixture(scope="module")
-def llama_kv(llama_folder) -> ir.Model:
-    return load(llama_folder, kv_cache=True)
-
-
 def slimgraph_tokens(model: ir.Model, new: int) -> list[int]:
     artifact = slimgraph.compile(model, backend="onnxruntime")
     decoder = SessionDecoder(artifact.model, artifact.session)

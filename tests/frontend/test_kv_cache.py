@@ -20,16 +20,6 @@ from tests.conftest import copy_model
 pytestmark = pytest.mark.slow  # an export of a transformer (cached on disk after the first run)
 
 
-@pytest.fixture(scope="module")
-def llama_kv(llama_folder) -> ir.Model:
-    return load(llama_folder, kv_cache=True)
-
-
-@pytest.fixture(scope="module")
-def gpt2_kv(gpt2_folder) -> ir.Model:
-    return load(gpt2_folder, kv_cache=True)
-
-
 def reference_model(folder):
     import transformers
 

@@ -10,27 +10,17 @@ import onnx_ir as ir
 import pytest
 
 import slimgraph
-from slimgraph.frontend import load
+from slimgraph.frontend.reader import READER
 from slimgraph.generate import Decoder, SessionDecoder, left_pad
 from slimgraph.ir.cache_signature import empty_past, position_ids, shares_cache_buffers
 from slimgraph.ir.meta import EXAMPLE_INPUTS_KEY
 from slimgraph.measure import evaluate
 from slimgraph.measure.fidelity import at_real_tokens
 from slimgraph.passes import Pipeline
-from slimgraph.passes.fuse_ort_decoder import fuse_kv_attention
+from slimgraph.passes.fuse_ort_decoder import fuse_kv_attention, rotary_positions
 from tests.conftest import copy_model
 
 pytestmark = pytest.mark.slow  # exports of transformers (cached on disk after the first run)
-
-
-@pytest.fixture(scope="module")
-def llama_kv(llama_folder) -> ir.Model:
-    return load(llama_folder, kv_cache=True)
-
-
-@pytest.fixture(scope="module")
-def gpt2_kv(gpt2_folder) -> ir.Model:
-    return load(gpt2_folder, kv_cache=True)
 
 
 def ops(model: ir.Model) -> collections.Counter:
@@ -44,7 +34,7 @@ def padded_prompt(vocab: int = 1000) -> tuple[np.ndarray, np.ndarray]:
 
 def test_llama_attention_becomes_gqa_with_rotary(llama_kv):
     model = copy_model(llama_kv)
-    assert fuse_kv_attention(model) == 3
+    assert fuse_kv_attention(model, rotary_positions(READER.model_config(llama_kv))) == 3
     found = ops(model)
     assert found["GroupQueryAttention"] == 3 and found["RotaryEmbedding"] == 6
     assert found["Softmax"] == 0 and found["Neg"] == 0  # the exporter's attention and rotate_half are gone
@@ -88,6 +78,8 @@ def test_fuse_ort_runs_it_and_verify_passes(llama_kv):
     model = copy_model(llama_kv)
     report = Pipeline.parse("cleanup,fuse-ort").run(model)  # Verify: exact at real tokens
     assert "GroupQueryAttention ×3" in report.records[-1].stats["fused ops"]
+    table = next(v for v in model.graph.initializers.values() if v.name.endswith("rotary.cos_table"))
+    assert table.const_value.shape == (128, 8)  # the pass reads the config through the model's reader
 
 
 def test_the_session_decoder_writes_the_cache_in_place_and_grows_it(llama_kv):
