@@ -26,6 +26,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Callable
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -39,6 +40,9 @@ from slimgraph.measure.inputs import sample_inputs
 from slimgraph.measure.stats import human_bytes
 
 Progress = Callable[[str, int, int], None]
+# `loading(what)`: a step shown while a model loads; it yields the `stage` that `load` reports to
+# (TerminalProgress.stage), or None
+Loading = Callable[[str], AbstractContextManager[Callable[[str], None] | None]]
 
 
 @dataclass(frozen=True)
@@ -180,9 +184,11 @@ def bench(
     memory: bool = True,
     progress: Progress | None = None,
     kv_cache: bool = False,
+    loading: Loading | None = None,
 ) -> list[BenchResult]:
     """Latency (p50, p90), throughput, file size and peak memory of one or two models under
-    ONNX Runtime, per batch size; `progress(what, done, total)` hears how far it got.
+    ONNX Runtime, per batch size; `progress(what, done, total)` hears how far it got, and
+    `loading` shows the loads.
     `kv_cache`: folders and `.gguf` files are exported with past/present keys and values."""
     from slimgraph.frontend import load
 
@@ -196,8 +202,8 @@ def bench(
     with tempfile.TemporaryDirectory(prefix="slimgraph-bench-") as tmp:
         models, files = [], []
         for i, path in enumerate(paths):
-            report(f"loading {path.name}", i, len(paths))
-            model = load(path, **({"kv_cache": True} if kv_cache else {}))
+            with (loading or nullcontext)(f"loading {path.name}") as stage:
+                model = load(path, stage=stage, **({"kv_cache": True} if kv_cache else {}))
             if path.suffix.lower() != ".onnx":  # a folder or .pt2: bench what slimgraph would write
                 from slimgraph.api import save
 
@@ -260,6 +266,7 @@ def bench_decode(
     warmup: int = 1,
     threads: int | None = None,
     progress: Progress | None = None,
+    loading: Loading | None = None,
 ) -> list[BenchResult]:
     """Greedy generation speed of one or two causal LMs under ONNX Runtime: the time to the first
     token and new tokens per second, per batch size (each row the same prompt)."""
@@ -278,8 +285,8 @@ def bench_decode(
     options = evaluate.session_options(threads, spinning=False)
     models, decoders = [], []
     for i, path in enumerate(paths):
-        report(f"loading {path.name}", i, len(paths))
-        model = load(path) if path.suffix.lower() == ".onnx" else load(path, kv_cache=True)
+        with (loading or nullcontext)(f"loading {path.name}") as stage:
+            model = load(path, stage=stage, **({} if path.suffix.lower() == ".onnx" else {"kv_cache": True}))
         session = evaluate.make_session(model, options=options)
         decoders.append(SessionDecoder(model, session))
         models.append(model)

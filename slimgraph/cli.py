@@ -360,10 +360,11 @@ def cmd_bench(args: argparse.Namespace) -> int:
     with TerminalProgress(enabled=_show_progress(args)) as progress:
         if args.new_tokens is not None:
             results = bench_decode(paths, new_tokens=args.new_tokens, prompt=args.prompt, prompt_tokens=args.seq,
-                                   batches=batches, runs=args.runs or 3, threads=args.threads, progress=progress.step)
+                                   batches=batches, runs=args.runs or 3, threads=args.threads, progress=progress.step,
+                                   loading=progress.stage)
         else:
             results = bench(paths, batches=batches, sequence=args.seq, runs=args.runs or 30, threads=args.threads,
-                            progress=progress.step, kv_cache=args.kv_cache)
+                            progress=progress.step, kv_cache=args.kv_cache, loading=progress.stage)
     if args.json:
         sys.stdout.write(to_json(results) + "\n")
     else:

@@ -663,11 +663,12 @@ class TerminalProgress:
             self._progress = None
 
     @contextlib.contextmanager
-    def stage(self, what: str) -> Iterator[Callable[[str], None]]:
+    def stage(self, what: str) -> Iterator[Callable[[str], None] | None]:
         """An open-ended step (loading a model, writing it): a spinner and the time it takes. It yields
-        a function that says which part of the step is running (`loading x: from the export cache`)."""
+        a function that says which part of the step is running (`loading x: from the export cache`),
+        or None when nothing is drawn (`load(stage=None)` then exports in this process)."""
         if self._progress is None:
-            yield lambda detail: None
+            yield None
             return
         progress = self._progress
         task = progress.add_task(what, total=None, count="")

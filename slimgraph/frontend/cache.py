@@ -24,6 +24,9 @@ they would be saved by reference to the cache's data file (onnx_ir keeps externa
 external when a model is saved without external data), and the saved model would break once
 moved or pruned; wrapped, they are saved like any in-memory weight.
 
+While a display is live (`stage` given: the CLI's spinner), the export runs in a worker process
+that writes the entry, and this process reads it back (`slimgraph.frontend.export_worker`).
+
 Reading an entry touches it; after each write, the least recently used entries beyond
 `SLIMGRAPH_CACHE_MAX_GB` (default 8) are removed. `SLIMGRAPH_NO_CACHE=1` turns the cache off;
 `SLIMGRAPH_CACHE` moves the root (default `~/.cache/slimgraph`, shared with `slimgraph.zoo`).
@@ -32,6 +35,7 @@ Reading an entry touches it; after each write, the least recently used entries b
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import json
 import os
@@ -93,21 +97,25 @@ def enabled() -> bool:
 
 
 Stage = Callable[[str], None]  # told which stage a load is in (the CLI shows it beside its spinner)
-EXPORTING = "exporting with torch (a minute or more the first time; the clock may pause while torch works)"
+EXPORTING = "exporting with torch"  # the spinner's clock shows how long: a minute or more the first time
 
 
 def cached_export(kind: str, source: Path, export: Callable[[], ir.Model], options: dict | None = None,
                   stage: Stage | None = None) -> ir.Model:
     """The model `export()` makes from `source` with `options` (JSON values that change the
-    export), from the cache when an intact entry exists; `stage` hears which it is.
+    export), from the cache when an intact entry exists; `stage` hears which it is, and when it is
+    given, `export` (then a picklable callable) runs in a worker process.
 
     The returned model carries the example inputs and their source in `model.meta`; the
     caller sets what depends on where the source is (`SOURCE_KEY`, `TOKENIZER_KEY`).
     """
-    say = stage or (lambda what: None)
     if not enabled():
-        say(EXPORTING + " (the export cache is off)")
-        return export()
+        if stage is None:
+            return export()
+        stage(EXPORTING + " in a worker process (the export cache is off)")
+        with tempfile.TemporaryDirectory(prefix="slimgraph-export-") as folder:
+            return _export_in_worker(export, Path(folder) / "entry")
+    say = stage or (lambda what: None)
     say("looking in the export cache")
     entry = cache_root() / "exports" / entry_key(kind, source, options)
     if entry.is_dir():
@@ -118,21 +126,36 @@ def cached_export(kind: str, source: Path, export: Callable[[], ir.Model], optio
                 os.utime(entry / ENTRY_FILE)  # most recently used: pruned last
             return model
         shutil.rmtree(entry, ignore_errors=True)  # corrupt or partial: rebuild
-    say(EXPORTING)
-    model = export()
-    say("writing the export to the cache")
-    _write(entry, model)
+    if stage is not None:
+        stage(EXPORTING + " in a worker process")
+        model = _export_in_worker(export, entry)
+    else:
+        model = export()
+        write_entry(entry, model)
     _prune(entry.parent, keep=entry)
+    return model
+
+
+def _export_in_worker(export: Callable[[], ir.Model], entry: Path) -> ir.Model:
+    from slimgraph.errors import SlimgraphError
+    from slimgraph.frontend.export_worker import export_in_worker
+
+    export_in_worker(export, entry)
+    model = _read(entry)
+    if model is None:  # the worker could not write the entry (disk full, read-only cache)
+        raise SlimgraphError(f"the export's worker process could not write {entry}; free space or set "
+                             "SLIMGRAPH_CACHE to a writable folder")
     return model
 
 
 def export_once(kind: str, source: Path, export: Callable[[Path, Any, Any], ir.Model], example_inputs: Any,
                 dynamic_shapes: Any, kv_cache: bool, stage: Stage | None = None) -> ir.Model:
     """`export(source, example_inputs, dynamic_shapes)`, through the cache when the inputs are the
-    frontend's own: inputs chosen by the caller are not part of the key, so those export every time."""
+    frontend's own: inputs chosen by the caller are not part of the key, so those export every time
+    (in this process: they need not pickle)."""
     if example_inputs is None and dynamic_shapes is None:
         options = {"kv_cache": True} if kv_cache else None
-        return cached_export(kind, source, lambda: export(source, None, None), options, stage)
+        return cached_export(kind, source, functools.partial(export, source, None, None), options, stage)
     if stage is not None:
         stage(EXPORTING)
     return export(source, example_inputs, dynamic_shapes)
@@ -201,7 +224,7 @@ def _update(digest, path: Path) -> None:
             digest.update(block)
 
 
-def _write(entry: Path, model: ir.Model) -> None:
+def write_entry(entry: Path, model: ir.Model) -> None:
     """Stage the entry in a temporary folder beside it, then rename: readers never see half an entry.
 
     Failing to write the cache (disk full, read-only home) must not fail the load: the model

@@ -29,7 +29,6 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Literal
 
-import networkx as nx
 import onnx_ir as ir
 
 from slimgraph.ir import groups
@@ -572,6 +571,8 @@ def residual_adds(model: ir.Model, max_span: int = MAX_WALK) -> list[ir.Node]:
     An unrolled LSTM's adds are a recurrence, not residuals: the state update `f·c + i·g` (two gated
     products) and the gate inputs `W·x + U·h` (read only by the Split into gates).
     """
+    import networkx as nx  # imported here: every command imports this module, few need residuals
+
     order = {node: i for i, node in enumerate(model.graph)}
     graph = nx.DiGraph()
     for node in model.graph:

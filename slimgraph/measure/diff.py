@@ -29,15 +29,17 @@ import re
 import warnings
 from collections.abc import Iterable
 from dataclasses import asdict, dataclass, field
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
-import networkx as nx
 import numpy as np
 import onnx_ir as ir
 
 from slimgraph.ir.graph import constant_tensor, module_path
 from slimgraph.ir.structure import strip_weight_suffix
 from slimgraph.measure.stats import ModelStats, model_stats, op_key
+
+if TYPE_CHECKING:
+    import networkx as nx
 
 ChangeKind = Literal["added", "removed", "changed", "replaced"]
 KINDS: tuple[ChangeKind, ...] = ("replaced", "changed", "added", "removed")
@@ -243,6 +245,8 @@ def _match_unique(a_nodes, b_nodes, key, pairs: dict) -> int:
 
 
 def _graph_of(model: ir.Model) -> nx.DiGraph:
+    import networkx as nx  # imported here: only structural matching needs it, and it costs `diff` 0.1 s
+
     graph = nx.DiGraph()
     for node in model.graph:
         # ascii(): networkx hashes labels as ASCII, and real graphs carry other characters (found by
@@ -260,6 +264,8 @@ def _graph_of(model: ir.Model) -> nx.DiGraph:
 
 
 def _wl_hashes(model: ir.Model) -> dict[ir.Node, list[str]]:
+    import networkx as nx
+
     with warnings.catch_warnings():  # networkx notes that directed hashes changed in 3.5
         warnings.simplefilter("ignore")
         return nx.weisfeiler_lehman_subgraph_hashes(_graph_of(model), edge_attr="slot", node_attr="label", iterations=3)

@@ -37,7 +37,6 @@ from typing import Any
 
 import numpy as np
 import onnx_ir as ir
-import yaml
 
 from slimgraph.errors import SlimgraphError, first_line
 from slimgraph.measure.stats import model_stats
@@ -364,6 +363,8 @@ def split_held_out(feeds: list[Feeds], source: str) -> tuple[list[Feeds], str, l
 
 
 def load_recipe(path: Path) -> dict[str, Any]:
+    import yaml  # only recipes need it; every command imports this module
+
     if not path.is_file():
         raise SlimgraphError(f"no such recipe file: {path}")
     try:

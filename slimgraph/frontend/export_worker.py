@@ -1,0 +1,58 @@
+"""Run a torch export in a child process, so the process that waits keeps its display moving.
+
+torch holds the GIL for minutes at a time while it exports, which stops every thread of its
+process, a terminal spinner's included. `export_in_worker(export, entry)` runs `export()` in
+`python -m slimgraph.frontend.export_worker` and has it write the result as an export-cache entry
+at `entry` (`slimgraph.frontend.cache`); the caller reads the entry back, weights memory-mapped.
+
+A child started with `subprocess` rather than `multiprocessing`: a spawned `multiprocessing` child
+imports the parent's `__main__` again, which breaks a user's script that lacks a main guard.
+The request (the picklable `export` and the entry's path) goes in on stdin; what comes back on
+stdout is None or the exception the export raised (the child's own prints go to stderr).
+"""
+
+from __future__ import annotations
+
+import pickle
+import subprocess
+import sys
+import traceback
+from collections.abc import Callable
+from pathlib import Path
+
+import onnx_ir as ir
+
+from slimgraph.errors import SlimgraphError
+
+
+def export_in_worker(export: Callable[[], ir.Model], entry: Path) -> None:
+    """`export()` in a child process that writes it as a cache entry at `entry`; its exception, if any,
+    raised here."""
+    done = subprocess.run([sys.executable, "-m", __name__], input=pickle.dumps((export, entry)),
+                          stdout=subprocess.PIPE, check=False)
+    try:
+        error = pickle.loads(done.stdout)
+    except Exception:  # killed (out of memory) or crashed before it could answer
+        raise SlimgraphError(f"the export's worker process ended with exit code {done.returncode} (out of memory?)"
+                             "; run without a terminal (or with --json) to export in this process") from None
+    if error is not None:
+        raise error
+
+
+def _main() -> None:
+    answer, sys.stdout = sys.stdout.buffer, sys.stderr  # library prints must not corrupt the answer
+    from slimgraph.frontend.cache import write_entry
+
+    export, entry = pickle.loads(sys.stdin.buffer.read())
+    try:
+        write_entry(entry, export())
+        error = None
+    except SlimgraphError as exc:
+        error = exc
+    except Exception:  # a bug: its traceback, as text (not every exception pickles)
+        error = RuntimeError("the export failed in its worker process:\n" + traceback.format_exc())
+    answer.write(pickle.dumps(error))
+
+
+if __name__ == "__main__":
+    _main()
