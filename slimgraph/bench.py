@@ -45,6 +45,10 @@ Progress = Callable[[str, int, int], None]
 Loading = Callable[[str], AbstractContextManager[Callable[[str], None] | None]]
 
 
+def _no_display(what: str) -> AbstractContextManager[None]:
+    return nullcontext()
+
+
 @dataclass(frozen=True)
 class Latency:
     batch: int
@@ -202,7 +206,7 @@ def bench(
     with tempfile.TemporaryDirectory(prefix="slimgraph-bench-") as tmp:
         models, files = [], []
         for i, path in enumerate(paths):
-            with (loading or nullcontext)(f"loading {path.name}") as stage:
+            with (loading or _no_display)(f"loading {path.name}") as stage:
                 model = load(path, stage=stage, **({"kv_cache": True} if kv_cache else {}))
             if path.suffix.lower() != ".onnx":  # a folder or .pt2: bench what slimgraph would write
                 from slimgraph.api import save
@@ -285,7 +289,7 @@ def bench_decode(
     options = evaluate.session_options(threads, spinning=False)
     models, decoders = [], []
     for i, path in enumerate(paths):
-        with (loading or nullcontext)(f"loading {path.name}") as stage:
+        with (loading or _no_display)(f"loading {path.name}") as stage:
             model = load(path, stage=stage, **({} if path.suffix.lower() == ".onnx" else {"kv_cache": True}))
         session = evaluate.make_session(model, options=options)
         decoders.append(SessionDecoder(model, session))

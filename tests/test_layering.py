@@ -31,6 +31,7 @@ LAYERS = {
     "slimgraph.report": 6,
     "slimgraph.search": 6,
     "slimgraph.cli": 7,
+    "slimgraph.__main__": 7,
 }
 
 

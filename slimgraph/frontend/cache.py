@@ -138,14 +138,19 @@ def cached_export(kind: str, source: Path, export: Callable[[], ir.Model], optio
 
 def _export_in_worker(export: Callable[[], ir.Model], entry: Path) -> ir.Model:
     from slimgraph.errors import SlimgraphError
-    from slimgraph.frontend.export_worker import export_in_worker
+    from slimgraph.frontend.export_worker import run_in_worker
 
-    export_in_worker(export, entry)
+    run_in_worker(functools.partial(_export_into, export, entry))
     model = _read(entry)
     if model is None:  # the worker could not write the entry (disk full, read-only cache)
         raise SlimgraphError(f"the export's worker process could not write {entry}; free space or set "
                              "SLIMGRAPH_CACHE to a writable folder")
     return model
+
+
+def _export_into(export: Callable[[], ir.Model], entry: Path) -> None:
+    """In the worker: export, and write the entry (an entry another process wrote first is kept)."""
+    write_entry(entry, export())
 
 
 def export_once(kind: str, source: Path, export: Callable[[Path, Any, Any], ir.Model], example_inputs: Any,

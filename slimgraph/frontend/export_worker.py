@@ -1,14 +1,14 @@
 """Run a torch export in a child process, so the process that waits keeps its display moving.
 
 torch holds the GIL for minutes at a time while it exports, which stops every thread of its
-process, a terminal spinner's included. `export_in_worker(export, entry)` runs `export()` in
-`python -m slimgraph.frontend.export_worker` and has it write the result as an export-cache entry
-at `entry` (`slimgraph.frontend.cache`); the caller reads the entry back, weights memory-mapped.
+process, a terminal spinner's included. `run_in_worker(job)` runs `job()` (a picklable callable:
+the export cache's, which exports and writes an entry) in `python -m slimgraph.frontend.export_worker`
+and waits for it without the GIL.
 
 A child started with `subprocess` rather than `multiprocessing`: a spawned `multiprocessing` child
 imports the parent's `__main__` again, which breaks a user's script that lacks a main guard.
-The request (the picklable `export` and the entry's path) goes in on stdin; what comes back on
-stdout is None or the exception the export raised (the child's own prints go to stderr).
+The job goes in on stdin; what comes back on stdout is None or the exception it raised (the
+child's own prints go to stderr).
 """
 
 from __future__ import annotations
@@ -18,18 +18,14 @@ import subprocess
 import sys
 import traceback
 from collections.abc import Callable
-from pathlib import Path
-
-import onnx_ir as ir
 
 from slimgraph.errors import SlimgraphError
 
 
-def export_in_worker(export: Callable[[], ir.Model], entry: Path) -> None:
-    """`export()` in a child process that writes it as a cache entry at `entry`; its exception, if any,
-    raised here."""
-    done = subprocess.run([sys.executable, "-m", __name__], input=pickle.dumps((export, entry)),
-                          stdout=subprocess.PIPE, check=False)
+def run_in_worker(job: Callable[[], None]) -> None:
+    """`job()` in a child process; its exception, if any, raised here."""
+    done = subprocess.run([sys.executable, "-m", __name__], input=pickle.dumps(job), stdout=subprocess.PIPE,
+                          check=False)
     try:
         error = pickle.loads(done.stdout)
     except Exception:  # killed (out of memory) or crashed before it could answer
@@ -41,11 +37,9 @@ def export_in_worker(export: Callable[[], ir.Model], entry: Path) -> None:
 
 def _main() -> None:
     answer, sys.stdout = sys.stdout.buffer, sys.stderr  # library prints must not corrupt the answer
-    from slimgraph.frontend.cache import write_entry
-
-    export, entry = pickle.loads(sys.stdin.buffer.read())
+    job = pickle.loads(sys.stdin.buffer.read())
     try:
-        write_entry(entry, export())
+        job()
         error = None
     except SlimgraphError as exc:
         error = exc

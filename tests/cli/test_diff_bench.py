@@ -130,3 +130,14 @@ def test_bench_bad_input():
     assert result.returncode == 2 and "--batch one" in result.stderr
     result = run_cli("bench", str(LIGHT_DIR / "light_squeezenet.onnx"), str(LIGHT_DIR / "light_resnet50.onnx"))
     assert result.returncode == 2 and "take different inputs" in result.stderr
+
+
+@pytest.mark.slow
+def test_bench_decodes_a_folder_and_benches_its_export(gpt2_folder, capsys):
+    """A folder is exported first (here without a terminal: in this process, nothing drawn)."""
+    assert main(["bench", str(gpt2_folder), "--new-tokens", "2", "--runs", "1", "--seq", "8", "--json"]) == 0
+    [decoded] = json.loads(capsys.readouterr().out)["models"]
+    assert decoded["name"] == str(gpt2_folder)
+    assert main(["bench", str(gpt2_folder), "--runs", "1", "--batch", "1", "--seq", "8", "--json"]) == 0
+    [timed] = json.loads(capsys.readouterr().out)["models"]
+    assert timed["name"] == str(gpt2_folder) and timed["latency"][0]["p50_ms"] > 0

@@ -13,7 +13,7 @@ import pytest
 
 from slimgraph.errors import SlimgraphError
 from slimgraph.frontend import cache, load
-from slimgraph.frontend.export_worker import export_in_worker
+from slimgraph.frontend.export_worker import run_in_worker
 
 # A script, not this process: whether the model's module was imported is the evidence, and the
 # test session imports transformers' Llama elsewhere.
@@ -60,6 +60,6 @@ def test_a_users_error_in_the_worker_comes_back_as_one_line(tmp_path, monkeypatc
     assert not (tmp_path / "cache" / "exports").exists()  # nothing half-written
 
 
-def test_a_worker_that_dies_is_a_clear_error(tmp_path):
+def test_a_worker_that_dies_is_a_clear_error():
     with pytest.raises(SlimgraphError, match="worker process ended with exit code"):
-        export_in_worker(os.abort, tmp_path / "entry")
+        run_in_worker(os.abort)
