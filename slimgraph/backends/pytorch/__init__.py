@@ -82,9 +82,9 @@ class PyTorchArtifact(AdapterSwitching):
             example = tuple(to_torch(feeds[n]) for n in self.input_names)
             return save_pt2(self.module, example, path, self._dynamic_shapes())
         if self.code is not None:
-            from slimgraph.backends.pytorch.codegen import save_structured
+            from slimgraph.backends.pytorch.codegen import current_weights, save_structured
 
-            return save_structured(self.code.source, self._current_weights(), path)
+            return save_structured(self.code.source, current_weights(self.module, self.code.weights), path)
         return save_directory(self.module, path)
 
     @property
@@ -92,10 +92,6 @@ class PyTorchArtifact(AdapterSwitching):
         """The generated forward code: model.py's classes (structured), or the fx module's forward."""
         return self.code.source if self.code is not None else self.module.code
 
-    def _current_weights(self) -> dict:
-        """What model.safetensors holds: the module's tensors now (adapters may have changed them)."""
-        state = dict(self.module.named_parameters(remove_duplicate=False)) | dict(self.module.named_buffers(remove_duplicate=False))
-        return {name: state[name] for name in self.code.weights}
 
     def _build(self, model: ir.Model) -> None:
         """self.module from `model`: structured where the graph allows it, else fx (self.style says which)."""
@@ -104,7 +100,7 @@ class PyTorchArtifact(AdapterSwitching):
         self.model = model
         self.code = None
         self.sources: dict[str, tuple[str, bool]] = {}  # initializer → (parameter, stored transposed)
-        if self.requested_style == "structured" and not _has_subgraphs(model):
+        if self.requested_style == "structured" and not has_subgraphs(model):
             from slimgraph.backends.pytorch.structured import generate, instantiate
 
             self.code = generate(model, self.options)
@@ -177,7 +173,7 @@ class PyTorchArtifact(AdapterSwitching):
 STYLES = ("structured", "fx")
 
 
-def _has_subgraphs(model: ir.Model) -> bool:
+def has_subgraphs(model: ir.Model) -> bool:
     return any(a.type in (ir.AttributeType.GRAPH, ir.AttributeType.GRAPHS) for node in ir.traversal.RecursiveGraphIterator(
         model.graph) for a in node.attributes.values())
 

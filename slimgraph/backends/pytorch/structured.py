@@ -22,7 +22,9 @@ import collections
 import operator
 import re
 import textwrap
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from types import ModuleType
 
 import onnx_ir as ir
 import torch
@@ -31,7 +33,8 @@ from torch import nn
 
 from slimgraph.backends.pytorch import runtime
 from slimgraph.backends.pytorch.builder import Builder, identifier, lowerable
-from slimgraph.backends.pytorch.layers import CLASS_HIERARCHY_KEY, find_layers
+from slimgraph.backends.pytorch.codegen import companion
+from slimgraph.backends.pytorch.layers import CLASS_HIERARCHY_KEY, Layer, find_layers
 from slimgraph.backends.pytorch.modules import Conv1D, MixtureOfExperts, QuantizedEmbedding, QuantizedLinear
 from slimgraph.ir.edit import unique_name
 from slimgraph.ir.graph import NAME_SCOPES_KEY, ensure_shapes
@@ -71,10 +74,14 @@ class StructuredCode:
     sources: dict[str, tuple[str, bool]]  # initializer → (parameter, transposed): where a weight went
 
 
-def generate(model: ir.Model, options: dict | None = None) -> StructuredCode:
+def generate(model: ir.Model, options: dict | None = None,
+             make_builder: Callable[[ir.Model, dict[ir.Node, Layer]], Builder] | None = None) -> StructuredCode:
+    """model.py for `model`; `make_builder(model, layers)` lowers it (the Triton backend's builder calls
+    its kernels), else the PyTorch backend's Builder with `options`."""
     model = lowerable(model)
     ensure_shapes(model)  # (ranks and static sizes: what the layers are recognised by)
-    builder = Builder(model, find_layers(model), options)
+    layers = find_layers(model)
+    builder = make_builder(model, layers) if make_builder else Builder(model, layers, options)
     module = builder.build()
     return _Generator(model, builder, module).run()
 
@@ -228,9 +235,17 @@ class _Generator:
                 calls_after[at].append(i)
         loops = _loops(regions, classes)
         in_loop = {i for run in loops.values() for i in run[1:]}
+        moved: dict[str, str] = {}  # a block's tensor read out here (one constant shared by all) → its path
+
+        def attribute(target: str) -> str:
+            if not regions or not target.startswith(prefix + "."):
+                return target
+            moved[identifier(target)] = target  # (the block list owns the path itself)
+            return identifier(target)
+
         for node in self.graph.nodes:
             if node not in in_block:
-                self._copy([node], graph, env, lambda t: t)
+                self._copy([node], graph, env, attribute)
             for i in sorted(calls_after[self.order[node]]):
                 if i in in_loop:
                     continue
@@ -248,7 +263,7 @@ class _Generator:
                     for k, out in enumerate(region.outputs):
                         env[out] = graph.create_node("call_function", operator.getitem, (result, k),
                                                      name=self._name(out))
-        return self._emitted(graph, lambda target: (target, target), prefix, regions)
+        return self._emitted(graph, lambda target: (moved.get(target, target), target), prefix, regions)
 
     # --- code ------------------------------------------------------------------------------------
 
@@ -294,6 +309,8 @@ class _Generator:
         for name, value in used.items():  # helpers copied into model.py are called as runtime.<name>
             if getattr(value, "__module__", None) == runtime.__name__:
                 text = re.sub(rf"\b{name}\b", f"runtime.{value.__name__}", text)
+            elif companion(value):  # another backend's generated functions: kernels.<name>
+                text = re.sub(rf"\b{name}\b", f"{companion(value)}.{value.__name__}", text)
         self.functions_used.update(used)
         return Emitted("", init, text)
 
@@ -632,15 +649,16 @@ def _split_args(text: str) -> list[str]:
 
 
 def _hoist_shared(block_of: dict[fx.Node, int]) -> None:
-    """Values a block computes for the blocks after it without its layers or what those compute
-    (the attention mask Hugging Face models build inside their first layer) move to the top forward."""
+    """Values a block computes for the blocks after it without its layers (modules, or the Triton
+    backend's kernels) or what those compute (the attention mask Hugging Face models build inside
+    their first layer) move to the top forward."""
     by_block = collections.defaultdict(list)
     for node, i in block_of.items():
         by_block[i].append(node)
     for i, nodes in by_block.items():
         depends: set[fx.Node] = set()
         for node in nodes:
-            if node.op == "call_module" or any(n in depends or block_of.get(n, i) != i for n in node.all_input_nodes
+            if node.op == "call_module" or companion(node.target) or any(n in depends or block_of.get(n, i) != i for n in node.all_input_nodes
                                                if n.op != "get_attr"):
                 depends.add(node)
         pending = [n for n in nodes if n not in depends and any(block_of.get(u) != i for u in n.users)]
@@ -746,9 +764,18 @@ def _format_line(line: str) -> str:
     return re.sub(r"\[\(([^()]*)\)\]", r"[\1]", line)
 
 
-def instantiate(code: StructuredCode) -> nn.Module:
+def instantiate(code: StructuredCode, companions: dict[str, ModuleType] | None = None) -> nn.Module:
     """Run the generated model.py's source and build its model with the weights: the module the
-    artifact calls is the code that is saved."""
+    artifact calls is the code that is saved. `companions`: the modules model.py imports from beside
+    it (the Triton backend's `kernels`), lent to its import while it runs."""
+    import sys
+
     namespace: dict = {"__name__": "slimgraph_generated_model", "__file__": "model.py"}
-    exec(compile(code.source, "<slimgraph model.py>", "exec"), namespace)  # noqa: S102 - our own generated code
+    lent = {name: module for name, module in (companions or {}).items() if name not in sys.modules}
+    sys.modules.update(lent)
+    try:
+        exec(compile(code.source, "<slimgraph model.py>", "exec"), namespace)  # noqa: S102 - our own generated code
+    finally:
+        for name in lent:
+            del sys.modules[name]
     return namespace["build"](dict(code.weights))

@@ -16,6 +16,7 @@ import numpy as np
 import onnx_ir as ir
 
 from slimgraph.backends.output import check_writable
+from slimgraph.backends.pytorch import has_subgraphs
 from slimgraph.errors import SlimgraphError
 
 
@@ -27,9 +28,10 @@ def require_triton() -> None:
 
 
 class TritonArtifact:
-    """A model compiled to Triton kernels + PyTorch glue: `artifact.module` is the torch.fx.GraphModule
-    (calling `artifact.kernels`, the loaded kernels.py); `artifact.report` lists which ops run as
-    kernels and which on the PyTorch lowering."""
+    """A model compiled to Triton kernels + PyTorch glue: `artifact.module` is the module model.py
+    defines (calling `artifact.kernels`, the loaded kernels.py; `artifact.code` its source, None for
+    the flat fx style of a graph with control flow); `artifact.report` lists which ops run as kernels
+    and which on the PyTorch lowering."""
 
     backend = "triton"
 
@@ -78,7 +80,16 @@ class TritonArtifact:
             for name, value in INTERPRETER_SETTINGS.items():
                 if name not in (launch or {}):
                     setattr(self.kernels, name, value)
-        self.module = TritonBuilder(model, self.plan, launchers(self.kernels, self.plan)).build().to(self.device)
+        calls = launchers(self.kernels, self.plan)
+        self.code = None
+        if has_subgraphs(model):  # control flow: the flat fx style, as the PyTorch backend writes it
+            self.module = TritonBuilder(model, self.plan, calls).build()
+        else:
+            from slimgraph.backends.pytorch.structured import generate, instantiate
+
+            self.code = generate(model, make_builder=lambda m, layers: TritonBuilder(m, self.plan, calls, layers))
+            self.module = instantiate(self.code, {"kernels": self.kernels})
+        self.module = self.module.to(self.device)
         self.input_names = [v.name for v in model.graph.inputs if not v.is_initializer()]
         self.output_names = [v.name for v in model.graph.outputs]
 
@@ -94,10 +105,15 @@ class TritonArtifact:
         return run_module(self.module, self.input_names, self.output_names, args, kwargs, self.device)
 
     def save(self, path: str | os.PathLike) -> Path:
-        """`DIR/` → DIR/model.py + DIR/kernels.py + DIR/model.safetensors."""
-        from slimgraph.backends.pytorch.codegen import save_directory
+        """`DIR/` → DIR/model.py + DIR/kernels.py + DIR/model.safetensors. model.py is structured as the
+        PyTorch backend writes it (a class per kind of block, the launchers called as `kernels.<name>`),
+        or the flat fx forward for a graph with control flow."""
+        from slimgraph.backends.pytorch.codegen import current_weights, save_directory, save_structured
 
         path = Path(path)
         self.check_output(path)
+        if self.code is not None:
+            return save_structured(self.code.source, current_weights(self.module, self.code.weights), path,
+                                   companions={"kernels": self.source})
         return save_directory(self.module, path, companions={"kernels": self.source},
                               needs="torch, triton and safetensors (kernels.py beside it)")

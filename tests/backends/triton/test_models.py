@@ -75,6 +75,9 @@ def test_saved_folder_runs_on_its_own(llama_ir, tmp_path):
     assert np.abs(np.load(tmp_path / "got.npy") - want).max() <= 1e-5 * np.abs(want).max()
     source = (tmp_path / "out" / "model.py").read_text()
     assert "kernels.model_layers_N_mlp_down_proj_int4(" in source
+    # structured as the PyTorch backend writes it: a class per kind of decoder layer, in a ModuleList
+    assert "class LlamaDecoderLayer(nn.Module):" in source and "self.model.layers = nn.ModuleList([" in source
+    assert "self.self_attn.q_proj.weight.scales" in source  # block-relative names, from the source model
 
 
 @pytest.mark.slow
