@@ -26,7 +26,7 @@ from slimgraph.measure.diff import fold
 from slimgraph.measure.fidelity import LEGEND, Fidelity
 from slimgraph.measure.stats import human_bytes, human_count
 from slimgraph.measure.summary import ModelSummary
-from slimgraph.passes import Instrument, PipelineReport
+from slimgraph.passes import Instrument, PassRecord, PipelineReport
 from slimgraph.passes._infra.options import split_top_level
 
 
@@ -159,7 +159,8 @@ def render_pipeline_report(report: PipelineReport, output: str | None = None) ->
             did = Text("\n".join(f"{k}: {v}" for k, v in record.stats.items()) if record.modified
                        else "nothing to change")
             for warning in record.warnings:
-                did.append(f"\nwarning: {warning}", style="bold red" if warning.startswith("LOW") else "yellow")
+                did.append(f"\nwarning: {_warning_head(warning, record)}",
+                           style="bold red" if warning.startswith("LOW") else "yellow")
             _row(passes, wrap_pipeline(record.text, pass_width), seconds, _fidelity_cell(record), did)
         parts: list = [Panel(summary, title="slimgraph optimize", expand=False), passes]
         if report.verified:
@@ -619,6 +620,13 @@ def _decode_table(results, name_width: int) -> Table:
                  f"{speed.first_token_ms:.1f} ms", f"{speed.tokens_per_s:,.1f}", "yes" if speed.kv_cache else "no",
                  human_bytes(result.file_bytes) if i == 0 else "")
     return table
+
+
+def _warning_head(warning: str, record: PassRecord) -> str:
+    """A warning as the passes table shows it: what it is about (`LOW FIDELITY`), without the pass it
+    names (the row does) or its detail. The whole text is on stderr, above the tables, and in --json."""
+    text = warning.removeprefix(f"{record.name}: ").replace(f" after '{record.text}'", "")
+    return text.split("; ")[0].split(": ")[0] + " (see the warning above)"
 
 
 # --- progress -----------------------------------------------------------------------------

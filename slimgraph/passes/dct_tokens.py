@@ -38,7 +38,7 @@ import onnx_ir as ir
 from slimgraph.errors import SlimgraphError
 from slimgraph.ir import edit
 from slimgraph.ir.factors import Factor, ShapeElement, length_elements, position_axes, resized, rewrite_elements
-from slimgraph.ir.graph import cone, constant_tensor, static_dim
+from slimgraph.ir.graph import NAME_SCOPES_KEY, cone, constant_tensor, static_dim
 from slimgraph.ir.meta import OUTPUT_MAPS_KEY
 from slimgraph.ir.parts import Join
 from slimgraph.ir.structure import discover, find_join, reads_first_token
@@ -162,7 +162,7 @@ class DctTokens(Pass):
         if self.layout == "sequence" and join is None and discover(model).lm_heads:
             raise SlimgraphError(f"{self.name}: layout=sequence mixes tokens across positions, which a causal LM "
                                  "cannot take; compress a prefix of vision tokens with value=NAME, layout=grid")
-        build = _builder(model, value.name or "tokens")
+        build = _builder(model, value)
         n = static_dim(value, 1)
         if self.layout == "grid":
             grid_lead, height, width, h, w = self._grid(value)
@@ -276,10 +276,14 @@ def _compare_around(model: ir.Model, join: Join, n: int, new_n: int) -> None:
     model.meta[OUTPUT_MAPS_KEY] = maps
 
 
-def _builder(model: ir.Model, base: str) -> edit.Builder:
-    """The nodes of the map, named after the value they compress (`x_dct_1`, `x.dct_axis1`)."""
-    return edit.Builder(model, base, node_names="{scope}_dct_{n}", constant_names="{scope}.dct_{name}",
-                        copy_names="{name}_dct{n}", first=1)
+def _builder(model: ir.Model, value: ir.Value) -> edit.Builder:
+    """The nodes of the map, named after the value they compress (`x_dct_1`, `x.dct_axis1`). In a graph
+    with the exporter's name scopes they are the module `dct-tokens`: diff and the change tree show
+    them as one addition, not one line per node."""
+    scoped = any(NAME_SCOPES_KEY in node.metadata_props for node in model.graph)
+    return edit.Builder(model, value.name or "tokens", node_names="{scope}_dct_{n}",
+                        constant_names="{scope}.dct_{name}", copy_names="{name}_dct{n}", first=1,
+                        name_scopes=["", "dct-tokens"] if scoped else None)
 
 
 def _reduce(build: edit.Builder, op: str, x: ir.Value, axes: list[int]) -> ir.Value:

@@ -64,6 +64,16 @@ def test_without_restore_the_output_keeps_fewer_tokens(minilm):
     assert hidden.shape == (2, 1 + 8, 384)  # the CLS token and half of the other 15, rounded up
 
 
+def test_its_nodes_are_one_module_in_the_change_tree(minilm):
+    """The map's ~100 nodes were a change-tree line each, named after internal nodes (`layer_norm_4_dct_80`)."""
+    from slimgraph.measure.diff import fold
+
+    _, record = run(minilm, "dct-tokens{at=2,keep=0.75}")
+    [change] = fold(record.changes.nodes)
+    assert (change.module, change.kind) == ("dct-tokens", "added")
+    assert "+ MatMul ×4" in change.after and "+ Ceil" in change.after
+
+
 @pytest.fixture(scope="module")
 def vit(tmp_path_factory):
     """A ViT classifier (random weights): 8×8 patches + CLS."""
