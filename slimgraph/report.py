@@ -159,7 +159,9 @@ def render_pipeline_report(report: PipelineReport, output: str | None = None) ->
             did = Text("\n".join(f"{k}: {v}" for k, v in record.stats.items()) if record.modified
                        else "nothing to change")
             for warning in record.warnings:
-                did.append(f"\nwarning: {_warning_head(warning, record)}",
+                if did.plain:
+                    did.append("\n")
+                did.append(f"warning: {_warning_head(warning, record)}",
                            style="bold red" if warning.startswith("LOW") else "yellow")
             _row(passes, wrap_pipeline(record.text, pass_width), seconds, _fidelity_cell(record), did)
         parts: list = [Panel(summary, title="slimgraph optimize", expand=False), passes]
