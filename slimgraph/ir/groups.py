@@ -143,6 +143,7 @@ def remove_channels(model: ir.Model, removals: Mapping[Group, Sequence[int]]) ->
         length = edit.constant_shape(value)[axis]
         edit.take(model, value, axis, np.setdiff1d(np.arange(length), drop))
     elements: dict[ShapeElement, int] = {}
+    shrunk: dict[tuple, ShapeElement] = {}
     for group, channels in chosen.items():
         sizes = group.new_sizes(channels.size)
         for element in group.elements:
@@ -151,7 +152,9 @@ def remove_channels(model: ir.Model, removals: Mapping[Group, Sequence[int]]) ->
                 if elements.setdefault(element, value) != value:
                     raise SlimgraphError(f"{group.name}: two groups of one attention block cannot be pruned in one step")
         for element, per_channel in group.shrinks:  # several groups may shrink one element: they add up
-            elements[element] = elements.get(element, element.value) - per_channel * channels.size
+            # each group's flow found its own copy of the element: one place, one running total
+            first = shrunk.setdefault((element.route, element.element), element)
+            elements[first] = elements.get(first, first.value) - per_channel * channels.size
         edit.clear_shapes(group.activations)
     rewrite_elements(model, elements, lambda array: edit.add_initializer(model, "shape", array))
     for value, shape in shapes.items():

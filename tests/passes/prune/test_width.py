@@ -78,6 +78,22 @@ def test_resnet50_channels_halved():
     assert collections.Counter(g.kind for g in discover(pruned_model).groups)["channels"] == 37
 
 
+def test_channels_that_meet_in_one_reshape_shrink_it_together(tmp_path, capsys):
+    """Inception-v2's four branches are concatenated and flattened by one Reshape: each branch's group
+    shrinks the Reshape's 1024 by its own channels. Kept apart, the four edits disagreed and the
+    pass raised a ValueError (a traceback from `--goal` on this zoo file)."""
+    out = tmp_path / "pruned.onnx"
+    assert main(["optimize", str(LIGHT_DIR / "light_inception_v2.onnx"), "-p",
+                 "prune-width{target=channels,ratio=0.5}", "-o", str(out), "--json"]) == 0
+    pruned_model = ir.load(out)
+    [logits] = evaluate.run(pruned_model, sample_inputs(pruned_model, batch=1)).values()
+    assert logits.shape == (1, 1000)
+    [classifier] = [n for n in pruned_model.graph if n.op_type == "Gemm"]
+    flatten = classifier.inputs[0].producer()
+    assert flatten.op_type == "Reshape"
+    assert flatten.inputs[1].const_value.numpy().tolist() == [1, 512]  # the branches' 1024 channels, halved together
+
+
 @pytest.mark.slow
 def test_pruned_minilm_runs_and_trains_in_pytorch(minilm):
     import torch
