@@ -7,6 +7,7 @@ must give ONNX Runtime's outputs of the file on synthesized inputs, within fp32 
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import onnx_ir as ir
@@ -26,6 +27,9 @@ def load_onnx(path: Path) -> ir.Model:
     try:
         model = ir.load(path)
     except Exception as exc:  # protobuf's DecodeError and onnx_ir's errors alike
+        unsupported = _unsupported(exc)
+        if unsupported:
+            raise SlimgraphError(f"{path} is valid ONNX, but {unsupported}") from exc
         raise SlimgraphError(f"{path} is not a valid ONNX model (corrupt or truncated): {first_line(exc)}") from exc
     if model.ir_version is None or model.ir_version <= 0 or "" not in model.opset_imports or len(model.graph) == 0:
         raise SlimgraphError(f"{path} is not a valid ONNX model: no graph, IR version or opset")
@@ -40,6 +44,21 @@ def load_onnx(path: Path) -> ir.Model:
         _upgrade(model, path)
     model.meta[SOURCE_KEY] = str(path)
     return model
+
+
+def _unsupported(exc: BaseException) -> str | None:
+    """What onnx_ir (slimgraph's IR) cannot represent in a file that parsed, from its error chain
+    (a ZipMap's sequence-of-maps output: "Map types are not supported yet"), or None."""
+    chain, cause = [], exc
+    while cause is not None and len(chain) < 50:
+        chain.append(cause)
+        cause = cause.__cause__ or cause.__context__
+    if not isinstance(chain[-1], NotImplementedError):
+        return None
+    what = first_line(chain[-1]).split(". Please contribute")[0].rstrip(".")
+    names = [m.group(1) for c in chain if (m := re.search(r'name: "([^"]+)"', str(c)))]
+    where = f" (value '{names[0]}')" if names else ""
+    return f"slimgraph's IR (onnx_ir) cannot hold part of it{where}: {what.lower()}"
 
 
 def _open_negative_dims(model: ir.Model) -> None:

@@ -53,6 +53,18 @@ def test_bad_files(tmp_path, mlp_path, content, message):
         load(path)
 
 
+def test_a_valid_file_the_ir_cannot_hold_is_not_called_corrupt():
+    """onnxruntime's own logreg_iris.onnx (OnnxMLTools): ZipMap's output is a sequence of maps."""
+    import onnxruntime
+
+    path = Path(onnxruntime.__file__).parent / "datasets" / "logreg_iris.onnx"
+    onnx.checker.check_model(onnx.load(path))  # valid ONNX
+    with pytest.raises(SlimgraphError) as raised:
+        load(path)
+    assert str(raised.value).endswith("is valid ONNX, but slimgraph's IR (onnx_ir) cannot hold part of it "
+                                      "(value 'probabilities'): map types are not supported yet")
+
+
 def test_missing_and_truncated_external_data(tmp_path, mlp_model):
     out = tmp_path / "m.onnx"
     save(mlp_model, out, external_data=True)
