@@ -324,11 +324,13 @@ class _Generator:
         self.weights[saved] = value.detach()
         kind, persistent = _kind(self.model, self.builder.initializer_at.get(source), value)
         empty = f"torch.empty({tuple(value.shape)!r}, dtype={value.dtype})"
-        if kind == "parameter":
-            return f"{_access(target)} = nn.Parameter({empty})"
         owner, _, leaf = target.rpartition(".")
+        holder = _access(owner) if owner else "self"
+        if kind == "parameter":  # (a numbered leaf sits in an nn.ModuleDict, which item assignment takes for a module)
+            return f"{_access(target)} = nn.Parameter({empty})" if not leaf.isdigit() else \
+                f"{holder}.register_parameter({leaf!r}, nn.Parameter({empty}))"
         flag = "" if persistent else ", persistent=False"
-        return f"{_access(owner) if owner else 'self'}.register_buffer({leaf!r}, {empty}{flag})"
+        return f"{holder}.register_buffer({leaf!r}, {empty}{flag})"
 
     def _source_parameters(self) -> set[str]:
         return {attribute for attribute, initializer in self.builder.initializer_at.items()

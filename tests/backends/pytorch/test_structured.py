@@ -284,3 +284,21 @@ def test_layers_named_by_bare_numbers_become_attributes():
     artifact = slimgraph.compile(model, backend="pytorch")
     assert artifact.style == "structured" and "self['" not in artifact.code.source
     np.testing.assert_allclose(artifact(**feed)["391"], evaluate.run(model, feed)["391"], rtol=1e-5, atol=1e-5)
+
+
+def test_a_weight_at_a_numbered_path_is_a_parameter_of_its_module_dict():
+    """paddle2onnx names constants `p2o.pd_op.reshape.0.0`: the parameter sits in an nn.ModuleDict,
+    whose item assignment takes only modules (7 corpus models crashed building model.py)."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    bias = numpy_helper.from_array(np.random.default_rng(0).standard_normal((1, 4)).astype(np.float32),
+                                   "p2o.pd_op.reshape.0.0")
+    graph = helper.make_graph([helper.make_node("Add", ["x", "p2o.pd_op.reshape.0.0"], ["y"], name="add")],
+                              "paddle", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 4])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2, 4])], [bias])
+    model = ir.serde.deserialize_model(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]))
+    artifact = structured(model)
+    assert ".register_parameter('0', nn.Parameter(" in artifact.code.source
+    assert [name for name, _ in artifact.module.named_parameters()] == ["p2o.pd_op.reshape.0.0"]
+    feed = {"x": np.ones((2, 4), np.float32)}
+    np.testing.assert_array_equal(artifact(**feed)["y"], evaluate.run(model, feed)["y"])
