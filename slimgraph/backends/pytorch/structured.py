@@ -302,7 +302,12 @@ class _Generator:
             container(node.target)
             init.append(self._constructor(node.target, *where(node.target)))
         code = graph.python_code(root_module="self")
-        text = _tidy(code.src, self._loop_source, prefix if blocks and self._numbered() else None)
+        # tensors at numbered paths (paddle2onnx's `p2o.helper.constant.3`) are read with getattr: an
+        # nn.ModuleDict's items are its modules
+        tensors = {node.target for node in graph.nodes if node.op == "get_attr" and
+                   node.target.rpartition(".")[2].isdigit() and not isinstance(_get(self.module, where(node.target)[0]),
+                                                                              nn.Module)}
+        text = _tidy(code.src, self._loop_source, prefix if blocks and self._numbered() else None, tensors)
         used = {name: value for name, value in code.globals.items() if re.search(rf"(?<![.\w]){name}(?![=\w])", text)}
         if "device" not in used:  # (fx keeps the name `device` for torch.device, which this code does not use)
             text = re.sub(r"\bdevice_1\b", "device", text)
@@ -459,6 +464,11 @@ def _input_names(region: Region) -> dict[fx.Node, str]:
     return {}
 
 
+def _dotted(expression: str) -> str:
+    """`a.b.3` for the expression `self.a.b[3]`."""
+    return re.sub(r"\[(\d+)\]", r".\1", expression).removeprefix("self.")
+
+
 def _access(path: str) -> str:
     """`self.a.b["3"].c` for the attribute at a dotted path (numbered children sit in an nn.ModuleDict)."""
     return "self" + "".join(f"[{part!r}]" if part.isdigit() else f".{part}" for part in path.split("."))
@@ -602,15 +612,20 @@ def _infix(graph: fx.Graph) -> None:
             node.target = INFIX[node.target]
 
 
-def _tidy(code: str, loop_source, block_list: str | None) -> str:
+def _tidy(code: str, loop_source, block_list: str | None, tensors: set[str] = frozenset()) -> str:
     """fx's forward, for people: no release lines, attributes read where they are used, indexing
-    for numbered submodules, the block loop written out."""
+    for numbered submodules (not for the `tensors` at numbered paths), the block loop written out."""
+    def index(match: re.Match) -> str:
+        path, number = match.group(1), match.group(2)
+        if f"{_dotted(path)}.{number}" in tensors:
+            return match.group(0)
+        return f"{path}[{number if path == f'self.{block_list}' else repr(number)}]"
+
     lines = []
     for line in code.strip("\n").splitlines():
         line = _format_line(re.sub(r";\s+(?:\w+ = )+None$", "", line))
-        while (match := re.search(r'getattr\((self(?:\.\w+|\[\d+\])*), "(\d+)"\)', line)):
-            index = match.group(2) if match.group(1) == f"self.{block_list}" else repr(match.group(2))
-            line = line[:match.start()] + f"{match.group(1)}[{index}]" + line[match.end():]
+        while (indexed := re.sub(r'getattr\((self(?:\.\w+|\[\d+\])*), "(\d+)"\)', index, line)) != line:
+            line = indexed  # (again: a numbered child of a numbered child)
         lines.append(line)
     text = "\n".join(lines)
     for match in list(re.finditer(r"^    (\w+) = (\w+)\.size\((-?\d+)\)$", text, re.M)):  # a size read once

@@ -49,3 +49,27 @@ def test_col2im_in_two_and_three_dimensions_with_uneven_pads():
         (want,) = ReferenceEvaluator(proto).run(None, {"x": x})
         got = PyTorchArtifact(ir.serde.deserialize_model(proto))(x=x)["y"]
         np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+
+
+def test_fused_conv_as_onnxruntime_computes_it():
+    """com.microsoft.FusedConv, which ONNX Runtime's optimizer writes into saved files (the corpus's
+    marblenet-vad): every activation, with a bias and the Z input added before it."""
+    from slimgraph.measure import evaluate
+
+    rng = np.random.default_rng(2)
+    x, w, b, z = (rng.normal(size=s).astype(np.float32) for s in ([2, 4, 9, 9], [6, 2, 3, 3], [6], [2, 6, 5, 9]))
+    for activation, params in [("Relu", []), ("Tanh", []), ("Sigmoid", []), ("LeakyRelu", [0.2]),
+                               ("Clip", [-0.5, 0.7]), ("HardSigmoid", [0.3, 0.4])]:
+        node = helper.make_node("FusedConv", ["x", "w", "b", "z"], ["y"], domain="com.microsoft", group=2,
+                                strides=[2, 1], pads=[1, 1, 1, 1], activation=activation,
+                                **({"activation_params": params} if params else {}))
+        graph = helper.make_graph([node], "g", [helper.make_tensor_value_info(n, TensorProto.FLOAT, a.shape)
+                                                for n, a in (("x", x), ("z", z))],
+                                  [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)],
+                                  [helper.make_tensor("w", TensorProto.FLOAT, w.shape, w.ravel()),
+                                   helper.make_tensor("b", TensorProto.FLOAT, b.shape, b)])
+        proto = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid("com.microsoft", 1)])
+        model = ir.serde.deserialize_model(proto)
+        want = evaluate.run(model, {"x": x, "z": z})["y"]
+        got = PyTorchArtifact(model)(x=x, z=z)["y"]
+        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5, err_msg=activation)

@@ -291,14 +291,17 @@ def test_a_weight_at_a_numbered_path_is_a_parameter_of_its_module_dict():
     whose item assignment takes only modules (7 corpus models crashed building model.py)."""
     from onnx import TensorProto, helper, numpy_helper
 
-    bias = numpy_helper.from_array(np.random.default_rng(0).standard_normal((1, 4)).astype(np.float32),
-                                   "p2o.pd_op.reshape.0.0")
-    graph = helper.make_graph([helper.make_node("Add", ["x", "p2o.pd_op.reshape.0.0"], ["y"], name="add")],
+    rng = np.random.default_rng(0)
+    names = ["p2o.pd_op.reshape.0.0", "p2o.helper.constant.3"]
+    weights = [numpy_helper.from_array(rng.standard_normal((1, 4)).astype(np.float32), name) for name in names]
+    graph = helper.make_graph([helper.make_node("Add", ["x", names[0]], ["h"], name="add"),
+                               helper.make_node("Mul", ["h", names[1]], ["y"], name="mul")],
                               "paddle", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 4])],
-                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2, 4])], [bias])
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2, 4])], weights)
     model = ir.serde.deserialize_model(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]))
     artifact = structured(model)
     assert ".register_parameter('0', nn.Parameter(" in artifact.code.source
-    assert [name for name, _ in artifact.module.named_parameters()] == ["p2o.pd_op.reshape.0.0"]
+    assert 'getattr(self.p2o.helper.constant, "3")' in artifact.code.source  # not constant['3']: no module
+    assert sorted(name for name, _ in artifact.module.named_parameters()) == sorted(names)
     feed = {"x": np.ones((2, 4), np.float32)}
     np.testing.assert_array_equal(artifact(**feed)["y"], evaluate.run(model, feed)["y"])

@@ -122,6 +122,29 @@ def conv(ctx, node, x, weight, bias=None):
               dilation=attr(node, "dilations", [1] * spatial), groups=attr(node, "group", 1))
 
 
+# com.microsoft.FusedConv's activations (ONNX Runtime's graph optimizer writes the op into the files it
+# saves), with their `activation_params`
+FUSED_ACTIVATIONS = {
+    "Relu": lambda y, params: torch.relu(y),
+    "Tanh": lambda y, params: torch.tanh(y),
+    "Sigmoid": lambda y, params: torch.sigmoid(y),
+    "LeakyRelu": lambda y, params: F.leaky_relu(y, params[0]),
+    "Clip": lambda y, params: torch.clamp(y, params[0], params[1]),
+    "HardSigmoid": lambda y, params: torch.clamp(params[0] * y + params[1], 0.0, 1.0),
+}
+
+
+@lowers("FusedConv", domain="com.microsoft")
+def fused_conv(ctx, node, x, weight, bias=None, z=None):
+    """activation(Conv(x, weight, bias) + z)."""
+    activation = attr(node, "activation", "")
+    if activation not in FUSED_ACTIVATIONS:
+        raise SlimgraphError(f"pytorch backend: FusedConv activation {activation!r} is not supported "
+                             f"(one of: {', '.join(FUSED_ACTIVATIONS)})")
+    y = conv(ctx, node, x, weight, bias)
+    return FUSED_ACTIVATIONS[activation](y if z is None else y + z, attr(node, "activation_params", []))
+
+
 @lowers("MaxPool")
 def max_pool(ctx, node, x):
     kernel = attr(node, "kernel_shape")
