@@ -5,7 +5,7 @@ import pytest
 from tests.backends.conformance import UNREPRESENTABLE, all_outcomes, summary
 
 # A ratchet: the pass rate may only go up. The goal is 0.90 of the cases counted.
-PASS_RATE_FLOOR = 0.97
+PASS_RATE_FLOOR = 0.98  # 1633 of 1665; a Slice regression (1626, 0.977) went unseen at 0.97
 
 
 @pytest.mark.slow

@@ -774,9 +774,12 @@ def _format_line(line: str) -> str:
     def piece(text: str) -> str:
         return "" if text == "None" else text
 
-    line = re.sub(r"slice\(([^(),]+), ([^(),]+), ([^(),]+)\)",
-                  lambda m: f"{piece(m.group(1))}:{piece(m.group(2))}" + (
-                      f":{m.group(3)}" if m.group(3) not in ("None", "1") else ""), line)
+    def subscript(m: re.Match) -> str:  # `a:b` only inside brackets; elsewhere a slice stays an object
+        if line.count("[", 0, m.start()) <= line.count("]", 0, m.start()):
+            return m.group(0)
+        return f"{piece(m.group(1))}:{piece(m.group(2))}" + (f":{m.group(3)}" if m.group(3) not in ("None", "1") else "")
+
+    line = re.sub(r"slice\(([^(),]+), ([^(),]+), ([^(),]+)\)", subscript, line)
     line = line.replace("Ellipsis", "...")
     return re.sub(r"\[\(([^()]*)\)\]", r"[\1]", line)
 
