@@ -206,6 +206,7 @@ def bench(
     with tempfile.TemporaryDirectory(prefix="slimgraph-bench-") as tmp:
         models, files = [], []
         for i, path in enumerate(paths):
+            report(f"loading {path.name}", i, len(paths))
             with (loading or _no_display)(f"loading {path.name}") as stage:
                 model = load(path, stage=stage, **({"kv_cache": True} if kv_cache else {}))
             if path.suffix.lower() != ".onnx":  # a folder or .pt2: bench what slimgraph would write
@@ -289,6 +290,7 @@ def bench_decode(
     options = evaluate.session_options(threads, spinning=False)
     models, decoders = [], []
     for i, path in enumerate(paths):
+        report(f"loading {path.name}", i, len(paths))
         with (loading or _no_display)(f"loading {path.name}") as stage:
             model = load(path, stage=stage, **({} if path.suffix.lower() == ".onnx" else {"kv_cache": True}))
         session = evaluate.make_session(model, options=options)

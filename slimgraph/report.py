@@ -639,7 +639,7 @@ class TerminalProgress:
     passes, and one over the layers of a pass that reports them (`PassContext.track`).
 
     Draws nothing when disabled (stderr is not a terminal, or --json); every method is then
-    a no-op, so callers need no conditions.
+    a no-op, so callers need no conditions (`stage` then yields None, which `load` takes).
     """
 
     def __init__(self, enabled: bool, console: Console | None = None) -> None:

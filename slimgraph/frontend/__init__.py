@@ -31,7 +31,8 @@ def load(source: Any, *, example_inputs: Any = None, dynamic_shapes: Any = None,
     - path to `.onnx`, `.pt2`, `.gguf` (dequantized to float32), or a folder with `config.json` (Hugging Face).
 
     `stage(text)` hears which stage the load of a folder or `.gguf` is in (from the export cache,
-    exporting with torch, …). The model carries the frontend's reader (`model.meta[READER_KEY]`), through which passes read its
+    exporting with torch, …); given one, an export runs in a worker process, so that the caller's
+    display keeps moving (`slimgraph.frontend.export_worker`). The model carries the frontend's reader (`model.meta[READER_KEY]`), through which passes read its
     calibration files, tokenizer and adapters.
     """
     model = _load(source, example_inputs=example_inputs, dynamic_shapes=dynamic_shapes, stage=stage, **options)

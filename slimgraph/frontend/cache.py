@@ -137,14 +137,12 @@ def cached_export(kind: str, source: Path, export: Callable[[], ir.Model], optio
 
 
 def _export_in_worker(export: Callable[[], ir.Model], entry: Path) -> ir.Model:
-    from slimgraph.errors import SlimgraphError
     from slimgraph.frontend.export_worker import run_in_worker
 
     run_in_worker(functools.partial(_export_into, export, entry))
     model = _read(entry)
-    if model is None:  # the worker could not write the entry (disk full, read-only cache)
-        raise SlimgraphError(f"the export's worker process could not write {entry}; free space or set "
-                             "SLIMGRAPH_CACHE to a writable folder")
+    if model is None:  # the worker could not write the entry (disk full, read-only cache): as without a display
+        return export()
     return model
 
 

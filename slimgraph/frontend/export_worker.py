@@ -13,7 +13,9 @@ child's own prints go to stderr).
 
 from __future__ import annotations
 
+import os
 import pickle
+import signal
 import subprocess
 import sys
 import traceback
@@ -28,15 +30,21 @@ def run_in_worker(job: Callable[[], None]) -> None:
                           check=False)
     try:
         error = pickle.loads(done.stdout)
-    except Exception:  # killed (out of memory) or crashed before it could answer
-        raise SlimgraphError(f"the export's worker process ended with exit code {done.returncode} (out of memory?)"
-                             "; run without a terminal (or with --json) to export in this process") from None
+    except Exception:  # it died before it could answer
+        how = "was killed (out of memory?)" if done.returncode == -signal.SIGKILL else \
+            f"ended with exit code {done.returncode} before it answered (its messages are above)"
+        raise SlimgraphError(f"the export's worker process {how}; run without a terminal (or with --json) to "
+                             "export in this process") from None
     if error is not None:
         raise error
 
 
 def _main() -> None:
-    answer, sys.stdout = sys.stdout.buffer, sys.stderr  # library prints must not corrupt the answer
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches both: the parent stops it, quietly
+    # the answer goes to the real stdout; everything else written there (Python or native code) to stderr
+    answer = os.fdopen(os.dup(1), "wb")
+    os.dup2(2, 1)
+    sys.stdout = sys.stderr
     job = pickle.loads(sys.stdin.buffer.read())
     try:
         job()
@@ -46,6 +54,7 @@ def _main() -> None:
     except Exception:  # a bug: its traceback, as text (not every exception pickles)
         error = RuntimeError("the export failed in its worker process:\n" + traceback.format_exc())
     answer.write(pickle.dumps(error))
+    answer.close()
 
 
 if __name__ == "__main__":

@@ -25,6 +25,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import onnx_ir as ir
 
+from slimgraph.errors import SlimgraphError
 from slimgraph.ir.graph import cone, constant_tensor, is_default_domain, static_dim
 
 Axes = tuple[tuple["Factor", ...], ...]  # one tuple of factors per axis; () is a size-1 axis
@@ -490,7 +491,8 @@ def rewrite_elements(model: ir.Model, values: Mapping[ShapeElement, int],
         changes = by_user.setdefault(element.route[-1], {})
         key = (holder, slot, element.element)
         if changes.get(key, new_value) != new_value:
-            raise ValueError(f"{holder.name}: two edits want different values for one shape element")
+            raise SlimgraphError(f"{holder.name}: two edits resize one shape element differently (layers whose "
+                                 "widths meet in one Reshape); change them in separate steps")
         changes[key] = new_value
         on_route.setdefault(element.route[-1], set()).update(node for node, _ in element.route[:-1])
     for (user, slot), changes in by_user.items():

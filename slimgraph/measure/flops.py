@@ -82,7 +82,7 @@ def node_flops(node: ir.Node, sizes: dict[str, int]) -> int | None:
         m, k = (a[1], a[0]) if trans_a else (a[0], a[1])
         n = b[0] if trans_b else b[1]
         return 2 * m * k * n
-    if node.op_type == "Conv":
+    if node.op_type == "Conv" or (node.domain == "com.microsoft" and node.op_type == "FusedConv"):
         w, out = _dims(node.inputs[1], sizes), _dims(node.outputs[0], sizes)
         if not w or not out:
             return None
@@ -148,8 +148,8 @@ def graph_flops(model: ir.Model) -> tuple[int, int]:
     if unknown:
         found = _with_concrete_shapes(model, sizes)
         if found is not None:
-            concrete, stand_ins = found
-            flops, unknown = _count_flops(concrete, {}, skip=stand_ins)
+            concrete, uncounted = found
+            flops, unknown = _count_flops(concrete, {}, skip=uncounted)
     return flops, unknown
 
 
@@ -166,8 +166,8 @@ def _count_flops(model: ir.Model, sizes: dict[str, int], skip: set[ir.Node] = fr
 
 def _with_concrete_shapes(model: ir.Model, sizes: dict[str, int]) -> tuple[ir.Model, set[ir.Node]] | None:
     """A copy of `model` with the inputs' symbols bound and every shape inferred again from them, and
-    the shape stand-ins it added (None when the folding cannot run on the graph: the estimate then
-    leaves the unknown nodes out)."""
+    its nodes not to count (`_shape_stand_ins`); None when the folding cannot run on the graph: the
+    estimate then leaves the unknown nodes out."""
     import logging
     import warnings
 
@@ -175,17 +175,18 @@ def _with_concrete_shapes(model: ir.Model, sizes: dict[str, int]) -> tuple[ir.Mo
 
     concrete = model.clone()  # weights are shared, not copied
     for value in concrete.graph.inputs:
-        if value.shape is not None:
-            value.shape = ir.Shape([sizes.get(str(d), d) if not isinstance(d, int) else d for d in value.shape])
+        if value.shape is not None:  # an unnamed dim (an exporter's -1) bound by its axis
+            value.shape = ir.Shape([d if isinstance(d, int) else sizes.get(str(d)) if d.value is not None else
+                                    FLOPS_BATCH if axis == 0 else FLOPS_SEQUENCE for axis, d in enumerate(value.shape)])
     for node in concrete.graph:
         for value in node.outputs:
             # inferred again from the bound inputs; a shape known already stays, bound
             bound = _dims(value, sizes)
             value.shape = ir.Shape(bound) if bound is not None else None
-    stand_ins = _shape_stand_ins(concrete.graph)
     quiet = logging.getLogger("onnxscript")  # it logs each op it cannot evaluate at the bound sizes
     level, quiet.level = quiet.level, logging.CRITICAL
     try:
+        uncounted = _shape_stand_ins(concrete.graph)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             onnxscript.optimizer.fold_constants(concrete, onnx_shape_inference=True, input_size_limit=1024,
@@ -194,7 +195,7 @@ def _with_concrete_shapes(model: ir.Model, sizes: dict[str, int]) -> tuple[ir.Mo
         return None
     finally:
         quiet.level = level
-    return concrete, stand_ins
+    return concrete, uncounted
 
 
 # com.microsoft ops whose outputs (by index) have the shape of their first input.
@@ -205,35 +206,39 @@ SAME_SHAPE_OUTPUTS = {"SkipLayerNormalization": (0, 3), "SkipSimplifiedLayerNorm
 
 def _shape_stand_ins(graph: ir.Graph) -> set[ir.Node]:
     """Standard ops that give the shapes of the com.microsoft ops' outputs to what reads them: onnx's
-    shape inference knows none of those ops, and every shape after one would stay unknown. The op
-    itself stays (its FLOPs count); its readers read the stand-in, which counts nothing."""
-    added: set[ir.Node] = set()
+    shape inference knows none of those ops, and every shape after one would stay unknown. Returns
+    the nodes not to count: the stand-ins, which the op's own count covers; for FusedConv the op
+    itself, whose Conv stand-in gets the output shape and so counts it."""
+    uncounted: set[ir.Node] = set()
     for node in list(graph):
         if node.domain != "com.microsoft" or not node.inputs or node.inputs[0] is None:
             continue
         x = node.inputs[0]
         if node.op_type in SAME_SHAPE_OUTPUTS:
             outputs = {i: ir.node("Identity", [x]) for i in SAME_SHAPE_OUTPUTS[node.op_type] if i < len(node.outputs)}
+        elif node.op_type == "FusedConv":
+            conv = {name: a for name, a in node.attributes.items() if not name.startswith("activation")}
+            outputs = {0: ir.node("Conv", node.inputs[:3], attributes=conv)}
         elif node.op_type == "FusedMatMul":
             operands = [_transposed(graph, node, v) if node.attributes.get_int(flag, 0) else v
                         for v, flag in zip(node.inputs[:2], ("transA", "transB"))]
-            added.update(v.producer() for v, original in zip(operands, node.inputs) if v is not original)
+            uncounted.update(v.producer() for v, original in zip(operands, node.inputs) if v is not original)
             outputs = {0: ir.node("MatMul", operands)}
         elif node.op_type == "MatMulNBits":
-            outputs = {0: ir.node("MatMul", [x, _placeholder(graph, [node.attributes.get_int("K"),
-                                                                      node.attributes.get_int("N")])])}
+            k, n = node.attributes.get_int("K"), node.attributes.get_int("N")
+            outputs = {0: ir.node("MatMul", [x, _placeholder(graph, x, [k, n])])}
         elif node.op_type == "GroupQueryAttention" and x.shape is not None and isinstance(x.shape[-1], int):
             heads, kv_heads = node.attributes.get_int("num_heads"), node.attributes.get_int("kv_num_heads")
             packed = len(node.inputs) < 2 or node.inputs[1] is None
             head_size = x.shape[-1] // (heads + 2 * kv_heads if packed else heads)
-            outputs = {0: ir.node("MatMul", [x, _placeholder(graph, [x.shape[-1], heads * head_size])])}
+            outputs = {0: ir.node("MatMul", [x, _placeholder(graph, x, [x.shape[-1], heads * head_size])])}
         else:
             continue
         for index, stand_in in outputs.items():
             graph.insert_after(node, stand_in)
             ir.convenience.replace_all_uses_with(node.outputs[index], stand_in.outputs[0], replace_graph_outputs=True)
-            added.add(stand_in)
-    return added
+        uncounted.update([node] if node.op_type == "FusedConv" else outputs.values())
+    return uncounted
 
 
 def _transposed(graph: ir.Graph, node: ir.Node, value: ir.Value) -> ir.Value:
@@ -244,9 +249,9 @@ def _transposed(graph: ir.Graph, node: ir.Node, value: ir.Value) -> ir.Value:
     return transpose.outputs[0]
 
 
-def _placeholder(graph: ir.Graph, shape: list[int]) -> ir.Value:
-    """A graph input of `shape`: a weight's shape for inference, with no data to allocate."""
+def _placeholder(graph: ir.Graph, like: ir.Value, shape: list[int]) -> ir.Value:
+    """A graph input of `shape` and `like`'s type: a weight's shape for inference, with no data to allocate."""
     value = ir.Value(name=f"_shape_stand_in_{len(graph.inputs)}", shape=ir.Shape(shape),
-                     type=ir.TensorType(ir.DataType.FLOAT))
+                     type=like.type or ir.TensorType(ir.DataType.FLOAT))
     graph.inputs.append(value)
     return value

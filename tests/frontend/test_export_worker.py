@@ -63,3 +63,15 @@ def test_a_users_error_in_the_worker_comes_back_as_one_line(tmp_path, monkeypatc
 def test_a_worker_that_dies_is_a_clear_error():
     with pytest.raises(SlimgraphError, match="worker process ended with exit code"):
         run_in_worker(os.abort)
+
+
+@pytest.mark.slow
+def test_a_cache_that_cannot_be_written_exports_in_this_process(gpt2_folder, tmp_path, monkeypatch):
+    """As without a display, a cache it cannot write (a file where its folder should be) fails nothing."""
+    blocked = tmp_path / "not-a-folder"
+    blocked.write_text("")
+    monkeypatch.setenv("SLIMGRAPH_CACHE", str(blocked))
+    monkeypatch.delenv("SLIMGRAPH_NO_CACHE", raising=False)
+    said = []
+    model = load(gpt2_folder, stage=said.append)
+    assert said[-1] == cache.EXPORTING + " in a worker process" and len(model.graph) > 0

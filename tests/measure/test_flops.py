@@ -95,3 +95,43 @@ def test_a_kv_decoder_counts_the_same_fused_or_not(gpt2_kv):
     Pipeline.parse("fuse-ort,quantize-weights").run(fused, verify=False)
     assert {n.op_type for n in fused.graph} >= {"GroupQueryAttention", "MatMulNBits"}
     assert model_stats(fused).flops == expected
+
+
+def _model(nodes, inputs, outputs, initializers=(), opsets=(("", 17),)) -> ir.Model:
+    graph = helper.make_graph(nodes, "g", inputs, outputs, list(initializers))
+    proto = helper.make_model(graph, opset_imports=[helper.make_opsetid(d, v) for d, v in opsets])
+    return ir.serde.deserialize_model(proto)
+
+
+def test_an_unnamed_input_dim_is_bound_by_its_axis():
+    """paddle2onnx's -1 dims are read as unnamed: a leading one counts at batch 1."""
+    weight = numpy_helper.from_array(np.zeros((64, 32), np.float32), "w")
+    model = _model([helper.make_node("MatMul", ["x", "w"], ["y"])],
+                   [helper.make_tensor_value_info("x", TensorProto.FLOAT, [None, 64])],
+                   [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)], [weight])
+    stats = model_stats(model)
+    assert (stats.flops, stats.flops_unknown_nodes) == (2 * 64 * 32, 0)
+
+
+def test_shapes_after_an_fp16_matmul_nbits_and_a_fused_conv_are_known():
+    """The stand-ins take their operand's dtype (a float placeholder beside fp16 stopped inference), and
+    FusedConv counts as the Conv it is."""
+    fp16 = TensorProto.FLOAT16
+    blocks = numpy_helper.from_array(np.zeros((32, 2, 16), np.uint8), "q")
+    scales = numpy_helper.from_array(np.ones(64, np.float16), "s")
+    after = numpy_helper.from_array(np.zeros((32, 16), np.float16), "w")
+    nbits = _model([helper.make_node("MatMulNBits", ["x", "q", "s"], ["h"], domain="com.microsoft", K=64, N=32,
+                                     bits=4, block_size=32),
+                    helper.make_node("MatMul", ["h", "w"], ["y"])],
+                   [helper.make_tensor_value_info("x", fp16, ["batch", "sequence", 64])],
+                   [helper.make_tensor_value_info("y", fp16, None)], [blocks, scales, after],
+                   opsets=(("", 17), ("com.microsoft", 1)))
+    assert model_stats(nbits).flops == 2 * 128 * (64 * 32 + 32 * 16)
+    kernel = numpy_helper.from_array(np.zeros((8, 3, 3, 3), np.float32), "k")
+    conv = _model([helper.make_node("FusedConv", ["x", "k"], ["c"], domain="com.microsoft", activation="Relu",
+                                    pads=[1, 1, 1, 1]),
+                   helper.make_node("Flatten", ["c"], ["f"])],
+                  [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", 3, 16, 16])],
+                  [helper.make_tensor_value_info("f", TensorProto.FLOAT, None)], [kernel],
+                  opsets=(("", 17), ("com.microsoft", 1)))
+    assert model_stats(conv).flops == 2 * (8 * 16 * 16) * (3 * 3 * 3)

@@ -774,7 +774,9 @@ def _format_line(line: str) -> str:
     def piece(text: str) -> str:
         return "" if text == "None" else text
 
-    def subscript(m: re.Match) -> str:  # `a:b` only inside brackets; elsewhere a slice stays an object
+    # `a:b` only inside brackets (fx writes slices only as subscripts or assigned to a name); elsewhere a
+    # slice stays an object
+    def subscript(m: re.Match) -> str:
         if line.count("[", 0, m.start()) <= line.count("]", 0, m.start()):
             return m.group(0)
         return f"{piece(m.group(1))}:{piece(m.group(2))}" + (f":{m.group(3)}" if m.group(3) not in ("None", "1") else "")
@@ -791,11 +793,15 @@ def instantiate(code: StructuredCode, companions: dict[str, ModuleType] | None =
     import sys
 
     namespace: dict = {"__name__": "slimgraph_generated_model", "__file__": "model.py"}
-    lent = {name: module for name, module in (companions or {}).items() if name not in sys.modules}
-    sys.modules.update(lent)
+    companions = companions or {}
+    held = {name: sys.modules.get(name) for name in companions}  # (a `kernels` imported before: put back after)
+    sys.modules.update(companions)
     try:
         exec(compile(code.source, "<slimgraph model.py>", "exec"), namespace)  # noqa: S102 - our own generated code
     finally:
-        for name in lent:
-            del sys.modules[name]
+        for name, module in held.items():
+            if module is None:
+                del sys.modules[name]
+            else:
+                sys.modules[name] = module
     return namespace["build"](dict(code.weights))

@@ -119,3 +119,24 @@ def test_every_kernel_compiles_for_sm90(llama_ir):
             "model_layers_N_post_attention_layernorm_fused_kernel"} <= compiled
     kinds = ("_ternary_lut", "_ternary_gemv", "_ternary_gemm", "_gather_kernel", "_moe_route", "_moe_fc1", "_moe_fc2")
     assert all(any(name.endswith(kind) for name in compiled) for kind in kinds), sorted(compiled)
+
+
+def test_a_kernels_module_imported_before_is_not_what_the_artifact_calls():
+    """model.py imports `kernels`: the artifact's own is lent to that import, and a module of that name
+    the process held before (a saved folder's kernels.py) is put back after."""
+    import types
+
+    from tests.backends.triton.helpers import linear_model
+
+    model = linear_model(64, 32)
+    Pipeline.parse("quantize-weights{bits=4,group_size=32}").run(model, verify=False)
+    stale = types.ModuleType("kernels")
+    sys.modules["kernels"] = stale
+    try:
+        artifact = slimgraph.compile(model, backend="triton", device="cpu")
+        assert sys.modules["kernels"] is stale
+    finally:
+        del sys.modules["kernels"]
+    x = np.random.default_rng(0).standard_normal((2, 64)).astype(np.float32)
+    np.testing.assert_allclose(artifact(x=x)["y"], slimgraph.compile(model, backend="pytorch")(x=x)["y"],
+                               rtol=1e-4, atol=1e-4)
