@@ -92,7 +92,6 @@ class PyTorchArtifact(AdapterSwitching):
         """The generated forward code: model.py's classes (structured), or the fx module's forward."""
         return self.code.source if self.code is not None else self.module.code
 
-
     def _build(self, model: ir.Model) -> None:
         """self.module from `model`: structured where the graph allows it, else fx (self.style says which)."""
         from slimgraph.backends.pytorch.builder import build_module

@@ -124,13 +124,19 @@ def _helper_source(called: list) -> str:
 
 def _source(module: fx.GraphModule) -> str:
     """A module's generated forward, indented for its class, calling copied helpers as runtime.<name>."""
-    code = module.code.strip("\n")
-    for name, value in module.graph.python_code(root_module="self").globals.items():
+    code = qualified_calls(module.code.strip("\n"), module.graph.python_code(root_module="self").globals)
+    return textwrap.indent(code, "    ")
+
+
+def qualified_calls(code: str, used: dict[str, object]) -> str:
+    """`code` calling the helpers copied into model.py as `runtime.<name>` and another backend's
+    generated functions as `<module beside it>.<name>` (the Triton backend's `kernels`)."""
+    for name, value in used.items():
         if getattr(value, "__module__", None) == runtime.__name__:
             code = re.sub(rf"\b{name}\b", f"runtime.{value.__name__}", code)
         elif companion(value):
             code = re.sub(rf"\b{name}\b", f"{companion(value)}.{value.__name__}", code)
-    return textwrap.indent(code, "    ")
+    return code
 
 
 def companion(value) -> str | None:
@@ -144,8 +150,13 @@ def _companion_import(name: str) -> str:
     return f"\ntry:\n    from . import {name}\nexcept ImportError:\n    import {name}"
 
 
-def save_directory(module: fx.GraphModule, path: Path, companions: dict[str, str] | None = None,
-                   needs: str = "torch and safetensors") -> Path:
+def _needs(companions) -> str:
+    """What model.py needs besides itself, for its docstring."""
+    return "torch, triton and safetensors (kernels.py beside it)" if "kernels" in companions else \
+        "torch and safetensors"
+
+
+def save_directory(module: fx.GraphModule, path: Path, companions: dict[str, str] | None = None) -> Path:
     """DIR/model.py + DIR/model.safetensors, and each companion module (name → source) as DIR/<name>.py."""
     from safetensors.torch import save_file
 
@@ -162,7 +173,7 @@ def save_directory(module: fx.GraphModule, path: Path, companions: dict[str, str
     imports, helpers = _imports([module] + [sub for _, sub in subgraphs])
     imports += "".join(_companion_import(name) for name in companions)
     source = TEMPLATE.format(imports=imports, helpers=helpers, parameters=parameters, subgraphs=definitions,
-                             attach_subgraphs=attach, forward=forward, needs=needs)
+                             attach_subgraphs=attach, forward=forward, needs=_needs(companions))
     path.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix=".slimgraph-", dir=path) as tmp:
         (Path(tmp) / "model.py").write_text(source)
@@ -262,9 +273,7 @@ def structured_source(model_class: str, top, blocks: list, used: dict[str, objec
                                                                        for a, b in ties.items()))
     companions = sorted({companion(value) for value in used.values() if companion(value)})
     imports += "".join(_companion_import(name) for name in companions)
-    needs = "torch, triton and safetensors (kernels.py beside it)" if "kernels" in companions else \
-        "torch and safetensors"
-    parts = [STRUCTURED_HEADER.format(needs=needs) + ("\n" + imports if imports else ""), helpers,
+    parts = [STRUCTURED_HEADER.format(needs=_needs(companions)) + ("\n" + imports if imports else ""), helpers,
              *(inspect.getsource(c) for c in copied), *classes, loader]
     return "\n\n\n".join(part.strip("\n") for part in parts if part.strip()) + "\n"
 

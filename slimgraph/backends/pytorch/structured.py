@@ -31,9 +31,8 @@ import torch
 import torch.fx as fx
 from torch import nn
 
-from slimgraph.backends.pytorch import runtime
 from slimgraph.backends.pytorch.builder import Builder, identifier, lowerable
-from slimgraph.backends.pytorch.codegen import companion
+from slimgraph.backends.pytorch.codegen import companion, qualified_calls
 from slimgraph.backends.pytorch.layers import CLASS_HIERARCHY_KEY, Layer, find_layers
 from slimgraph.backends.pytorch.modules import Conv1D, MixtureOfExperts, QuantizedEmbedding, QuantizedLinear
 from slimgraph.ir.edit import unique_name
@@ -311,11 +310,7 @@ class _Generator:
         used = {name: value for name, value in code.globals.items() if re.search(rf"(?<![.\w]){name}(?![=\w])", text)}
         if "device" not in used:  # (fx keeps the name `device` for torch.device, which this code does not use)
             text = re.sub(r"\bdevice_1\b", "device", text)
-        for name, value in used.items():  # helpers copied into model.py are called as runtime.<name>
-            if getattr(value, "__module__", None) == runtime.__name__:
-                text = re.sub(rf"\b{name}\b", f"runtime.{value.__name__}", text)
-            elif companion(value):  # another backend's generated functions: kernels.<name>
-                text = re.sub(rf"\b{name}\b", f"{companion(value)}.{value.__name__}", text)
+        text = qualified_calls(text, used)
         self.functions_used.update(used)
         return Emitted("", init, text)
 
@@ -675,8 +670,8 @@ def _hoist_shared(block_of: dict[fx.Node, int]) -> None:
     for i, nodes in by_block.items():
         depends: set[fx.Node] = set()
         for node in nodes:
-            if node.op == "call_module" or companion(node.target) or any(n in depends or block_of.get(n, i) != i for n in node.all_input_nodes
-                                               if n.op != "get_attr"):
+            if node.op == "call_module" or companion(node.target) or any(
+                    n in depends or block_of.get(n, i) != i for n in node.all_input_nodes if n.op != "get_attr"):
                 depends.add(node)
         pending = [n for n in nodes if n not in depends and any(block_of.get(u) != i for u in n.users)]
         while pending:

@@ -115,5 +115,4 @@ class TritonArtifact:
         if self.code is not None:
             return save_structured(self.code.source, current_weights(self.module, self.code.weights), path,
                                    companions={"kernels": self.source})
-        return save_directory(self.module, path, companions={"kernels": self.source},
-                              needs="torch, triton and safetensors (kernels.py beside it)")
+        return save_directory(self.module, path, companions={"kernels": self.source})
