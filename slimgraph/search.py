@@ -27,7 +27,7 @@ from typing import Any, Literal
 import onnx_ir as ir
 
 from slimgraph.errors import FidelityError, SlimgraphError
-from slimgraph.measure.stats import human_bytes, model_stats
+from slimgraph.measure.stats import human_bytes, weight_bytes
 from slimgraph.measure.target import Target
 from slimgraph.passes import Pass, PassContext, Pipeline, PipelineReport, get_pass_class
 
@@ -148,7 +148,7 @@ def search(
     for candidate in kept:
         if candidate is not chosen:
             candidate.model = None  # (each held a copy of the model's replaced tensors)
-    return SearchResult(goal, max_drop, model_stats(model).bytes, tried, chosen)
+    return SearchResult(goal, max_drop, weight_bytes(model), tried, chosen)
 
 
 def check_goal(goal: str, target: Target) -> None:
@@ -179,7 +179,7 @@ def _run_candidate(model: ir.Model, text: str, max_drop: float, calib: Any, targ
     if 1 - candidate.cosine > max_drop:
         candidate.status = f"over budget: cosine {candidate.cosine:.4f}"
         return candidate
-    candidate.bytes, candidate.model, candidate.report = model_stats(copy).bytes, copy, result
+    candidate.bytes, candidate.model, candidate.report = result.after.bytes, copy, result  # (the run's own stats)
     return candidate
 
 
