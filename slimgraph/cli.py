@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import difflib
+import functools
 import inspect
 import json
 import logging
@@ -22,13 +23,16 @@ import os
 import re
 import sys
 import warnings
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any, NoReturn
+from typing import TYPE_CHECKING, Any, NoReturn
 
 from slimgraph.backends import backends
 from slimgraph.errors import SlimgraphError
 from slimgraph.measure.target import NAMES as TARGETS
+
+if TYPE_CHECKING:
+    import onnx_ir as ir
 
 PROG = "slimgraph"
 
@@ -214,6 +218,24 @@ def main(argv: list[str] | None = None) -> int:
 # --- commands -----------------------------------------------------------------------------
 
 
+@contextlib.contextmanager
+def _spill_for(model: ir.Model, output: Path, args: argparse.Namespace) -> Iterator[Callable[[], None] | None]:
+    """For a large model written as a .onnx with external data: the pipeline writes new weights to
+    the output's data file as they are made (`slimgraph.ir.spill`), rather than holding them all."""
+    from slimgraph.backends.onnxruntime import EXTERNAL_DATA_BYTES
+    from slimgraph.ir.spill import WeightSpill
+    from slimgraph.measure.stats import weight_bytes
+
+    if args.backend != "onnxruntime" or args.goal is not None or weight_bytes(model) < EXTERNAL_DATA_BYTES:
+        yield None
+        return
+    spill = WeightSpill.beside(output)
+    try:
+        yield functools.partial(spill, model)
+    finally:
+        spill.close()
+
+
 def cmd_optimize(args: argparse.Namespace) -> int:
     from slimgraph.backends import check_output, compile
     from slimgraph.frontend import load
@@ -271,14 +293,17 @@ def cmd_optimize(args: argparse.Namespace) -> int:
             model, report = found.chosen.model, found.chosen.report
         else:
             found = None
-            report = pipeline.run(model, PassContext(target=target), verify=not args.no_verify, max_drop=max_drop,
-                                  calib=calib, progress=progress.step, instruments=progress.passes(len(pipeline)))
-        options = {"external_data": args.external_data or None} if args.backend == "onnxruntime" else {}
-        if args.style:
-            options["style"] = args.style
-        with progress.stage(f"writing {output}"):
-            artifact = compile(model, backend=args.backend, **options)
-            artifact.save(output)
+        with _spill_for(model, output, args) as spill:
+            if found is None:
+                report = pipeline.run(model, PassContext(target=target, spill=spill), verify=not args.no_verify,
+                                      max_drop=max_drop, calib=calib, progress=progress.step,
+                                      instruments=progress.passes(len(pipeline)))
+            options = {"external_data": args.external_data or None} if args.backend == "onnxruntime" else {}
+            if args.style:
+                options["style"] = args.style
+            with progress.stage(f"writing {output}"):
+                artifact = compile(model, backend=args.backend, **options)
+                artifact.save(output)
         if found is not None:
             from slimgraph.search import write_recipe
 

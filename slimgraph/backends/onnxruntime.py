@@ -20,6 +20,7 @@ import onnxruntime as ort
 from slimgraph.backends.output import check_writable
 from slimgraph.backends.switching import AdapterSwitching
 from slimgraph.errors import SlimgraphError, first_line
+from slimgraph.ir.spill import spill_of
 from slimgraph.measure import evaluate
 
 # From this many bytes of weights they go to `<name>.data` unless asked otherwise, as ORT GenAI's builder
@@ -37,8 +38,15 @@ def save_onnx(model: ir.Model, path: str | os.PathLike, *, external_data: bool |
     if external_data is None:
         external_data = evaluate.initializer_bytes(model) >= EXTERNAL_DATA_BYTES
     data_name = f"{path.name}.data"
+    spill = spill_of(model)
     with tempfile.TemporaryDirectory(prefix=".slimgraph-", dir=path.parent) as tmp:
         staged = Path(tmp) / path.name
+        if external_data and spill is not None and spill.name == data_name:
+            try:  # most weights are in the data file already: write the rest there and move it into place
+                spill.publish(model, staged, path)
+            except OSError as exc:
+                raise SlimgraphError(f"cannot write {path}: {exc}") from exc
+            return path
         try:
             with contextlib.nullcontext() if external_data else _weights_in_memory(model):
                 ir.save(model, staged, external_data=data_name if external_data else None)

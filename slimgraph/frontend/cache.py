@@ -4,7 +4,12 @@ Exporting a transformer through torch.export takes seconds to minutes; reading t
 takes well under a second. An entry is keyed by what decides the export's result:
 
 - the source's content: SHA-256 over the relative path and bytes of every file (a folder) or of
-  the file itself (a `.gguf`), so editing any file invalidates it, and a copy elsewhere hits it;
+  the file itself (a `.gguf`), so editing any file invalidates it, and a copy elsewhere hits it.
+  Of a folder's safetensors files only the headers count (names, dtypes, shapes, offsets): a
+  folder captured without its weights (`slimgraph.frontend.lazy_weights`) has an entry that holds
+  no weights, only where each lies, so new values under the same names are read fresh. An entry
+  whose weights were exported into it records the folder's full digest and is used only while
+  it matches;
 - the exporter: the versions of torch, transformers, onnxscript, onnx_ir and slimgraph, plus a
   digest of the source of the modules on the capture path (`CAPTURE_MODULES`: a change to the
   capture code while developing must not serve stale graphs);
@@ -13,7 +18,8 @@ takes well under a second. An entry is keyed by what decides the export's result
 
 An entry is a folder `<root>/exports/<key>/` with `model.onnx` (nodes keep their
 `pkg.torch.onnx.name_scopes` metadata), `model.onnx.data` (the weights), `inputs.npz` (the
-example inputs), and `entry.json` (the inputs' source string and each file's SHA-256). It is
+example inputs), and `entry.json` (the inputs' source string, each file's SHA-256, and where the
+weights bound to the source's files lie; those are empty in `model.onnx`). It is
 written into a temporary folder and renamed into place, so a reader sees a whole entry or
 none. An entry whose files do not match `entry.json`, or that fails to parse, is removed and
 rebuilt, never trusted.
@@ -42,16 +48,17 @@ import os
 import shutil
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import onnx_ir as ir
 
+from slimgraph.frontend.lazy_weights import bound_sources, rebind
 from slimgraph.ir.meta import EXAMPLE_INPUTS_KEY, EXAMPLE_INPUTS_SOURCE_KEY
 
-FORMAT = 1  # bump when the layout of an entry changes
+FORMAT = 2  # bump when the layout of an entry changes
 MODEL_FILE, DATA_FILE, INPUTS_FILE, ENTRY_FILE = "model.onnx", "model.onnx.data", "inputs.npz", "entry.json"
 CHUNK = 1 << 20
 DEFAULT_MAX_GB = 8.0
@@ -59,7 +66,7 @@ STALE_STAGING_S = 24 * 3600
 # The modules whose code decides the exported graph (export options, weight names, example inputs).
 # Listed rather than globbed so that edits elsewhere in the package keep the cache warm.
 CAPTURE_MODULES = ("frontend/torch_module.py", "frontend/hf_folder.py", "frontend/gguf_file.py",
-                   "frontend/kv_cache.py", "ir/cache_signature.py", "frontend/calibration.py", "frontend/cache.py", "ir/graph.py", "ir/structure.py", "ir/meta.py")
+                   "frontend/kv_cache.py", "ir/cache_signature.py", "frontend/calibration.py", "frontend/cache.py", "frontend/lazy_weights.py", "ir/graph.py", "ir/structure.py", "ir/meta.py")
 
 
 def cache_root() -> Path:
@@ -114,13 +121,13 @@ def cached_export(kind: str, source: Path, export: Callable[[], ir.Model], optio
             return export()
         stage(EXPORTING + " in a worker process (the export cache is off)")
         with tempfile.TemporaryDirectory(prefix="slimgraph-export-") as folder:
-            return _export_in_worker(export, Path(folder) / "entry")
+            return _export_in_worker(export, Path(folder) / "entry", source)
     say = stage or (lambda what: None)
     say("looking in the export cache")
     entry = cache_root() / "exports" / entry_key(kind, source, options)
     if entry.is_dir():
         say("reading the export from the cache")
-        model = _read(entry)
+        model = _read(entry, source)
         if model is not None:
             with contextlib.suppress(OSError):
                 os.utime(entry / ENTRY_FILE)  # most recently used: pruned last
@@ -128,27 +135,27 @@ def cached_export(kind: str, source: Path, export: Callable[[], ir.Model], optio
         shutil.rmtree(entry, ignore_errors=True)  # corrupt or partial: rebuild
     if stage is not None:
         stage(EXPORTING + " in a worker process")
-        model = _export_in_worker(export, entry)
+        model = _export_in_worker(export, entry, source)
     else:
         model = export()
-        write_entry(entry, model)
+        write_entry(entry, model, source)
     _prune(entry.parent, keep=entry)
     return model
 
 
-def _export_in_worker(export: Callable[[], ir.Model], entry: Path) -> ir.Model:
+def _export_in_worker(export: Callable[[], ir.Model], entry: Path, source: Path) -> ir.Model:
     from slimgraph.frontend.export_worker import run_in_worker
 
-    run_in_worker(functools.partial(_export_into, export, entry))
-    model = _read(entry)
+    run_in_worker(functools.partial(_export_into, export, entry, source))
+    model = _read(entry, source)
     if model is None:  # the worker could not write the entry (disk full, read-only cache): as without a display
         return export()
     return model
 
 
-def _export_into(export: Callable[[], ir.Model], entry: Path) -> None:
+def _export_into(export: Callable[[], ir.Model], entry: Path, source: Path) -> None:
     """In the worker: export, and write the entry (an entry another process wrote first is kept)."""
-    write_entry(entry, export())
+    write_entry(entry, export(), source)
 
 
 def export_once(kind: str, source: Path, export: Callable[[Path, Any, Any], ir.Model], example_inputs: Any,
@@ -170,21 +177,19 @@ def entry_key(kind: str, source: Path, options: dict | None = None) -> str:
     if options:
         digest.update(json.dumps(options, sort_keys=True).encode() + b"\n")
     digest.update(json.dumps(exporter_versions(), sort_keys=True).encode())
-    digest.update(content_digest(source).encode())
+    digest.update(content_digest(source, safetensors_headers_only=source.is_dir()).encode())
     return digest.hexdigest()[:32]
 
 
 def exporter_versions() -> dict[str, str]:
-    import onnxscript
-    import torch
-    import transformers
+    """The versions installed (read from their metadata: importing torch to ask would cost a
+    cache hit seconds and hundreds of MB)."""
+    from importlib.metadata import version
 
     import slimgraph
 
     return {
-        "torch": torch.__version__,
-        "transformers": transformers.__version__,
-        "onnxscript": onnxscript.__version__,
+        **{name: version(name) for name in ("torch", "transformers", "onnxscript")},
         "onnx_ir": ir.__version__,
         "slimgraph": slimgraph.__version__,
         "slimgraph-capture-code": _capture_code_digest(),
@@ -200,8 +205,9 @@ def _capture_code_digest() -> str:
     return digest.hexdigest()
 
 
-def content_digest(source: Path) -> str:
-    """SHA-256 over a file's bytes, or over every file of a folder (relative path, then bytes)."""
+def content_digest(source: Path, *, safetensors_headers_only: bool = False) -> str:
+    """SHA-256 over a file's bytes, or over every file of a folder (relative path, then bytes; of a
+    safetensors file only its header, with `safetensors_headers_only`)."""
     digest = hashlib.sha256()
     if source.is_file():
         _update(digest, source)
@@ -211,7 +217,10 @@ def content_digest(source: Path) -> str:
         if any(part.startswith(".") for part in relative.split("/")):
             continue  # .git, .cache, editor files: not the model
         digest.update(relative.encode() + b"\0")
-        _update(digest, path)
+        if safetensors_headers_only and path.suffix == ".safetensors":
+            _update_header(digest, path)
+        else:
+            _update(digest, path)
     return digest.hexdigest()
 
 
@@ -227,7 +236,13 @@ def _update(digest, path: Path) -> None:
             digest.update(block)
 
 
-def write_entry(entry: Path, model: ir.Model) -> None:
+def _update_header(digest, path: Path) -> None:
+    with open(path, "rb") as f:
+        prefix = f.read(8)
+        digest.update(prefix + f.read(min(int.from_bytes(prefix.ljust(8, b"\0"), "little"), CHUNK * 100)))
+
+
+def write_entry(entry: Path, model: ir.Model, source: Path) -> None:
     """Stage the entry in a temporary folder beside it, then rename: readers never see half an entry.
 
     Failing to write the cache (disk full, read-only home) must not fail the load: the model
@@ -238,21 +253,40 @@ def write_entry(entry: Path, model: ir.Model) -> None:
         staging = Path(tempfile.mkdtemp(prefix=f".{entry.name}-", dir=entry.parent))
     except OSError:
         return
+    bound = bound_sources(model)
     try:
-        ir.save(model, staging / MODEL_FILE, external_data=DATA_FILE)  # leaves `model` as it was
+        with _without_bound_weights(model, bound):
+            ir.save(model, staging / MODEL_FILE, external_data=DATA_FILE)  # leaves `model` as it was
         feeds = model.meta.get(EXAMPLE_INPUTS_KEY) or []
         np.savez(staging / INPUTS_FILE, **{f"{i}/{name}": array for i, feed in enumerate(feeds)
                                            for name, array in feed.items()})
         files = {name: file_digest(staging / name) for name in (MODEL_FILE, DATA_FILE, INPUTS_FILE)
                  if (staging / name).is_file()}
         record = {"format": FORMAT, "inputs_source": model.meta.get(EXAMPLE_INPUTS_SOURCE_KEY),
-                  "feeds": len(feeds), "files": files}
+                  "feeds": len(feeds), "files": files,
+                  "bound": {name: weight.to_json(source) for name, weight in bound.items()}}
+        if source.is_dir() and not bound:  # the weights are in the entry: valid for these bytes only
+            record["source_digest"] = content_digest(source)
         (staging / ENTRY_FILE).write_text(json.dumps(record, indent=1))
         os.rename(staging, entry)
     except OSError:
         pass  # another process renamed its entry first (same key, same content), or the disk is full
     finally:
         shutil.rmtree(staging, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def _without_bound_weights(model: ir.Model, bound: dict) -> Iterator[None]:
+    """Bound weights are saved empty (entry.json says where they lie), then put back."""
+    values = [model.graph.initializers[name] for name in bound]
+    held = [(value.const_value, value.shape) for value in values]
+    for value in values:
+        value.const_value = ir.Tensor(np.zeros(0, value.const_value.dtype.numpy()), name=value.name)
+    try:
+        yield
+    finally:
+        for value, (tensor, shape) in zip(values, held):
+            value.const_value, value.shape = tensor, shape
 
 
 def _prune(folder: Path, keep: Path) -> None:
@@ -286,8 +320,9 @@ def _prune(folder: Path, keep: Path) -> None:
             total -= size
 
 
-def _read(entry: Path) -> ir.Model | None:
-    """The entry's model, or None when any file is missing, altered or unreadable."""
+def _read(entry: Path, source: Path) -> ir.Model | None:
+    """The entry's model, or None when any file is missing, altered or unreadable, or when the
+    weights it holds were exported from other bytes than the source's."""
     try:
         record = json.loads((entry / ENTRY_FILE).read_text())
         if record.get("format") != FORMAT or MODEL_FILE not in record["files"]:
@@ -295,8 +330,11 @@ def _read(entry: Path) -> ir.Model | None:
         for name, expected in record["files"].items():
             if file_digest(entry / name) != expected:
                 return None
+        if "source_digest" in record and content_digest(source) != record["source_digest"]:
+            return None
         model = ir.load(entry / MODEL_FILE)
         _wrap_external_tensors(model)
+        rebind(model, source, record["bound"])
         feeds: list[dict[str, np.ndarray]] = [{} for _ in range(record["feeds"])]
         with np.load(entry / INPUTS_FILE) as data:
             for key in data.files:

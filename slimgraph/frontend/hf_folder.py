@@ -13,8 +13,10 @@ that `slimgraph.generate` runs one token at a time.
 
 from __future__ import annotations
 
+import functools
 import json
 import os
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -85,7 +87,7 @@ def sentence_pooling(path: Path, model: ir.Model) -> dict[str, OutputMap]:
 
 
 def _export(path: Path, example_inputs: Any, dynamic_shapes: Any) -> ir.Model:
-    model = load_transformers_model(path)
+    model, bind_weights = build_without_weights(path) or (load_transformers_model(path), None)
     source = "example inputs"
     if example_inputs is None:
         example_inputs, source = _example_inputs(path, model)
@@ -94,7 +96,8 @@ def _export(path: Path, example_inputs: Any, dynamic_shapes: Any) -> ir.Model:
                           for name in example_inputs}
     from slimgraph.frontend.torch_module import load_module
 
-    return load_module(model, example_inputs=example_inputs, dynamic_shapes=dynamic_shapes, inputs_source=source)
+    return load_module(model, example_inputs=example_inputs, dynamic_shapes=dynamic_shapes, inputs_source=source,
+                       bind_weights=bind_weights)
 
 
 def _export_with_cache(path: Path, example_inputs: Any, dynamic_shapes: Any) -> ir.Model:
@@ -138,24 +141,60 @@ def prompt_inputs(tokenizer_source: Path | None, config: Any) -> tuple[dict, str
 
 
 def load_transformers_model(path: Path) -> Any:
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
     import torch
-    import transformers
 
-    transformers.logging.set_verbosity_error()
-    transformers.logging.disable_progress_bar()
+    config, model_class = _config_and_class(path)
     try:
-        config = transformers.AutoConfig.from_pretrained(path, local_files_only=True)
-        architecture = (getattr(config, "architectures", None) or [None])[0]
-        model_class = getattr(transformers, architecture, None) if architecture else None
-        model_class = model_class or transformers.AutoModel
-        config.use_cache = False
         # float32, whatever the checkpoint's dtype: most decoders ship bf16, which ONNX Runtime's CPU
         # provider does not compute in; bf16 and fp16 weights widen to float32 exactly
         model = model_class.from_pretrained(path, config=config, dtype=torch.float32, local_files_only=True)
     except Exception as exc:
         raise SlimgraphError(f"transformers cannot load {path}: {first_line(exc)}") from exc
     return model.eval()
+
+
+def build_without_weights(path: Path) -> tuple[Any, Callable[[ir.Model], None]] | None:
+    """The model built with stand-in parameters, and what binds their initializers to the folder's
+    safetensors files (`slimgraph.frontend.lazy_weights`); None when not every parameter is there
+    by name and shape, to be loaded whole instead."""
+    import torch
+    import transformers
+
+    from slimgraph.frontend import lazy_weights
+
+    index = lazy_weights.safetensors_index(path)
+    if not index:
+        return None
+    config, model_class = _config_and_class(path)
+    try:
+        with lazy_weights.parameters_on_meta():
+            if model_class is transformers.AutoModel:
+                model = model_class.from_config(config, dtype=torch.float32)
+            else:
+                model = model_class._from_config(config, dtype=torch.float32)
+    except Exception as exc:
+        raise SlimgraphError(f"transformers cannot build {path}: {first_line(exc)}") from exc
+    sources, unbound = lazy_weights.plan(model, index)
+    if unbound is not None:
+        return None
+    zero = lazy_weights.stand_in_parameters(model)
+    return model.eval(), functools.partial(lazy_weights.bind_parameters, index=sources, zero=zero)
+
+
+def _config_and_class(path: Path) -> tuple[Any, Any]:
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    import transformers
+
+    transformers.logging.set_verbosity_error()
+    transformers.logging.disable_progress_bar()
+    try:
+        config = transformers.AutoConfig.from_pretrained(path, local_files_only=True)
+    except Exception as exc:
+        raise SlimgraphError(f"transformers cannot load {path}: {first_line(exc)}") from exc
+    architecture = (getattr(config, "architectures", None) or [None])[0]
+    model_class = getattr(transformers, architecture, None) if architecture else None
+    config.use_cache = False
+    return config, model_class or transformers.AutoModel
 
 
 def _example_inputs(path: Path, model: Any) -> tuple[dict, str]:

@@ -15,6 +15,7 @@ import io
 import logging
 import re
 import warnings
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -37,7 +38,10 @@ def load_module(
     output_names: list[str] | None = None,
     inputs_source: str = "example inputs",
     kv_cache: bool = False,
+    bind_weights: Callable[[ir.Model], None] | None = None,
 ) -> ir.Model:
+    """`bind_weights`, given, replaces the stand-in parameters of a module built without its weights
+    (`slimgraph.frontend.lazy_weights`) before the exporter's optimizer folds anything from them."""
     import torch
 
     if example_inputs is None:
@@ -62,11 +66,16 @@ def load_module(
             dynamo=True,
             dynamic_shapes=_to_torch_dims(dynamic_shapes),
             output_names=output_names,
-            optimize=True,
+            optimize=bind_weights is None,
             verbose=False,
         ),
         type(module).__name__,
     )
+    if bind_weights is not None:
+        import onnxscript
+
+        bind_weights(model)
+        onnxscript.optimizer.optimize(model)  # what optimize=True runs
     name_linear_weights(model)
     model.meta[EXAMPLE_INPUTS_KEY] = [_feeds(model, args, kwargs)]
     model.meta[EXAMPLE_INPUTS_SOURCE_KEY] = inputs_source

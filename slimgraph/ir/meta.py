@@ -15,3 +15,7 @@ SOURCE_KEY = "slimgraph.source"  # the file or folder the model was loaded from
 TOKENIZER_KEY = "slimgraph.tokenizer"  # a folder or file the tokenizer loads from (HF folder, .gguf)
 READER_KEY = "slimgraph.reader"  # the frontend's DataReader: how passes read files for this model
 OUTPUT_MAPS_KEY = "slimgraph.output_maps"  # output name → fidelity.OutputMap: how it relates to the original's
+
+# On a tensor's `meta`: where a weight bound to an input file lies (`slimgraph.frontend.lazy_weights.WeightSource`,
+# equal for the same bytes read the same way).
+WEIGHT_SOURCE_KEY = "slimgraph.weight_source"

@@ -35,6 +35,7 @@ import numpy as np
 import onnx_ir as ir
 
 from slimgraph.ir.graph import constant_tensor, module_path
+from slimgraph.ir.meta import WEIGHT_SOURCE_KEY
 from slimgraph.ir.structure import strip_weight_suffix
 from slimgraph.measure.stats import ModelStats, model_stats, op_key
 
@@ -419,7 +420,11 @@ def _io_changes(a_values: list[ir.Value], b_values: list[ir.Value], what: str) -
 
 
 def _same_bytes(a: ir.TensorProtocol, b: ir.TensorProtocol) -> bool:
-    """Byte for byte (a memcmp of the two buffers: faster than hashing both)."""
+    """Byte for byte (a memcmp of the two buffers: faster than hashing both); weights bound to the
+    same bytes of the same file (two loads of one folder) are equal without reading them."""
+    source = a.meta.get(WEIGHT_SOURCE_KEY) if isinstance(a, ir.LazyTensor) else None
+    if source is not None and isinstance(b, ir.LazyTensor) and b.meta.get(WEIGHT_SOURCE_KEY) == source:
+        return True
     return a is b or a.tobytes() == b.tobytes()
 
 

@@ -101,8 +101,9 @@ def test_a_copy_elsewhere_hits_and_a_changed_file_misses(cache_dir, exports, lla
 
 
 DAMAGES = {
-    "a flipped weight byte": lambda e: _flip_byte(e / "model.onnx.data"),
-    "truncated weights": lambda e: (e / "model.onnx.data").write_bytes((e / "model.onnx.data").read_bytes()[:1000]),
+    # (the weights are not in the entry: it says where in the folder's safetensors files they lie)
+    "a flipped byte of the graph": lambda e: _flip_byte(e / "model.onnx"),
+    "a truncated graph": lambda e: (e / "model.onnx").write_bytes((e / "model.onnx").read_bytes()[:1000]),
     "a broken entry.json": lambda e: (e / "entry.json").write_text("{"),
     "missing inputs": lambda e: (e / "inputs.npz").unlink(),
 }

@@ -98,7 +98,9 @@ class PassContext:
     - `progress`: where passes report per-layer progress; call `track` rather than it;
     - `target`: where the model will run (`slimgraph.measure.target`); None: the machine running slimgraph;
     - `reader`: reads calibration files, tokenizers and adapters (`DataReader`); None: the one the model's
-      frontend left in `model.meta`.
+      frontend left in `model.meta`;
+    - `spill`: called after each tracked item and after each pass to write the new weights out to
+      the output's data file (`slimgraph.ir.spill`); None: they stay in memory.
     """
 
     inputs: list[dict[str, np.ndarray]] = field(default_factory=list)
@@ -111,6 +113,7 @@ class PassContext:
     progress: ProgressHook | None = field(default=None, repr=False)
     target: Target | None = None
     reader: DataReader | None = field(default=None, repr=False)
+    spill: Callable[[], None] | None = field(default=None, repr=False)
 
     def track(self, items: Iterable[T], what: str) -> Iterator[T]:
         """Yield `items`, reporting `what (i/n)` to the progress hook as each one is done.
@@ -119,13 +122,14 @@ class PassContext:
                 ...
         """
         items = list(items)
-        if self.progress is None:
-            yield from items
-            return
-        self.progress(what, 0, len(items))
+        if self.progress is not None:
+            self.progress(what, 0, len(items))
         for done, item in enumerate(items, 1):
             yield item
-            self.progress(what, done, len(items))
+            if self.spill is not None:
+                self.spill()
+            if self.progress is not None:
+                self.progress(what, done, len(items))
 
 
 @dataclass(frozen=True, kw_only=True)

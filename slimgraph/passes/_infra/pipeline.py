@@ -252,6 +252,8 @@ class Pipeline:
                     instrument.before_pass(pass_, model, ctx)
                 watched.read = False
                 result = pass_(model, ctx)
+                if ctx.spill is not None:
+                    ctx.spill()
                 record.calibrated = watched.read
                 record.modified, record.stats = result.modified, dict(result.stats)
                 record.warnings = list(result.warnings)

@@ -90,6 +90,8 @@ class SharedWeights:
 
     def get(self, linear: Linear, make: Callable[[], T]) -> T:
         key = weight_key(linear)
+        for done in [k for k in self._made if k != key and not k[0].uses()]:
+            del self._made[done]  # every reader of that weight has been rewritten: a model's codes are not held at once
         if key not in self._made:
             self._made[key] = make()
         return self._made[key]
