@@ -12,9 +12,11 @@ a fresh process, with
 it is what this script is not measuring; block-wise verification is issue 30's item 3). Printed per
 model: fp32 weight bytes, the output's bytes, the process's peak RSS and its ratio to the fp32
 bytes with the export made (cold) and read from the export cache (warm), `inspect`'s peak RSS and
-time, how many linears became MatMulNBits, and, up to 1.2B parameters, the logits' cosine on a
-prompt against transformers' bf16 model and against the float32 model with the file's int4
-weights dequantized into it; then a PNG plot of peak RSS against fp32 bytes (`--plot`).
+time, how many linears became MatMulNBits, and the logits' cosine on a prompt against transformers'
+bf16 model and against the float32 model with the file's int4 weights dequantized into it (up to
+1.2B parameters the whole model; above, whose float32 reference does not fit, its first 2 blocks
+with the same weights, optimized the same way); then a PNG plot of peak RSS against fp32 bytes
+(`--plot`). Results accumulate in `--work`'s results.json, so an 8B run can come on its own.
 
     .venv/bin/python benchmarks/scale.py [--models 0.1B,0.5B,1B] [--work DIR] [--keep]
 """
@@ -155,17 +157,45 @@ def check_fidelity(folder: Path, quantized: Path) -> tuple[float, float]:
     return bf16, cosine(got, reference)
 
 
+# Runs the CLI and writes its peak RSS (VmHWM, read at exit) to the file named first. Not ru_maxrss from
+# wait4: a forked child starts from its parent's, and this process has held a float32 model by then.
+PEAK_WRAPPER = """
+import atexit, runpy, sys
+peak_file = sys.argv.pop(1)
+def write_peak():
+    for line in open("/proc/self/status"):
+        if line.startswith("VmHWM:"):
+            open(peak_file, "w").write(line.split()[1])
+atexit.register(write_peak)
+sys.argv[0] = "slimgraph"
+runpy.run_module("slimgraph", run_name="__main__", alter_sys=True)
+"""
+
+
+def first_blocks(folder: Path, blocks: int) -> Path:
+    """A folder of the model's first `blocks` decoder blocks (its config with fewer layers, the same
+    safetensors files linked: the tensors of later blocks are simply not read)."""
+    small = folder.with_name(f"{folder.name}-{blocks}-blocks")
+    small.mkdir(exist_ok=True)
+    config = json.loads((folder / "config.json").read_text())
+    (small / "config.json").write_text(json.dumps({**config, "num_hidden_layers": blocks}, indent=1))
+    for path in folder.glob("*.safetensors*"):
+        link = small / path.name
+        if not link.exists():
+            link.symlink_to(path.resolve())
+    return small
+
+
 def run_cli(args: list[str], env: dict) -> tuple[int, float, float, str]:
-    """Exit code, peak RSS (bytes: the child's own ru_maxrss, from wait4), wall seconds and output of one CLI run."""
-    with tempfile.TemporaryFile("w+") as output:
+    """Exit code, peak RSS (bytes), wall seconds and output of one CLI run in a fresh process."""
+    with tempfile.TemporaryDirectory() as folder:
+        peak_file = Path(folder) / "peak"
         start = time.perf_counter()
-        process = subprocess.Popen([sys.executable, "-m", "slimgraph", *args], stdout=output, stderr=subprocess.STDOUT,
-                                   text=True, env=env, cwd=ROOT)
-        _, status, usage = os.wait4(process.pid, 0)
+        done = subprocess.run([sys.executable, "-c", PEAK_WRAPPER, str(peak_file), *args], stdout=subprocess.PIPE,
+                              stderr=subprocess.STDOUT, text=True, env=env, cwd=ROOT)
         wall = time.perf_counter() - start
-        process.returncode = os.waitstatus_to_exitcode(status)
-        output.seek(0)
-        return process.returncode, usage.ru_maxrss * 1024, wall, output.read()
+        peak = int(peak_file.read_text()) * 1024 if peak_file.is_file() else float("nan")
+        return done.returncode, peak, wall, done.stdout
 
 
 def main() -> None:
@@ -176,9 +206,12 @@ def main() -> None:
     parser.add_argument("--fidelity-up-to", type=float, default=1.2,
                         help="check logits against transformers for models up to this many billion parameters "
                              "(the reference runs in float32: 4 bytes a parameter)")
+    parser.add_argument("--blocks", type=int, default=2, help="larger models: check their first BLOCKS blocks")
     args = parser.parse_args()
     work = args.work or Path(tempfile.mkdtemp(prefix="slimgraph-scale-"))
-    env = {**os.environ, "SLIMGRAPH_CACHE": str(work / "cache")}
+    # Every model measured in this --work folder, this run's and earlier runs' (an 8B run takes its own time)
+    saved = work / "results.json"
+    results = json.loads(saved.read_text()) if saved.is_file() else {}
     rows = []
     for name in args.models.split(","):
         folder = work / f"llama-{name}"
@@ -190,6 +223,9 @@ def main() -> None:
                   flush=True)
         fp32 = 2 * sum(p.stat().st_size for p in folder.glob("*.safetensors"))
         out = work / f"q-{name}.onnx"
+        cache = work / "cache" / name
+        shutil.rmtree(cache, ignore_errors=True)  # the first run exports
+        env = {**os.environ, "SLIMGRAPH_CACHE": str(cache)}
         runs = []
         for _ in ("cold", "warm"):  # cold: the export is made (in this process: a pipe); warm: read from the cache
             code, peak, wall, text = run_cli(["optimize", str(folder), "-p", PIPELINE, "-o", str(out), "--no-verify",
@@ -202,13 +238,26 @@ def main() -> None:
 
         ops = [n.op_type for n in onnx.load(str(out), load_external_data=False).graph.node]
         written = sum(p.stat().st_size for p in work.glob(f"q-{name}.onnx*"))
-        cosines = check_fidelity(folder, out) if fp32 / 4 <= args.fidelity_up_to * 1e9 else None
+        if fp32 / 4 <= args.fidelity_up_to * 1e9:
+            cosines = check_fidelity(folder, out)
+        else:  # the float32 reference would not fit: the first blocks, with the same weights and the same path
+            small = first_blocks(folder, args.blocks)
+            small_out = work / f"q-{name}-{args.blocks}-blocks.onnx"
+            code, _, _, text = run_cli(["optimize", str(small), "-p", PIPELINE, "-o", str(small_out), "--no-verify"],
+                                       env)
+            if code != 0:
+                raise SystemExit(f"{name}, {args.blocks} blocks: exit {code}: {text.strip()[-2000:]}")
+            cosines = check_fidelity(small, small_out)
+            print(f"{name}: (logit cosines of its first {args.blocks} blocks, on their own)")
         rows.append((name, fp32, written, runs, (inspect_peak, inspect_wall), ops.count("MatMulNBits"), cosines))
+        results[name] = rows[-1][1:]
         print(f"{name}: fp32 {fp32 / 1e9:.2f} GB → {written / 1e9:.2f} GB; peak RSS cold {runs[0][0] / 1e9:.2f} GB "
               f"({runs[0][1]:.0f} s), warm {runs[1][0] / 1e9:.2f} GB ({runs[1][1]:.0f} s); MatMulNBits "
               f"{ops.count('MatMulNBits')}, MatMul left {ops.count('MatMul')}"
               + (f"; logit cosine vs bf16 {cosines[0]:.4f}, vs dequantized int4 {cosines[1]:.6f}" if cosines else ""),
               flush=True)
+    saved.write_text(json.dumps(results))
+    rows = sorted(([name, *row] for name, row in results.items()), key=lambda row: row[1])
     print()
     print(f"{'model':6} {'fp32':>9} {'output':>9} {'peak RSS cold':>14} {'warm':>15} {'inspect':>15} "
           f"{'cos bf16':>8} {'cos int4 ref':>12}")
@@ -217,8 +266,8 @@ def main() -> None:
         print(f"{name:6} {fp32 / 1e9:6.2f} GB {written / 1e9:6.2f} GB {cold / 1e9:5.2f} GB {cold / fp32:4.2f}x "
               f"{warm / 1e9:5.2f} GB {warm / fp32:4.2f}x {inspected[0] / 1e9:5.2f} GB {inspected[1]:4.1f} s "
               + (f"{cosines[0]:8.4f} {cosines[1]:12.6f}" if cosines else f"{'-':>8} {'-':>12}"))
-    print("(peak RSS: the CLI process's own, ru_maxrss; ratios to the fp32 weight bytes; wall times in parentheses "
-          "above)")
+    print("(peak RSS: the CLI process's own VmHWM, as a ratio to the fp32 weight bytes; cold: the export made, warm: "
+          "read from the export cache; wall times above)")
     if rows:
         _plot(rows, args.plot)
 

@@ -9,7 +9,8 @@ takes well under a second. An entry is keyed by what decides the export's result
   folder captured without its weights (`slimgraph.frontend.lazy_weights`) has an entry that holds
   no weights, only where each lies, so new values under the same names are read fresh. An entry
   whose weights were exported into it records the folder's full digest and is used only while
-  it matches;
+  it matches; one whose example inputs were computed with the weights (a KV-cache export's past),
+  the safetensors files' sizes and modification times;
 - the exporter: the versions of torch, transformers, onnxscript, onnx_ir and slimgraph, plus a
   digest of the source of the modules on the capture path (`CAPTURE_MODULES`: a change to the
   capture code while developing must not serve stale graphs);
@@ -56,7 +57,7 @@ import numpy as np
 import onnx_ir as ir
 
 from slimgraph.frontend.lazy_weights import bound_sources, rebind
-from slimgraph.ir.meta import EXAMPLE_INPUTS_KEY, EXAMPLE_INPUTS_SOURCE_KEY
+from slimgraph.ir.meta import EXAMPLE_INPUTS_KEY, EXAMPLE_INPUTS_SOURCE_KEY, INPUTS_READ_WEIGHTS_KEY
 
 FORMAT = 2  # bump when the layout of an entry changes
 MODEL_FILE, DATA_FILE, INPUTS_FILE, ENTRY_FILE = "model.onnx", "model.onnx.data", "inputs.npz", "entry.json"
@@ -224,6 +225,12 @@ def content_digest(source: Path, *, safetensors_headers_only: bool = False) -> s
     return digest.hexdigest()
 
 
+def weights_stamp(folder: Path) -> dict[str, list[int]]:
+    """Each safetensors file's size and modification time: rewritten files, other stamps (hashing
+    a large checkpoint's bytes on every load would cost more than it saves)."""
+    return {path.name: [path.stat().st_size, path.stat().st_mtime_ns] for path in sorted(folder.glob("*.safetensors"))}
+
+
 def file_digest(path: Path) -> str:
     digest = hashlib.sha256()
     _update(digest, path)
@@ -267,6 +274,8 @@ def write_entry(entry: Path, model: ir.Model, source: Path) -> None:
                   "bound": {name: weight.to_json(source) for name, weight in bound.items()}}
         if source.is_dir() and not bound:  # the weights are in the entry: valid for these bytes only
             record["source_digest"] = content_digest(source)
+        elif model.meta.get(INPUTS_READ_WEIGHTS_KEY):  # the example inputs are: valid while the files are unchanged
+            record["weights_stamp"] = weights_stamp(source)
         (staging / ENTRY_FILE).write_text(json.dumps(record, indent=1))
         os.rename(staging, entry)
     except OSError:
@@ -331,6 +340,8 @@ def _read(entry: Path, source: Path) -> ir.Model | None:
             if file_digest(entry / name) != expected:
                 return None
         if "source_digest" in record and content_digest(source) != record["source_digest"]:
+            return None
+        if "weights_stamp" in record and weights_stamp(source) != record["weights_stamp"]:
             return None
         model = ir.load(entry / MODEL_FILE)
         _wrap_external_tensors(model)

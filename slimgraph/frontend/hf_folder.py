@@ -3,7 +3,9 @@
 Loaded offline with transformers: the model class is chosen from `config.architectures`;
 example inputs come from the tokenizer when the folder has one, else from the config.
 Batch and sequence axes are exported as dynamic. The graph computes in float32 (a bf16 or fp16
-checkpoint's weights widen exactly), which is what a CPU runs. The export is cached on disk, keyed by the
+checkpoint's weights widen exactly), which is what a CPU runs. The model is built and exported without
+its weights, each then read from its safetensors file when used (`slimgraph.frontend.lazy_weights`),
+unless the files do not hold every parameter by name. The export is cached on disk, keyed by the
 folder's content (`slimgraph.frontend.cache`), so loading the same folder again is fast.
 
 A causal LM is exported without a KV cache (each call computes the whole sequence), or with
@@ -16,9 +18,8 @@ from __future__ import annotations
 import functools
 import json
 import os
-from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import onnx_ir as ir
 
@@ -26,8 +27,11 @@ from slimgraph.errors import SlimgraphError, first_line
 from slimgraph.frontend.cache import Stage, export_once
 from slimgraph.frontend.calibration import has_tokenizer, load_tokenizer
 from slimgraph.frontend.kv_cache import check_kv_options
-from slimgraph.ir.meta import OUTPUT_MAPS_KEY, SOURCE_KEY, TOKENIZER_KEY
+from slimgraph.ir.meta import INPUTS_READ_WEIGHTS_KEY, OUTPUT_MAPS_KEY, SOURCE_KEY, TOKENIZER_KEY
 from slimgraph.measure.fidelity import OutputMap
+
+if TYPE_CHECKING:
+    from slimgraph.frontend.lazy_weights import StandIns
 
 EXAMPLE_SENTENCES = [
     "The quick brown fox jumps over the lazy dog.",
@@ -87,7 +91,8 @@ def sentence_pooling(path: Path, model: ir.Model) -> dict[str, OutputMap]:
 
 
 def _export(path: Path, example_inputs: Any, dynamic_shapes: Any) -> ir.Model:
-    model, bind_weights = build_without_weights(path) or (load_transformers_model(path), None)
+    built = build_without_weights(path)
+    model = built.model if built is not None else load_transformers_model(path)
     source = "example inputs"
     if example_inputs is None:
         example_inputs, source = _example_inputs(path, model)
@@ -97,17 +102,24 @@ def _export(path: Path, example_inputs: Any, dynamic_shapes: Any) -> ir.Model:
     from slimgraph.frontend.torch_module import load_module
 
     return load_module(model, example_inputs=example_inputs, dynamic_shapes=dynamic_shapes, inputs_source=source,
-                       bind_weights=bind_weights)
+                       bind_weights=built.bind if built is not None else None)
 
 
 def _export_with_cache(path: Path, example_inputs: Any, dynamic_shapes: Any) -> ir.Model:
-    return export_generation_steps(load_transformers_model(path), path, example_inputs)
+    built = build_without_weights(path)
+    if built is None:
+        return export_generation_steps(load_transformers_model(path), path, example_inputs)
+    exported = export_generation_steps(built.model, path, example_inputs, bind_weights=built.bind,
+                                       forward_context=built.onloaded)
+    exported.meta[INPUTS_READ_WEIGHTS_KEY] = True  # its example steps' past: a new checkpoint needs new ones
+    return exported
 
 
-def export_generation_steps(model: Any, tokenizer_source: Path, example_inputs: Any, tokenizer: str = "tokenizer"
-                            ) -> ir.Model:
+def export_generation_steps(model: Any, tokenizer_source: Path, example_inputs: Any, tokenizer: str = "tokenizer",
+                            **weights: Any) -> ir.Model:
     """A transformers causal LM exported with its KV cache, the prompt (`example_inputs`, else the
-    built-in sentences through the tokenizer at `tokenizer_source`) run as two generation steps."""
+    built-in sentences through the tokenizer at `tokenizer_source`) run as two generation steps.
+    `weights`: `bind_weights` and `forward_context` of a model built without them (`load_module`)."""
     from slimgraph.frontend.kv_cache import check_causal_lm
     from slimgraph.frontend.torch_module import load_module
 
@@ -117,7 +129,7 @@ def export_generation_steps(model: Any, tokenizer_source: Path, example_inputs: 
         example_inputs, source = prompt_inputs(tokenizer_source, model.config)
         source = source.replace("tokenizer", tokenizer, 1)
     return load_module(model, example_inputs=example_inputs, inputs_source=f"{source}, as two generation steps",
-                       kv_cache=True)
+                       kv_cache=True, **weights)
 
 
 def prompt_inputs(tokenizer_source: Path | None, config: Any) -> tuple[dict, str]:
@@ -153,10 +165,10 @@ def load_transformers_model(path: Path) -> Any:
     return model.eval()
 
 
-def build_without_weights(path: Path) -> tuple[Any, Callable[[ir.Model], None]] | None:
-    """The model built with stand-in parameters, and what binds their initializers to the folder's
-    safetensors files (`slimgraph.frontend.lazy_weights`); None when not every parameter is there
-    by name and shape, to be loaded whole instead."""
+def build_without_weights(path: Path) -> StandIns | None:
+    """The folder's model built with stand-in parameters, bound later to its safetensors files
+    (`slimgraph.frontend.lazy_weights`); None when not every parameter is there by name and shape,
+    to be loaded whole instead."""
     import torch
     import transformers
 
@@ -166,19 +178,14 @@ def build_without_weights(path: Path) -> tuple[Any, Callable[[ir.Model], None]] 
     if not index:
         return None
     config, model_class = _config_and_class(path)
+    if model_class is transformers.AutoModel:
+        build = functools.partial(model_class.from_config, config, dtype=torch.float32)
+    else:
+        build = functools.partial(model_class._from_config, config, dtype=torch.float32)
     try:
-        with lazy_weights.parameters_on_meta():
-            if model_class is transformers.AutoModel:
-                model = model_class.from_config(config, dtype=torch.float32)
-            else:
-                model = model_class._from_config(config, dtype=torch.float32)
+        return lazy_weights.build_with_stand_ins(build, index)
     except Exception as exc:
         raise SlimgraphError(f"transformers cannot build {path}: {first_line(exc)}") from exc
-    sources, unbound = lazy_weights.plan(model, index)
-    if unbound is not None:
-        return None
-    zero = lazy_weights.stand_in_parameters(model)
-    return model.eval(), functools.partial(lazy_weights.bind_parameters, index=sources, zero=zero)
 
 
 def _config_and_class(path: Path) -> tuple[Any, Any]:

@@ -14,6 +14,7 @@ with the past the prompt left.
 
 from __future__ import annotations
 
+import contextlib
 import re
 import types
 from collections.abc import Callable, Mapping
@@ -68,12 +69,15 @@ def check_kv_options(kv_cache: Any, dynamic_shapes: Any) -> None:
 
 
 def export_causal_lm(model: Any, prompt: Mapping[str, Any], *, inputs_source: str,
-                     export: Callable[..., ir.Model]) -> ir.Model:
+                     export: Callable[..., ir.Model],
+                     forward_context: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext,
+                     ) -> ir.Model:
     """Export a transformers causal LM with the KV-cache signature of the module docstring.
 
     `prompt` holds `input_ids` (and `attention_mask`) of at least 4 tokens, left-padded if a
     batch; it supplies the export's example and the two example steps kept in `model.meta`.
-    `export` is the frontend's `load_module` (passed in: this module sits below the frontends).
+    `export` is the frontend's `load_module` (passed in: this module sits below the frontends);
+    the prompt runs inside `forward_context` (where a model built without its weights has them).
     """
     import inspect
 
@@ -89,7 +93,7 @@ def export_causal_lm(model: Any, prompt: Mapping[str, Any], *, inputs_source: st
     cache_argument = "cache" if "cache" in accepted else "past_key_values"
     takes_positions = POSITION_IDS in accepted
     positions = torch.from_numpy(position_ids(mask.numpy()))
-    with torch.no_grad():  # the whole prompt's keys and values: a prefix's past is their first positions
+    with torch.no_grad(), forward_context():  # the whole prompt's keys and values: a prefix's past is their first positions
         full = _run(model, cache_argument, ids, mask, positions if takes_positions else None, [])
     cache = full[1:]
     layers = len(cache) // 2

@@ -6,6 +6,9 @@ is then bound to where its bytes lie: a memory-mapped slice of a safetensors fil
 bf16/fp16 weight widened to float32) only when something reads that weight. A pass that
 quantizes a weight reads it once; a weight nobody changes is read once more, by the writer.
 
+A KV-cache export also runs the PyTorch model on its example prompt (the example steps' past keys
+and values are real); then each module reads its own weights just before it runs (`onloaded`).
+
 The exporter's own optimizer folds `Transpose(W)` of a linear weight into a new initializer by
 computing it; here the transpose is folded into the binding instead (read transposed), before
 that optimizer runs, so that nothing is computed from the stand-ins.
@@ -19,7 +22,7 @@ from __future__ import annotations
 
 import contextlib
 import math
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -56,8 +59,11 @@ class WeightSource:
 
     def read(self) -> np.ndarray:
         """The tensor as the graph holds it (float32, transposed if bound so)."""
-        stored = np.memmap(self.file, dtype=np.uint8, mode="r", offset=self.begin, shape=(self.end - self.begin,))
-        array = stored.view(DTYPES[self.dtype]).reshape(self.shape)
+        if self.end == self.begin:  # an empty tensor: nothing to map
+            array = np.zeros(self.shape, DTYPES[self.dtype])
+        else:
+            stored = np.memmap(self.file, dtype=np.uint8, mode="r", offset=self.begin, shape=(self.end - self.begin,))
+            array = stored.view(DTYPES[self.dtype]).reshape(self.shape)
         dtype = np.float32 if self.dtype in WIDENED else array.dtype  # bf16/fp16 widen exactly
         if self.transposed:
             return np.asarray(array.T, dtype=dtype, order="C")  # widened and transposed in one copy
@@ -137,6 +143,34 @@ def plan(model: Any, index: dict[str, WeightSource]) -> tuple[dict[str, WeightSo
     return sources, None
 
 
+@dataclass
+class StandIns:
+    """A model built with stand-in parameters, and where each one's weight lies."""
+
+    model: Any
+    sources: dict[str, WeightSource]  # parameter name (tied ones under each name) → its source
+    zero: Any  # the one tensor every stand-in is a view of
+
+    def bind(self, exported: ir.Model) -> None:
+        """Bind the export's stand-in initializers to their sources (`bind_parameters`)."""
+        bind_parameters(exported, self.sources, self.zero)
+
+    def onloaded(self) -> contextlib.AbstractContextManager:
+        """Where the model runs with its real weights, read one module at a time (`onloaded`)."""
+        return onloaded(self.model, self.sources)
+
+
+def build_with_stand_ins(build: Callable[[], Any], index: dict[str, WeightSource]) -> StandIns | None:
+    """`build()` (a torch module) with stand-in parameters, or None when `index` does not hold every
+    one of them (`plan`)."""
+    with parameters_on_meta():
+        model = build()
+    sources, unbound = plan(model, index)
+    if unbound is not None:
+        return None
+    return StandIns(model.eval(), sources, stand_in_parameters(model))
+
+
 @contextlib.contextmanager
 def parameters_on_meta() -> Iterator[None]:
     """Modules built inside create their parameters on the meta device (buffers stay real: they are
@@ -171,6 +205,40 @@ def stand_in_parameters(model: Any) -> Any:
             replaced[id(parameter)] = torch.nn.Parameter(zero.expand(parameter.shape), requires_grad=False)
         setattr(module, attribute, replaced[id(parameter)])
     return zero
+
+
+@contextlib.contextmanager
+def onloaded(model: Any, sources: dict[str, WeightSource]) -> Iterator[None]:
+    """While the PyTorch model runs for real (a KV-cache export's example steps), each module's own
+    parameters are read from the folder just before it runs and dropped after it: one layer's
+    weights in memory at a time (llm-compressor's sequential onloading). Not while torch exports:
+    the graph must see the stand-ins, not constants."""
+    import torch
+
+    def load(module, args, prefix, names):
+        for name in names:
+            array = np.array(sources[f"{prefix}{name}"].read())  # (a float32 file's map is read-only)
+            setattr(module, name, torch.nn.Parameter(torch.from_numpy(array), requires_grad=False))
+
+    def drop(module, args, output, stand_ins):
+        for name, stand_in in stand_ins.items():
+            setattr(module, name, stand_in)
+
+    handles = []
+    for prefix, module in model.named_modules():
+        stand_ins = dict(module.named_parameters(recurse=False))
+        if not stand_ins:
+            continue
+        prefix = f"{prefix}." if prefix else ""
+        handles.append(module.register_forward_pre_hook(
+            lambda m, a, prefix=prefix, names=list(stand_ins): load(m, a, prefix, names)))
+        handles.append(module.register_forward_hook(
+            lambda m, a, o, stand_ins=stand_ins: drop(m, a, o, stand_ins)))
+    try:
+        yield
+    finally:
+        for handle in handles:
+            handle.remove()
 
 
 def bind_parameters(model: ir.Model, index: dict[str, WeightSource], zero: Any) -> None:

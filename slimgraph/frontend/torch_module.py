@@ -11,6 +11,7 @@ values instead (`slimgraph.ir.cache_signature`); `example_inputs` is then its pr
 from __future__ import annotations
 
 import contextlib
+import functools
 import io
 import logging
 import re
@@ -39,9 +40,12 @@ def load_module(
     inputs_source: str = "example inputs",
     kv_cache: bool = False,
     bind_weights: Callable[[ir.Model], None] | None = None,
+    forward_context: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext,
 ) -> ir.Model:
-    """`bind_weights`, given, replaces the stand-in parameters of a module built without its weights
-    (`slimgraph.frontend.lazy_weights`) before the exporter's optimizer folds anything from them."""
+    """For a module built without its weights (`slimgraph.frontend.lazy_weights`): `bind_weights`
+    replaces its stand-in parameters in the export before the exporter's optimizer folds anything
+    from them, and `forward_context` is where it runs with its real weights (a KV-cache export's
+    example steps)."""
     import torch
 
     if example_inputs is None:
@@ -53,7 +57,9 @@ def load_module(
         if not isinstance(example_inputs, dict) or "input_ids" not in example_inputs:
             raise SlimgraphError("kv_cache=True takes example_inputs as a dict with input_ids (and attention_mask): "
                                  "a prompt of at least 4 tokens")
-        return export_causal_lm(module, example_inputs, inputs_source=inputs_source, export=load_module)
+        return export_causal_lm(module, example_inputs, inputs_source=inputs_source,
+                                export=functools.partial(load_module, bind_weights=bind_weights),
+                                forward_context=forward_context)
     args, kwargs = _split_inputs(example_inputs)
     module.eval()
     if output_names is None:

@@ -125,8 +125,9 @@ def with_input(node: ir.Node, index: int, value: ir.Value) -> None:
 # --- linear weights -------------------------------------------------------------------------
 
 
-def weight_matrix(linear: Linear) -> np.ndarray:
-    """The [K, N] float32 weight of a linear, whatever its layout in the graph."""
+def weight_matrix(linear: Linear, *, contiguous: bool = True) -> np.ndarray:
+    """The [K, N] float32 weight of a linear, whatever its layout in the graph; with
+    `contiguous=False`, possibly a transposed view (no copy of a large weight read through a Transpose)."""
     value = linear.node.inputs[1]
     source = transposed_source(value)
     w = np.asarray(constant_array(source if source is not None else value), dtype=np.float32)
@@ -134,7 +135,7 @@ def weight_matrix(linear: Linear) -> np.ndarray:
         w = w.T
     if _gemm_trans_b(linear):
         w = w.T
-    return np.ascontiguousarray(w)
+    return np.ascontiguousarray(w) if contiguous else w
 
 
 def set_weight_matrix(model: ir.Model, linear: Linear, w: np.ndarray) -> None:

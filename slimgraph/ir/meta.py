@@ -14,6 +14,7 @@ EXAMPLE_INPUTS_SOURCE_KEY = "slimgraph.example_inputs_source"  # where they came
 SOURCE_KEY = "slimgraph.source"  # the file or folder the model was loaded from
 TOKENIZER_KEY = "slimgraph.tokenizer"  # a folder or file the tokenizer loads from (HF folder, .gguf)
 READER_KEY = "slimgraph.reader"  # the frontend's DataReader: how passes read files for this model
+INPUTS_READ_WEIGHTS_KEY = "slimgraph.inputs_read_weights"  # the example inputs were computed with the weights
 OUTPUT_MAPS_KEY = "slimgraph.output_maps"  # output name → fidelity.OutputMap: how it relates to the original's
 
 # On a tensor's `meta`: where a weight bound to an input file lies (`slimgraph.frontend.lazy_weights.WeightSource`,

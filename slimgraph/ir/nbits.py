@@ -126,12 +126,15 @@ CHUNK_ELEMENTS = 1 << 22  # quantize ~4M weights at a time: float temporaries st
 def quantize_rtn(weight: np.ndarray, bits: int, block_size: int, symmetric: bool) -> BlockQuantized:
     """Round-to-nearest block quantization of a [K, N] weight (ORT-compatible), in column chunks."""
     k, n = weight.shape
+    n_blocks = -(-k // block_size)
     step = max(1, CHUNK_ELEMENTS // max(k, 1))
-    codes, scales, zps = [], [], []
+    codes = np.empty((n, n_blocks * block_size), np.uint8)  # filled in place: no second copy to concatenate
+    scales = np.empty((n, n_blocks), np.float32)
+    zps = np.empty((n, n_blocks), np.uint8)
     for start in range(0, n, step):
-        blocks = blocks_of(weight[:, start : start + step], block_size)
-        scale, zp = scale_and_zero_point(blocks.min(axis=2), blocks.max(axis=2), bits, symmetric)
-        codes.append(codes_for(blocks, scale, zp, bits).reshape(blocks.shape[0], -1))
-        scales.append(scale)
-        zps.append(zp)
-    return BlockQuantized(np.concatenate(codes), np.concatenate(scales), np.concatenate(zps), bits, block_size, k)
+        stop = min(start + step, n)
+        blocks = blocks_of(weight[:, start:stop], block_size)
+        scales[start:stop], zps[start:stop] = scale_and_zero_point(blocks.min(axis=2), blocks.max(axis=2), bits,
+                                                                   symmetric)
+        codes[start:stop] = codes_for(blocks, scales[start:stop], zps[start:stop], bits).reshape(stop - start, -1)
+    return BlockQuantized(codes, scales, zps, bits, block_size, k)

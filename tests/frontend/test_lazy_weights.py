@@ -129,3 +129,44 @@ def test_a_folder_whose_tensors_are_named_otherwise_is_loaded_whole(tmp_path, no
     reference = _eager(folder, monkeypatch)
     feeds = reference.meta[EXAMPLE_INPUTS_KEY][0]
     np.testing.assert_array_equal(evaluate.run(model, feeds)["logits"], evaluate.run(reference, feeds)["logits"])
+
+
+def test_a_kv_cache_export_runs_its_prompt_one_module_at_a_time_and_equals_the_whole_load(tied_bf16_llama, no_cache,
+                                                                                        monkeypatch):
+    """The example steps' past keys and values come from running the model on the prompt: each
+    module's weights are read just before it runs, and dropped after."""
+    lazy = load(tied_bf16_llama, kv_cache=True)
+    eager = _eager_kv(tied_bf16_llama, monkeypatch)
+    assert bound_sources(lazy) and not bound_sources(eager)
+    assert [n.op_type for n in lazy.graph] == [n.op_type for n in eager.graph]
+    for got, want in zip(lazy.meta[EXAMPLE_INPUTS_KEY], eager.meta[EXAMPLE_INPUTS_KEY], strict=True):
+        assert got.keys() == want.keys()
+        for name in want:
+            np.testing.assert_array_equal(got[name], want[name], err_msg=name)
+    for feeds in eager.meta[EXAMPLE_INPUTS_KEY]:
+        got, want = evaluate.run(lazy, feeds), evaluate.run(eager, feeds)
+        for name in want:
+            np.testing.assert_array_equal(got[name], want[name], err_msg=name)
+
+
+def test_a_kv_cache_entry_is_exported_again_when_the_weights_are_rewritten(tmp_path, monkeypatch):
+    """Its example steps were computed with the weights (the graph was not): a checkpoint saved over
+    the old one gets steps of its own."""
+    monkeypatch.setenv("SLIMGRAPH_CACHE", str(tmp_path / "cache"))
+    monkeypatch.delenv("SLIMGRAPH_NO_CACHE", raising=False)
+    folder = _save_llama(tmp_path / "llama", seed=0)
+    first = load(folder, kv_cache=True)
+    shutil.rmtree(folder)
+    _save_llama(folder, seed=1)
+    again = load(folder, kv_cache=True)
+    past = [name for name in first.meta[EXAMPLE_INPUTS_KEY][1] if name.startswith("past_key_values")]
+    assert past and not np.allclose(first.meta[EXAMPLE_INPUTS_KEY][1][past[0]], again.meta[EXAMPLE_INPUTS_KEY][1][past[0]])
+    monkeypatch.setenv("SLIMGRAPH_NO_CACHE", "1")
+    want = _eager_kv(folder, monkeypatch).meta[EXAMPLE_INPUTS_KEY][1]
+    np.testing.assert_array_equal(again.meta[EXAMPLE_INPUTS_KEY][1][past[0]], want[past[0]])
+
+
+def _eager_kv(folder: Path, monkeypatch) -> object:
+    with monkeypatch.context() as patch:
+        patch.setattr(hf_folder, "build_without_weights", lambda path: None)
+        return load(folder, kv_cache=True)

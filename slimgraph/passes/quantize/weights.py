@@ -90,9 +90,9 @@ class QuantizeWeights(Pass):
         codes, stored = (SharedWeights(), SharedWeights()) if self.method == "rtn" else (None, None)
         for linear in ctx.track(linears, f"{self.method} int{self.bits}"):
             if linear.name in tied:
-                q = quantize_rtn(weight_matrix(linear), self.bits, self.group_size, self.symmetric)
-            elif codes is not None:
-                q = codes.get(linear, lambda: self.quantize(weight_matrix(linear), None, None))
+                q = quantize_rtn(weight_matrix(linear, contiguous=False), self.bits, self.group_size, self.symmetric)
+            elif codes is not None:  # rtn, which reads the weight in column chunks: any layout will do
+                q = codes.get(linear, lambda: self.quantize(weight_matrix(linear, contiguous=False), None, None))
             else:
                 q = self.quantize(weight_matrix(linear), activations.get(linear.name), scales.get(linear.name))
             node = matmul_nbits(model, linear, q, accuracy_level=self.accuracy_level, symmetric=self.symmetric,
