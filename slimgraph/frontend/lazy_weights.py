@@ -35,6 +35,10 @@ from slimgraph.frontend.safetensors_file import DTYPES, read_header
 from slimgraph.ir.meta import WEIGHT_SOURCE_KEY
 
 WIDENED = {"BF16", "F16", "F32"}  # read as float32, the dtype the graph computes in
+# A weight under this size is kept once read: Verify serializes the model after every pass, and reading
+# (widening, transposing) a small model's weights each time costs more than holding them; a large
+# model's large weights are read on each use and dropped.
+KEPT_BYTES = 16 << 20
 
 
 @dataclass(frozen=True)
@@ -70,8 +74,10 @@ class WeightSource:
         return array.astype(dtype, copy=False)  # float32 stays mapped
 
     def tensor(self, name: str | None = None) -> ir.LazyTensor:
+        """The initializer's tensor: read on each use, or once and kept when under `KEPT_BYTES`."""
+        nbytes = math.prod(self.shape) * (4 if self.dtype in WIDENED else DTYPES[self.dtype].itemsize)
         tensor = ir.LazyTensor(lambda: ir.Tensor(self.read()), dtype=self.graph_dtype,
-                               shape=ir.Shape(self.graph_shape), name=name)
+                               shape=ir.Shape(self.graph_shape), name=name, cache=nbytes < KEPT_BYTES)
         tensor.meta[WEIGHT_SOURCE_KEY] = self
         return tensor
 
