@@ -35,10 +35,6 @@ from slimgraph.frontend.safetensors_file import DTYPES, read_header
 from slimgraph.ir.meta import WEIGHT_SOURCE_KEY
 
 WIDENED = {"BF16", "F16", "F32"}  # read as float32, the dtype the graph computes in
-# A weight under this size is kept once read: Verify serializes the model after every pass, and reading
-# (widening, transposing) a small model's weights each time costs more than holding them; a large
-# model's large weights are read on each use and dropped.
-KEPT_BYTES = 16 << 20
 
 
 @dataclass(frozen=True)
@@ -74,10 +70,10 @@ class WeightSource:
         return array.astype(dtype, copy=False)  # float32 stays mapped
 
     def tensor(self, name: str | None = None) -> ir.LazyTensor:
-        """The initializer's tensor: read on each use, or once and kept when under `KEPT_BYTES`."""
-        nbytes = math.prod(self.shape) * (4 if self.dtype in WIDENED else DTYPES[self.dtype].itemsize)
+        """The initializer's tensor, read on each use and never kept: a copy of the graph (FLOPs' shape
+        pass, Verify's reference) shares it, and would keep a kept array alive after the graph let go."""
         tensor = ir.LazyTensor(lambda: ir.Tensor(self.read()), dtype=self.graph_dtype,
-                               shape=ir.Shape(self.graph_shape), name=name, cache=nbytes < KEPT_BYTES)
+                               shape=ir.Shape(self.graph_shape), name=name)
         tensor.meta[WEIGHT_SOURCE_KEY] = self
         return tensor
 
@@ -250,14 +246,19 @@ def onloaded(model: Any, sources: dict[str, WeightSource]) -> Iterator[None]:
 def bind_parameters(model: ir.Model, index: dict[str, WeightSource], zero: Any) -> None:
     """Bind every stand-in initializer to its source by name (`plan`'s, tied names included); then fold `Transpose` of a bound
     2-D weight read by that Transpose alone into a transposed binding."""
-    for name, value in model.graph.initializers.items():
-        tensor = value.const_value
-        raw = getattr(tensor, "raw", None)
+    graph = model.graph
+    for name, value in list(graph.initializers.items()):
+        raw = getattr(value.const_value, "raw", None)
         if raw is None or not hasattr(raw, "data_ptr") or raw.data_ptr() != zero.data_ptr():
             continue
         if name not in index:
             raise SlimgraphError(f"the export names a parameter {name!r} that no safetensors file holds")
-        value.const_value = index[name].tensor(name)
+        # A new value, not the exporter's: that one was a graph input first, and onnx_ir's input
+        # container keeps it in a counter (`slimgraph.ir.graph.forget_removed_values`).
+        graph.initializers.pop(name)
+        bound = ir.Value(name=name, shape=value.shape, type=value.type, const_value=index[name].tensor(name))
+        graph.register_initializer(bound)
+        value.replace_all_uses_with(bound, replace_graph_outputs=True)
     _fold_bound_transposes(model)
 
 

@@ -32,6 +32,21 @@ ATTENTION_PATH_OPS = ELEMENTWISE_OPS | SHAPE_ONLY_OPS | {"Transpose", "Split", "
 _FIRST_INPUT_ONLY = SHAPE_ONLY_OPS | {"Expand", "Slice", "Split", "Gather", "Transpose"}
 
 
+def forget_removed_values(graph: ir.Graph) -> None:
+    """Let go of the values removed from the graph's inputs and outputs.
+
+    onnx_ir 1.1's input and output containers count the values put in them (`_ref_counter`) and keep
+    a value whose count falls to 0 as a key. torch's exporter lifts every parameter to an input before
+    making it an initializer, so each exported weight a pass replaces, with its tensor, would live as
+    long as the graph. Private, so looked up defensively: an onnx_ir without the counter needs nothing.
+    """
+    for container in (graph.inputs, graph.outputs):
+        counter = getattr(container, "_ref_counter", None)
+        if isinstance(counter, collections.Counter):
+            for value in [value for value, count in counter.items() if count <= 0]:
+                del counter[value]
+
+
 def is_default_domain(node: ir.Node) -> bool:
     return node.domain in ("", "ai.onnx")
 

@@ -17,6 +17,8 @@ from pathlib import Path
 import numpy as np
 import onnx_ir as ir
 
+from slimgraph.ir.graph import forget_removed_values
+
 MIN_BYTES = 1 << 20  # smaller weights stay in memory (norms, biases, scales of small layers)
 INLINE_BYTES = 1024  # the saved graph holds smaller tensors itself
 ALIGNMENT = 4096  # each tensor starts on a page: ONNX Runtime can map it rather than copy it
@@ -44,6 +46,7 @@ class WeightSpill:
     def __call__(self, model: ir.Model, *, everything: bool = False) -> None:
         """Write every in-memory initializer of `MIN_BYTES` or more; with `everything`, every one of
         `INLINE_BYTES` or more not written yet (those still bound to an input file included)."""
+        forget_removed_values(model.graph)  # the weights a pass replaced go as it goes, not at its end
         with open(self.file, "ab") as data:
             for value in model.graph.initializers.values():
                 tensor = value.const_value

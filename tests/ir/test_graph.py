@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import numpy as np
+import onnx_ir as ir
+
 from slimgraph.ir.graph import cone
 
 
@@ -13,3 +16,25 @@ def test_cone_goes_down_and_up_through_every_input(mlp_model):
     assert {"x", "fc1.weight", "half", "one", "y0"} <= up and "y" not in up  # constants and their nodes too
     stopped = {v.name for v in cone(values["y"], up=True, stop=lambda n: n.name == "const_add")}
     assert "one" in stopped and "half" not in stopped  # a stop node's output is reached, its inputs are not
+
+
+def test_a_value_removed_from_the_inputs_and_its_tensor_are_let_go():
+    """onnx_ir's input and output containers keep a count for every value they held (torch's exporter
+    lifts each parameter to an input, then makes it an initializer): a removed weight must not stay
+    alive in it."""
+    import gc
+    import weakref
+
+    from slimgraph.ir.graph import forget_removed_values
+
+    graph = ir.Graph([], [], nodes=[], name="g")
+    value = ir.Value(name="w", const_value=ir.Tensor(np.ones(1000, np.float32)))
+    graph.inputs.append(value)
+    graph.inputs.remove(value)
+    tensor = weakref.ref(value.const_value)
+    del value
+    gc.collect()
+    assert tensor() is not None  # what the counter keeps
+    forget_removed_values(graph)
+    gc.collect()
+    assert tensor() is None

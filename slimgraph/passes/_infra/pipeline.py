@@ -39,6 +39,7 @@ import numpy as np
 import onnx_ir as ir
 
 from slimgraph.errors import SlimgraphError, first_line
+from slimgraph.ir.graph import forget_removed_values
 from slimgraph.measure.stats import model_stats
 from slimgraph.passes._infra.base import Pass, PassContext, PassRecord, PipelineReport, ProgressHook, reader_of
 from slimgraph.passes._infra.instruments import Instrument, Journal, Timing, Verify
@@ -252,6 +253,7 @@ class Pipeline:
                     instrument.before_pass(pass_, model, ctx)
                 watched.read = False
                 result = pass_(model, ctx)
+                forget_removed_values(model.graph)
                 if ctx.spill is not None:
                     ctx.spill()
                 record.calibrated = watched.read
