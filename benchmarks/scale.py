@@ -290,7 +290,7 @@ def _plot(rows: list[tuple], path: Path) -> None:
         axes.annotate(row[0], (x, row[3][0][0] / 1e9), textcoords="offset points", xytext=(4, 4))
     axes.set_xlabel("fp32 weight bytes (GB)")
     axes.set_ylabel("peak RSS (GB)")
-    axes.legend()
+    axes.legend(loc="upper left", fontsize="small")
     figure.tight_layout()
     figure.savefig(path, dpi=120)
     print(f"plot: {path}")
