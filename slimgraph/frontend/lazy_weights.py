@@ -23,7 +23,7 @@ from __future__ import annotations
 import contextlib
 import math
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -288,4 +288,4 @@ def _fold_bound_transposes(model: ir.Model) -> None:
 
 
 def _transposed(source: WeightSource) -> WeightSource:
-    return WeightSource(source.file, source.key, source.dtype, source.shape, source.begin, source.end, transposed=True)
+    return replace(source, transposed=True)

@@ -55,11 +55,11 @@ def reads(monkeypatch) -> collections.Counter:
     return counts
 
 
-def _eager(folder: Path, monkeypatch) -> object:
+def _eager(folder: Path, monkeypatch, **options) -> object:
     """The folder loaded as before lazy weights: transformers reads every weight, torch exports them."""
     with monkeypatch.context() as patch:
         patch.setattr(hf_folder, "build_without_weights", lambda path: None)
-        return load(folder)
+        return load(folder, **options)
 
 
 def test_no_weight_is_read_until_a_pass_reads_it_and_each_once(tied_bf16_llama, no_cache, reads):
@@ -136,7 +136,7 @@ def test_a_kv_cache_export_runs_its_prompt_one_module_at_a_time_and_equals_the_w
     """The example steps' past keys and values come from running the model on the prompt: each
     module's weights are read just before it runs, and dropped after."""
     lazy = load(tied_bf16_llama, kv_cache=True)
-    eager = _eager_kv(tied_bf16_llama, monkeypatch)
+    eager = _eager(tied_bf16_llama, monkeypatch, kv_cache=True)
     assert bound_sources(lazy) and not bound_sources(eager)
     assert [n.op_type for n in lazy.graph] == [n.op_type for n in eager.graph]
     for got, want in zip(lazy.meta[EXAMPLE_INPUTS_KEY], eager.meta[EXAMPLE_INPUTS_KEY], strict=True):
@@ -162,11 +162,5 @@ def test_a_kv_cache_entry_is_exported_again_when_the_weights_are_rewritten(tmp_p
     past = [name for name in first.meta[EXAMPLE_INPUTS_KEY][1] if name.startswith("past_key_values")]
     assert past and not np.allclose(first.meta[EXAMPLE_INPUTS_KEY][1][past[0]], again.meta[EXAMPLE_INPUTS_KEY][1][past[0]])
     monkeypatch.setenv("SLIMGRAPH_NO_CACHE", "1")
-    want = _eager_kv(folder, monkeypatch).meta[EXAMPLE_INPUTS_KEY][1]
+    want = _eager(folder, monkeypatch, kv_cache=True).meta[EXAMPLE_INPUTS_KEY][1]
     np.testing.assert_array_equal(again.meta[EXAMPLE_INPUTS_KEY][1][past[0]], want[past[0]])
-
-
-def _eager_kv(folder: Path, monkeypatch) -> object:
-    with monkeypatch.context() as patch:
-        patch.setattr(hf_folder, "build_without_weights", lambda path: None)
-        return load(folder, kv_cache=True)
