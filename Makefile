@@ -9,7 +9,7 @@ STAMP  := $(VENV)/.installed
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(PY) || python3 -m venv $(VENV)
 	$(PIP) install --quiet --upgrade pip
-	$(PIP) install --quiet -c constraints.txt -e '.[torch,hf,images,dev,triton]'
+	$(PIP) install --quiet -c constraints.txt -e '.[torch,hf,images,dev,triton,ray]'
 	touch $(STAMP)
 
 setup: $(STAMP)

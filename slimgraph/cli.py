@@ -72,9 +72,15 @@ def build_parser() -> argparse.ArgumentParser:
                                           "line), or a folder of images ('photos/{size=[320,320],mean=[0.5],"
                                           "std=[0.5],order=bgr}'); with 4 samples or more, the last quarter is "
                                           "held out to verify on")
-    optimize.add_argument("--target", default="auto", choices=["auto", *TARGETS],
-                          help="the machine the model will run on (default: this one); passes such as "
+    optimize.add_argument("--target", default="auto", metavar="TARGET",
+                          help="the machine the model will run on: auto (this one, the default), "
+                               f"{', '.join(TARGETS)}, or ray:RESOURCE (the Ray node that has that resource, "
+                               "with --workers ray; --goal times the candidates there); passes such as "
                                "quantize-dynamic choose their kernels for it")
+    optimize.add_argument("--workers", default="local", metavar="WHERE",
+                          help="where --goal's candidates and mixed-precision's per-layer measurements run: local "
+                               "(one after another, the default), ray (a local Ray instance, or the cluster "
+                               "RAY_ADDRESS names), or ray://HOST:PORT; needs the ray extra")
     optimize.add_argument("--max-drop", type=float, help="fail (exit 1) when 1 - cosine vs the original exceeds this")
     optimize.add_argument("--no-verify", action="store_true", help="skip verification against the original")
     optimize.add_argument("--external-data", action="store_true", help="store weights in a separate .data file (the default from 256 MB of weights)")
@@ -240,6 +246,7 @@ def cmd_optimize(args: argparse.Namespace) -> int:
     from slimgraph.backends import check_output, compile
     from slimgraph.frontend import load
     from slimgraph.frontend.calibration import check_calibration_file
+    from slimgraph.measure.process import ProcessCost
     from slimgraph.measure.target import parse as parse_target
     from slimgraph.passes import PassContext, Pipeline, load_plugin
 
@@ -271,31 +278,38 @@ def cmd_optimize(args: argparse.Namespace) -> int:
         raise SlimgraphError(f"--no-verify and {where} cannot go together: the budget is measured by verification")
     if args.goal is not None and args.no_verify:
         raise SlimgraphError("--goal compares candidates by their verified fidelity; it cannot go with --no-verify")
-    target = parse_target(args.target)
-    if args.goal is not None:
-        from slimgraph.search import check_goal
+    remote_target = args.target.startswith("ray:") and args.workers != "local"  # found once Ray is up
+    if not remote_target:
+        target = parse_target(args.target)
+        if args.goal is not None:
+            from slimgraph.search import check_goal
 
-        check_goal(args.goal, target)
+            check_goal(args.goal, target)
     calib = Path(args.calib) if args.calib else recipe_calib
     if calib is not None:
         check_calibration_file(calib, model_path)
 
     from slimgraph.report import TerminalProgress
+    from slimgraph.workers import parse as parse_workers
 
-    with TerminalProgress(enabled=_show_progress(args)) as progress:
+    with TerminalProgress(enabled=_show_progress(args)) as progress, parse_workers(args.workers) as workers:
+        if remote_target:
+            with progress.stage(f"finding {args.target}"):
+                target = parse_target(args.target, workers)
         with progress.stage(_loading(model_path)) as say:
             model = load(model_path, stage=say, **_load_options(args))
         if args.goal is not None:
             from slimgraph.search import search
 
             found = search(model, args.goal, max_drop=max_drop, calib=calib, target=target, backend=args.backend,
-                           progress=progress.step)
+                           progress=progress.step, workers=workers)
             model, report = found.chosen.model, found.chosen.report
         else:
             found = None
         with _spill_for(model, output, args) as spill:
             if found is None:
-                report = pipeline.run(model, PassContext(target=target, spill=spill), verify=not args.no_verify,
+                report = pipeline.run(model, PassContext(target=target, spill=spill, workers=workers),
+                                      verify=not args.no_verify,
                                       max_drop=max_drop, calib=calib, progress=progress.step,
                                       instruments=progress.passes(len(pipeline)))
             options = {"external_data": args.external_data or None} if args.backend == "onnxruntime" else {}
@@ -308,6 +322,7 @@ def cmd_optimize(args: argparse.Namespace) -> int:
             from slimgraph.search import write_recipe
 
             recipe = write_recipe(found, output, calib, target)
+    cost = ProcessCost.now()
     for warning in report.warnings:
         _warn(warning)
     if getattr(artifact, "requested_style", None) == "structured" and artifact.style == "fx":
@@ -315,7 +330,7 @@ def cmd_optimize(args: argparse.Namespace) -> int:
     lowering = getattr(artifact, "report", None)  # (the triton backend: which ops run as kernels, which do not)
 
     if args.json:
-        _print_json(report.to_json() | {"output": str(output), "backend": args.backend}
+        _print_json(report.to_json() | {"output": str(output), "backend": args.backend, "process": cost.to_json()}
                     | ({"lowering": lowering.to_json()} if lowering is not None else {})
                     | ({"search": found.to_json() | {"recipe": str(recipe)}} if found is not None else {}))
     else:
@@ -324,7 +339,7 @@ def cmd_optimize(args: argparse.Namespace) -> int:
         if found is not None:
             print_renderable(render_search(found))
             print(f"chosen recipe written to {recipe}\n")
-        print_renderable(render_pipeline_report(report, output=str(output)))
+        print_renderable(render_pipeline_report(report, output=str(output), cost=cost))
         if lowering is not None:
             print_renderable(render_lowering(lowering))
     return 0

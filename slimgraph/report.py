@@ -24,6 +24,7 @@ from rich.text import Text
 
 from slimgraph.measure.diff import fold
 from slimgraph.measure.fidelity import LEGEND, Fidelity
+from slimgraph.measure.process import ProcessCost
 from slimgraph.measure.stats import human_bytes, human_count
 from slimgraph.measure.summary import ModelSummary
 from slimgraph.passes import Instrument, PassRecord, PipelineReport
@@ -125,9 +126,9 @@ def _verified_on(report: PipelineReport) -> Text:
     return text
 
 
-def render_pipeline_report(report: PipelineReport, output: str | None = None) -> _Fit:
+def render_pipeline_report(report: PipelineReport, output: str | None = None, cost: ProcessCost | None = None) -> _Fit:
     """The summary panel, one row per pass (time, fidelity, what it did), a legend, and the
-    changes each pass made by module path."""
+    changes each pass made by module path; `cost`: the command's peak memory and I/O."""
 
     def build(width: int) -> Group:
         before, after = report.before, report.after
@@ -146,6 +147,11 @@ def render_pipeline_report(report: PipelineReport, output: str | None = None) ->
         if output:
             data = Path(f"{output}.data")  # (large weights: slimgraph.backends.onnxruntime.EXTERNAL_DATA_BYTES)
             _row(summary, "written", f"{output} (+ {data.name})" if data.is_file() else output)
+        if cost is not None:
+            _row(summary, "peak memory", f"{human_bytes(cost.peak_rss)} RSS" + (
+                f" (export, a child process: {human_bytes(cost.child_peak_rss)})" if cost.child_peak_rss else ""))
+            if cost.read is not None:
+                _row(summary, "disk I/O", f"{human_bytes(cost.read)} read, {human_bytes(cost.written)} written")
 
         longest = max((len(r.text) for r in report.records), default=8)
         pass_width = min(max(longest, 12), max(16, width // 4))

@@ -19,7 +19,7 @@ import math
 import os
 import re
 import statistics
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -30,6 +30,8 @@ from slimgraph.errors import FidelityError, SlimgraphError
 from slimgraph.measure.stats import human_bytes, weight_bytes
 from slimgraph.measure.target import Target
 from slimgraph.passes import Pass, PassContext, Pipeline, PipelineReport, get_pass_class
+from slimgraph.passes._infra.pipeline import Calibration, read_calibration
+from slimgraph.workers import Workers
 
 Goal = Literal["latency", "size", "balanced"]
 GOALS: tuple[str, ...] = ("latency", "size", "balanced")
@@ -113,22 +115,28 @@ def search(
     runs: int = 10,
     candidates: Sequence[str] | None = None,
     progress: Callable[[str, int, int], None] | None = None,
+    workers: Workers | None = None,
 ) -> SearchResult:
     """Run each candidate pipeline on a copy of `model`, time those within `max_drop`, and return
     them all with the best for `goal`; `model` itself is left as it was. Candidates with a pass
-    whose ops `backend` cannot run (`fuse-ort` for the PyTorch backend) are not tried."""
+    whose ops `backend` cannot run (`fuse-ort` for the PyTorch backend) are not tried.
+
+    `workers` (`slimgraph.workers`): where the candidates are built and verified, one task each;
+    the timing runs in one task, all candidates side by side, on the node `target.resource`
+    names (`--target ray:NAME`), or here."""
     from slimgraph.measure.target import detect
 
     target = target or detect()
+    workers = workers or Workers()
     check_goal(goal, target)
     max_drop = DEFAULT_MAX_DROP if max_drop is None else max_drop
     texts = [text for text in candidates or CANDIDATES[goal]
              if all(p.runs_on(backend) for p in Pipeline.parse(text).passes)]
     report = progress or (lambda what, done, total: None)
-    tried = []
-    for i, text in enumerate(texts):
-        report(f"candidate {i + 1}/{len(texts)}: {text}", i, len(texts))
-        tried.append(_run_candidate(model, text, max_drop, calib, target))
+    shared = _Trying(max_drop, None if calib is None else Calibration(*read_calibration(calib, model)), target)
+    report(f"{len(texts)} candidates" + (f" on {workers.name} workers" if workers.name != "local" else ""),
+           0, len(texts))
+    tried = workers.map(_run_candidate, model, shared, _tracked(texts, report))
     # int8 activations are the fastest kind: when no form of a pass is within budget, keep its
     # most sensitive layers float
     for quantize in SENSITIVE_PASSES:
@@ -136,19 +144,29 @@ def search(
         if over is not None and candidates is None and not any(c.status == "ok" and quantize in c.pipeline
                                                                for c in tried):
             report(f"{quantize}: keeping the most sensitive layers float", len(texts), len(texts))
-            tried.append(_sensitive_layers_float(model, over, quantize, max_drop, calib, target))
+            tried.append(_sensitive_layers_float(model, over, quantize, shared, workers))
     kept = [c for c in tried if c.status == "ok"]
     if not kept:
         raise SlimgraphError(f"--goal {goal}: no candidate stays within max_drop {max_drop}: "
                              + "; ".join(f"{c.pipeline}: {c.status}" for c in tried))
     if goal != "size":
-        report("timing the candidates against the original", len(texts), len(texts))
-        _time(model, kept, runs, calib)
+        where = f" on ray:{target.resource}" if target.resource else ""
+        report(f"timing the candidates against the original{where}", len(texts), len(texts))
+        latencies = workers.call(_time, model, (runs, shared.calibration), [c.model for c in kept],
+                                 resource=target.resource)
+        for candidate, latency in zip(kept, latencies):
+            candidate.latency = latency
     chosen = min(kept, key=_score(goal))
     for candidate in kept:
         if candidate is not chosen:
             candidate.model = None  # (each held a copy of the model's replaced tensors)
     return SearchResult(goal, max_drop, weight_bytes(model), tried, chosen)
+
+
+def _tracked(texts: list[str], report: Callable[[str, int, int], None]) -> Iterator[str]:
+    for i, text in enumerate(texts):
+        report(f"candidate {i + 1}/{len(texts)}: {text}", i, len(texts))
+        yield text
 
 
 def check_goal(goal: str, target: Target) -> None:
@@ -157,17 +175,26 @@ def check_goal(goal: str, target: Target) -> None:
 
     if goal not in GOALS:
         raise SlimgraphError(f"unknown goal '{goal}' (known: {', '.join(GOALS)})")
-    if goal != "size" and target.name != detect().name:
+    if goal != "size" and target.resource is None and target.name != detect().name:
         raise SlimgraphError(f"--goal {goal} measures latency on this machine ({detect().name}), not on "
                              f"--target {target.name}; run the search there, or use --goal size")
 
 
-def _run_candidate(model: ir.Model, text: str, max_drop: float, calib: Any, target: Target) -> Candidate:
+@dataclass(frozen=True)
+class _Trying:
+    """What every candidate run shares."""
+
+    max_drop: float
+    calibration: Calibration | None
+    target: Target
+
+
+def _run_candidate(model: ir.Model, shared: _Trying, text: str) -> Candidate:
     candidate = Candidate(text)
     copy = model.clone()
     copy.meta.update(model.meta)
     try:
-        result = Pipeline.parse(text).run(copy, PassContext(target=target), calib=calib)
+        result = Pipeline.parse(text).run(copy, PassContext(target=shared.target), calib=shared.calibration)
     except FidelityError as exc:
         candidate.status = f"failed: {exc}"
         return candidate
@@ -176,15 +203,15 @@ def _run_candidate(model: ir.Model, text: str, max_drop: float, calib: Any, targ
         return candidate
     fidelity = result.fidelity
     candidate.cosine = 1.0 if fidelity is None else fidelity.cosine
-    if 1 - candidate.cosine > max_drop:
+    if 1 - candidate.cosine > shared.max_drop:
         candidate.status = f"over budget: cosine {candidate.cosine:.4f}"
         return candidate
     candidate.bytes, candidate.model, candidate.report = result.after.bytes, copy, result  # (the run's own stats)
     return candidate
 
 
-def _sensitive_layers_float(model: ir.Model, over: Candidate, quantize: str, max_drop: float, calib: Any,
-                            target: Target) -> Candidate:
+def _sensitive_layers_float(model: ir.Model, over: Candidate, quantize: str, shared: _Trying,
+                            workers: Workers) -> Candidate:
     """`over`'s pipeline with the most sensitive layers of its `quantize` pass left in float: the
     layers are grouped by block (`encoder.layer.3.*`, `/model.22/*`) and by role across blocks
     (`*.output.dense`); each round keeps float the group that gains the most cosine per weight it
@@ -206,16 +233,12 @@ def _sensitive_layers_float(model: ir.Model, over: Candidate, quantize: str, max
     kept_float: set[str] = set()
     best = over
     for _ in range(SENSITIVE_ROUNDS):
-        trials = []
-        for patterns, members in groups.items():
-            added = members - kept_float
-            if not added or sum(cost[n] for n in kept_float | members) > total / 2:
-                continue
-            trial = _run_candidate(model, _with_exclude(passes, quantize, kept_globs + list(patterns)), max_drop,
-                                   calib, target)
-            if trial.cosine is not None:
-                gain = (trial.cosine - best.cosine) / sum(cost[n] for n in added)
-                trials.append((gain, trial, patterns, added))
+        tried = [(patterns, members - kept_float) for patterns, members in groups.items()
+                 if members - kept_float and sum(cost[n] for n in kept_float | members) <= total / 2]
+        runs = workers.map(_run_candidate, model, shared,
+                           [_with_exclude(passes, quantize, kept_globs + list(patterns)) for patterns, _ in tried])
+        trials = [((trial.cosine - best.cosine) / sum(cost[n] for n in added), trial, patterns, added)
+                  for (patterns, added), trial in zip(tried, runs) if trial.cosine is not None]
         if not trials:
             break
         _, best, patterns, added = max(trials, key=lambda t: t[0])
@@ -232,15 +255,17 @@ def _with_exclude(passes: list[Pass], quantize: str, globs: list[str]) -> str:
                      for p in passes]).to_text()
 
 
-def _time(model: ir.Model, kept: list[Candidate], runs: int, calib: Any) -> None:
+def _time(model: ir.Model, settings: tuple[int, Calibration | None], candidates: list[ir.Model]) -> list[dict[int, float]]:
+    """Each candidate's latency at each batch, as a ratio to `model`'s p50, all timed side by side."""
     from slimgraph.bench import SEQUENCE, alternating_runs, batch_problem
     from slimgraph.measure import evaluate
     from slimgraph.measure.inputs import model_inputs, sample_inputs
-    from slimgraph.passes._infra.pipeline import read_calibration
 
+    runs, calibration = settings
     options = evaluate.session_options(None, spinning=False)
     sessions = {-1: evaluate.make_session(model, options=options)}
-    sessions.update({i: evaluate.make_session(c.model, options=options) for i, c in enumerate(kept)})
+    sessions.update({i: evaluate.make_session(c, options=options) for i, c in enumerate(candidates)})
+    latencies: list[dict[int, float]] = [{} for _ in candidates]
     for batch in (b for b in BATCHES if batch_problem(model, b) is None):
         feeds = sample_inputs(model, batch=batch, sequence=SEQUENCE)  # the shapes `slimgraph bench` times
         try:
@@ -249,12 +274,13 @@ def _time(model: ir.Model, kept: list[Candidate], runs: int, calib: Any) -> None
             if batch != 1:
                 continue
             # batch 1 at the model's own size: a sample the pipelines verified on, which runs
-            feeds = (read_calibration(calib, model)[0] if calib is not None else model_inputs(model)[0])[0]
+            feeds = (calibration.feeds if calibration is not None else model_inputs(model)[0])[0]
         times = alternating_runs({i: (lambda s=s: evaluate.run(s, feeds)) for i, s in sessions.items()}, runs,
                                  warmup=2)
         original = statistics.median(times[-1])
-        for i, candidate in enumerate(kept):
-            candidate.latency[batch] = statistics.median(times[i]) / original
+        for i, latency in enumerate(latencies):
+            latency[batch] = statistics.median(times[i]) / original
+    return latencies
 
 
 def _score(goal: str) -> Callable[[Candidate], tuple]:

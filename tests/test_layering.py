@@ -20,6 +20,7 @@ LAYERS = {
     "slimgraph.errors": 0,
     "slimgraph.ir": 1,
     "slimgraph.measure": 2,
+    "slimgraph.workers": 2,  # imports only errors; passes map their work over it
     "slimgraph.passes": 3,
     "slimgraph.frontend": 4,
     "slimgraph.backends": 4,

@@ -79,7 +79,8 @@ def test_candidates_the_backend_cannot_run_are_not_tried(mlp_model):
 def test_static_int8_over_budget_keeps_its_most_sensitive_block_float():
     """quantize-static's layers are grouped by block from node names as other exporters write them
     (`/block.1/conv`): keeping the most sensitive one float gains fidelity."""
-    from slimgraph.search import Candidate, _run_candidate, _sensitive_layers_float
+    from slimgraph.search import Candidate, _run_candidate, _sensitive_layers_float, _Trying
+    from slimgraph.workers import Workers
     from tests.passes.quantize.test_static import small_cnn
 
     model = small_cnn(seed=3)
@@ -87,10 +88,10 @@ def test_static_int8_over_budget_keeps_its_most_sensitive_block_float():
         node.name = f"/block.{i}/conv"
     from slimgraph.measure.target import detect
 
-    full = _run_candidate(model, "quantize-static", 1.0, None, detect())
+    full = _run_candidate(model, _Trying(1.0, None, detect()), "quantize-static")
     over = Candidate("quantize-static", status="over budget", cosine=full.cosine)
     budget = (1 - full.cosine) / 4
-    kept = _sensitive_layers_float(model, over, "quantize-static", budget, None, detect())
+    kept = _sensitive_layers_float(model, over, "quantize-static", _Trying(budget, None, detect()), Workers())
     assert kept.cosine > full.cosine
     assert "exclude=[/block." in kept.pipeline
 

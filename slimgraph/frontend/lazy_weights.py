@@ -33,6 +33,7 @@ import onnx_ir as ir
 from slimgraph.errors import SlimgraphError
 from slimgraph.frontend.safetensors_file import DTYPES, read_header
 from slimgraph.ir.meta import WEIGHT_SOURCE_KEY
+from slimgraph.measure.process import count_mapped_read
 
 WIDENED = {"BF16", "F16", "F32"}  # read as float32, the dtype the graph computes in
 
@@ -63,6 +64,7 @@ class WeightSource:
             array = np.zeros(self.shape, DTYPES[self.dtype])
         else:
             stored = np.memmap(self.file, dtype=np.uint8, mode="r", offset=self.begin, shape=(self.end - self.begin,))
+            count_mapped_read(self.end - self.begin)
             array = stored.view(DTYPES[self.dtype]).reshape(self.shape)
         dtype = np.float32 if self.dtype in WIDENED else array.dtype  # bf16/fp16 widen exactly
         if self.transposed:

@@ -61,6 +61,12 @@ def make_session(
         return _session(blob, options or session_options(threads))
 
 
+def file_session(path: Path, options: ort.SessionOptions) -> ort.InferenceSession:
+    """A session of the `.onnx` file itself: ONNX Runtime memory-maps its external data (page-aligned,
+    as slimgraph writes it) where `make_session` would copy every weight to a file of its own."""
+    return _session(str(path), options)
+
+
 def _session(blob: bytes | str, options: ort.SessionOptions) -> ort.InferenceSession:
     ort.set_default_logger_severity(FATAL)  # the process-wide logger, used while a session is built
     try:

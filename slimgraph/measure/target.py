@@ -13,8 +13,12 @@ import functools
 import platform
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 from slimgraph.errors import SlimgraphError
+
+if TYPE_CHECKING:
+    from slimgraph.workers import Workers
 
 # What each named target promises (a detected target carries the machine's own flags).
 FEATURES = {
@@ -31,6 +35,7 @@ NAMES = tuple(FEATURES)
 class Target:
     name: str
     features: frozenset[str] = frozenset()
+    resource: str | None = None  # `--target ray:NAME`: the Ray node resource of the machine (`slimgraph.workers`)
 
     @property
     def vnni(self) -> bool:
@@ -44,7 +49,8 @@ class Target:
 
     def describe(self) -> str:
         shown = sorted(self.features & {"avx2", "avx512f", "avx512_vnni", "avx_vnni", "amx_int8"})
-        return self.name + (f" ({', '.join(shown)})" if shown else "")
+        return self.name + (f" ({', '.join(shown)})" if shown else "") + (
+            f" on ray:{self.resource}" if self.resource else "")
 
 
 def cpu_features() -> frozenset[str]:
@@ -76,10 +82,20 @@ def detect() -> Target:
     return Target(name, features)
 
 
-def parse(text: str | None) -> Target:
-    """A target by name; None or "auto": the running machine."""
+def parse(text: str | None, workers: Workers | None = None) -> Target:
+    """A target by name; None or "auto": the running machine; `ray:NAME`: the machine of the Ray
+    cluster that has the node resource NAME, as `workers` (Ray) detect it there."""
     if text in (None, "auto"):
         return detect()
+    if text.startswith("ray:") and len(text) > 4:
+        if workers is None or workers.name != "ray":
+            raise SlimgraphError(f"--target {text} names a Ray node; it needs --workers ray")
+        return workers.call(on_node, None, None, text[4:], resource=text[4:])
     if text not in NAMES:
-        raise SlimgraphError(f"unknown target '{text}' (known: auto, {', '.join(NAMES)})")
+        raise SlimgraphError(f"unknown target '{text}' (known: auto, ray:NODE-RESOURCE, {', '.join(NAMES)})")
     return Target(text, FEATURES[text])
+
+
+def on_node(model: Any, shared: Any, resource: str) -> Target:
+    """The machine this runs on, as a Ray task on the node that has `resource` (a `workers` task)."""
+    return Target(detect().name, detect().features, resource)

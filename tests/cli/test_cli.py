@@ -66,6 +66,11 @@ def test_optimize_json(tmp_path, mlp_path, capsys):
     assert [p["name"] for p in report["passes"]] == ["cleanup", "remove-dead-nodes"]
     assert report["passes"][0]["fidelity"]["max_rel_error"] <= 1e-5
     assert any(c["kind"] == "removed" for c in report["passes"][0]["changes"]["nodes"])
+    assert report["process"]["peak_rss_bytes"] > 10_000_000  # (python and onnxruntime alone take more)
+    assert report["process"]["written_bytes"] >= out.stat().st_size
+    assert main(["optimize", str(mlp_path), "-p", "cleanup", "-o", str(out)]) == 0
+    text = capsys.readouterr().out
+    assert "peak memory" in text and "MB RSS" in text and " written" in text
 
 
 def test_optimize_minilm_cleanup(tmp_path, minilm_onnx, capsys):

@@ -103,6 +103,22 @@ def test_bench_two_models(tmp_path, mlp_path, capsys):
     assert "samples/s" in text and "latency p50, batch 1" in text and "file size" in text
 
 
+def test_bench_times_a_file_with_external_data_as_it_lies(tmp_path, mlp_path, monkeypatch, capsys):
+    """Its weights stay memory-mapped by ONNX Runtime: never copied into a session of our own."""
+    from slimgraph.measure import evaluate
+
+    external = tmp_path / "external.onnx"
+    slimgraph.save(ir.load(mlp_path), external, external_data=True)
+    assert (tmp_path / "external.onnx.data").is_file()
+
+    def copied(*args, **kwargs):
+        raise AssertionError("bench copied a model with external data")
+
+    monkeypatch.setattr(evaluate, "make_session", copied)
+    assert main(["bench", str(external), "--batch", "1", "--runs", "2", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["models"][0]["latency"][0]["p50_ms"] > 0
+
+
 def test_bench_marks_batches_a_fixed_batch_model_cannot_take(tmp_path, capsys):
     """The zoo CNNs take exactly 1×3×224×224: batch 2 must not get a (computed) figure."""
     model = LIGHT_DIR / "light_squeezenet.onnx"

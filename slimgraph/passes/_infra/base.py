@@ -30,6 +30,7 @@ from slimgraph.measure.diff import Change
 from slimgraph.measure.fidelity import Fidelity
 from slimgraph.measure.stats import ModelStats, human_bytes
 from slimgraph.measure.target import Target
+from slimgraph.workers import Workers
 
 if TYPE_CHECKING:
     from slimgraph.passes.adapters.records import Adapter, BaseWeights
@@ -100,7 +101,8 @@ class PassContext:
     - `reader`: reads calibration files, tokenizers and adapters (`DataReader`); None: the one the model's
       frontend left in `model.meta`;
     - `spill`: called after each tracked item and after each pass to write the new weights out to
-      the output's data file (`slimgraph.ir.spill`); None: they stay in memory.
+      the output's data file (`slimgraph.ir.spill`); None: they stay in memory;
+    - `workers`: where a pass runs independent measurements (`slimgraph.workers`; default: here).
     """
 
     inputs: list[dict[str, np.ndarray]] = field(default_factory=list)
@@ -114,6 +116,7 @@ class PassContext:
     target: Target | None = None
     reader: DataReader | None = field(default=None, repr=False)
     spill: Callable[[], None] | None = field(default=None, repr=False)
+    workers: Workers = field(default_factory=Workers, repr=False)
 
     def track(self, items: Iterable[T], what: str) -> Iterator[T]:
         """Yield `items`, reporting `what (i/n)` to the progress hook as each one is done.

@@ -178,7 +178,7 @@ class Pipeline:
         *,
         verify: bool = True,
         max_drop: float | None = None,
-        calib: str | os.PathLike | Sequence[Mapping[str, np.ndarray]] | Mapping[str, np.ndarray] | None = None,
+        calib: str | os.PathLike | Calibration | Sequence[Feeds] | Feeds | None = None,
         verify_inputs: Sequence[Mapping[str, np.ndarray]] | None = None,
         progress: ProgressHook | None = None,
         instruments: Sequence[Instrument] = (),
@@ -321,8 +321,20 @@ def check_max_drop(value: Any, what: str) -> float:
     return float(value)
 
 
+@dataclass(frozen=True)
+class Calibration:
+    """Calibration inputs already read, and the line that names them: what `--goal` sends the
+    candidates it runs as Ray tasks, which may not see the calibration file or tokenizer."""
+
+    feeds: list[Feeds]
+    source: str
+
+
 def read_calibration(calib: Any, model: ir.Model, ctx: PassContext | None = None) -> tuple[list[Feeds], str]:
-    """Calibration feeds from a file (through the frontend's reader), a list of feeds or one feed."""
+    """Calibration feeds from a file (through the frontend's reader), a `Calibration`, a list of
+    feeds or one feed."""
+    if isinstance(calib, Calibration):
+        return calib.feeds, calib.source
     if isinstance(calib, (str, os.PathLike)):
         return reader_of(model, ctx, needed_for=f"calibration file {calib}").calibration(Path(calib), model)
     if isinstance(calib, Mapping):

@@ -69,7 +69,7 @@ def choose_bits(options: dict[str, list[Choice]], fixed_bytes: int, budget: int)
     return chosen
 
 
-def _model_error(model: ir.Model, linear, dequantized: np.ndarray, reference: list, ctx: PassContext) -> float:
+def _model_error(model: ir.Model, linear, dequantized: np.ndarray, reference: list, inputs: list) -> float:
     """1 − cosine of the model's outputs with this linear's weight swapped for `dequantized`."""
     value = linear.node.inputs[1]
     original = value.const_value
@@ -78,7 +78,7 @@ def _model_error(model: ir.Model, linear, dequantized: np.ndarray, reference: li
     weight = dequantized.T if linear.node.op_type == "Gemm" and linear.node.attributes.get_int("transB", 0) else dequantized
     value.const_value = ir.tensor(np.ascontiguousarray(weight).astype(original.dtype.numpy()), name=value.name)
     try:
-        outputs = evaluate.run_all(model, ctx.inputs)
+        outputs = evaluate.run_all(model, inputs)
     finally:
         value.const_value = original
     return compare(reference, outputs).drop
@@ -92,6 +92,37 @@ def _packed_nbytes(k: int, n: int, bits: int, block_size: int) -> int:
     per_byte = 8 // bits
     zero_points = n * (-(-blocks // per_byte) * per_byte) * bits // 8
     return n * blocks * block_size * bits // 8 + n * blocks * 4 + zero_points
+
+
+@dataclass(frozen=True)
+class _Measuring:
+    """What every layer's measurement shares: the pass's settings, and for measure=output the
+    inputs and the model's outputs on them."""
+
+    settings: MixedPrecision
+    reference_outputs: list[dict[str, np.ndarray]]
+    inputs: list[dict[str, np.ndarray]]
+
+
+def _measure_layer(model: ir.Model, shared: _Measuring, item: tuple[str, np.ndarray | None]) -> list[Choice]:
+    """One layer's choices: its bytes and error at each candidate width; `item` is the layer's
+    name and, for measure=layer, the Gram matrix of its inputs."""
+    name, h = item
+    settings = shared.settings
+    linear = next(lin for lin in quantizable_linears(model, settings.exclude)[0] if lin.name == name)
+    weight = weight_matrix(linear)
+    choices = []
+    for bits in settings.candidates:
+        if bits == FLOAT:
+            choices.append(Choice(FLOAT, weight.nbytes, 0.0))
+            continue
+        q = quantize_rtn(weight, bits, settings.group_size, symmetric=False)
+        if h is not None:
+            error = output_error(h, q.dequantize() - weight) / max(output_error(h, weight), 1e-30)
+        else:
+            error = _model_error(model, linear, q.dequantize(), shared.reference_outputs, shared.inputs)
+        choices.append(Choice(bits, q.nbytes(), error))
+    return choices
 
 
 @register_pass
@@ -136,26 +167,14 @@ class MixedPrecision(Pass):
         if not linears:
             return nothing_to_quantize(self.name, skipped, "linears quantized")
         activations = linear_inputs(model, linears, ctx) if self.measure == "layer" else {}
-        reference_outputs = evaluate.run_all(model, ctx.inputs) if self.measure == "output" else []
-        options: dict[str, list[Choice]] = {}
-        quantized = {}
-        linear_bytes = 0
-        for linear in ctx.track(linears, f"sensitivity ({self.measure})"):
-            weight = weight_matrix(linear)
-            linear_bytes += weight.nbytes
-            options[linear.name] = []
-            h = gram(activations[linear.name]) if self.measure == "layer" else None
-            for bits in self.candidates:
-                if bits == FLOAT:
-                    options[linear.name].append(Choice(FLOAT, weight.nbytes, 0.0))
-                    continue
-                q = quantize_rtn(weight, bits, self.group_size, symmetric=False)
-                quantized[linear.name, bits] = q
-                if h is not None:
-                    error = output_error(h, q.dequantize() - weight) / max(output_error(h, weight), 1e-30)
-                else:
-                    error = _model_error(model, linear, q.dequantize(), reference_outputs, ctx)
-                options[linear.name].append(Choice(bits, q.nbytes(), error))
+        shared = _Measuring(self, evaluate.run_all(model, ctx.inputs) if self.measure == "output" else [],
+                            list(ctx.inputs) if self.measure == "output" else [])
+        # each layer measured on its own (the model as it was, but for that layer): work for --workers
+        items = [(linear.name, gram(activations.pop(linear.name)) if self.measure == "layer" else None)
+                 for linear in linears]
+        measured = ctx.workers.map(_measure_layer, model, shared, ctx.track(items, f"sensitivity ({self.measure})"))
+        options = dict(zip((linear.name for linear in linears), measured))
+        linear_bytes = sum(lin.in_features * lin.out_features * 4 for lin in linears)
         other_bytes = evaluate.initializer_bytes(model) - linear_bytes
         budget = int(self.budget_mb * 1e6)
         chosen = choose_bits(options, other_bytes, budget)
@@ -170,8 +189,8 @@ class MixedPrecision(Pass):
             bits = chosen[linear.name].bits
             if bits == FLOAT:
                 continue
-            node = matmul_nbits(model, linear, quantized[linear.name, bits], dtype=input_dtype(linear),
-                                accuracy_level=self.accuracy_level)
+            q = quantize_rtn(weight_matrix(linear), bits, self.group_size, symmetric=False)
+            node = matmul_nbits(model, linear, q, dtype=input_dtype(linear), accuracy_level=self.accuracy_level)
             replace_linear(model, linear, [node], node.outputs[0])
         histogram = {b: sum(c.bits == b for c in chosen.values()) for b in sorted(self.candidates, reverse=True)}
         return PassResult(True, {
