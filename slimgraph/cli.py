@@ -34,6 +34,9 @@ from slimgraph.measure.target import NAMES as TARGETS
 if TYPE_CHECKING:
     import onnx_ir as ir
 
+    from slimgraph.passes import Pipeline
+    from slimgraph.passes._infra.checkpoints import Checkpoints
+
 PROG = "slimgraph"
 
 
@@ -83,6 +86,10 @@ def build_parser() -> argparse.ArgumentParser:
                                "RAY_ADDRESS names), or ray://HOST:PORT; needs the ray extra")
     optimize.add_argument("--max-drop", type=float, help="fail (exit 1) when 1 - cosine vs the original exceeds this")
     optimize.add_argument("--no-verify", action="store_true", help="skip verification against the original")
+    optimize.add_argument("--resume", action="store_true",
+                          help="block-wise passes (blockwise=true) keep a checkpoint beside the output (OUT.resume) "
+                               "after each block, and a run of the same input, pipeline and calibration that was "
+                               "interrupted resumes from it; removed once the output is written")
     optimize.add_argument("--external-data", action="store_true", help="store weights in a separate .data file (the default from 256 MB of weights)")
     _kv_cache(optimize)
     _plugin(optimize)
@@ -242,6 +249,19 @@ def _spill_for(model: ir.Model, output: Path, args: argparse.Namespace) -> Itera
         spill.close()
 
 
+def _checkpoints(model_path: Path, output: Path, pipeline: Pipeline | None) -> Checkpoints:
+    """`--resume`'s checkpoints, beside the output, keyed by the run: the input's files (their sizes
+    and times) and the pipeline (each pass adds its options, graph and calibration inputs)."""
+    from slimgraph.passes._infra.checkpoints import Checkpoints
+
+    if pipeline is None or not any(getattr(p, "blockwise", False) for p in pipeline.passes):
+        raise SlimgraphError("--resume resumes block-wise passes (e.g. quantize-weights{method=gptq,blockwise=true}); "
+                             "this run has none")
+    files = sorted(model_path.iterdir()) if model_path.is_dir() else [model_path]
+    stamp = ";".join(f"{f.name}:{f.stat().st_size}:{f.stat().st_mtime_ns}" for f in files if f.is_file())
+    return Checkpoints(output.with_name(output.name + ".resume"), f"{model_path.resolve()}|{stamp}|{pipeline.to_text()}")
+
+
 def cmd_optimize(args: argparse.Namespace) -> int:
     from slimgraph.backends import check_output, compile
     from slimgraph.frontend import load
@@ -278,6 +298,7 @@ def cmd_optimize(args: argparse.Namespace) -> int:
         raise SlimgraphError(f"--no-verify and {where} cannot go together: the budget is measured by verification")
     if args.goal is not None and args.no_verify:
         raise SlimgraphError("--goal compares candidates by their verified fidelity; it cannot go with --no-verify")
+    checkpoints = _checkpoints(model_path, output, pipeline) if args.resume else None
     remote_target = args.target.startswith("ray:") and args.workers != "local"  # found once Ray is up
     if not remote_target:
         target = parse_target(args.target)
@@ -308,7 +329,8 @@ def cmd_optimize(args: argparse.Namespace) -> int:
             found = None
         with _spill_for(model, output, args) as spill:
             if found is None:
-                report = pipeline.run(model, PassContext(target=target, spill=spill, workers=workers),
+                report = pipeline.run(model, PassContext(target=target, spill=spill, workers=workers,
+                                                         checkpoints=checkpoints),
                                       verify=not args.no_verify,
                                       max_drop=max_drop, calib=calib, progress=progress.step,
                                       instruments=progress.passes(len(pipeline)))
@@ -318,6 +340,8 @@ def cmd_optimize(args: argparse.Namespace) -> int:
             with progress.stage(f"writing {output}"):
                 artifact = compile(model, backend=args.backend, **options)
                 artifact.save(output)
+            if checkpoints is not None:
+                checkpoints.remove()
         if found is not None:
             from slimgraph.search import write_recipe
 

@@ -118,9 +118,13 @@ def run_all(model: ir.Model, feeds_list: Iterable[Feeds]) -> list[dict[str, np.n
     return [run(session, feeds) for feeds in feeds_list]
 
 
-def capture(model: ir.Model, value_names: Iterable[str], feeds_list: Iterable[Feeds]) -> Iterator[dict[str, np.ndarray]]:
+def capture(model: ir.Model, value_names: Iterable[str], feeds_list: Iterable[Feeds], *,
+            given: Iterable[str] = ()) -> Iterator[dict[str, np.ndarray]]:
     """Values of intermediate tensors (e.g. a linear layer's input) for each feed, one feed at a
     time (a caller that reduces them as they come never holds them all).
+
+    `given`: intermediate values the feeds hold (a block's input, computed before): the session
+    starts from them, and runs none of the nodes before them (`slimgraph.passes.blockwise`).
 
     The session runs a view of the model (the model is left as it was) whose outputs are the
     named values and whose nodes are only those they need (ONNX Runtime runs every node it is
@@ -133,7 +137,7 @@ def capture(model: ir.Model, value_names: Iterable[str], feeds_list: Iterable[Fe
     unknown = [n for n in names if n not in values]
     if unknown:
         raise SlimgraphError(f"no value named {unknown[0]!r} in the model")
-    view, weights = _capture_view(model, [values[n] for n in names])
+    view, weights = _capture_view(model, [values[n] for n in names], {values[n] for n in given if n in values})
     options = session_options()
     options.add_session_config_entry("session.disable_prepacking", "1")  # a copy of every weight
     # What is left of the weights is small or not float; those still in external data are read
@@ -158,15 +162,24 @@ def capture(model: ir.Model, value_names: Iterable[str], feeds_list: Iterable[Fe
     return results()
 
 
+def view_nodes(model: ir.Model, outputs: Iterable[ir.Value], given: Iterable[str] = ()) -> list[ir.Node]:
+    """The nodes `capture` would run to compute `outputs` from the graph inputs and the `given` values."""
+    names = set(given)
+    starts = {v for node in model.graph for v in node.outputs if v.name in names}
+    return list(_capture_view(model, list(outputs), starts)[0].graph)
+
+
 # Weights from this size up are fed to a capture session rather than serialized into it.
 FED_WEIGHT_BYTES = 1 << 20
 _FLOATS = frozenset({ir.DataType.FLOAT, ir.DataType.FLOAT16, ir.DataType.BFLOAT16, ir.DataType.DOUBLE})
 _SUBGRAPHS = (ir.AttributeType.GRAPH, ir.AttributeType.GRAPHS)
 
 
-def _capture_view(model: ir.Model, outputs: list[ir.Value]) -> tuple[ir.Model, dict[str, np.ndarray]]:
+def _capture_view(model: ir.Model, outputs: list[ir.Value], given: set[ir.Value] = frozenset()
+                  ) -> tuple[ir.Model, dict[str, np.ndarray]]:
     """A model sharing `model`'s nodes and values with `outputs` as its outputs and only the
-    nodes they need; its large float weights that only standard ops read are graph inputs,
+    nodes they need, starting from the graph inputs and the `given` values (inputs of the view);
+    its large float weights that only standard ops read are graph inputs,
     returned as feeds (the arrays the IR holds, memory-mapped or in memory). ONNX Runtime copies
     a serialized weight three times (the protobuf bytes, its own tensors, pre-packed ones);
     a fed array it reads where it lies."""
@@ -174,7 +187,7 @@ def _capture_view(model: ir.Model, outputs: list[ir.Value]) -> tuple[ir.Model, d
     needed: set[ir.Value] = set(outputs)
     nodes: list[ir.Node] = []
     for node in reversed(list(graph)):  # users come after producers
-        if not needed.intersection(node.outputs):
+        if not needed.intersection(node.outputs) or given.issuperset(needed.intersection(node.outputs)):
             continue
         nodes.append(node)
         needed.update(v for v in node.inputs if v is not None)
@@ -187,7 +200,7 @@ def _capture_view(model: ir.Model, outputs: list[ir.Value]) -> tuple[ir.Model, d
     fed = [v for v in initializers if v.const_value is not None and v.const_value.nbytes >= FED_WEIGHT_BYTES
            and v.const_value.dtype in _FLOATS and not v.is_graph_input()
            and all(user.graph is graph and user.domain in ("", "ai.onnx") for user, _ in v.uses())]
-    inputs = [v for v in graph.inputs if v in needed]
+    inputs = [v for v in graph.inputs if v in needed] + [v for v in given if v in needed and not v.is_graph_input()]
     view = ir.GraphView([*inputs, *fed], outputs, nodes=reversed(nodes),
                         initializers=[v for v in initializers if v not in fed],
                         opset_imports=dict(graph.opset_imports), name=graph.name)

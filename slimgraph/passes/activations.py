@@ -4,7 +4,7 @@ a value's channels (sums and the Gram matrix, for passes that need no more than 
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -19,6 +19,7 @@ from slimgraph.measure import evaluate
 from slimgraph.passes._infra.base import PassContext, reader_of
 
 MAX_TOKENS = 4096
+Feeds = dict[str, np.ndarray]
 
 
 def token_rows(array: np.ndarray, feeds: dict[str, np.ndarray], axis: int = -1) -> np.ndarray:
@@ -37,18 +38,26 @@ def linear_inputs(model: ir.Model, linears: list[Linear], ctx: PassContext, max_
     """Linear name → activations [tokens, K] (float32), padding tokens dropped, at most `max_tokens`."""
     names = {lin.name: lin.node.inputs[0].name for lin in linears}
     captured = evaluate.capture(model, list(dict.fromkeys(names.values())), ctx.inputs)
-    rng = np.random.default_rng(ctx.seed)
-    rows: dict[str, list[np.ndarray]] = {v: [] for v in set(names.values())}
-    for feeds, values in zip(ctx.inputs, captured):
+    stacked = stack_token_rows(captured, ctx.inputs, ctx.seed, max_tokens)
+    return {lin: stacked[value] for lin, value in names.items()}
+
+
+def stack_token_rows(captured: Iterable[dict[str, np.ndarray]], feeds_list: Sequence[Feeds], seed: int,
+                     max_tokens: int = MAX_TOKENS) -> dict[str, np.ndarray]:
+    """Each captured value's rows over every feed (`token_rows`), float32, at most `max_tokens` of
+    them drawn from `seed`."""
+    rng = np.random.default_rng(seed)
+    rows: dict[str, list[np.ndarray]] = {}
+    for feeds, values in zip(feeds_list, captured):
         for value_name, array in values.items():
-            rows[value_name].append(token_rows(array, feeds).astype(np.float32))
+            rows.setdefault(value_name, []).append(token_rows(array, feeds).astype(np.float32))
     stacked = {}
     for value_name, parts in rows.items():
         x = np.concatenate(parts)
         if x.shape[0] > max_tokens:
             x = x[rng.choice(x.shape[0], max_tokens, replace=False)]
         stacked[value_name] = x
-    return {lin: stacked[value] for lin, value in names.items()}
+    return stacked
 
 
 def value_rows(model: ir.Model, values: Sequence[ir.Value], ctx: PassContext, max_tokens: int = MAX_TOKENS

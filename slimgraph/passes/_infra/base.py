@@ -30,6 +30,7 @@ from slimgraph.measure.diff import Change
 from slimgraph.measure.fidelity import Fidelity
 from slimgraph.measure.stats import ModelStats, human_bytes
 from slimgraph.measure.target import Target
+from slimgraph.passes._infra.checkpoints import Checkpoints
 from slimgraph.workers import Workers
 
 if TYPE_CHECKING:
@@ -102,7 +103,9 @@ class PassContext:
       frontend left in `model.meta`;
     - `spill`: called after each tracked item and after each pass to write the new weights out to
       the output's data file (`slimgraph.ir.spill`); None: they stay in memory;
-    - `workers`: where a pass runs independent measurements (`slimgraph.workers`; default: here).
+    - `workers`: where a pass runs independent measurements (`slimgraph.workers`; default: here);
+    - `checkpoints`: where a block-wise pass keeps its progress, to resume an interrupted run
+      (`slimgraph.passes._infra.checkpoints`); None: it keeps none.
     """
 
     inputs: list[dict[str, np.ndarray]] = field(default_factory=list)
@@ -117,6 +120,7 @@ class PassContext:
     reader: DataReader | None = field(default=None, repr=False)
     spill: Callable[[], None] | None = field(default=None, repr=False)
     workers: Workers = field(default_factory=Workers, repr=False)
+    checkpoints: Checkpoints | None = field(default=None, repr=False)
 
     def track(self, items: Iterable[T], what: str) -> Iterator[T]:
         """Yield `items`, reporting `what (i/n)` to the progress hook as each one is done.

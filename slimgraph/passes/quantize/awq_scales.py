@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import collections
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import numpy as np
 import onnx_ir as ir
@@ -35,10 +36,26 @@ from slimgraph.ir.structure import find_linear
 from slimgraph.passes.quantize.algorithms import awq_scale
 
 
+@dataclass(frozen=True)
+class ScaleSummary:
+    """How many input scales were applied, and how many of them folded into the op before."""
+
+    groups: int = 0
+    folded: int = 0
+
+    def __add__(self, other: ScaleSummary) -> ScaleSummary:
+        return ScaleSummary(self.groups + other.groups, self.folded + other.folded)
+
+    def __str__(self) -> str:
+        return f"{self.groups} ({self.folded} folded into a norm or linear, {self.groups - self.folded} as Mul)"
+
+
 def apply_input_scales(model: ir.Model, linears: Sequence[Linear], activations: dict[str, np.ndarray], bits: int,
-                       group_size: int, symmetric: bool) -> tuple[dict[str, np.ndarray], str]:
+                       group_size: int, symmetric: bool, known: dict[str, np.ndarray] | None = None
+                       ) -> tuple[dict[str, np.ndarray], ScaleSummary]:
     """Search, apply and fold the AWQ scales. Returns each linear's scale `s` (its input is now x/s)
-    and a line for the report (how many scales were folded, how many stay as a Mul)."""
+    and how many were folded, how many stay as a Mul. `known`: the scales (linear name → s) found
+    before, applied without searching (a block-wise run resumed)."""
     by_input: dict[ir.Value, list[Linear]] = collections.defaultdict(list)
     for linear in linears:
         by_input[linear.node.inputs[0]].append(linear)
@@ -46,13 +63,13 @@ def apply_input_scales(model: ir.Model, linears: Sequence[Linear], activations: 
     muls: set[ir.Node] = set()
     for x, group in by_input.items():
         weights = [edit.weight_matrix(lin) for lin in group]
-        s = awq_scale(np.concatenate(weights, axis=1), activations[group[0].name], bits, group_size, symmetric)
+        s = known[group[0].name] if known is not None else \
+            awq_scale(np.concatenate(weights, axis=1), activations[group[0].name], bits, group_size, symmetric)
         for linear, w in zip(group, weights):
             edit.set_weight_matrix(model, linear, (w * s[:, None]).astype(np.float32))
             scales[linear.name] = s
         muls.add(_divide_input(model, x, group, s))
-    folded = fold_scales(model, muls)
-    return scales, f"{len(by_input)} ({folded} folded into a norm or linear, {len(by_input) - folded} as Mul)"
+    return scales, ScaleSummary(len(by_input), fold_scales(model, muls))
 
 
 def _divide_input(model: ir.Model, x: ir.Value, group: list[Linear], s: np.ndarray) -> ir.Node:

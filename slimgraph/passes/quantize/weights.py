@@ -22,13 +22,15 @@ import onnx_ir as ir
 from slimgraph.errors import SlimgraphError
 from slimgraph.ir.edit import replace_linear, weight_matrix
 from slimgraph.ir.nbits import BlockQuantized, quantize_rtn
+from slimgraph.ir.parts import Linear
 from slimgraph.measure.evaluate import initializer_bytes
 from slimgraph.measure.stats import human_bytes
 from slimgraph.passes._infra.base import Pass, PassContext, PassResult
 from slimgraph.passes._infra.registry import register_pass
 from slimgraph.passes.activations import linear_inputs
+from slimgraph.passes.blockwise import BlockSteps
 from slimgraph.passes.quantize import algorithms
-from slimgraph.passes.quantize.awq_scales import apply_input_scales
+from slimgraph.passes.quantize.awq_scales import ScaleSummary, apply_input_scales
 from slimgraph.passes.quantize.rewrite import (
     SharedWeights,
     embedding_tables,
@@ -58,8 +60,13 @@ class QuantizeWeights(Pass):
     exclude: tuple[str, ...] = ()
     embeddings: bool = False
     accuracy_level: Literal[0, 4] = 0
+    # awq/gptq: calibrate one block at a time on what the blocks before, quantized, produce
+    blockwise: bool = False
 
     def __post_init__(self) -> None:
+        if self.blockwise and self.method == "rtn":
+            raise SlimgraphError(f"{self.name}: blockwise=true calibrates awq and gptq block by block; rtn reads no "
+                                 "calibration inputs")
         if self.embeddings and self.bits == 2:
             raise SlimgraphError(f"{self.name}: embeddings can be quantized to 4 or 8 bits, not 2")
 
@@ -79,25 +86,29 @@ class QuantizeWeights(Pass):
         before = initializer_bytes(model)
         # A tied LM head is quantized as its embedding is (rtn), so that both read one table.
         tied = {lin.name: table for lin in linears if (table := tied_table(lin, tables)) is not None}
-        calibrated = [lin for lin in linears if lin.name not in tied]
-        activations = linear_inputs(model, calibrated, ctx) if self.method != "rtn" and calibrated else {}
-        scales, folded = {}, ""
-        if self.method == "awq":
-            scales, folded = apply_input_scales(model, calibrated, activations, self.bits, self.group_size,
-                                                self.symmetric)
+        calibrated = [lin for lin in linears if lin.name not in tied] if self.method != "rtn" else []
+        folded, resumed = ScaleSummary(), None
+        if calibrated and self.blockwise:
+            folded, resumed = self._blockwise(model, calibrated, ctx)
+        elif calibrated:
+            activations = linear_inputs(model, calibrated, ctx)
+            scales: dict[str, np.ndarray] = {}
+            if self.method == "awq":
+                scales, folded = apply_input_scales(model, calibrated, activations, self.bits, self.group_size,
+                                                    self.symmetric)
+            for linear in ctx.track(calibrated, f"{self.method} int{self.bits}"):
+                q = self.quantize(weight_matrix(linear), activations[linear.name], scales.get(linear.name))
+                self._rewrite(model, linear, q)
         # rtn's codes depend on the weight alone: readers of one weight share them (awq's and gptq's
         # depend on each reader's inputs)
-        codes, stored = (SharedWeights(), SharedWeights()) if self.method == "rtn" else (None, None)
-        for linear in ctx.track(linears, f"{self.method} int{self.bits}"):
-            if linear.name in tied:
+        codes, stored = SharedWeights(), SharedWeights()
+        rest = [lin for lin in linears if lin not in calibrated]
+        for linear in ctx.track(rest, f"rtn int{self.bits}" if calibrated else f"{self.method} int{self.bits}"):
+            if linear.name in tied:  # rtn reads the weight in column chunks: any layout will do
                 q = quantize_rtn(weight_matrix(linear, contiguous=False), self.bits, self.group_size, self.symmetric)
-            elif codes is not None:  # rtn, which reads the weight in column chunks: any layout will do
-                q = codes.get(linear, lambda: self.quantize(weight_matrix(linear, contiguous=False), None, None))
             else:
-                q = self.quantize(weight_matrix(linear), activations.get(linear.name), scales.get(linear.name))
-            node = matmul_nbits(model, linear, q, accuracy_level=self.accuracy_level, symmetric=self.symmetric,
-                                dtype=input_dtype(linear), shared=stored if linear.name not in tied else None)
-            replace_linear(model, linear, [node], node.outputs[0])
+                q = codes.get(linear, lambda: self.quantize(weight_matrix(linear, contiguous=False), None, None))
+            node = self._rewrite(model, linear, q, stored if linear.name not in tied else None)
             if linear.name in tied:
                 share_quantized_table(model, tied[linear.name], node)
         shared = {table.name for table in tied.values()}
@@ -115,8 +126,10 @@ class QuantizeWeights(Pass):
                                            for name, table in tied.items())
         if self.method != "rtn":
             stats["calibration"] = ctx.inputs_source
-        if folded:
-            stats["input scales"] = folded
+        if folded.groups:
+            stats["input scales"] = str(folded)
+        if resumed:
+            stats["resumed"] = resumed
         if skipped:
             stats["skipped"] = len(skipped)
         warnings = []
@@ -125,3 +138,56 @@ class QuantizeWeights(Pass):
                             "is a slow fallback (measured 25-50x slower than fp32 in benchmarks/quantize.py); "
                             "accuracy_level=4 is fast and costs little fidelity")
         return PassResult(True, stats, warnings=warnings)
+
+    def _rewrite(self, model: ir.Model, linear: Linear, q: BlockQuantized, stored: SharedWeights | None = None
+                 ) -> ir.Node:
+        node = matmul_nbits(model, linear, q, accuracy_level=self.accuracy_level, symmetric=self.symmetric,
+                            dtype=input_dtype(linear), shared=stored)
+        replace_linear(model, linear, [node], node.outputs[0])
+        return node
+
+    def _blockwise(self, model: ir.Model, linears: list[Linear], ctx: PassContext) -> tuple[ScaleSummary, str | None]:
+        """awq/gptq one block at a time (`slimgraph.passes.blockwise`), each block calibrated on what
+        the blocks before it, already quantized, produce; checkpointed after each block when
+        `ctx.checkpoints` is set, and resumed from a checkpoint of the same work. Returns awq's
+        input scales, and what was resumed (None: nothing)."""
+        steps = BlockSteps(model, linears, ctx)
+        order: list[list[str]] = []  # per step, its linears in the order rewritten
+        done: dict[str, dict[str, np.ndarray]] = {}  # the current step's: linear → what makes its rewrite
+        summary = ScaleSummary()
+        saved = ctx.checkpoints.start(self.to_text(), model, ctx.inputs) if ctx.checkpoints is not None else None
+        resumed = None
+        if saved is not None:  # the blocks done: their rewrites made again from what they computed
+            by_name = {lin.name: lin for lin in linears}
+            for results in saved.steps:
+                summary += self._apply(model, [by_name[name] for name in results], results)
+                order.append(list(results))
+            steps.resume(saved.done, saved.state, {name for results in saved.steps for name in results})
+            resumed = f"{saved.done} of {len(steps)} steps done before, read from {ctx.checkpoints.folder}"
+        if ctx.checkpoints is not None:
+            steps.after_step = lambda index, state: ctx.checkpoints.save(index, done, state, order)
+        for step in steps:
+            scales: dict[str, np.ndarray] = {}
+            if self.method == "awq" and step.linears:
+                scales, applied = apply_input_scales(model, step.linears, step.activations, self.bits,
+                                                     self.group_size, self.symmetric)
+                summary += applied
+            done.clear()
+            where = f"block {step.index + 1}/{len(steps) - 1}" if step.index < len(steps) - 1 else "after the blocks"
+            for linear in ctx.track(step.linears, f"{self.method} int{self.bits}, {where}"):
+                q = self.quantize(weight_matrix(linear), step.activations[linear.name], scales.get(linear.name))
+                self._rewrite(model, linear, q)
+                done[linear.name] = q.to_arrays() | ({"awq_scale": scales[linear.name]} if scales else {})
+            order.append(list(done))
+        return summary, resumed
+
+    def _apply(self, model: ir.Model, linears: list[Linear], results: dict[str, dict[str, np.ndarray]]
+               ) -> ScaleSummary:
+        """The rewrites a checkpointed step made (its scales and codes), made again."""
+        summary = ScaleSummary()
+        if self.method == "awq" and linears:
+            summary = apply_input_scales(model, linears, {}, self.bits, self.group_size, self.symmetric,
+                                         known={name: arrays["awq_scale"] for name, arrays in results.items()})[1]
+        for linear in linears:
+            self._rewrite(model, linear, BlockQuantized.from_arrays(results[linear.name]))
+        return summary

@@ -20,7 +20,7 @@ def scaled(model):
     ctx = PassContext()
     ctx.inputs, _ = model_inputs(model)
     scales, summary = apply_input_scales(model, linears, linear_inputs(model, linears, ctx), 4, 32, False)
-    return model, ctx.inputs, summary
+    return model, ctx.inputs, str(summary)
 
 
 def awq_muls(model) -> list[str]:
