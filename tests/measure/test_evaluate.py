@@ -70,3 +70,24 @@ def test_onnxruntime_logs_nothing_when_a_run_fails(capfd):
         evaluate.run(model, {"audio": np.zeros((1, 16), np.float32)})
     captured = capfd.readouterr()
     assert captured.err == "" and captured.out == ""
+
+
+@pytest.mark.parametrize("which", ["minilm", "llama_kv"])  # llama_kv: every block makes outputs (present k/v)
+def test_a_model_run_block_by_block_gives_its_outputs(request, which):
+    model = request.getfixturevalue(which)
+    feeds = model.meta["slimgraph.example_inputs"]
+    whole = evaluate.run_all(model, feeds)
+    by_blocks = evaluate.run_by_blocks(model, feeds)
+    for a, b in zip(whole, by_blocks, strict=True):
+        assert list(a) == list(b)
+        for name in a:
+            np.testing.assert_allclose(b[name], a[name], rtol=1e-4, atol=1e-5 * np.abs(a[name]).max())
+
+
+def test_run_all_goes_block_by_block_where_a_session_of_the_whole_would_not_fit(minilm, monkeypatch):
+    feeds = minilm.meta["slimgraph.example_inputs"][:1]
+    whole = evaluate.run_all(minilm, feeds)
+    monkeypatch.setattr(evaluate, "_available_memory", lambda: evaluate.initializer_bytes(minilm))
+    monkeypatch.setattr(evaluate, "make_session", lambda *a, **k: pytest.fail("a session of the whole model"))
+    for name, value in evaluate.run_all(minilm, feeds)[0].items():
+        np.testing.assert_allclose(value, whole[0][name], rtol=1e-4, atol=1e-5)

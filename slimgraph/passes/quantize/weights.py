@@ -6,7 +6,9 @@ or 2 bits: rtn (round to nearest; bit-identical to onnxruntime's MatMulNBitsQuan
 awq (activation-aware channel scales, shared by the linears reading one input and folded into
 the norm or linear before them where exact, else a Mul; then a clip search)
 or gptq (error feedback through the inverse Hessian). awq and gptq use the pipeline's
-calibration inputs (--calib), or synthesized ones, as the report says. accuracy_level=4
+calibration inputs (--calib), or synthesized ones, as the report says; with blockwise=true, one
+block at a time, each on what the quantized blocks before it produce (`slimgraph.passes.blockwise`),
+checkpointed after each block for `optimize --resume`. accuracy_level=4
 lets onnxruntime quantize activations to int8 per block: faster, slightly lossy; for 8
 and 2 bits it is the only fast CPU kernel.
 """
@@ -60,8 +62,7 @@ class QuantizeWeights(Pass):
     exclude: tuple[str, ...] = ()
     embeddings: bool = False
     accuracy_level: Literal[0, 4] = 0
-    # awq/gptq: calibrate one block at a time on what the blocks before, quantized, produce
-    blockwise: bool = False
+    blockwise: bool = False  # awq/gptq: one block at a time, on what the quantized blocks before produce
 
     def __post_init__(self) -> None:
         if self.blockwise and self.method == "rtn":
