@@ -92,7 +92,7 @@ def parse(text: str | None, workers: Workers | None = None) -> Target:
             raise SlimgraphError(f"--target {text} names a Ray node; it needs --workers ray")
         return workers.call(on_node, None, None, text[4:], resource=text[4:])
     if text not in NAMES:
-        raise SlimgraphError(f"unknown target '{text}' (known: auto, ray:NODE-RESOURCE, {', '.join(NAMES)})")
+        raise SlimgraphError(f"--target: unknown target '{text}' (known: auto, ray:NODE-RESOURCE, {', '.join(NAMES)})")
     return Target(text, FEATURES[text])
 
 
