@@ -87,7 +87,8 @@ def test_inspect_golden(minilm_onnx):
     assert_golden("inspect_minilm.txt", render_text(render_summary(slimgraph.inspect(minilm_onnx))))
 
 
-def test_bench_two_models(tmp_path, mlp_path, capsys):
+def test_bench_two_models(tmp_path, mlp_path, capsys, monkeypatch):
+    monkeypatch.setattr("slimgraph.bench.MORE_ROUNDS_SECONDS", 0)  # (microsecond timings never settle: 20 s a batch)
     copy = tmp_path / "copy.onnx"
     slimgraph.save(ir.load(mlp_path), copy)
     assert main(["bench", str(mlp_path), str(copy), "--batch", "1,2", "--runs", "2", "--json"]) == 0
