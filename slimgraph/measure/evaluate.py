@@ -120,7 +120,7 @@ def run_all(model: ir.Model, feeds_list: Iterable[Feeds]) -> list[dict[str, np.n
     feeds_list = list(feeds_list)
     weights = initializer_bytes(model)
     if weights >= BLOCKWISE_RUN_BYTES or WHOLE_RUN_COPIES * weights > _available_memory():
-        found = _blocks(model)
+        found = repeated_blocks(model)
         if found:
             return run_by_blocks(model, feeds_list, found)
     session = make_session(model)
@@ -138,8 +138,8 @@ def run_by_blocks(model: ir.Model, feeds_list: list[Feeds], blocks: list | None 
     """The model's outputs, computed one repeated block at a time: each block is a session of its
     own (`capture` from the block's input, which the block before computed), so only one block's
     weights are read and held at a time; the outputs a block makes (a decoder's present keys and
-    values) are taken as it runs. `blocks`: `slimgraph.ir.structure`'s, found when None."""
-    blocks = blocks or _blocks(model)
+    values) are taken as it runs. `blocks`: `repeated_blocks(model)` when None."""
+    blocks = blocks or repeated_blocks(model)
     if not blocks or not feeds_list:
         raise SlimgraphError("the model has no repeated blocks to run one at a time" if not blocks else "no inputs")
     outputs = {v.name for v in model.graph.outputs}
@@ -166,7 +166,9 @@ def run_by_blocks(model: ir.Model, feeds_list: list[Feeds], blocks: list | None 
     return [{v.name: result[v.name] for v in model.graph.outputs} for result in results]
 
 
-def _blocks(model: ir.Model) -> list:
+def repeated_blocks(model: ir.Model) -> list:
+    """The model's repeated blocks (`slimgraph.ir.structure`'s `Block`s), in order; empty where they
+    are not all found with a clear residual stream in and out."""
     from slimgraph.ir.structure import discover
 
     found = discover(model).blocks

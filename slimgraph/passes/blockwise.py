@@ -44,16 +44,14 @@ class BlockSteps:
     """The model's linears in steps of one block; see the module docstring."""
 
     def __init__(self, model: ir.Model, linears: list[Linear], ctx: PassContext, max_tokens: int = MAX_TOKENS):
-        from slimgraph.ir.structure import discover
-
-        found = discover(model).blocks
-        if found is None or not found.blocks or len(found.blocks) != found.count:
+        blocks = evaluate.repeated_blocks(model)
+        if not blocks:
             raise SlimgraphError("block-wise calibration needs repeated blocks whose residual stream in and out is "
                                  "clear (slimgraph inspect lists them); this model has none")
         if not ctx.inputs:
             raise SlimgraphError("no calibration inputs reach the model")
         self.model, self.ctx, self.max_tokens = model, ctx, max_tokens
-        self.blocks: list[Block] = list(found.blocks)
+        self.blocks: list[Block] = blocks
         self.remaining = list(linears)
         self.feeds = [dict(f) for f in ctx.inputs]
         self.state: list[Feeds] = [{} for _ in self.feeds]  # the held residual stream, per feed
