@@ -103,10 +103,6 @@ def batch_problem(model: ir.Model, batch: int) -> str | None:
     return None
 
 
-def _external_data(model: ir.Model) -> bool:
-    return any(isinstance(v.const_value, ir.ExternalTensor) for v in model.graph.initializers.values())
-
-
 def model_file_bytes(path: Path) -> int:
     """The .onnx file plus the external data files it references."""
     total = path.stat().st_size
@@ -215,7 +211,7 @@ def bench(
                 model = load(path, stage=stage, **({"kv_cache": True} if kv_cache else {}))
             # timed as the file lies (its external data memory-mapped): what slimgraph wrote for a folder
             # or .pt2, or a .onnx with external data; other files, as loaded (their repairs made)
-            as_files.append(path.suffix.lower() != ".onnx" or _external_data(model))
+            as_files.append(path.suffix.lower() != ".onnx" or evaluate.has_external_data(model))
             if path.suffix.lower() != ".onnx":  # a folder or .pt2: bench what slimgraph would write
                 from slimgraph.api import save
 

@@ -44,14 +44,18 @@ def session_options(threads: int | None = None, *, spinning: bool = True) -> ort
 def serialized(model: ir.Model) -> Iterator[bytes | str]:
     """The model as protobuf bytes, or as a path to a temporary file when it is too large
     or reads weights from external data (which a model loaded from bytes cannot resolve)."""
-    external = any(isinstance(v.const_value, ir.ExternalTensor) for v in model.graph.initializers.values())
-    if not external and initializer_bytes(model) < PROTO_LIMIT_BYTES:
+    if not has_external_data(model) and initializer_bytes(model) < PROTO_LIMIT_BYTES:
         yield ir.serde.serialize_model(model).SerializeToString()
         return
     with tempfile.TemporaryDirectory(prefix="slimgraph-") as tmp:
         path = Path(tmp) / "model.onnx"
         ir.save(model, path, external_data="model.onnx.data")
         yield str(path)
+
+
+def has_external_data(model: ir.Model) -> bool:
+    """Whether some of the model's weights are read from external data files."""
+    return any(isinstance(v.const_value, ir.ExternalTensor) for v in model.graph.initializers.values())
 
 
 def make_session(
