@@ -6,6 +6,10 @@ its cleanup (matched by name); MiniLM vs a copy with every node and initializer 
 metadata stripped (matched by structure alone); two generated 10,000-node graphs, the second
 renamed throughout with every 50th block's Relu replaced.
 
+Where the CLI's time goes (2-core EPYC, 1.33 s): imports 0.57 s, of which onnx_ir's own eager
+`import sympy` is 0.27 s; parsing the two 88 MB protobufs 0.25 s; checking and comparing their
+tensors 0.2 s (each read copies the bytes out of the protobuf); FLOPs and rendering the rest.
+
     .venv/bin/python benchmarks/diff.py [--repeat N] [--nodes N]
 """
 
