@@ -39,14 +39,15 @@ class BlockQuantized:
         return self.codes.shape[0]
 
     def to_arrays(self) -> dict[str, np.ndarray]:
-        """As arrays only (for an `.npz`); `from_arrays` makes it again."""
-        return {"codes": self.codes, "scales": self.scales, "zero_points": self.zero_points,
+        """As arrays only (for an `.npz`: codes packed, as the model holds them); `from_arrays`
+        makes it again."""
+        return {"packed_codes": pack(self.codes, self.bits), "scales": self.scales, "zero_points": self.zero_points,
                 "sizes": np.array([self.bits, self.block_size, self.k])}
 
     @classmethod
     def from_arrays(cls, arrays: dict[str, np.ndarray]) -> BlockQuantized:
         bits, block_size, k = (int(v) for v in arrays["sizes"])
-        return cls(arrays["codes"], arrays["scales"], arrays["zero_points"], bits, block_size, k)
+        return cls(unpack(arrays["packed_codes"], bits), arrays["scales"], arrays["zero_points"], bits, block_size, k)
 
     def dequantize(self) -> np.ndarray:
         """The [K, N] float32 weight the codes stand for."""

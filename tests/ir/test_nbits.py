@@ -28,6 +28,18 @@ def ort_packing(weight: np.ndarray, bits: int, block: int, symmetric: bool):
 
 
 @pytest.mark.parametrize("bits", [2, 4, 8])
+def test_arrays_round_trip_with_codes_packed(bits):
+    """`--resume` checkpoints store a weight as `to_arrays`: codes packed, as small as in the model."""
+    weight = np.random.default_rng(bits).standard_normal((100, 24)).astype(np.float32)
+    q = quantize_rtn(weight, bits, 32, symmetric=False)
+    arrays = q.to_arrays()
+    assert arrays["packed_codes"].nbytes == q.codes.nbytes * bits // 8
+    back = type(q).from_arrays(arrays)
+    np.testing.assert_array_equal(back.codes, q.codes)
+    np.testing.assert_array_equal(back.dequantize(), q.dequantize())
+
+
+@pytest.mark.parametrize("bits", [2, 4, 8])
 @pytest.mark.parametrize("block", [16, 32, 128])
 @pytest.mark.parametrize("symmetric", [False, True], ids=["asym", "sym"])
 @pytest.mark.parametrize("shape", [(384, 96), (100, 33)], ids=["even", "ragged"])
