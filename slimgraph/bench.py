@@ -29,7 +29,7 @@ from collections.abc import Callable
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import onnx_ir as ir
@@ -38,6 +38,9 @@ from slimgraph.errors import SlimgraphError
 from slimgraph.measure import evaluate
 from slimgraph.measure.inputs import sample_inputs
 from slimgraph.measure.stats import human_bytes
+
+if TYPE_CHECKING:
+    import onnxruntime as ort
 
 Progress = Callable[[str, int, int], None]
 # `loading(what)`: a step shown while a model loads; it yields the `stage` that `load` reports to
@@ -264,6 +267,16 @@ def bench(
     return results
 
 
+def decoder_session(path: Path, model: ir.Model, options: ort.SessionOptions) -> ort.InferenceSession:
+    """The session a decoder runs in: of the `.onnx` file itself where its weights lie in external data
+    (`--external-data`, as ONNX Runtime GenAI's builder writes them), which ONNX Runtime memory-maps
+    instead of copying (SmolLM2 int4: peak RSS 508 → 278 MB, `benchmarks/decode.py`); otherwise of
+    the model as loaded (a folder's or `.gguf`'s export, or a file's repairs made)."""
+    if path.suffix.lower() == ".onnx" and evaluate.has_external_data(model):
+        return evaluate.file_session(path, options)
+    return evaluate.make_session(model, options=options)
+
+
 def bench_decode(
     paths: list[Path],
     *,
@@ -297,8 +310,7 @@ def bench_decode(
         report(f"loading {path.name}", i, len(paths))
         with (loading or _no_display)(f"loading {path.name}") as stage:
             model = load(path, stage=stage, **({} if path.suffix.lower() == ".onnx" else {"kv_cache": True}))
-        session = evaluate.make_session(model, options=options)
-        decoders.append(SessionDecoder(model, session))
+        decoders.append(SessionDecoder(model, decoder_session(path, model, options)))
         models.append(model)
     ids = _prompt_ids(models, paths, prompt, prompt_tokens)
     results = [BenchResult(name=str(p), file_bytes=_source_bytes(p, m), peak_rss_mb=None) for p, m in zip(paths, models)]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
+import slimgraph
 from slimgraph.bench import ratio_interval
 
 
@@ -24,3 +25,26 @@ def test_a_model_ten_percent_slower_is_not_noise():
 def test_the_same_runs_give_the_same_interval():
     runs = [1.0, 1.2, 0.9, 1.1, 1.05]
     assert ratio_interval(runs, runs[::-1]) == ratio_interval(runs, runs[::-1])
+
+
+def test_a_decoder_with_external_data_runs_from_its_file(llama_kv, tmp_path):
+    """`bench --new-tokens` runs a `.onnx` whose weights lie in external data from the file itself
+    (ONNX Runtime memory-maps them), and an inline one as loaded: the same logits either way."""
+    from slimgraph.bench import decoder_session
+    from slimgraph.frontend import load
+    from slimgraph.generate import SessionDecoder
+    from slimgraph.measure import evaluate
+
+    options = evaluate.session_options(1)
+    logits = []
+    for name, external in (("inline.onnx", False), ("apart.onnx", True)):
+        path = slimgraph.save(llama_kv, tmp_path / name, external_data=external)
+        model = load(path)
+        session = decoder_session(path, model, options)
+        assert (session._model_path == str(path)) == external  # what ORT built it from
+        decoder = SessionDecoder(model, session)
+        ids = np.array([[5, 17, 300, 42]])
+        steps = [decoder.start(ids, np.ones_like(ids), capacity=8)]
+        steps += [decoder.advance(steps[-1].argmax(-1)) for _ in range(3)]
+        logits.append(np.stack(steps))
+    np.testing.assert_array_equal(logits[0], logits[1])

@@ -43,6 +43,29 @@ def test_spilled_weights_read_back_and_publish_as_the_output(tmp_path, mlp_model
     np.testing.assert_array_equal(evaluate.run(model, feeds)["y"], want)  # the model in memory reads the moved file
 
 
+def test_weights_replaced_after_they_were_spilled_leave_the_published_file(tmp_path, mlp_model, monkeypatch):
+    """`fuse-ort` spills fused fp32 weights that the next pass quantizes: the output's data file holds
+    only what the saved graph reads."""
+    monkeypatch.setattr(spill_module, "MIN_BYTES", 64)
+    feeds = sample_inputs(mlp_model)
+    model = copy_model(mlp_model)
+    target = tmp_path / "mlp.onnx"
+    spill = WeightSpill.beside(target)
+    spill(model)
+    written = spill.written
+    for value in model.graph.initializers.values():  # a pass replaces every weight with a new one
+        if spill.holds(value.const_value):
+            value.const_value = ir.tensor(value.const_value.numpy() * 2, name=value.name)
+    spill(model)
+    assert spill.written > 2 * written - spill_module.ALIGNMENT
+    want = evaluate.run(model, feeds)["y"]
+    onnxruntime.save_onnx(model, target, external_data=True)
+    spill.close()
+    assert (tmp_path / "mlp.onnx.data").stat().st_size <= written
+    np.testing.assert_array_equal(evaluate.run(ir.load(target), feeds)["y"], want)
+    np.testing.assert_array_equal(evaluate.run(model, feeds)["y"], want)
+
+
 def test_a_pipeline_writes_each_quantized_weight_as_it_is_made(tmp_path, llama_ir, monkeypatch):
     monkeypatch.setattr(spill_module, "MIN_BYTES", 1024)
     feeds = llama_ir.meta[EXAMPLE_INPUTS_KEY][0]
