@@ -3,10 +3,10 @@
 Contenders, each in its own worker process (its peak RSS is its own), run in turn one generation
 at a time, the order reversed every other round:
 
-- slimgraph's outputs, built with `slimgraph optimize … --kv-cache --external-data` (Verify and the
-  checker after every pass) and run as `slimgraph bench --new-tokens` runs them (`bench.decoder_session`:
-  the file's weights memory-mapped by ONNX Runtime, as GenAI's are) by `slimgraph.generate`'s
-  SessionDecoder: fp32 as exported, fp32 fused
+- slimgraph's outputs, built with `slimgraph optimize … --kv-cache` (Verify and the checker after every
+  pass; a decoder's weights go to `.data`, as GenAI's builder writes them) and run as `slimgraph bench
+  --new-tokens` runs them (`bench.decoder_session`: the weights memory-mapped by ONNX Runtime) by
+  `slimgraph.generate`'s SessionDecoder: fp32 as exported, fp32 fused
   (`fuse-ort`: GroupQueryAttention, RotaryEmbedding, RMSNorm), int4 (rtn g32, accuracy level 4,
   embeddings and the tied head shared), trim-vocab + int4, prune-depth + int4;
   (prune-depth, moe-convert and trim-vocab calibrated on 64 pydoc paragraphs);
@@ -187,7 +187,7 @@ def build(folder: Path, work: Path, only: set[str] | None) -> list[tuple[str, st
             continue
         out = work / (name.replace(" ", "_").replace("+", "and") + ".onnx")
         command = [str(ROOT / ".venv/bin/slimgraph"), "optimize", str(folder), "--kv-cache", "-p", pipeline,
-                   "-o", str(out), "--external-data", "--json"]  # as GenAI's builder writes: memory-mapped
+                   "-o", str(out), "--json"]
         if any(name in pipeline for name in CALIBRATED):
             command += ["--calib", str(calib)]
         done = subprocess.run(command, capture_output=True, text=True)

@@ -90,7 +90,7 @@ def build_parser() -> argparse.ArgumentParser:
                           help="block-wise passes (blockwise=true) keep a checkpoint beside the output (OUT.resume) "
                                "after each block, and a run of the same input, pipeline and calibration that was "
                                "interrupted resumes from it; removed once the output is written")
-    optimize.add_argument("--external-data", action="store_true", help="store weights in a separate .data file (the default from 256 MB of weights)")
+    optimize.add_argument("--external-data", action="store_true", help="store weights in a separate .data file (the default from 256 MB of weights, and for a decoder with a KV cache)")
     _kv_cache(optimize)
     _plugin(optimize)
     _common(optimize)

@@ -20,6 +20,7 @@ import onnxruntime as ort
 from slimgraph.backends.output import check_writable
 from slimgraph.backends.switching import AdapterSwitching
 from slimgraph.errors import SlimgraphError, first_line
+from slimgraph.ir.cache_signature import cache_layers
 from slimgraph.ir.spill import spill_of
 from slimgraph.measure import evaluate
 
@@ -31,12 +32,15 @@ EXTERNAL_DATA_BYTES = 256 * 2**20
 
 def save_onnx(model: ir.Model, path: str | os.PathLike, *, external_data: bool | None = None) -> Path:
     """Write `model` to `path` atomically; weights go to `<name>.data` when asked, or by default
-    from EXTERNAL_DATA_BYTES of them (a protobuf cannot hold 2 GB)."""
+    from EXTERNAL_DATA_BYTES of them (a protobuf cannot hold 2 GB) and for a decoder with a KV cache,
+    as ONNX Runtime GenAI's builder writes one: ONNX Runtime memory-maps the weights of a session
+    built from the file, where it copies those of a single file (SmolLM2 int4 decoding: peak RSS
+    526 → 279 MB)."""
     path = Path(path)
     OnnxRuntimeArtifact.check_output(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     if external_data is None:
-        external_data = evaluate.initializer_bytes(model) >= EXTERNAL_DATA_BYTES
+        external_data = evaluate.initializer_bytes(model) >= EXTERNAL_DATA_BYTES or cache_layers(model) > 0
     data_name = f"{path.name}.data"
     spill = spill_of(model)
     with tempfile.TemporaryDirectory(prefix=".slimgraph-", dir=path.parent) as tmp:

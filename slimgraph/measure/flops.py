@@ -174,8 +174,6 @@ def _with_concrete_shapes(model: ir.Model, sizes: dict[str, int]) -> tuple[ir.Mo
     import logging
     import warnings
 
-    from onnx_ir.passes.common import ShapeInferencePass
-
     concrete = model.clone()  # weights are shared, not copied
     for value in concrete.graph.inputs:
         if value.shape is not None:  # an unnamed dim (an exporter's -1) bound by its axis
@@ -193,7 +191,7 @@ def _with_concrete_shapes(model: ir.Model, sizes: dict[str, int]) -> tuple[ir.Mo
         logger.level = logging.CRITICAL
     try:
         uncounted = _shape_stand_ins(concrete.graph)
-        ShapeInferencePass(strict_mode=False, data_prop=True)(concrete)  # leaves the copy as it was if it fails
+        _infer_shapes(concrete)
         if _count_flops(concrete, {}, skip=uncounted)[1]:
             import onnxscript.optimizer
 
@@ -207,6 +205,25 @@ def _with_concrete_shapes(model: ir.Model, sizes: dict[str, int]) -> tuple[ir.Mo
         for logger, level in zip(quiet, levels):
             logger.level = level
     return concrete, uncounted
+
+
+def _infer_shapes(model: ir.Model) -> None:
+    """onnx's shape inference with data propagation, on `model` in place (left as it was where it
+    fails). It is given no float weight's values, only their shapes and types: shapes are computed
+    from integers, and a weight not yet read (`slimgraph.frontend.lazy_weights`) stays unread."""
+    from onnx_ir.passes.common import ShapeInferencePass
+
+    held = {}
+    for value in model.graph.initializers.values():
+        tensor = value.const_value
+        if tensor is not None and tensor.dtype.is_floating_point():
+            value.shape, value.dtype = ir.Shape(tensor.shape), tensor.dtype
+            held[value], value.const_value = tensor, None
+    try:
+        ShapeInferencePass(strict_mode=False, data_prop=True)(model)
+    finally:
+        for value, tensor in held.items():
+            value.const_value = tensor
 
 
 # com.microsoft ops whose outputs (by index) have the shape of their first input.
