@@ -83,6 +83,13 @@ def test_large_weights_go_to_external_data(tmp_path, mlp_model, monkeypatch):
                                   slimgraph.compile(mlp_model)(**feeds)["y"])
 
 
+def test_a_decoder_with_a_kv_cache_goes_to_external_data(tmp_path, llama_kv, llama_ir):
+    """As GenAI's builder writes one: a session built from the file maps its weights (bench.decoder_session)."""
+    slimgraph.save(llama_kv, tmp_path / "decoder.onnx")
+    slimgraph.save(llama_ir, tmp_path / "plain.onnx")
+    assert (tmp_path / "decoder.onnx.data").is_file() and not (tmp_path / "plain.onnx.data").exists()
+
+
 def test_weights_from_another_files_external_data_are_written_in(tmp_path, mlp_model):
     """A model whose weights live in the input's .data file saves as one self-contained file."""
     source = tmp_path / "in" / "mlp.onnx"
