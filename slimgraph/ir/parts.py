@@ -69,8 +69,9 @@ class FFN:
 
 @dataclass(frozen=True)
 class MoE:
-    """A mixture of experts: `form` is "com.microsoft.MoE" or "decomposed"; `shared` counts the
-    neurons of the shared expert (0: none); `parts` are the FFNs it is made of (shared, experts)."""
+    """A mixture of experts: `form` is "com.microsoft.MoE", "com.microsoft.QMoE" or "decomposed";
+    `shared` counts the neurons of the shared expert (0: none); `parts` are the FFNs it is made of
+    (shared, experts)."""
 
     name: str
     form: str

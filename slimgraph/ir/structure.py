@@ -339,7 +339,7 @@ def find_moes(model: ir.Model, ffns: list[FFN]) -> list[MoE]:
         reading[ffn.up.node.inputs[0]].append(ffn)
     found = []
     for node in model.graph:
-        if node.op_type == "MoE" and node.domain == "com.microsoft":
+        if node.op_type in ("MoE", "QMoE") and node.domain == "com.microsoft":
             moe = _contrib_moe(node)
         elif node.op_type == "TopK" and is_default_domain(node):
             moe = _decomposed_moe(node, reading)
@@ -358,13 +358,16 @@ def find_moes(model: ir.Model, ffns: list[FFN]) -> list[MoE]:
 
 
 def _contrib_moe(node: ir.Node) -> tuple[tuple, ir.Value, list[FFN]] | None:
-    fc1 = constant_tensor(node.inputs[2]) if len(node.inputs) > 4 else None
-    fc2 = constant_tensor(node.inputs[4]) if len(node.inputs) > 4 else None
+    """A com.microsoft.MoE, or a QMoE (its weights' `in` axis packed `8 / bits` to a byte)."""
+    second = 5 if node.op_type == "QMoE" else 4
+    fc1 = constant_tensor(node.inputs[2]) if len(node.inputs) > second else None
+    fc2 = constant_tensor(node.inputs[second]) if len(node.inputs) > second else None
     if fc1 is None or fc2 is None or len(fc1.shape) != 3 or len(fc2.shape) != 3:
         return None
     attrs = node.attributes
-    fields = ("com.microsoft.MoE", fc1.shape[0], attrs.get_int("k", 1), fc1.shape[2], fc2.shape[2],
-              attrs.get_string("activation_type", "relu"))
+    per_byte = 8 // attrs.get_int("expert_weight_bits", 4) if node.op_type == "QMoE" else 1
+    fields = (f"com.microsoft.{node.op_type}", fc1.shape[0], attrs.get_int("k", 1), fc1.shape[2] * per_byte,
+              fc2.shape[2] * per_byte, attrs.get_string("activation_type", "relu"))
     return fields, node.inputs[0], []
 
 

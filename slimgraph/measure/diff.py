@@ -171,11 +171,16 @@ def describe(node: ir.Node) -> str:
     if node.domain == "com.microsoft" and node.op_type == "MatMulNBits":
         a = node.attributes
         return f"{op} [{a.get_int('K')}×{a.get_int('N')} int{a.get_int('bits')} g{a.get_int('block_size')}]"
-    if node.domain == "com.microsoft" and node.op_type == "MoE" and len(node.inputs) > 4:  # [E×(in→expert) top-k act]
-        fc1, fc2, a = constant_tensor(node.inputs[2]), constant_tensor(node.inputs[4]), node.attributes
+    second = 5 if node.op_type == "QMoE" else 4
+    if node.domain == "com.microsoft" and node.op_type in ("MoE", "QMoE") and len(node.inputs) > second:
+        # [E×(in→expert) top-k act], and a QMoE's bits
+        fc1, fc2, a = constant_tensor(node.inputs[2]), constant_tensor(node.inputs[second]), node.attributes
         if fc1 is not None and fc2 is not None:
-            return (f"{op} [{fc1.shape[0]}×({fc1.shape[2]}→{fc2.shape[2]}) top-{a.get_int('k', 1)} "
-                    f"{a.get_string('activation_type', 'relu')}]")
+            bits = a.get_int("expert_weight_bits", 4) if node.op_type == "QMoE" else None
+            per_byte = 8 // bits if bits else 1
+            return (f"{op} [{fc1.shape[0]}×({fc1.shape[2] * per_byte}→{fc2.shape[2] * per_byte}) "
+                    f"top-{a.get_int('k', 1)} {a.get_string('activation_type', 'relu')}"
+                    + (f" int{bits} g{a.get_int('block_size', 0)}]" if bits else "]"))
     for value in node.inputs:
         tensor = constant_tensor(value)
         if tensor is not None and tensor.size > 1:

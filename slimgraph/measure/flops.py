@@ -88,7 +88,7 @@ def node_flops(node: ir.Node, sizes: dict[str, int]) -> int | None:
             return None
         # out: [N, Cout, *spatial]; w: [Cout, Cin/group, *kernel]
         return 2 * math.prod(out) * math.prod(w[1:])
-    if node.domain == "com.microsoft" and node.op_type == "MoE":
+    if node.domain == "com.microsoft" and node.op_type in ("MoE", "QMoE"):
         return _moe_flops(node, sizes)
     if node.domain == "com.microsoft" and node.op_type in ("MultiHeadAttention", "GroupQueryAttention"):
         return _attention_flops(node, sizes)
@@ -125,13 +125,16 @@ def _attention_flops(node: ir.Node, sizes: dict[str, int]) -> int | None:
 
 
 def _moe_flops(node: ir.Node, sizes: dict[str, int]) -> int | None:
-    """What runs in a com.microsoft.MoE: every token through its top-k experts' weights (fc1, fc2 and
-    the gate fc3 when there is one), not through all of them."""
+    """What runs in a com.microsoft.MoE (or QMoE): every token through its top-k experts' weights
+    (fc1, fc2 and the gate fc3 when there is one), not through all of them."""
     rows = _dims(node.inputs[0], sizes)
-    weights = [_dims(node.inputs[i], sizes) for i in (2, 4, 6) if i < len(node.inputs) and node.inputs[i] is not None]
+    quantized = node.op_type == "QMoE"
+    weights = [_dims(node.inputs[i], sizes) for i in ((2, 5, 8) if quantized else (2, 4, 6))
+               if i < len(node.inputs) and node.inputs[i] is not None]
     if not rows or any(w is None for w in weights):
         return None
-    per_expert = sum(2 * math.prod(w[1:]) for w in weights)  # [experts, out, in]: 2·out·in per token
+    per_byte = 8 // node.attributes.get_int("expert_weight_bits", 4) if quantized else 1  # QMoE packs `in`
+    per_expert = sum(2 * w[1] * w[2] * per_byte for w in weights)  # [experts, out, in]: 2·out·in per token
     return math.prod(rows[:-1]) * node.attributes.get_int("k", 1) * per_expert
 
 
@@ -229,7 +232,8 @@ def _infer_shapes(model: ir.Model) -> None:
 # com.microsoft ops whose outputs (by index) have the shape of their first input.
 SAME_SHAPE_OUTPUTS = {"SkipLayerNormalization": (0, 3), "SkipSimplifiedLayerNormalization": (0, 3),
                       "SimplifiedLayerNormalization": (0,), "FastGelu": (0,), "BiasGelu": (0,), "Gelu": (0,),
-                      "QuickGelu": (0,), "BiasAdd": (0,), "RotaryEmbedding": (0,), "MoE": (0,), "Attention": (0,)}
+                      "QuickGelu": (0,), "BiasAdd": (0,), "RotaryEmbedding": (0,), "MoE": (0,), "QMoE": (0,),
+                      "Attention": (0,)}
 
 
 def _shape_stand_ins(graph: ir.Graph) -> set[ir.Node]:

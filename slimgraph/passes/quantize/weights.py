@@ -1,5 +1,6 @@
 """quantize-weights: MatMul/Gemm(x, W) [+ bias] → com.microsoft.MatMulNBits(x, q, scales, zp, bias);
-with embeddings=true, Gather(table, ids) → com.microsoft.GatherBlockQuantized.
+com.microsoft.MoE's experts → com.microsoft.QMoE (`experts`, round to nearest); with embeddings=true,
+Gather(table, ids) → com.microsoft.GatherBlockQuantized.
 
 Weights are quantized in blocks of `group_size` input channels per output column, to 8, 4
 or 2 bits: rtn (round to nearest; bit-identical to onnxruntime's MatMulNBitsQuantizer),
@@ -33,6 +34,7 @@ from slimgraph.passes.activations import linear_inputs
 from slimgraph.passes.blockwise import BlockSteps
 from slimgraph.passes.quantize import algorithms
 from slimgraph.passes.quantize.awq_scales import ScaleSummary, apply_input_scales
+from slimgraph.passes.quantize.experts import quantizable_experts, quantize_experts
 from slimgraph.passes.quantize.rewrite import (
     SharedWeights,
     embedding_tables,
@@ -51,7 +53,7 @@ GroupSize = Literal[16, 32, 64, 128, 256]  # MatMulNBits block sizes: powers of 
 @register_pass
 @dataclass(frozen=True, kw_only=True)
 class QuantizeWeights(Pass):
-    """MatMul/Gemm(x, W) → com.microsoft.MatMulNBits (weights block-quantized to 8, 4 or 2 bits)."""
+    """MatMul/Gemm(x, W) → com.microsoft.MatMulNBits, MoE → QMoE (weights block-quantized to 8, 4 or 2 bits)."""
 
     name: ClassVar[str] = "quantize-weights"
     exact: ClassVar[bool] = False
@@ -81,8 +83,10 @@ class QuantizeWeights(Pass):
 
     def run(self, model: ir.Model, ctx: PassContext) -> PassResult:
         linears, skipped = quantizable_linears(model, self.exclude)
+        mixtures, skipped_mixtures = quantizable_experts(model, self.exclude, self.group_size)
+        skipped += skipped_mixtures
         tables = embedding_tables(model, self.exclude) if self.embeddings else []
-        if not linears and not tables:
+        if not linears and not tables and not mixtures:
             return nothing_to_quantize(self.name, skipped, "linears quantized")
         before = initializer_bytes(model)
         # A tied LM head is quantized as its embedding is (rtn), so that both read one table.
@@ -112,6 +116,8 @@ class QuantizeWeights(Pass):
             node = self._rewrite(model, linear, q, stored if linear.name not in tied else None)
             if linear.name in tied:
                 share_quantized_table(model, tied[linear.name], node)
+        for experts in ctx.track(mixtures, f"rtn int{self.bits} experts"):
+            quantize_experts(model, experts, self.bits, self.group_size, self.symmetric, self.accuracy_level)
         shared = {table.name for table in tied.values()}
         quantized_tables = [quantize_embedding(model, t, self.bits, self.group_size, self.symmetric)
                             for t in tables if t.name not in shared] + [True] * len(shared)
@@ -120,6 +126,8 @@ class QuantizeWeights(Pass):
             "method": f"{self.method} int{self.bits} g{self.group_size}" + (" sym" if self.symmetric else ""),
             "weights": f"{human_bytes(before)} → {human_bytes(initializer_bytes(model))}",
         }
+        if mixtures:
+            stats["MoE quantized"] = f"{len(mixtures)} (experts: rtn)" if self.method != "rtn" else len(mixtures)
         if self.embeddings:
             stats["embeddings quantized"] = sum(quantized_tables)
         if tied:

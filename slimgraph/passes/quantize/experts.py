@@ -1,0 +1,112 @@
+"""quantize-weights on mixtures of experts: com.microsoft.MoE(x, router, fc1, fc1_bias, fc2, fc2_bias)
+→ com.microsoft.QMoE(x, router, q1, scales1, fc1_bias, q2, scales2, fc2_bias, -, -, -, zp1, zp2).
+
+Each expert's [out, in] weight is quantized as a linear's is (`slimgraph.ir.nbits.quantize_rtn`: blocks
+of `block_size` along `in`, codes low bits first, scales and packed zero points per output row), the
+layout ONNX Runtime's CPU QMoE kernel reads; symmetric weights carry no zero points (its implicit
+2^(bits-1)). At 4 bits the op computes what MoE computes on the dequantized weights (to 1e-7,
+`tests/passes/quantize/test_experts.py`); at 8 bits, and with `accuracy_level=4`, ONNX Runtime
+quantizes the activations too (about 1% of the output, as MatMulNBits at accuracy level 4), which
+Verify measures like any loss. Experts are quantized round-to-nearest whatever the pass's method:
+awq and gptq calibrate per linear, and an expert sees only the tokens routed to it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import onnx_ir as ir
+
+from slimgraph.ir.edit import add_initializer, replace_region
+from slimgraph.ir.graph import constant_tensor
+from slimgraph.ir.nbits import quantize_rtn, unpack
+
+MS_DOMAIN = "com.microsoft"
+# MoE's inputs and QMoE's: the weights and biases move, the scales and zero points are new.
+MOE_INPUTS = ("input", "router", "fc1", "fc1_bias", "fc2", "fc2_bias", "fc3", "fc3_bias")
+
+
+@dataclass(frozen=True)
+class Experts:
+    """A com.microsoft.MoE node whose expert weights are constants: fc1 [E, out, in], fc2 [E, in', out']."""
+
+    node: ir.Node
+    fc1: np.ndarray
+    fc2: np.ndarray
+
+    @property
+    def name(self) -> str:
+        return self.node.name or "MoE"
+
+
+def quantizable_experts(model: ir.Model, exclude: Sequence[str], block_size: int) -> tuple[list[Experts], list[str]]:
+    """The MoE nodes quantize-weights can rewrite, and why others were skipped (`name: reason`)."""
+    import fnmatch
+
+    chosen, skipped = [], []
+    for node in model.graph:
+        if node.op_type != "MoE" or node.domain != MS_DOMAIN:
+            continue
+        name = node.name or "MoE"
+        weights = [constant_tensor(node.inputs[i]) if i < len(node.inputs) else None for i in (2, 4)]
+        if any(fnmatch.fnmatchcase(name, pattern) for pattern in exclude):
+            skipped.append(f"{name}: excluded")
+        elif len(node.inputs) > 6 and any(v is not None for v in node.inputs[6:]):
+            skipped.append(f"{name}: MoE with fc3 weights")
+        elif any(t is None or t.dtype not in (ir.DataType.FLOAT, ir.DataType.FLOAT16) or len(t.shape) != 3
+                 for t in weights):
+            skipped.append(f"{name}: expert weights not constant float [experts, out, in]")
+        elif any(t.shape[2] % block_size for t in weights):
+            skipped.append(f"{name}: expert input sizes {weights[0].shape[2]}, {weights[1].shape[2]} are not "
+                           f"multiples of group_size {block_size}")
+        else:
+            chosen.append(Experts(node, weights[0].numpy().astype(np.float32), weights[1].numpy().astype(np.float32)))
+    return chosen, skipped
+
+
+def quantize_experts(model: ir.Model, experts: Experts, bits: int, block_size: int, symmetric: bool,
+                     accuracy_level: int) -> ir.Node:
+    """Replace the MoE node by a QMoE node reading the experts' quantized weights; returns it."""
+    node = experts.node
+    dtype = node.inputs[0].dtype or ir.DataType.FLOAT
+    base = experts.name
+
+    def quantized(weights: np.ndarray, which: str) -> tuple[ir.Value, ir.Value, ir.Value | None]:
+        per_expert = [quantize_rtn(np.ascontiguousarray(w.T), bits, block_size, symmetric) for w in weights]
+        codes = np.stack([q.packed_b().reshape(q.n, -1) for q in per_expert])  # [E, out, in·bits/8]
+        scales = np.stack([q.scales for q in per_expert]).astype(dtype.numpy())  # [E, out, in/block]
+        zero_points = None if symmetric else np.stack([q.packed_zero_points() for q in per_expert])
+        return (add_initializer(model, f"{base}.{which}.q{bits}", codes),
+                add_initializer(model, f"{base}.{which}.scales", scales),
+                None if zero_points is None else add_initializer(model, f"{base}.{which}.zero_points", zero_points))
+
+    q1, s1, z1 = quantized(experts.fc1, "fc1")
+    q2, s2, z2 = quantized(experts.fc2, "fc2")
+    given = dict(zip(MOE_INPUTS, node.inputs))
+    inputs = [given["input"], given["router"], q1, s1, given.get("fc1_bias"), q2, s2, given.get("fc2_bias"),
+              None, None, None, z1, z2]
+    while inputs[-1] is None:
+        inputs.pop()
+    attributes = {**node.attributes, "expert_weight_bits": bits, "block_size": block_size}
+    if accuracy_level:
+        attributes["accuracy_level"] = accuracy_level
+    qmoe = ir.node("QMoE", inputs, attributes=attributes, domain=MS_DOMAIN, name=f"{base}_Q{bits}")
+    replace_region(model, [node], [qmoe], {node.outputs[0]: qmoe.outputs[0]})
+    return qmoe
+
+
+def dequantize_experts(codes: np.ndarray, scales: np.ndarray, zero_points: np.ndarray | None, bits: int
+                       ) -> np.ndarray:
+    """A QMoE's expert weights as float32 [E, out, in] (the PyTorch backend runs them as MoE's): codes
+    [E, out, in·bits/8], scales [E, out, blocks] (or [E, out]: one block a row), zero points packed
+    along the blocks (None: the implicit 2^(bits-1))."""
+    experts, out, _ = codes.shape
+    scales = scales.reshape(experts, out, -1).astype(np.float32)
+    blocks = unpack(codes, bits).astype(np.float32).reshape(experts, out, scales.shape[2], -1)
+    if zero_points is None:
+        offsets = np.float32(1 << (bits - 1))
+    else:
+        offsets = unpack(zero_points, bits)[:, :, : scales.shape[2], None].astype(np.float32)
+    return ((blocks - offsets) * scales[:, :, :, None]).reshape(experts, out, -1)
