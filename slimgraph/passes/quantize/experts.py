@@ -4,7 +4,7 @@
 Each expert's [out, in] weight is quantized as a linear's is (`slimgraph.ir.nbits.quantize_rtn`: blocks
 of `block_size` along `in`, codes low bits first, scales and packed zero points per output row), the
 layout ONNX Runtime's CPU QMoE kernel reads; symmetric weights carry no zero points (its implicit
-2^(bits-1)). At 4 bits the op computes what MoE computes on the dequantized weights (to 1e-7,
+2^(bits-1)). Experts whose size is not a whole number of groups get zero neurons (`_padded`). At 4 bits the op computes what MoE computes on the dequantized weights (to 1e-7,
 `tests/passes/quantize/test_experts.py`); at 8 bits, and with `accuracy_level=4`, ONNX Runtime
 quantizes the activations too (about 1% of the output, as MatMulNBits at accuracy level 4), which
 Verify measures like any loss. Experts are quantized round-to-nearest whatever the pass's method:
@@ -58,12 +58,39 @@ def quantizable_experts(model: ir.Model, exclude: Sequence[str], block_size: int
         elif any(t is None or t.dtype not in (ir.DataType.FLOAT, ir.DataType.FLOAT16) or len(t.shape) != 3
                  for t in weights):
             skipped.append(f"{name}: expert weights not constant float [experts, out, in]")
-        elif any(t.shape[2] % block_size for t in weights):
-            skipped.append(f"{name}: expert input sizes {weights[0].shape[2]}, {weights[1].shape[2]} are not "
-                           f"multiples of group_size {block_size}")
+        elif weights[0].shape[2] % block_size:
+            skipped.append(f"{name}: hidden size {weights[0].shape[2]} is not a multiple of group_size {block_size}")
+        elif weights[1].shape[2] % block_size and _gated_layout(node) is None:
+            skipped.append(f"{name}: expert size {weights[1].shape[2]} is not a multiple of group_size {block_size}, "
+                           "and its SwiGLU layout cannot be padded")
         else:
             chosen.append(Experts(node, weights[0].numpy().astype(np.float32), weights[1].numpy().astype(np.float32)))
     return chosen, skipped
+
+
+def _gated_layout(node: ir.Node) -> int | None:
+    """How many fc1 rows one expert neuron has: 2 for SwiGLU interleaved (gate, up), 1 ungated; None
+    for a layout the padding does not know (SwiGLU concatenated)."""
+    if node.attributes.get_string("activation_type", "relu") != "swiglu":
+        return 1
+    return 2 if node.attributes.get_int("swiglu_fusion", 0) == 1 else None
+
+
+def _padded(experts: Experts, block_size: int, fc1_bias: np.ndarray | None
+            ) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+    """fc1, fc2 and fc1's bias with each expert grown by zero neurons to a whole number of groups
+    (QMoE's `block_size` holds for both weights: moe-convert's experts of 168 neurons quantize at
+    group 32 as 192). A zero neuron adds nothing: its fc2 column is zero, whatever its activation gives."""
+    fc1, fc2 = experts.fc1, experts.fc2
+    missing = -fc2.shape[2] % block_size
+    if not missing:
+        return fc1, fc2, fc1_bias
+    rows = missing * _gated_layout(experts.node)  # a gated neuron is two rows, interleaved: appended as pairs
+    fc1 = np.concatenate([fc1, np.zeros((fc1.shape[0], rows, fc1.shape[2]), np.float32)], axis=1)
+    fc2 = np.concatenate([fc2, np.zeros((*fc2.shape[:2], missing), np.float32)], axis=2)
+    if fc1_bias is not None:
+        fc1_bias = np.concatenate([fc1_bias, np.zeros((fc1_bias.shape[0], rows), fc1_bias.dtype)], axis=1)
+    return fc1, fc2, fc1_bias
 
 
 def quantize_experts(model: ir.Model, experts: Experts, bits: int, block_size: int, symmetric: bool,
@@ -82,11 +109,15 @@ def quantize_experts(model: ir.Model, experts: Experts, bits: int, block_size: i
                 add_initializer(model, f"{base}.{which}.scales", scales),
                 None if zero_points is None else add_initializer(model, f"{base}.{which}.zero_points", zero_points))
 
-    q1, s1, z1 = quantized(experts.fc1, "fc1")
-    q2, s2, z2 = quantized(experts.fc2, "fc2")
     given = dict(zip(MOE_INPUTS, node.inputs))
-    inputs = [given["input"], given["router"], q1, s1, given.get("fc1_bias"), q2, s2, given.get("fc2_bias"),
-              None, None, None, z1, z2]
+    fc1_bias = given.get("fc1_bias")
+    bias_array = constant_tensor(fc1_bias).numpy() if fc1_bias is not None else None
+    fc1, fc2, padded_bias = _padded(experts, block_size, bias_array)
+    if padded_bias is not bias_array:
+        fc1_bias = add_initializer(model, f"{base}.fc1.bias", padded_bias)
+    q1, s1, z1 = quantized(fc1, "fc1")
+    q2, s2, z2 = quantized(fc2, "fc2")
+    inputs = [given["input"], given["router"], q1, s1, fc1_bias, q2, s2, given.get("fc2_bias"), None, None, None, z1, z2]
     while inputs[-1] is None:
         inputs.pop()
     attributes = {**node.attributes, "expert_weight_bits": bits, "block_size": block_size}
