@@ -260,14 +260,19 @@ def _check_option_types(pass_: Pass) -> None:
 
 def exclude_candidates(model: ir.Model) -> list[str]:
     """What an `exclude` glob of the quantization passes is matched against: each linear's
-    module path, weight and node name, and each embedding's path and table."""
+    module path, weight and node name, each embedding's path and table, and each
+    com.microsoft.MoE's module path and node name."""
     from slimgraph.ir.structure import find_embeddings, find_linears
+    from slimgraph.passes.quantize.experts import MS_DOMAIN, exclude_names
 
     names = []
     for linear in find_linears(model):
         names += [linear.name, linear.weight or "", linear.node.name or ""]
     for table in find_embeddings(model):
         names += [table.name, table.table]
+    for node in model.graph:
+        if node.op_type == "MoE" and node.domain == MS_DOMAIN:
+            names += exclude_names(node)
     return [n for n in names if n]
 
 

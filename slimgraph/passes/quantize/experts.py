@@ -20,7 +20,7 @@ import numpy as np
 import onnx_ir as ir
 
 from slimgraph.ir.edit import add_initializer, replace_region
-from slimgraph.ir.graph import constant_tensor
+from slimgraph.ir.graph import constant_tensor, module_path
 from slimgraph.ir.nbits import quantize_rtn, unpack
 
 MS_DOMAIN = "com.microsoft"
@@ -51,7 +51,7 @@ def quantizable_experts(model: ir.Model, exclude: Sequence[str], block_size: int
             continue
         name = node.name or "MoE"
         weights = [constant_tensor(node.inputs[i]) if i < len(node.inputs) else None for i in (2, 4)]
-        if any(fnmatch.fnmatchcase(name, pattern) for pattern in exclude):
+        if any(fnmatch.fnmatchcase(n, pattern) for pattern in exclude for n in exclude_names(node)):
             skipped.append(f"{name}: excluded")
         elif len(node.inputs) > 6 and any(v is not None for v in node.inputs[6:]):
             skipped.append(f"{name}: MoE with fc3 weights")
@@ -66,6 +66,11 @@ def quantizable_experts(model: ir.Model, exclude: Sequence[str], block_size: int
         else:
             chosen.append(Experts(node, weights[0].numpy().astype(np.float32), weights[1].numpy().astype(np.float32)))
     return chosen, skipped
+
+
+def exclude_names(node: ir.Node) -> list[str]:
+    """What an `exclude` glob is matched against for a MoE node: its module path and its name."""
+    return [n for n in (module_path(node), node.name) if n]
 
 
 def _gated_layout(node: ir.Node) -> int | None:

@@ -106,3 +106,11 @@ def test_flops_inspect_and_diff_read_a_qmoe_as_its_moe():
         "com.microsoft.QMoE", before.experts, before.top_k, before.hidden, before.expert_inner)
     replaced = [c for c in diff_models(model, quantized).changes if "QMoE" in (c.after or "")]
     assert replaced and "com.microsoft.QMoE [4×(32→32) top-2 swiglu int4 g16]" in replaced[0].after
+
+
+def test_exclude_matches_an_moe_by_its_node_name():
+    model = moe_model(gated=True)
+    (node,) = [n for n in model.graph if n.op_type == "MoE"]
+    report = Pipeline.parse(f"quantize-weights{{bits=4,group_size=16,exclude=[{node.name}]}}").run(model, verify=False)
+    assert [n.op_type for n in model.graph if n.op_type in ("MoE", "QMoE")] == ["MoE"]
+    assert report.records[0].stats["skipped"] == 1
