@@ -269,9 +269,9 @@ def bench(
 
 def decoder_session(path: Path, model: ir.Model, options: ort.SessionOptions) -> ort.InferenceSession:
     """The session a decoder runs in: of the `.onnx` file itself where its weights lie in external data
-    (`--external-data`, as ONNX Runtime GenAI's builder writes them), which ONNX Runtime memory-maps
-    instead of copying (SmolLM2 int4: peak RSS 508 → 278 MB, `benchmarks/decode.py`); otherwise of
-    the model as loaded (a folder's or `.gguf`'s export, or a file's repairs made)."""
+    (the default for a decoder, as ONNX Runtime GenAI's builder writes one), which ONNX Runtime
+    memory-maps instead of copying (SmolLM2 int4: peak RSS 526 → 279 MB, `benchmarks/decode.py`);
+    otherwise of the model as loaded (a folder's or `.gguf`'s export, or a file's repairs made)."""
     if path.suffix.lower() == ".onnx" and evaluate.has_external_data(model):
         return evaluate.file_session(path, options)
     return evaluate.make_session(model, options=options)
