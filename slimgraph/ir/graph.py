@@ -65,6 +65,16 @@ def constant_tensor(value: ir.Value | None) -> ir.TensorProtocol | None:
     return None
 
 
+def expert_weights(node: ir.Node) -> tuple[list[ir.Value], int]:
+    """A com.microsoft.MoE's or QMoE's expert weights (fc1, fc2, and fc3 where present), each
+    [experts, out, in], and how many `in` values one stored element holds: a QMoE packs `8 / bits`
+    to a byte (its inputs also carry scales, so the weights sit at other slots), a MoE 1."""
+    quantized = node.op_type == "QMoE"
+    slots = (2, 5, 8) if quantized else (2, 4, 6)
+    values = [node.inputs[i] for i in slots if i < len(node.inputs) and node.inputs[i] is not None]
+    return values, 8 // node.attributes.get_int("expert_weight_bits", 4) if quantized else 1
+
+
 def filled_constant(value: ir.Value | None) -> tuple[tuple[int, ...], np.ndarray] | None:
     """(shape, fill value) of a ConstantOfShape output with a constant shape — how the onnx
     model zoo's 'light' models store their weights — else None."""

@@ -43,6 +43,7 @@ from slimgraph.ir.graph import (
     constant_tensor,
     data_inputs,
     ensure_shapes,
+    expert_weights,
     find_downstream,
     find_upstream,
     is_default_domain,
@@ -358,16 +359,14 @@ def find_moes(model: ir.Model, ffns: list[FFN]) -> list[MoE]:
 
 
 def _contrib_moe(node: ir.Node) -> tuple[tuple, ir.Value, list[FFN]] | None:
-    """A com.microsoft.MoE, or a QMoE (its weights' `in` axis packed `8 / bits` to a byte)."""
-    second = 5 if node.op_type == "QMoE" else 4
-    fc1 = constant_tensor(node.inputs[2]) if len(node.inputs) > second else None
-    fc2 = constant_tensor(node.inputs[second]) if len(node.inputs) > second else None
+    """A com.microsoft.MoE, or a QMoE (its weights' `in` axis packed, `expert_weights`)."""
+    values, per_element = expert_weights(node)
+    fc1, fc2 = (constant_tensor(v) for v in values[:2]) if len(values) >= 2 else (None, None)
     if fc1 is None or fc2 is None or len(fc1.shape) != 3 or len(fc2.shape) != 3:
         return None
     attrs = node.attributes
-    per_byte = 8 // attrs.get_int("expert_weight_bits", 4) if node.op_type == "QMoE" else 1
-    fields = (f"com.microsoft.{node.op_type}", fc1.shape[0], attrs.get_int("k", 1), fc1.shape[2] * per_byte,
-              fc2.shape[2] * per_byte, attrs.get_string("activation_type", "relu"))
+    fields = (f"com.microsoft.{node.op_type}", fc1.shape[0], attrs.get_int("k", 1), fc1.shape[2] * per_element,
+              fc2.shape[2] * per_element, attrs.get_string("activation_type", "relu"))
     return fields, node.inputs[0], []
 
 

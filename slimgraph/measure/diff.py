@@ -34,7 +34,7 @@ from typing import TYPE_CHECKING, Literal
 import numpy as np
 import onnx_ir as ir
 
-from slimgraph.ir.graph import constant_tensor, module_path
+from slimgraph.ir.graph import constant_tensor, expert_weights, module_path
 from slimgraph.ir.meta import WEIGHT_SOURCE_KEY
 from slimgraph.ir.structure import strip_weight_suffix
 from slimgraph.measure.stats import ModelStats, model_stats, op_key
@@ -171,16 +171,16 @@ def describe(node: ir.Node) -> str:
     if node.domain == "com.microsoft" and node.op_type == "MatMulNBits":
         a = node.attributes
         return f"{op} [{a.get_int('K')}×{a.get_int('N')} int{a.get_int('bits')} g{a.get_int('block_size')}]"
-    second = 5 if node.op_type == "QMoE" else 4
-    if node.domain == "com.microsoft" and node.op_type in ("MoE", "QMoE") and len(node.inputs) > second:
+    if node.domain == "com.microsoft" and node.op_type in ("MoE", "QMoE"):
         # [E×(in→expert) top-k act], and a QMoE's bits
-        fc1, fc2, a = constant_tensor(node.inputs[2]), constant_tensor(node.inputs[second]), node.attributes
+        values, per_element = expert_weights(node)
+        fc1, fc2 = (constant_tensor(v) for v in values[:2]) if len(values) >= 2 else (None, None)
         if fc1 is not None and fc2 is not None:
-            bits = a.get_int("expert_weight_bits", 4) if node.op_type == "QMoE" else None
-            per_byte = 8 // bits if bits else 1
-            return (f"{op} [{fc1.shape[0]}×({fc1.shape[2] * per_byte}→{fc2.shape[2] * per_byte}) "
-                    f"top-{a.get_int('k', 1)} {a.get_string('activation_type', 'relu')}"
-                    + (f" int{bits} g{a.get_int('block_size', 0)}]" if bits else "]"))
+            a = node.attributes
+            quantized = node.op_type == "QMoE"
+            bits = f" int{a.get_int('expert_weight_bits', 4)} g{a.get_int('block_size', 0)}" if quantized else ""
+            return (f"{op} [{fc1.shape[0]}×({fc1.shape[2] * per_element}→{fc2.shape[2] * per_element}) "
+                    f"top-{a.get_int('k', 1)} {a.get_string('activation_type', 'relu')}{bits}]")
     for value in node.inputs:
         tensor = constant_tensor(value)
         if tensor is not None and tensor.size > 1:

@@ -13,6 +13,8 @@ import math
 import numpy as np
 import onnx_ir as ir
 
+from slimgraph.ir.graph import expert_weights
+
 # Symbolic dims are bound to these values for the FLOPs estimate.
 FLOPS_BATCH = 1
 FLOPS_SEQUENCE = 128
@@ -128,13 +130,11 @@ def _moe_flops(node: ir.Node, sizes: dict[str, int]) -> int | None:
     """What runs in a com.microsoft.MoE (or QMoE): every token through its top-k experts' weights
     (fc1, fc2 and the gate fc3 when there is one), not through all of them."""
     rows = _dims(node.inputs[0], sizes)
-    quantized = node.op_type == "QMoE"
-    weights = [_dims(node.inputs[i], sizes) for i in ((2, 5, 8) if quantized else (2, 4, 6))
-               if i < len(node.inputs) and node.inputs[i] is not None]
+    values, per_element = expert_weights(node)
+    weights = [_dims(value, sizes) for value in values]
     if not rows or any(w is None for w in weights):
         return None
-    per_byte = 8 // node.attributes.get_int("expert_weight_bits", 4) if quantized else 1  # QMoE packs `in`
-    per_expert = sum(2 * w[1] * w[2] * per_byte for w in weights)  # [experts, out, in]: 2·out·in per token
+    per_expert = sum(2 * w[1] * w[2] * per_element for w in weights)  # [experts, out, in]: 2·out·in per token
     return math.prod(rows[:-1]) * node.attributes.get_int("k", 1) * per_expert
 
 

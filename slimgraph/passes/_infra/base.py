@@ -263,7 +263,6 @@ def exclude_candidates(model: ir.Model) -> list[str]:
     module path, weight and node name, each embedding's path and table, and each
     com.microsoft.MoE's module path and node name."""
     from slimgraph.ir.structure import find_embeddings, find_linears
-    from slimgraph.passes.quantize.experts import MS_DOMAIN, exclude_names
 
     names = []
     for linear in find_linears(model):
@@ -271,9 +270,16 @@ def exclude_candidates(model: ir.Model) -> list[str]:
     for table in find_embeddings(model):
         names += [table.name, table.table]
     for node in model.graph:
-        if node.op_type == "MoE" and node.domain == MS_DOMAIN:
-            names += exclude_names(node)
+        if node.op_type == "MoE" and node.domain == "com.microsoft":
+            names += moe_exclude_names(node)
     return [n for n in names if n]
+
+
+def moe_exclude_names(node: ir.Node) -> list[str]:
+    """What an `exclude` glob is matched against for a com.microsoft.MoE: its module path and name."""
+    from slimgraph.ir.graph import module_path
+
+    return [n for n in (module_path(node), node.name) if n]
 
 
 # --- what a pipeline records -------------------------------------------------------------

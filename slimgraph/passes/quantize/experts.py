@@ -4,7 +4,8 @@
 Each expert's [out, in] weight is quantized as a linear's is (`slimgraph.ir.nbits.quantize_rtn`: blocks
 of `block_size` along `in`, codes low bits first, scales and packed zero points per output row), the
 layout ONNX Runtime's CPU QMoE kernel reads; symmetric weights carry no zero points (its implicit
-2^(bits-1)). Experts whose size is not a whole number of groups get zero neurons (`_padded`). At 4 bits the op computes what MoE computes on the dequantized weights (to 1e-7,
+2^(bits-1)). Experts whose size is not a whole number of groups get zero neurons (`_padded`). At 4
+bits the op computes what MoE computes on the dequantized weights (to 1e-7,
 `tests/passes/quantize/test_experts.py`); at 8 bits, and with `accuracy_level=4`, ONNX Runtime
 quantizes the activations too (about 1% of the output, as MatMulNBits at accuracy level 4), which
 Verify measures like any loss. Experts are quantized round-to-nearest whatever the pass's method:
@@ -13,45 +14,31 @@ awq and gptq calibrate per linear, and an expert sees only the tokens routed to 
 
 from __future__ import annotations
 
+import fnmatch
 from collections.abc import Sequence
-from dataclasses import dataclass
 
 import numpy as np
 import onnx_ir as ir
 
 from slimgraph.ir.edit import add_initializer, replace_region
-from slimgraph.ir.graph import constant_tensor, module_path
-from slimgraph.ir.nbits import quantize_rtn, unpack
+from slimgraph.ir.graph import constant_tensor
+from slimgraph.ir.nbits import quantize_rtn
+from slimgraph.passes._infra.base import moe_exclude_names
+from slimgraph.passes.quantize.rewrite import MS_DOMAIN
 
-MS_DOMAIN = "com.microsoft"
 # MoE's inputs and QMoE's: the weights and biases move, the scales and zero points are new.
 MOE_INPUTS = ("input", "router", "fc1", "fc1_bias", "fc2", "fc2_bias", "fc3", "fc3_bias")
 
 
-@dataclass(frozen=True)
-class Experts:
-    """A com.microsoft.MoE node whose expert weights are constants: fc1 [E, out, in], fc2 [E, in', out']."""
-
-    node: ir.Node
-    fc1: np.ndarray
-    fc2: np.ndarray
-
-    @property
-    def name(self) -> str:
-        return self.node.name or "MoE"
-
-
-def quantizable_experts(model: ir.Model, exclude: Sequence[str], block_size: int) -> tuple[list[Experts], list[str]]:
+def quantizable_experts(model: ir.Model, exclude: Sequence[str], block_size: int) -> tuple[list[ir.Node], list[str]]:
     """The MoE nodes quantize-weights can rewrite, and why others were skipped (`name: reason`)."""
-    import fnmatch
-
     chosen, skipped = [], []
     for node in model.graph:
         if node.op_type != "MoE" or node.domain != MS_DOMAIN:
             continue
         name = node.name or "MoE"
         weights = [constant_tensor(node.inputs[i]) if i < len(node.inputs) else None for i in (2, 4)]
-        if any(fnmatch.fnmatchcase(n, pattern) for pattern in exclude for n in exclude_names(node)):
+        if any(fnmatch.fnmatchcase(n, pattern) for pattern in exclude for n in moe_exclude_names(node)):
             skipped.append(f"{name}: excluded")
         elif len(node.inputs) > 6 and any(v is not None for v in node.inputs[6:]):
             skipped.append(f"{name}: MoE with fc3 weights")
@@ -64,13 +51,8 @@ def quantizable_experts(model: ir.Model, exclude: Sequence[str], block_size: int
             skipped.append(f"{name}: expert size {weights[1].shape[2]} is not a multiple of group_size {block_size}, "
                            "and its SwiGLU layout cannot be padded")
         else:
-            chosen.append(Experts(node, weights[0].numpy().astype(np.float32), weights[1].numpy().astype(np.float32)))
+            chosen.append(node)
     return chosen, skipped
-
-
-def exclude_names(node: ir.Node) -> list[str]:
-    """What an `exclude` glob is matched against for a MoE node: its module path and its name."""
-    return [n for n in (module_path(node), node.name) if n]
 
 
 def _gated_layout(node: ir.Node) -> int | None:
@@ -81,16 +63,15 @@ def _gated_layout(node: ir.Node) -> int | None:
     return 2 if node.attributes.get_int("swiglu_fusion", 0) == 1 else None
 
 
-def _padded(experts: Experts, block_size: int, fc1_bias: np.ndarray | None
+def _padded(node: ir.Node, fc1: np.ndarray, fc2: np.ndarray, fc1_bias: np.ndarray | None, block_size: int
             ) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
     """fc1, fc2 and fc1's bias with each expert grown by zero neurons to a whole number of groups
     (QMoE's `block_size` holds for both weights: moe-convert's experts of 168 neurons quantize at
     group 32 as 192). A zero neuron adds nothing: its fc2 column is zero, whatever its activation gives."""
-    fc1, fc2 = experts.fc1, experts.fc2
     missing = -fc2.shape[2] % block_size
     if not missing:
         return fc1, fc2, fc1_bias
-    rows = missing * _gated_layout(experts.node)  # a gated neuron is two rows, interleaved: appended as pairs
+    rows = missing * _gated_layout(node)  # a gated neuron is two rows, interleaved: appended as pairs
     fc1 = np.concatenate([fc1, np.zeros((fc1.shape[0], rows, fc1.shape[2]), np.float32)], axis=1)
     fc2 = np.concatenate([fc2, np.zeros((*fc2.shape[:2], missing), np.float32)], axis=2)
     if fc1_bias is not None:
@@ -98,12 +79,11 @@ def _padded(experts: Experts, block_size: int, fc1_bias: np.ndarray | None
     return fc1, fc2, fc1_bias
 
 
-def quantize_experts(model: ir.Model, experts: Experts, bits: int, block_size: int, symmetric: bool,
+def quantize_experts(model: ir.Model, node: ir.Node, bits: int, block_size: int, symmetric: bool,
                      accuracy_level: int) -> ir.Node:
     """Replace the MoE node by a QMoE node reading the experts' quantized weights; returns it."""
-    node = experts.node
     dtype = node.inputs[0].dtype or ir.DataType.FLOAT
-    base = experts.name
+    base = node.name or "MoE"
 
     def quantized(weights: np.ndarray, which: str) -> tuple[ir.Value, ir.Value, ir.Value | None]:
         per_expert = [quantize_rtn(np.ascontiguousarray(w.T), bits, block_size, symmetric) for w in weights]
@@ -117,7 +97,8 @@ def quantize_experts(model: ir.Model, experts: Experts, bits: int, block_size: i
     given = dict(zip(MOE_INPUTS, node.inputs))
     fc1_bias = given.get("fc1_bias")
     bias_array = constant_tensor(fc1_bias).numpy() if fc1_bias is not None else None
-    fc1, fc2, padded_bias = _padded(experts, block_size, bias_array)
+    fc1, fc2 = (constant_tensor(given[w]).numpy().astype(np.float32) for w in ("fc1", "fc2"))
+    fc1, fc2, padded_bias = _padded(node, fc1, fc2, bias_array, block_size)
     if padded_bias is not bias_array:
         fc1_bias = add_initializer(model, f"{base}.fc1.bias", padded_bias)
     q1, s1, z1 = quantized(fc1, "fc1")
@@ -132,17 +113,3 @@ def quantize_experts(model: ir.Model, experts: Experts, bits: int, block_size: i
     replace_region(model, [node], [qmoe], {node.outputs[0]: qmoe.outputs[0]})
     return qmoe
 
-
-def dequantize_experts(codes: np.ndarray, scales: np.ndarray, zero_points: np.ndarray | None, bits: int
-                       ) -> np.ndarray:
-    """A QMoE's expert weights as float32 [E, out, in] (the PyTorch backend runs them as MoE's): codes
-    [E, out, in·bits/8], scales [E, out, blocks] (or [E, out]: one block a row), zero points packed
-    along the blocks (None: the implicit 2^(bits-1))."""
-    experts, out, _ = codes.shape
-    scales = scales.reshape(experts, out, -1).astype(np.float32)
-    blocks = unpack(codes, bits).astype(np.float32).reshape(experts, out, scales.shape[2], -1)
-    if zero_points is None:
-        offsets = np.float32(1 << (bits - 1))
-    else:
-        offsets = unpack(zero_points, bits)[:, :, : scales.shape[2], None].astype(np.float32)
-    return ((blocks - offsets) * scales[:, :, :, None]).reshape(experts, out, -1)

@@ -116,8 +116,8 @@ class QuantizeWeights(Pass):
             node = self._rewrite(model, linear, q, stored if linear.name not in tied else None)
             if linear.name in tied:
                 share_quantized_table(model, tied[linear.name], node)
-        for experts in ctx.track(mixtures, f"rtn int{self.bits} experts"):
-            quantize_experts(model, experts, self.bits, self.group_size, self.symmetric, self.accuracy_level)
+        for node in ctx.track(mixtures, f"rtn int{self.bits} experts"):
+            quantize_experts(model, node, self.bits, self.group_size, self.symmetric, self.accuracy_level)
         shared = {table.name for table in tied.values()}
         quantized_tables = [quantize_embedding(model, t, self.bits, self.group_size, self.symmetric)
                             for t in tables if t.name not in shared] + [True] * len(shared)

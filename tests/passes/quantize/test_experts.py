@@ -9,9 +9,10 @@ import pytest
 
 import slimgraph
 from slimgraph.ir.graph import constant_tensor
+from slimgraph.ir.nbits import unpack
 from slimgraph.measure import evaluate
 from slimgraph.passes import PassContext, Pipeline
-from slimgraph.passes.quantize.experts import MS_DOMAIN, dequantize_experts
+from slimgraph.passes.quantize.experts import MS_DOMAIN
 from tests.conftest import copy_model
 from tests.passes.moe.models import feeds, ffn_model
 
@@ -22,6 +23,21 @@ def moe_model(gated: bool, inner: int = 128) -> ir.Model:
         model, PassContext(inputs=feeds(hidden=32), inputs_source="test feeds"), verify=False)
     assert [n.op_type for n in model.graph if n.op_type in ("MoE", "QMoE")] == ["MoE"]
     return model
+
+
+def dequantize_experts(codes: np.ndarray, scales: np.ndarray, zero_points: np.ndarray | None, bits: int
+                       ) -> np.ndarray:
+    """A QMoE's expert weights as float32 [E, out, in], from ORT's layout, written apart from the pass:
+    codes [E, out, in·bits/8] low bits first, scales [E, out, blocks], zero points packed along the
+    blocks (None: the implicit 2^(bits-1))."""
+    experts, out, _ = codes.shape
+    scales = scales.reshape(experts, out, -1).astype(np.float32)
+    blocks = unpack(codes, bits).astype(np.float32).reshape(experts, out, scales.shape[2], -1)
+    if zero_points is None:
+        offsets = np.float32(1 << (bits - 1))
+    else:
+        offsets = unpack(zero_points, bits)[:, :, : scales.shape[2], None].astype(np.float32)
+    return ((blocks - offsets) * scales[:, :, :, None]).reshape(experts, out, -1)
 
 
 def as_float_moe(model: ir.Model) -> ir.Model:
