@@ -15,6 +15,7 @@ cannot take (nothing to quantize, no FFN) is listed with the reason and left out
 from __future__ import annotations
 
 import dataclasses
+import glob
 import math
 import os
 import re
@@ -68,6 +69,7 @@ CANDIDATES["balanced"] = tuple(dict.fromkeys(CANDIDATES["latency"] + CANDIDATES[
 BATCHES = (1, 8)
 SENSITIVE_PASSES = ("quantize-dynamic", "quantize-static")  # those whose layers --goal may keep float
 SENSITIVE_ROUNDS = 3
+SEGMENTS = 4  # the runs of consecutive layers a model without blocks is cut into, each round
 
 
 @dataclass
@@ -216,7 +218,8 @@ def _sensitive_layers_float(model: ir.Model, over: Candidate, quantize: str, sha
     layers are grouped by block (`encoder.layer.3.*`, `/model.22/*`) and by role across blocks
     (`*.output.dense`); each round keeps float the group that gains the most cosine per weight it
     keeps float, until the budget holds (at most `SENSITIVE_ROUNDS` rounds)."""
-    cost = get_pass_class(quantize)().layer_sizes(model)
+    layers = get_pass_class(quantize)().layer_sizes(model)
+    cost = {name: size for name, size in layers.items() if size}  # the layers with weights
     blocks: dict[str, set[str]] = {}  # "encoder.layer.3.*" → its layers
     roles: dict[str, set[str]] = {}  # "encoder.layer.#.output.dense" → that layer in every block
     for name in cost:
@@ -224,8 +227,10 @@ def _sensitive_layers_float(model: ir.Model, over: Candidate, quantize: str, sha
         if match:
             blocks.setdefault(name[:match.end()] + "*", set()).add(name)
             roles.setdefault(name[:match.start()] + ".#." + name[match.end():], set()).add(name)
+    if not blocks:
+        return _sensitive_span_float(model, over, quantize, shared, workers, list(layers))
     # exclude patterns (a block's glob, or a role's names) → the layers they keep float
-    groups = {(glob,): members for glob, members in blocks.items()} | {
+    groups = {(pattern,): members for pattern, members in blocks.items()} | {
         tuple(sorted(members)): members for members in roles.values()}
     total = sum(cost.values())
     passes = Pipeline.parse(over.pipeline).passes
@@ -246,6 +251,31 @@ def _sensitive_layers_float(model: ir.Model, over: Candidate, quantize: str, sha
         kept_float |= added
         if best.status == "ok":
             return best
+    return best
+
+
+def _sensitive_span_float(model: ir.Model, over: Candidate, quantize: str, shared: _Trying, workers: Workers,
+                          layers: list[str]) -> Candidate:
+    """`over`'s pipeline with one run of consecutive layers (graph order) kept float, for models whose
+    layer names have no blocks to group by: of `SEGMENTS` runs, the one whose float keeps the budget at
+    the best cosine; then of its own `SEGMENTS` runs, … while one of them alone keeps the budget (at most
+    `SENSITIVE_ROUNDS` rounds). Layers without weights count: an audio model's power spectrum (Mul, Add)
+    before a Log is where int8 loses most."""
+    passes = Pipeline.parse(over.pipeline).passes
+    best, span = over, layers
+    for _ in range(SENSITIVE_ROUNDS):
+        if len(span) < 2:
+            break
+        size = math.ceil(len(span) / SEGMENTS)
+        pieces = [span[i:i + size] for i in range(0, len(span), size)]
+        trials = workers.map(_run_candidate, model, shared,
+                             [_with_exclude(passes, quantize, [glob.escape(n) for n in piece]) for piece in pieces])
+        within = [(trial, piece) for trial, piece in zip(trials, pieces) if trial.status == "ok"]
+        if not within:
+            if best is over:  # no run alone keeps the budget: the closest, to show how far it stays
+                return max((t for t in trials if t.cosine is not None), key=lambda t: t.cosine, default=over)
+            break
+        best, span = max(within, key=lambda pair: pair[0].cosine)
     return best
 
 

@@ -6,6 +6,7 @@ import hashlib
 import json
 
 import numpy as np
+import onnx_ir as ir
 import pytest
 
 import slimgraph
@@ -94,6 +95,56 @@ def test_static_int8_over_budget_keeps_its_most_sensitive_block_float():
     kept = _sensitive_layers_float(model, over, "quantize-static", _Trying(budget, None, detect()), Workers())
     assert kept.cosine > full.cosine
     assert "exclude=[/block." in kept.pipeline
+
+
+def _power_spectrum_model() -> ir.Model:
+    """An audio front end as DNSMOS writes it (tf2onnx, no numbered blocks in its names): real and
+    imaginary filters (Conv), power = re² + im², Log, then a Conv head. int8 loses the quiet bins'
+    power, which the Log makes large."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    rng = np.random.default_rng(0)
+
+    def weight(name, *shape):
+        return numpy_helper.from_array((rng.standard_normal(shape) * 0.3).astype(np.float32), name)
+
+    nodes = [
+        helper.make_node("Conv", ["x", "re_w"], ["re"], name="stft_real", strides=[4]),
+        helper.make_node("Conv", ["x", "im_w"], ["im"], name="stft_imag", strides=[4]),
+        helper.make_node("Mul", ["re", "re"], ["re2"], name="square_real"),
+        helper.make_node("Mul", ["im", "im"], ["im2"], name="square_imag"),
+        helper.make_node("Add", ["re2", "im2"], ["power"], name="power"),
+        helper.make_node("Max", ["power", "floor"], ["floored"], name="floor"),
+        helper.make_node("Log", ["floored"], ["log_power"], name="log"),
+        helper.make_node("Conv", ["log_power", "head_w", "head_b"], ["h"], name="head", pads=[1, 1]),
+        helper.make_node("Relu", ["h"], ["r"], name="head_relu"),
+        helper.make_node("Conv", ["r", "out_w"], ["y"], name="out"),
+    ]
+    inits = [weight("re_w", 16, 1, 16), weight("im_w", 16, 1, 16), weight("head_w", 16, 16, 3),
+             weight("head_b", 16), weight("out_w", 4, 16, 1),
+             numpy_helper.from_array(np.array(1e-9, np.float32), "floor")]
+    graph = helper.make_graph(nodes, "spectrum", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 1, 256])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 4, 61])], inits)
+    return ir.serde.deserialize_model(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]))
+
+
+def test_static_int8_over_budget_without_blocks_keeps_a_sensitive_span_float():
+    """Layer names without blocks (`stft_real`, `power`): the model is cut into runs of consecutive
+    nodes, and the run whose float keeps the budget narrows down to the power spectrum's ops, weights
+    or not."""
+    from slimgraph.measure.target import detect
+    from slimgraph.search import Candidate, _run_candidate, _sensitive_layers_float, _Trying
+    from slimgraph.workers import Workers
+
+    model = _power_spectrum_model()
+    full = _run_candidate(model, _Trying(1.0, None, detect()), "quantize-static")
+    assert full.cosine < 0.999  # the quiet bins' power is lost
+    over = Candidate("quantize-static", status="over budget", cosine=full.cosine)
+    budget = (1 - full.cosine) / 4
+    kept = _sensitive_layers_float(model, over, "quantize-static", _Trying(budget, None, detect()), Workers())
+    assert kept.status == "ok" and 1 - kept.cosine <= budget
+    excluded = kept.pipeline.split("exclude=[")[1].rstrip("]}").split(",")
+    assert 0 < len(excluded) < 3 and set(excluded) <= {"stft_real", "stft_imag", "square_real", "square_imag", "power"}
 
 
 def test_latency_is_timed_on_a_calibration_sample_where_synthesized_shapes_do_not_run():

@@ -159,12 +159,29 @@ def ort_fusions(model: ir.Model, *, pack_attention: bool, max_positions: int = D
     rewrite(model, _core.ORT_PATTERN_REWRITE_RULES)
     unfuse_weight_matmuls(model)
     matmuls_for_wide_gemms(model)
+    reshapes_without_allowzero(model)
     ir.passes.Sequential(
         common_passes.LiftConstantsToInitializersPass(lift_all_constants=False, size_limit=1),
         common_passes.RemoveInitializersFromInputsPass(),
         common_passes.ShapeInferencePass(),
     )(model)
     return counts
+
+
+def reshapes_without_allowzero(model: ir.Model) -> int:
+    """Reshape's `allowzero` exists from opset 14, yet onnxscript's MaterializeReshapeShape (0.7.2) writes
+    `allowzero=1` at any opset (PP-OCRv2 cls upgraded to 13 for quantize-static: an invalid model).
+    Where the shape it wrote has no 0, the attribute changes nothing: removed below opset 14."""
+    if model.opset_imports.get("", 0) >= 14:
+        return 0
+    removed = 0
+    for node in model.graph:
+        if node.op_type == "Reshape" and "allowzero" in node.attributes:
+            shape = constant_tensor(node.inputs[1])
+            if node.attributes["allowzero"].as_int() == 0 or (shape is not None and 0 not in shape.numpy()):
+                del node.attributes["allowzero"]
+                removed += 1
+    return removed
 
 
 def unfuse_weight_matmuls(model: ir.Model) -> int:

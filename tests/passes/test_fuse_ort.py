@@ -272,3 +272,23 @@ def test_gpt2_conv1d_reads_multi_head_attention(gpt2_ir):
     assert found["MultiHeadAttention"] == 2
     assert not any(node.op_type == "Gemm" and node.inputs[0].producer() is not None
                    and node.inputs[0].producer().domain == "com.microsoft" for node in model.graph)
+
+
+def test_reshape_allowzero_that_onnxscript_writes_below_opset_14_is_removed():
+    """onnxscript's MaterializeReshapeShape writes `allowzero=1` at any opset (PP-OCRv2 cls, upgraded to
+    opset 13 for quantize-static): where the shape has no 0 it changes nothing, and opset 13 has no such
+    attribute. A shape with a 0 keeps it (the checker then says so; nothing is changed silently)."""
+    from slimgraph.passes.fuse_ort import reshapes_without_allowzero
+
+    def reshape_model(shape: list[int], allowzero: int):
+        graph = onnx.helper.make_graph(
+            [onnx.helper.make_node("Reshape", ["x", "shape"], ["y"], allowzero=allowzero)], "reshape",
+            [onnx.helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [2, 3])],
+            [onnx.helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, [3, 2])],
+            initializer=[onnx.numpy_helper.from_array(np.array(shape, np.int64), "shape")])
+        return ir.from_proto(onnx.helper.make_model(graph, opset_imports=[onnx.helper.make_opsetid("", 13)]))
+
+    model = reshape_model([3, 2], 1)
+    assert reshapes_without_allowzero(model) == 1
+    onnx.checker.check_model(ir.to_proto(model))
+    assert reshapes_without_allowzero(reshape_model([0, 6], 1)) == 0

@@ -115,6 +115,36 @@ def test_exclude_keeps_a_node_float_and_an_unmatched_glob_is_an_error():
         quantized("quantize-static{exclude=[nothing-like-this]}")
 
 
+def _with_batch_norm(model: ir.Model) -> ir.Model:
+    """`small_cnn` with a BatchNormalization after conv1, as paddle2onnx and onnx-caffe2 leave them."""
+    proto = ir.serde.serialize_model(model)
+    rng = np.random.default_rng(5)
+    params = [rng.uniform(0.5, 1.5, 8), rng.standard_normal(8) * 0.1, rng.standard_normal(8) * 0.1,
+              rng.uniform(0.5, 1.5, 8)]
+    proto.graph.initializer.extend(numpy_helper.from_array(p.astype(np.float32), f"bn_{i}") for i, p in enumerate(params))
+    proto.graph.node[0].output[0] = "c1_raw"  # conv1
+    proto.graph.node.insert(1, helper.make_node("BatchNormalization", ["c1_raw"] + [f"bn_{i}" for i in range(4)],
+                                                ["c1"], name="bn1"))
+    return ir.serde.deserialize_model(proto)
+
+
+def test_batch_norm_is_folded_into_its_conv_first_and_the_layer_keeps_its_name(tmp_path):
+    """Unfolded, a BatchNormalization runs in float between the Conv's Q → DQ and the next one's, and
+    ONNX Runtime cannot fold it any more (orientation, PP-LCNet: int8 0.6x the fp32 speed)."""
+    model, report = quantized(model=_with_batch_norm(small_cnn()))
+    assert report.records[0].stats["BatchNormalization folded"] == 1
+    assert "BatchNormalization" not in ops(model)
+    assert report.fidelity.cosine >= 0.999
+    options = evaluate.session_options()
+    options.optimized_model_filepath = str(tmp_path / "optimized.onnx")
+    evaluate.make_session(model, options=options)
+    assert [node.op_type for node in onnx.load(tmp_path / "optimized.onnx").graph.node].count("QLinearConv") == 3
+    # the folded Conv is still `conv1`: exclude finds it
+    model, _ = quantized("quantize-static{exclude=[conv1]}", model=_with_batch_norm(small_cnn()))
+    conv1 = next(node for node in model.graph if node.name == "conv1")
+    assert conv1.inputs[0].name == "x" and conv1.inputs[1].const_value is not None
+
+
 @pytest.mark.parametrize("method", ["percentile", "mse", "entropy"])
 def test_histogram_methods_run_and_stay_faithful(method):
     _, report = quantized(f"quantize-static{{method={method}}}")
