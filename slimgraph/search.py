@@ -69,6 +69,7 @@ CANDIDATES["balanced"] = tuple(dict.fromkeys(CANDIDATES["latency"] + CANDIDATES[
 BATCHES = (1, 8)
 SENSITIVE_PASSES = ("quantize-dynamic", "quantize-static")  # those whose layers --goal may keep float
 SENSITIVE_ROUNDS = 3
+TIMING_MEMORY = 2 << 30  # bytes the candidates' sessions may hold at once while they are timed
 SEGMENTS = 4  # the runs of consecutive layers a model without blocks is cut into, each round
 
 
@@ -286,30 +287,44 @@ def _with_exclude(passes: list[Pass], quantize: str, globs: list[str]) -> str:
 
 
 def _time(model: ir.Model, settings: tuple[int, Calibration | None], candidates: list[ir.Model]) -> list[dict[int, float]]:
-    """Each candidate's latency at each batch, as a ratio to `model`'s p50, all timed side by side."""
+    """Each candidate's latency at each batch, as a ratio to `model`'s p50, timed side by side with it.
+
+    Each session keeps the memory of its largest run (ONNX Runtime's arena: 1.1 GB at batch 8 for
+    DNSMOS's 1.2 MB of weights, where the candidates side by side took 8.5 GB), so they are timed in
+    groups whose sessions fit in `TIMING_MEMORY` (or half the available memory), each group
+    alternating with the original."""
     from slimgraph.bench import SEQUENCE, alternating_runs, batch_problem
     from slimgraph.measure import evaluate
     from slimgraph.measure.inputs import model_inputs, sample_inputs
+    from slimgraph.measure.process import current_rss
 
     runs, calibration = settings
     options = evaluate.session_options(None, spinning=False)
-    sessions = {-1: evaluate.make_session(model, options=options)}
-    sessions.update({i: evaluate.make_session(c, options=options) for i, c in enumerate(candidates)})
+    before = current_rss()
+    original = evaluate.make_session(model, options=options)
     latencies: list[dict[int, float]] = [{} for _ in candidates]
     for batch in (b for b in BATCHES if batch_problem(model, b) is None):
         feeds = sample_inputs(model, batch=batch, sequence=SEQUENCE)  # the shapes `slimgraph bench` times
         try:
-            evaluate.run(sessions[-1], feeds)
+            evaluate.run(original, feeds)
         except SlimgraphError:  # shapes the graph does not take (an OCR line's fixed height, read as symbolic)
             if batch != 1:
                 continue
             # batch 1 at the model's own size: a sample the pipelines verified on, which runs
             feeds = (calibration.feeds if calibration is not None else model_inputs(model)[0])[0]
-        times = alternating_runs({i: (lambda s=s: evaluate.run(s, feeds)) for i, s in sessions.items()}, runs,
-                                 warmup=2)
-        original = statistics.median(times[-1])
-        for i, latency in enumerate(latencies):
-            latency[batch] = statistics.median(times[i]) / original
+            evaluate.run(original, feeds)
+        footprint = current_rss() - before if before is not None else 0  # one session, at this batch
+        budget = min(evaluate.available_memory() // 2, TIMING_MEMORY)
+        together = max(1, budget // footprint) if footprint > 0 else len(candidates)
+        for start in range(0, len(candidates), together):
+            group = {start + i: evaluate.make_session(c, options=options)
+                     for i, c in enumerate(candidates[start:start + together])}
+            times = alternating_runs({i: (lambda s=s: evaluate.run(s, feeds)) for i, s in
+                                      {-1: original, **group}.items()}, runs, warmup=2)
+            reference = statistics.median(times[-1])
+            for i in group:
+                latencies[i][batch] = statistics.median(times[i]) / reference
+            del group  # (their arenas, before the next group's)
     return latencies
 
 

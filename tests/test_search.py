@@ -50,6 +50,37 @@ def test_latency_goal_times_every_kept_candidate_against_the_original(mlp_model)
     assert result.chosen is min(result.candidates, key=lambda c: (c.latency_ratio, c.bytes))
 
 
+def test_candidates_are_timed_in_groups_that_fit_the_timing_memory(mlp_model, monkeypatch):
+    """Each session keeps its largest run's memory: where the candidates' sessions would not fit, they
+    are timed a group at a time, each against the original, and every one still gets its ratios."""
+    import itertools
+    import weakref
+
+    import slimgraph.search as search_module
+    from slimgraph.measure import evaluate
+
+    alive, most = weakref.WeakSet(), []
+    make_session = evaluate.make_session
+
+    def counted(*args, **kwargs):
+        session = make_session(*args, **kwargs)
+        alive.add(session)
+        most.append(len(alive))
+        return session
+
+    monkeypatch.setattr(evaluate, "make_session", counted)
+    # a tiny model's session may not move RSS at all: here each reading is 1 MB above the last
+    monkeypatch.setattr("slimgraph.measure.process.current_rss", lambda rss=itertools.count(0, 1 << 20): next(rss))
+    monkeypatch.setattr(search_module, "TIMING_MEMORY", 1)  # one candidate's session at a time
+    latencies = search_module._time(mlp_model, (3, None), [mlp_model.clone() for _ in range(3)])
+    assert all(set(latency) == {1, 8} and all(r > 0 for r in latency.values()) for latency in latencies)
+    assert max(most) == 2  # the original's and one candidate's
+    monkeypatch.setattr(search_module, "TIMING_MEMORY", 1 << 40)
+    most.clear()
+    search_module._time(mlp_model, (3, None), [mlp_model.clone() for _ in range(3)])
+    assert max(most) == 4  # side by side, where they fit
+
+
 def test_latency_is_measured_only_on_this_machine(mlp_model):
     elsewhere = next(name for name in FEATURES if name != detect().name)
     with pytest.raises(SlimgraphError, match="measures latency on this machine"):

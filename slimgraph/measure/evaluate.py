@@ -123,7 +123,7 @@ def run_all(model: ir.Model, feeds_list: Iterable[Feeds]) -> list[dict[str, np.n
     them would not fit in the memory available."""
     feeds_list = list(feeds_list)
     weights = initializer_bytes(model)
-    if weights >= BLOCKWISE_RUN_BYTES or WHOLE_RUN_COPIES * weights > _available_memory():
+    if weights >= BLOCKWISE_RUN_BYTES or WHOLE_RUN_COPIES * weights > available_memory():
         found = repeated_blocks(model)
         if found:
             return run_by_blocks(model, feeds_list, found)
@@ -179,7 +179,7 @@ def repeated_blocks(model: ir.Model) -> list:
     return list(found.blocks) if found is not None and found.blocks and len(found.blocks) == found.count else []
 
 
-def _available_memory() -> int:
+def available_memory() -> int:
     """MemAvailable of /proc/meminfo; where it cannot be read, as if there were plenty."""
     try:
         with open("/proc/meminfo") as f:

@@ -49,6 +49,15 @@ class ProcessCost:
                 "read_bytes": self.read, "written_bytes": self.written}
 
 
+def current_rss() -> int | None:
+    """This process's resident memory now (Linux `VmRSS`); None where it cannot be read."""
+    try:
+        match = re.search(r"VmRSS:\s+(\d+) kB", Path("/proc/self/status").read_text())
+    except OSError:
+        return None
+    return int(match.group(1)) * 1024 if match else None
+
+
 def _peak_rss() -> int:
     try:
         match = re.search(r"VmHWM:\s+(\d+) kB", Path("/proc/self/status").read_text())

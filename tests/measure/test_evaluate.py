@@ -87,7 +87,7 @@ def test_a_model_run_block_by_block_gives_its_outputs(request, which):
 def test_run_all_goes_block_by_block_where_a_session_of_the_whole_would_not_fit(minilm, monkeypatch):
     feeds = minilm.meta["slimgraph.example_inputs"][:1]
     whole = evaluate.run_all(minilm, feeds)
-    monkeypatch.setattr(evaluate, "_available_memory", lambda: evaluate.initializer_bytes(minilm))
+    monkeypatch.setattr(evaluate, "available_memory", lambda: evaluate.initializer_bytes(minilm))
     monkeypatch.setattr(evaluate, "make_session", lambda *a, **k: pytest.fail("a session of the whole model"))
     for name, value in evaluate.run_all(minilm, feeds)[0].items():
         np.testing.assert_allclose(value, whole[0][name], rtol=1e-4, atol=1e-5)
