@@ -315,7 +315,7 @@ def _time(model: ir.Model, settings: tuple[int, Calibration | None], candidates:
             evaluate.run(original, feeds)
         footprint = current_rss() - before if before is not None else 0  # one session, at this batch
         budget = min(evaluate.available_memory() // 2, TIMING_MEMORY)
-        together = max(1, budget // footprint) if footprint > 0 else len(candidates)
+        together = max(1, budget // footprint if footprint > 0 else len(candidates))
         for start in range(0, len(candidates), together):
             group = {start + i: evaluate.make_session(c, options=options)
                      for i, c in enumerate(candidates[start:start + together])}

@@ -150,7 +150,8 @@ class QuantizeStatic(Pass):
         plan = self._plan(model)
         if not any(node.op_type in COMPUTE_OPS for node in plan.nodes):
             reason = why_skipped(plan.skipped, "no Conv, ConvTranspose, MatMul or Gemm with float inputs")
-            return PassResult(False, {"ops quantized": 0}, warnings=[f"{self.name}: nothing to quantize ({reason})"])
+            stats = {"ops quantized": 0} | ({"BatchNormalization folded": folded} if folded else {})
+            return PassResult(folded > 0, stats, warnings=[f"{self.name}: nothing to quantize ({reason})"])
         ranges = self._ranges(model, plan, ctx)
         wide = [v for v, (low, high) in ranges.items() if max(abs(low), abs(high)) > WIDEST_RANGE]
         for value in wide:

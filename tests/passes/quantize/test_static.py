@@ -139,6 +139,9 @@ def test_batch_norm_is_folded_into_its_conv_first_and_the_layer_keeps_its_name(t
     options.optimized_model_filepath = str(tmp_path / "optimized.onnx")
     evaluate.make_session(model, options=options)
     assert [node.op_type for node in onnx.load(tmp_path / "optimized.onnx").graph.node].count("QLinearConv") == 3
+    # with nothing left to quantize, the fold is still reported: the model did change
+    _, report = quantized("quantize-static{ops=[Softmax]}", model=_with_batch_norm(small_cnn()))
+    assert report.records[0].modified and report.records[0].stats["BatchNormalization folded"] == 1
     # the folded Conv is still `conv1`: exclude finds it
     model, _ = quantized("quantize-static{exclude=[conv1]}", model=_with_batch_norm(small_cnn()))
     conv1 = next(node for node in model.graph if node.name == "conv1")
